@@ -1,0 +1,52 @@
+"""Exception hierarchy of the protocol layer; every failure a peer can cause is a ProtocolError."""
+
+from __future__ import annotations
+
+
+class ProtocolError(ValueError):
+    """Root of every error the protocol layer raises on bad input, bad peers or bad parameters."""
+
+
+class ParameterError(ProtocolError):
+    """A protocol parameter (threshold, ring size, graph degree, ...) is invalid."""
+
+
+class OverflowBudgetError(ParameterError):
+    """The ring cannot hold the sum of all clients' clipped inputs: the sum could wrap."""
+
+
+class NonFiniteInputError(ProtocolError):
+    """An input vector holds NaN or infinity."""
+
+
+class MalformedMessageError(ProtocolError):
+    """Bytes from the network do not decode to a valid message (truncated, oversized, bad field)."""
+
+
+class StageError(ProtocolError):
+    """A message arrived in a stage where it is not allowed (out of order, wrong session)."""
+
+
+class ReplayError(StageError):
+    """A message repeats or rewinds a step that was already processed."""
+
+
+class IntegrityError(ProtocolError):
+    """Authenticated decryption failed or a peer's data is inconsistent."""
+
+
+class PolicyViolationError(ProtocolError):
+    """The server asked an honest client for something the protocol forbids revealing."""
+
+
+class TooFewSurvivorsError(ProtocolError):
+    """Fewer clients remain than the threshold needs."""
+
+    def __init__(self, *, needed: int, remaining: int, context: str = "") -> None:
+        self.needed = needed
+        self.remaining = remaining
+        where = f" ({context})" if context else ""
+        super().__init__(
+            f"too few surviving clients{where}: the threshold needs {needed}, "
+            f"only {remaining} remain"
+        )
