@@ -1,0 +1,15 @@
+"""User-facing errors of the CoDream core; the CLI turns each into exit status 2."""
+
+from __future__ import annotations
+
+
+class CoDreamError(ValueError):
+    """Root of the errors a user can cause (bad data, bad config)."""
+
+
+class DataError(CoDreamError):
+    """A dataset is missing, malformed, or too small for the requested split."""
+
+
+class ConfigError(CoDreamError):
+    """A configuration value is invalid or inconsistent with another."""
