@@ -77,8 +77,9 @@ def load_dataset(
     std = np.where(std < 1e-8, 1.0, std)  # a constant channel stays as is instead of exploding
     shift = mean.astype(np.float32)[None, :, None, None]
     scale = std.astype(np.float32)[None, :, None, None]
-    x_tr = (x_tr - shift) / scale
-    x_te = (x_te - shift) / scale
+    for x in (x_tr, x_te):  # in place: every loader hands over fresh arrays, and CIFAR is big
+        x -= shift
+        x /= scale
     return LoadedDataset(
         name=name,
         x_train=x_tr,
