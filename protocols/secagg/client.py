@@ -1,0 +1,319 @@
+"""SecAgg client state machine: one handler per stage, every server request validated."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from ..codec import FixedPointCodec
+from ..errors import (
+    IntegrityError,
+    ParameterError,
+    PolicyViolationError,
+    ReplayError,
+    StageError,
+    TooFewSurvivorsError,
+)
+from ..graph import NeighbourGraph, complete_graph, harary_graph
+from ..primitives import envelope, kdf, prg, shamir
+from . import keys
+from .messages import (
+    DropRequest,
+    KeyAdvertisement,
+    MaskedInput,
+    PairwiseReveal,
+    Roster,
+    SessionOffer,
+    ShareRequest,
+    ShareReveal,
+    StepRequest,
+    decode_message,
+)
+
+InputProvider = Callable[[int], np.ndarray]
+SELF_SEED_BYTES = 32  # a fresh AES-256-CTR key per client and step
+
+
+class ClientStage(Enum):
+    """Where a client is in the session; each handler names the stages it accepts."""
+
+    NEW = "new"
+    ADVERTISED = "advertised"
+    READY = "ready"
+    UPLOADED = "uploaded"
+    PAIRWISE_REVEALED = "pairwise-revealed"
+    SHARES_REVEALED = "shares-revealed"
+
+
+@dataclass
+class _StepState:
+    """What one client remembers about the current step (and only the current step)."""
+
+    step: int
+    active: frozenset[int]
+    dropped: set[int] = field(default_factory=set)
+    pair_revealed: set[int] = field(default_factory=set)
+    shares_revealed: bool = False
+
+
+def reduce_ring(vector: np.ndarray, ring_bits: int) -> np.ndarray:
+    """Reduce a uint32/uint64 vector modulo 2^ring_bits (free for 32 and 64 bits)."""
+    if ring_bits in (32, 64):
+        return vector
+    np.bitwise_and(vector, vector.dtype.type((1 << ring_bits) - 1), out=vector)
+    return vector
+
+
+def build_graph(offer: SessionOffer) -> NeighbourGraph:
+    """The neighbour graph every party derives from the offer's public parameters."""
+    if offer.degree >= offer.n_clients - 1:
+        return complete_graph(offer.n_clients)
+    return harary_graph(offer.n_clients, offer.degree, seed=offer.graph_seed)
+
+
+def validate_threshold(threshold: int, degree: int, n_clients: int) -> None:
+    """Shares go to a client's neighbours (never to itself), so 1 <= t <= degree."""
+    holders = min(degree, n_clients - 1)
+    if not 1 <= threshold <= holders:
+        raise ParameterError(
+            f"threshold {threshold} must be between 1 and the number of share holders {holders} "
+            f"(the graph degree)"
+        )
+
+
+class SecAggClient:
+    """An honest client: masks its inputs and refuses any request that could expose them."""
+
+    def __init__(self, input_provider: InputProvider, *, rounding_key: bytes | None = None) -> None:
+        self._inputs = input_provider
+        self._rounding_key = rounding_key
+        self.stage = ClientStage.NEW
+        self.client_id = -1
+        self._offer: SessionOffer | None = None
+        self._codec: FixedPointCodec | None = None
+        self._neighbours: frozenset[int] = frozenset()
+        self._active: frozenset[int] = frozenset()
+        self._pair_keys: dict[int, bytes] = {}
+        self._seal_keys: dict[int, bytes] = {}
+        self._open_keys: dict[int, bytes] = {}
+        self._last_step = 0
+        self._step: _StepState | None = None
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def handle(self, data: bytes) -> bytes | None:
+        """Process one server message and return the reply bytes (None when none is due)."""
+        msg = decode_message(data)
+        if isinstance(msg, SessionOffer):
+            return self._on_offer(msg)
+        if self._offer is None:
+            raise StageError(f"{type(msg).__name__} before any session offer")
+        if msg.session_id != self._offer.session_id:
+            raise StageError("message belongs to another session")
+        if isinstance(msg, Roster):
+            return self._on_roster(msg)
+        if isinstance(msg, StepRequest):
+            return self._on_step(msg)
+        if isinstance(msg, DropRequest):
+            return self._on_drop(msg)
+        if isinstance(msg, ShareRequest):
+            return self._on_share_request(msg)
+        raise StageError(f"a client does not accept {type(msg).__name__}")
+
+    def _expect(self, *stages: ClientStage) -> None:
+        if self.stage not in stages:
+            names = ", ".join(s.value for s in stages)
+            raise StageError(f"message not allowed in stage {self.stage.value} (expected {names})")
+
+    # -- session setup ------------------------------------------------------------------------
+
+    def _on_offer(self, offer: SessionOffer) -> bytes:
+        self._expect(ClientStage.NEW)
+        if offer.n_clients < 2 or offer.client_id >= offer.n_clients:
+            raise ParameterError(
+                f"client id {offer.client_id} is not valid for {offer.n_clients} clients"
+            )
+        validate_threshold(offer.threshold, offer.degree, offer.n_clients)
+        codec = FixedPointCodec(clip=offer.clip, scale_bits=offer.scale_bits,
+                                ring_bits=offer.ring_bits, rounding=offer.rounding)
+        codec.check_budget(offer.n_clients)  # refuse a session whose sum could wrap
+        self._neighbours = build_graph(offer).neighbours(offer.client_id)
+        self._offer, self._codec, self.client_id = offer, codec, offer.client_id
+        self._private_key, public_key = kdf.generate_keypair()
+        self._own_public_key = public_key
+        self.stage = ClientStage.ADVERTISED
+        return KeyAdvertisement(offer.session_id, offer.client_id, public_key).encode()
+
+    def _on_roster(self, roster: Roster) -> None:
+        self._expect(ClientStage.ADVERTISED)
+        offer = self._offer
+        assert offer is not None
+        if roster.client_id != self.client_id:
+            raise StageError(f"roster addressed to client {roster.client_id}, not {self.client_id}")
+        strangers = set(roster.public_keys) - self._neighbours
+        if strangers:
+            raise PolicyViolationError(f"roster lists non-neighbours {sorted(strangers)}")
+        keys_seen = list(roster.public_keys.values())
+        if len(set(keys_seen)) != len(keys_seen) or self._own_public_key in keys_seen:
+            raise IntegrityError("roster repeats a public key or contains this client's own key")
+        self._require_holders(len(roster.public_keys), "key roster")
+        sid = offer.session_id
+        for peer, public in roster.public_keys.items():
+            secret = kdf.agree(self._private_key, public)
+            self._pair_keys[peer] = keys.pair_master_key(secret, session_id=sid,
+                                                         a=self.client_id, b=peer)
+            self._seal_keys[peer] = keys.envelope_key(secret, session_id=sid,
+                                                      sender=self.client_id, receiver=peer)
+            self._open_keys[peer] = keys.envelope_key(secret, session_id=sid,
+                                                      sender=peer, receiver=self.client_id)
+        self._active = frozenset(roster.public_keys)
+        del self._private_key  # no further key agreement in this session
+        self.stage = ClientStage.READY
+        return None
+
+    def _require_holders(self, holders: int, context: str) -> None:
+        assert self._offer is not None
+        if holders < self._offer.threshold:
+            raise TooFewSurvivorsError(needed=self._offer.threshold, remaining=holders,
+                                       context=context)
+
+    # -- one aggregation step -----------------------------------------------------------------
+
+    def _on_step(self, request: StepRequest) -> bytes:
+        self._expect(ClientStage.READY, ClientStage.UPLOADED, ClientStage.PAIRWISE_REVEALED,
+                     ClientStage.SHARES_REVEALED)
+        if request.step <= self._last_step:
+            raise ReplayError(f"step {request.step} was already opened (last {self._last_step})")
+        if request.step != self._last_step + 1:
+            raise StageError(f"step {request.step} skips ahead of step {self._last_step + 1}")
+        newcomers = request.active - self._active
+        if newcomers:
+            raise PolicyViolationError(
+                f"step {request.step} adds clients {sorted(newcomers)} that are not active "
+                "neighbours (the active set may only shrink)"
+            )
+        self._require_holders(len(request.active), f"step {request.step}")
+        offer, codec = self._offer, self._codec
+        assert offer is not None and codec is not None
+        vector = np.asarray(self._inputs(request.step))
+        if vector.size != offer.vector_length:
+            raise ParameterError(
+                f"input of step {request.step} has {vector.size} values, the session expects "
+                f"{offer.vector_length}"
+            )
+        masked = codec.encode(vector.reshape(-1), rounding_key=self._rounding_key)
+        self_seed = os.urandom(SELF_SEED_BYTES)
+        ring = offer.ring_bits
+        np.add(masked, prg.uniform_ring(self_seed, masked.size, ring_bits=ring), out=masked)
+        for peer in request.active:
+            seed = keys.pair_step_seed(self._pair_keys[peer], session_id=offer.session_id,
+                                       step=request.step)
+            mask = prg.uniform_ring(seed, masked.size, ring_bits=ring)
+            if keys.pair_sign(self.client_id, peer) > 0:
+                np.add(masked, mask, out=masked)
+            else:
+                np.subtract(masked, mask, out=masked)
+        masked = reduce_ring(masked, ring)
+        # Shares go to the active neighbours only: a client never holds a share of its own seed,
+        # so t colluding neighbours (not t - 1 plus the victim's own share) are needed.
+        shares = shamir.split(self_seed, threshold=offer.threshold,
+                              share_ids=[h + 1 for h in sorted(request.active)])
+        envelopes = {
+            peer: envelope.seal(
+                self._seal_keys[peer], shares[peer + 1], nonce=keys.envelope_nonce(request.step),
+                associated_data=keys.envelope_aad(session_id=offer.session_id, step=request.step,
+                                                  sender=self.client_id, receiver=peer),
+            )
+            for peer in request.active
+        }
+        self._active = request.active
+        self._last_step = request.step
+        self._step = _StepState(request.step, request.active)
+        self.stage = ClientStage.UPLOADED
+        return MaskedInput(offer.session_id, self.client_id, request.step, masked,
+                           envelopes).encode()
+
+    def _current_step(self, step: int) -> _StepState:
+        state = self._step
+        if state is None or step != state.step:
+            current = None if state is None else state.step
+            if state is not None and step < state.step:
+                raise ReplayError(f"request for finished step {step} (current step {current})")
+            raise StageError(f"request for step {step}, but the current step is {current}")
+        return state
+
+    def _on_drop(self, request: DropRequest) -> bytes:
+        state = self._current_step(request.step)
+        if state.shares_revealed:
+            # Never both: self-mask shares of this step's survivors are out; revealing pair
+            # seeds now would let the server strip both masks from someone's input.
+            raise PolicyViolationError(
+                f"refusing pair seeds for step {request.step}: self-mask shares were revealed"
+            )
+        self._expect(ClientStage.UPLOADED, ClientStage.PAIRWISE_REVEALED)
+        offer = self._offer
+        assert offer is not None
+        if self.client_id in request.dropped:
+            raise PolicyViolationError("a client cannot be asked to unmask its own dropout")
+        unknown = request.dropped - state.active
+        if unknown:
+            raise PolicyViolationError(
+                f"dropped set names {sorted(unknown)}, who were not active at step {request.step}"
+            )
+        if not state.dropped <= request.dropped:
+            raise PolicyViolationError("the dropped set of a step may only grow")
+        self._require_holders(len(state.active - request.dropped),
+                              f"step {request.step} after dropouts")
+        fresh = request.dropped - state.pair_revealed
+        seeds = {
+            peer: keys.pair_step_seed(self._pair_keys[peer], session_id=offer.session_id,
+                                      step=request.step)
+            for peer in fresh
+        }
+        state.dropped = set(request.dropped)
+        state.pair_revealed |= fresh
+        self._active = state.active - request.dropped  # a dropped client never comes back
+        self.stage = ClientStage.PAIRWISE_REVEALED
+        return PairwiseReveal(offer.session_id, self.client_id, request.step, seeds).encode()
+
+    def _on_share_request(self, request: ShareRequest) -> bytes:
+        state = self._current_step(request.step)
+        if state.shares_revealed:
+            raise ReplayError(f"self-mask shares of step {request.step} were already revealed")
+        self._expect(ClientStage.UPLOADED, ClientStage.PAIRWISE_REVEALED)
+        offer = self._offer
+        assert offer is not None
+        if self.client_id not in request.survivors:
+            raise PolicyViolationError("share request sent to a client it lists as dropped")
+        peers = request.survivors - {self.client_id}
+        if not peers <= state.active:
+            raise PolicyViolationError(
+                f"survivors {sorted(peers - state.active)} were not active at step {request.step}"
+            )
+        both = peers & state.pair_revealed
+        if both:
+            # Never both: a pair seed for these clients was revealed at this step, so their
+            # self-mask shares must stay secret or their masked inputs would be exposed.
+            raise PolicyViolationError(
+                f"refusing self-mask shares of {sorted(both)}: their pair seeds for step "
+                f"{request.step} were already revealed"
+            )
+        self._require_holders(len(peers), f"step {request.step} share reveal")
+        if set(request.envelopes) != peers:
+            raise IntegrityError("share request must carry exactly one envelope per survivor")
+        shares = {}
+        for peer in sorted(peers):
+            shares[peer] = envelope.open_envelope(
+                self._open_keys[peer], request.envelopes[peer],
+                nonce=keys.envelope_nonce(request.step),
+                associated_data=keys.envelope_aad(session_id=offer.session_id, step=request.step,
+                                                  sender=peer, receiver=self.client_id),
+            )
+        self.stage = ClientStage.SHARES_REVEALED
+        state.shares_revealed = True
+        return ShareReveal(offer.session_id, self.client_id, request.step, shares,
+                           shamir.FIELD_256.element_bytes).encode()

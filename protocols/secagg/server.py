@@ -1,0 +1,316 @@
+"""SecAgg server state machine: routes shares, removes masks, outputs only the sum."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from ..codec import FixedPointCodec
+from ..errors import IntegrityError, ProtocolError, StageError, TooFewSurvivorsError
+from ..graph import NeighbourGraph
+from ..primitives import prg, shamir
+from . import keys
+from .client import reduce_ring, validate_threshold
+from .messages import (
+    SESSION_ID_BYTES,
+    DropRequest,
+    KeyAdvertisement,
+    MaskedInput,
+    PairwiseReveal,
+    Roster,
+    SessionOffer,
+    ShareRequest,
+    ShareReveal,
+    StepRequest,
+)
+
+
+class ServerStage(Enum):
+    """What the server waits for next."""
+
+    NEW = "new"
+    KEYS = "collecting-keys"
+    READY = "ready"
+    INPUTS = "collecting-inputs"
+    PAIRWISE = "collecting-pair-seeds"
+    SHARES = "collecting-shares"
+
+
+@dataclass(frozen=True, eq=False)
+class StepOutcome:
+    """The result of one aggregation step: the decoded sum and who is in it."""
+
+    step: int
+    total: np.ndarray
+    ring_total: np.ndarray
+    included: frozenset[int]
+    dropped: frozenset[int]
+
+
+@dataclass
+class _ServerStep:
+    step: int
+    active: frozenset[int]
+    inputs: dict[int, MaskedInput] = field(default_factory=dict)
+    survivors: set[int] = field(default_factory=set)
+    dropped: set[int] = field(default_factory=set)
+    pair_seeds: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    asked: set[int] = field(default_factory=set)
+
+
+class SecAggServer:
+    """Honest-but-curious aggregator; `receive` takes the replies that arrived before a deadline.
+
+    Replies are keyed by the sender id that the (authenticated) transport vouches for. A reply
+    that fails to decode or validate excludes its sender, as a dropout would; the reason is kept
+    in `rejections`.
+    """
+
+    def __init__(self, *, graph: NeighbourGraph, threshold: int, codec: FixedPointCodec,
+                 vector_length: int, session_id: bytes | None = None) -> None:
+        validate_threshold(threshold, graph.degree, graph.n)
+        codec.check_budget(graph.n)
+        self.graph, self.threshold, self.codec = graph, threshold, codec
+        self.vector_length = vector_length
+        self.session_id = session_id or os.urandom(SESSION_ID_BYTES)
+        self.stage = ServerStage.NEW
+        self.active: frozenset[int] = frozenset()
+        self.public_keys: dict[int, bytes] = {}
+        self.rejections: list[tuple[int, int, ProtocolError]] = []
+        self.last_step = 0
+        self._step: _ServerStep | None = None
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def open_session(self) -> dict[int, bytes]:
+        """Offer the session to all n clients."""
+        self._expect(ServerStage.NEW)
+        self.stage = ServerStage.KEYS
+        return {
+            cid: SessionOffer(
+                self.session_id, cid, self.graph.n, self.graph.degree, self.threshold,
+                self.graph.seed, self.codec.ring_bits, self.codec.scale_bits, self.codec.clip,
+                self.vector_length, self.codec.rounding,
+            ).encode()
+            for cid in range(self.graph.n)
+        }
+
+    def receive(self, replies: Mapping[int, bytes]) -> dict[int, bytes] | StepOutcome | None:
+        """Feed the replies of the current stage; returns the next requests or the outcome."""
+        handler = {
+            ServerStage.KEYS: self._receive_keys,
+            ServerStage.INPUTS: self._receive_inputs,
+            ServerStage.PAIRWISE: self._receive_pairwise,
+            ServerStage.SHARES: self._receive_shares,
+        }.get(self.stage)
+        if handler is None:
+            raise StageError(f"the server expects no replies in stage {self.stage.value}")
+        return handler(replies)
+
+    def _expect(self, *stages: ServerStage) -> None:
+        if self.stage not in stages:
+            raise StageError(f"server is in stage {self.stage.value}, not "
+                             + " or ".join(s.value for s in stages))
+
+    def _reject(self, cid: int, error: ProtocolError) -> None:
+        self.rejections.append((self.last_step, cid, error))
+
+    def _decode(self, replies: Mapping[int, bytes], cls: type, pool: frozenset[int] | set[int],
+                step: int | None = None) -> dict[int, object]:
+        """Decode and check the envelope of each reply; bad ones are rejected, not fatal."""
+        good: dict[int, object] = {}
+        for cid, data in replies.items():
+            if cid not in pool:
+                continue  # not asked: a stray or late message is ignored, never used
+            try:
+                extra = {"max_length": self.vector_length} if cls is MaskedInput else {}
+                msg = cls.decode(data, **extra)
+                if msg.session_id != self.session_id or msg.client_id != cid:
+                    raise IntegrityError(f"reply from client {cid} names another session/sender")
+                if step is not None and msg.step != step:
+                    raise StageError(f"reply for step {msg.step} during step {step}")
+            except ProtocolError as error:
+                self._reject(cid, error)
+                continue
+            good[cid] = msg
+        return good
+
+    def _keep_protectable(self, members: set[int], pool: frozenset[int]) -> set[int]:
+        """Drop members with fewer than t live share holders until every remaining one has t."""
+        members = set(members)
+        changed = True
+        while changed:
+            changed = False
+            for cid in sorted(members):
+                holders = self.graph.neighbours(cid) & pool & members
+                if len(holders) < self.threshold:
+                    members.discard(cid)
+                    changed = True
+        return members
+
+    def _receive_keys(self, replies: Mapping[int, bytes]) -> dict[int, bytes]:
+        everyone = frozenset(range(self.graph.n))
+        adverts = self._decode(replies, KeyAdvertisement, everyone)
+        seen: dict[bytes, int] = {}
+        for cid, msg in sorted(adverts.items()):
+            if msg.public_key in seen:  # a copied key would let one client unmask another
+                other = seen[msg.public_key]
+                self._reject(cid, IntegrityError(f"client {cid} reused the key of {other}"))
+                continue
+            seen[msg.public_key] = cid
+            self.public_keys[cid] = msg.public_key
+        members = self._keep_protectable(set(self.public_keys), everyone)
+        self._require(len(members), len(self.public_keys), "key advertisement")
+        self.active = frozenset(members)
+        self.stage = ServerStage.READY
+        return {
+            cid: Roster(self.session_id, cid, {
+                peer: self.public_keys[peer] for peer in self.graph.neighbours(cid) & self.active
+            }).encode()
+            for cid in sorted(self.active)
+        }
+
+    def _require(self, kept: int, alive: int, context: str) -> None:
+        """Raise when fewer than t clients can be protected; `alive` is who actually answered."""
+        if kept >= self.threshold:
+            return
+        if alive >= self.threshold:
+            context += f"; {alive} answered but only {kept} have t live share holders"
+            alive = kept
+        raise TooFewSurvivorsError(needed=self.threshold, remaining=alive, context=context)
+
+    # -- one aggregation step -----------------------------------------------------------------
+
+    def open_step(self) -> dict[int, bytes]:
+        """Start the next step with every client still active."""
+        self._expect(ServerStage.READY)
+        self.last_step += 1
+        self._step = _ServerStep(self.last_step, self.active)
+        self.stage = ServerStage.INPUTS
+        return {
+            cid: StepRequest(self.session_id, self.last_step,
+                             self.graph.neighbours(cid) & self.active).encode()
+            for cid in sorted(self.active)
+        }
+
+    def _receive_inputs(self, replies: Mapping[int, bytes]) -> dict[int, bytes]:
+        st = self._step
+        assert st is not None
+        for cid, msg in self._decode(replies, MaskedInput, st.active, st.step).items():
+            expected = self.graph.neighbours(cid) & st.active
+            try:
+                if msg.vector.size != self.vector_length:
+                    raise IntegrityError(f"client {cid} sent {msg.vector.size} values, "
+                                         f"expected {self.vector_length}")
+                if msg.vector.dtype.itemsize != self.codec.dtype.itemsize:
+                    raise IntegrityError(f"client {cid} sent a vector of the wrong word size")
+                if set(msg.envelopes) != expected:
+                    raise IntegrityError(f"client {cid} sent envelopes for the wrong holders")
+            except ProtocolError as error:
+                self._reject(cid, error)
+                continue
+            st.inputs[cid] = msg
+        st.survivors = set(st.inputs)
+        return self._settle_dropouts()
+
+    def _settle_dropouts(self) -> dict[int, bytes]:
+        """Ask survivors for pair seeds of dropped neighbours until none are missing."""
+        st = self._step
+        assert st is not None
+        kept = self._keep_protectable(st.survivors, st.active)
+        self._require(len(kept), len(st.survivors), f"step {st.step}")
+        st.survivors = kept
+        st.dropped = set(st.active) - kept
+        requests = {}
+        for cid in sorted(st.survivors):
+            wanted = self.graph.neighbours(cid) & st.dropped
+            if any((cid, peer) not in st.pair_seeds for peer in wanted):
+                requests[cid] = DropRequest(self.session_id, st.step, frozenset(wanted)).encode()
+        if requests:
+            self.stage = ServerStage.PAIRWISE
+            st.asked = set(requests)
+            return requests
+        return self._request_shares()
+
+    def _receive_pairwise(self, replies: Mapping[int, bytes]) -> dict[int, bytes]:
+        st = self._step
+        assert st is not None
+        answered = set()
+        for cid, msg in self._decode(replies, PairwiseReveal, st.asked, st.step).items():
+            wanted = self.graph.neighbours(cid) & st.dropped
+            missing = {p for p in wanted if (cid, p) not in st.pair_seeds} - set(msg.seeds)
+            if missing or not set(msg.seeds) <= wanted:
+                self._reject(cid, IntegrityError(f"client {cid} revealed the wrong pair seeds"))
+                continue
+            for peer, seed in msg.seeds.items():
+                st.pair_seeds[(cid, peer)] = seed
+            answered.add(cid)
+        st.survivors -= st.asked - answered  # silent survivors become dropouts of this step
+        return self._settle_dropouts()
+
+    def _request_shares(self) -> dict[int, bytes]:
+        st = self._step
+        assert st is not None
+        self.stage = ServerStage.SHARES
+        requests = {}
+        for cid in sorted(st.survivors):
+            peers = self.graph.neighbours(cid) & st.survivors
+            envelopes = {peer: st.inputs[peer].envelopes[cid] for peer in peers}
+            requests[cid] = ShareRequest(self.session_id, st.step, frozenset(peers | {cid}),
+                                         envelopes).encode()
+        return requests
+
+    def _receive_shares(self, replies: Mapping[int, bytes]) -> StepOutcome:
+        st = self._step
+        assert st is not None
+        collected: dict[int, dict[int, bytes]] = {cid: {} for cid in st.survivors}
+        for holder, msg in self._decode(replies, ShareReveal, st.survivors, st.step).items():
+            owners = self.graph.neighbours(holder) & st.survivors
+            if set(msg.shares) != owners:
+                self._reject(holder, IntegrityError(f"client {holder} revealed the wrong shares"))
+                continue
+            for owner, share in msg.shares.items():
+                collected[owner][holder + 1] = share
+        ring = self.codec.ring_bits
+        total = np.zeros(self.vector_length, dtype=self.codec.dtype)
+        for cid in sorted(st.survivors):
+            try:
+                seed = shamir.combine(collected[cid], threshold=self.threshold)
+            except TooFewSurvivorsError as error:
+                raise TooFewSurvivorsError(
+                    needed=self.threshold, remaining=error.remaining,
+                    context=f"share holders of client {cid} at step {st.step}",
+                ) from None
+            np.add(total, st.inputs[cid].vector, out=total)
+            np.subtract(total, prg.uniform_ring(seed, self.vector_length, ring_bits=ring),
+                        out=total)
+            for peer in sorted(self.graph.neighbours(cid) & st.dropped & st.active):
+                mask = prg.uniform_ring(st.pair_seeds[(cid, peer)], self.vector_length,
+                                        ring_bits=ring)
+                if keys.pair_sign(cid, peer) > 0:
+                    np.subtract(total, mask, out=total)
+                else:
+                    np.add(total, mask, out=total)
+        total = reduce_ring(total, ring)
+        outcome = StepOutcome(
+            st.step, self.codec.decode_sum(total, n_summed=len(st.survivors)), total,
+            frozenset(st.survivors), frozenset(st.dropped),
+        )
+        self.active = frozenset(st.survivors)
+        self._step = None
+        self.stage = ServerStage.READY
+        return outcome
+
+    def abandon_step(self) -> None:
+        """Give up a failed step; its survivors stay active and the next step starts afresh.
+
+        Safe because every secret revealed during a step is specific to that step.
+        """
+        if self._step is not None:
+            self.active = frozenset(self._step.survivors)
+            self._step = None
+        self.stage = ServerStage.READY
