@@ -1,0 +1,180 @@
+"""One-call secure sums and multi-step aggregation sessions: the protocol layer's front door."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .codec import FixedPointCodec
+from .errors import NonFiniteInputError, ParameterError
+from .graph import choose_parameters, complete_graph, harary_graph
+from .network import Dropout, FaultPlan, InProcessNetwork, Stage
+from .secagg.client import SecAggClient
+from .secagg.server import SecAggServer, StepOutcome
+
+PROTOCOLS = ("plain", "secagg", "secagg+")
+
+
+@dataclass(frozen=True, eq=False)
+class SecureSumResult:
+    """A sum and what it cost: who is in it, bytes per client, seconds per party."""
+
+    total: np.ndarray
+    included: tuple[int, ...]
+    dropped: tuple[int, ...]
+    bytes_up: np.ndarray
+    bytes_down: np.ndarray
+    client_seconds: np.ndarray
+    server_seconds: float
+    error_bound: float
+    protocol: str
+    threshold: int
+    degree: int
+
+
+def default_threshold(n_clients: int) -> int:
+    """A majority of the other n - 1 clients on the complete graph: t = floor((n - 1) / 2) + 1."""
+    return (n_clients - 1) // 2 + 1
+
+
+def check_vectors(vectors: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Stack client vectors into an n x m float array, refusing ragged or non-finite input."""
+    try:
+        stacked = np.stack([np.asarray(v, dtype=np.float64).reshape(-1) for v in vectors])
+    except ValueError as error:
+        raise ParameterError(f"client vectors must all have the same length ({error})") from None
+    if stacked.shape[0] < 2:
+        raise ParameterError(f"a secure sum needs at least 2 clients, got {stacked.shape[0]}")
+    bad = ~np.isfinite(stacked)
+    if bad.any():
+        client, index = map(int, np.argwhere(bad)[0])
+        raise NonFiniteInputError(
+            f"client {client}'s vector holds {int(bad[client].sum())} NaN/inf values "
+            f"(first at index {index})"
+        )
+    return stacked
+
+
+class SecAggSession:
+    """A multi-step SecAgg/SecAgg+ session: one key setup, then one `step` per summed vector."""
+
+    def __init__(self, n_clients: int, vector_length: int, *, clip: float,
+                 protocol: str = "secagg+", threshold: int | None = None,
+                 degree: int | None = None, ring_bits: int = 32, scale_bits: int | None = None,
+                 expected_dropout: float = 0.1, corrupt_rate: float = 0.05,
+                 rounding: str = "stochastic", faults: FaultPlan | None = None) -> None:
+        if protocol not in ("secagg", "secagg+"):
+            raise ParameterError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
+        if n_clients < 2:
+            raise ParameterError(f"secure aggregation needs at least 2 clients, got {n_clients}")
+        if vector_length < 1:
+            raise ParameterError(f"vector length must be positive, got {vector_length}")
+        self.codec = FixedPointCodec.for_clients(n_clients, clip=clip, ring_bits=ring_bits,
+                                                 scale_bits=scale_bits, rounding=rounding)
+        if protocol == "secagg" or degree == n_clients - 1:
+            graph = complete_graph(n_clients)
+            threshold = threshold or default_threshold(n_clients)
+        elif degree is not None:
+            graph = harary_graph(n_clients, degree, seed=os.urandom(32))
+            threshold = threshold or degree // 2 + 1
+        else:
+            params = choose_parameters(n_clients, dropout_rate=expected_dropout,
+                                       corrupt_rate=corrupt_rate)
+            graph = (complete_graph(n_clients) if params.complete
+                     else harary_graph(n_clients, params.degree, seed=os.urandom(32)))
+            threshold = threshold or params.threshold
+        self.protocol, self.n_clients, self.vector_length = protocol, n_clients, vector_length
+        self._pending: dict[int, np.ndarray] = {}
+        self.server = SecAggServer(graph=graph, threshold=threshold, codec=self.codec,
+                                   vector_length=vector_length)
+        clients = {cid: SecAggClient(self._provider(cid)) for cid in range(n_clients)}
+        self.network = InProcessNetwork(self.server, clients, faults=faults)
+        self.network.setup()
+
+    @property
+    def threshold(self) -> int:
+        return self.server.threshold
+
+    @property
+    def degree(self) -> int:
+        return self.server.graph.degree
+
+    def _provider(self, cid: int):
+        def provide(step: int) -> np.ndarray:
+            return self._pending[cid]
+        return provide
+
+    @property
+    def active(self) -> frozenset[int]:
+        """Clients still taking part in the session."""
+        return self.server.active
+
+    def step(self, inputs: Mapping[int, np.ndarray], *,
+             drop_after_upload: Iterable[int] = ()) -> StepOutcome:
+        """Sum one vector per active client.
+
+        Active clients missing from `inputs` drop before uploading; those in `drop_after_upload`
+        upload and then fall silent (their self masks are recovered from shares).
+        """
+        upcoming = self.server.last_step + 1
+        self.network.add_dropouts(
+            [Dropout(c, upcoming, Stage.UPLOAD) for c in self.active if c not in inputs]
+            + [Dropout(c, upcoming, Stage.SHARES) for c in drop_after_upload]
+        )
+        self._pending = dict(inputs)
+        try:
+            return self.network.step()
+        finally:
+            self._pending = {}
+
+
+def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "secagg+",
+               clip: float | None = None, dropouts: Iterable[Dropout] = (),
+               dropout_rate: float = 0.0, dropout_stage: Stage | str = Stage.SHARES,
+               threshold: int | None = None, degree: int | None = None, ring_bits: int = 32,
+               scale_bits: int | None = None, seed: int = 0) -> SecureSumResult:
+    """Sum n client vectors under `protocol`, with dropouts, and report the bytes and the time.
+
+    `clip` defaults to the largest absolute input (a real deployment declares it up front).
+    `dropout_rate` drops each client independently at `dropout_stage`; `dropouts` names exact ones.
+    """
+    if protocol not in PROTOCOLS:
+        raise ParameterError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    stacked = check_vectors(vectors)
+    n, m = stacked.shape
+    clip = float(clip if clip is not None else max(float(np.abs(stacked).max()), 1e-12))
+    if not math.isfinite(clip) or clip <= 0:
+        raise ParameterError(f"clip must be a positive finite number, got {clip}")
+    plan = FaultPlan.random(n, rate=dropout_rate, stage=dropout_stage, seed=seed)
+    plan.dropouts.extend(dropouts)
+    if protocol == "plain":
+        return _plain_sum(stacked, plan)
+    session = SecAggSession(n, m, clip=clip, protocol=protocol, threshold=threshold,
+                            degree=degree, ring_bits=ring_bits, scale_bits=scale_bits,
+                            expected_dropout=max(dropout_rate, 0.05), faults=plan)
+    outcome = session.step({cid: stacked[cid] for cid in range(n)})
+    traffic = session.network.traffic
+    return SecureSumResult(
+        outcome.total, tuple(sorted(outcome.included)), tuple(sorted(outcome.dropped)),
+        traffic.bytes_up, traffic.bytes_down, traffic.client_seconds, traffic.server_seconds,
+        session.codec.error_bound(len(outcome.included)), protocol, session.threshold,
+        session.degree,
+    )
+
+
+def _plain_sum(stacked: np.ndarray, plan: FaultPlan) -> SecureSumResult:
+    """The unprotected baseline: float32 vectors sent in the clear and added by the server."""
+    n, m = stacked.shape
+    gone = {d.client for d in plan.dropouts if d.stage in (Stage.ADVERTISE, Stage.UPLOAD)}
+    included = tuple(c for c in range(n) if c not in gone)
+    start = time.perf_counter()
+    total = stacked[list(included)].astype(np.float32).sum(axis=0, dtype=np.float64)
+    seconds = time.perf_counter() - start
+    up = np.array([4 * m if c in included else 0 for c in range(n)], dtype=np.int64)
+    return SecureSumResult(total, included, tuple(sorted(gone)), up, np.zeros(n, np.int64),
+                           np.zeros(n), seconds, 0.0, "plain", 1, n - 1)

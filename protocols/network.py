@@ -1,0 +1,194 @@
+"""In-process router between a server and its clients: bytes, time, dropouts, lateness, tampering.
+
+Links model an authenticated channel (TLS in a deployment) with HMAC-SHA256: a tampered
+message fails verification and is discarded, so tampering can cost a client its place in a step
+but never silently changes a sum.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hmac
+
+from .errors import IntegrityError, ParameterError, ProtocolError
+from .secagg.client import SecAggClient
+from .secagg.server import SecAggServer, StepOutcome
+from .wire import message_type
+
+
+class Stage(str, Enum):
+    """The points of a session at which a client can fail to answer."""
+
+    ADVERTISE = "advertise"  # setup: the client never sends its keys
+    UPLOAD = "upload"  # before sending its masked input
+    PAIRWISE = "pairwise"  # after uploading, before revealing pair seeds
+    SHARES = "shares"  # after uploading, before revealing self-mask shares
+
+
+# request type code -> the stage a client answering it is in
+_REQUEST_STAGE = {
+    1: Stage.ADVERTISE, 3: Stage.ADVERTISE, 4: Stage.UPLOAD, 6: Stage.PAIRWISE, 8: Stage.SHARES,
+}
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """`client` goes silent at `stage` of `step` (step 0 is the key setup) and stays silent."""
+
+    client: int
+    step: int
+    stage: Stage
+
+
+@dataclass
+class FaultPlan:
+    """Everything that goes wrong in a simulated session."""
+
+    dropouts: list[Dropout] = field(default_factory=list)
+    # (step, client): the upload reaches the server after its deadline
+    late: set[tuple[int, int]] = field(default_factory=set)
+    # (step, client, stage): that reply is altered on the wire
+    tamper: set[tuple[int, int, Stage]] = field(default_factory=set)
+
+    @classmethod
+    def random(cls, n_clients: int, *, rate: float, stage: Stage | str,
+               steps: Iterable[int] = (1,), seed: int = 0) -> FaultPlan:
+        """Each client drops with probability `rate` at `stage` of a uniformly chosen step."""
+        if not 0.0 <= rate < 1.0:
+            raise ParameterError(f"dropout rate must be in [0, 1), got {rate}")
+        rng = random.Random(seed)  # simulation randomness, public by nature
+        steps = list(steps)
+        chosen = [c for c in range(n_clients) if rng.random() < rate]
+        return cls([Dropout(c, rng.choice(steps), Stage(stage)) for c in chosen])
+
+    def silent_from(self) -> dict[int, tuple[int, int]]:
+        order = list(Stage)
+        return {d.client: (d.step, order.index(Stage(d.stage))) for d in self.dropouts}
+
+
+@dataclass
+class Traffic:
+    """Per-client bytes and compute seconds, and the server's compute seconds."""
+
+    bytes_up: np.ndarray
+    bytes_down: np.ndarray
+    client_seconds: np.ndarray
+    server_seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, n: int) -> Traffic:
+        return cls(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n), 0.0)
+
+
+class _Link:
+    """One authenticated client <-> server channel."""
+
+    def __init__(self) -> None:
+        self._key = os.urandom(32)
+
+    def seal(self, payload: bytes) -> bytes:
+        mac = hmac.HMAC(self._key, hashes.SHA256())
+        mac.update(payload)
+        return payload + mac.finalize()
+
+    def open(self, frame: bytes) -> bytes:
+        payload, tag = frame[:-32], frame[-32:]
+        mac = hmac.HMAC(self._key, hashes.SHA256())
+        mac.update(payload)
+        try:
+            mac.verify(tag)
+        except InvalidSignature:
+            raise IntegrityError("message failed channel authentication (tampered)") from None
+        return payload
+
+
+def _tampered(frame: bytes) -> bytes:
+    flipped = bytearray(frame)
+    flipped[len(flipped) // 2] ^= 0x01
+    return bytes(flipped)
+
+
+class InProcessNetwork:
+    """Runs a SecAgg session between in-process parties, with faults injected on the wire."""
+
+    def __init__(self, server: SecAggServer, clients: Mapping[int, SecAggClient], *,
+                 faults: FaultPlan | None = None) -> None:
+        self.server, self.clients = server, dict(clients)
+        self.faults = faults or FaultPlan()
+        self.traffic = Traffic.zeros(server.graph.n)
+        self.refusals: list[tuple[int, int, ProtocolError]] = []  # (step, client, error)
+        self.late_arrivals: list[tuple[int, int, bytes]] = []  # what the server saw too late
+        self._links = {cid: _Link() for cid in self.clients}
+        self._silent_from = self.faults.silent_from()
+        self._step = 0
+
+    def add_dropouts(self, dropouts: Iterable[Dropout]) -> None:
+        """Schedule more dropouts (for sessions whose failures are decided step by step)."""
+        self.faults.dropouts.extend(dropouts)
+        self._silent_from = self.faults.silent_from()
+
+    def _silent(self, cid: int, stage: Stage) -> bool:
+        point = self._silent_from.get(cid)
+        return point is not None and (self._step, list(Stage).index(stage)) >= point
+
+    def _server_call(self, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.traffic.server_seconds += time.perf_counter() - start
+
+    def _exchange(self, requests: Mapping[int, bytes]) -> dict[int, bytes]:
+        """Deliver requests, collect the replies that arrive before the deadline."""
+        replies: dict[int, bytes] = {}
+        for cid, payload in requests.items():
+            stage = _REQUEST_STAGE[message_type(payload)]
+            if cid not in self.clients or self._silent(cid, stage):
+                continue
+            self.traffic.bytes_down[cid] += len(payload)
+            start = time.perf_counter()
+            try:
+                reply = self.clients[cid].handle(payload)
+            except ProtocolError as error:
+                self.refusals.append((self._step, cid, error))
+                continue
+            finally:
+                self.traffic.client_seconds[cid] += time.perf_counter() - start
+            if reply is None:
+                continue
+            self.traffic.bytes_up[cid] += len(reply)
+            frame = self._links[cid].seal(reply)
+            if (self._step, cid, stage) in self.faults.tamper:
+                frame = _tampered(frame)
+            if stage is Stage.UPLOAD and (self._step, cid) in self.faults.late:
+                self.late_arrivals.append((self._step, cid, reply))
+                continue
+            try:
+                replies[cid] = self._links[cid].open(frame)
+            except IntegrityError as error:
+                self.refusals.append((self._step, cid, error))
+        return replies
+
+    def setup(self) -> None:
+        """Offer the session and run the key advertisement."""
+        offers = self._server_call(self.server.open_session)
+        rosters = self._server_call(self.server.receive, self._exchange(offers))
+        self._exchange(rosters)  # rosters need no reply
+
+    def step(self) -> StepOutcome:
+        """Run one aggregation step to its outcome (or its TooFewSurvivorsError)."""
+        self._step = self.server.last_step + 1
+        requests = self._server_call(self.server.open_step)
+        while True:
+            result = self._server_call(self.server.receive, self._exchange(requests))
+            if isinstance(result, StepOutcome):
+                return result
+            requests = result
