@@ -1,0 +1,225 @@
+"""cli.py: help that lists every flag, one-line errors with exit 2, a patched run, `report`."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from rich.console import Console
+
+from codream_secure import __version__
+from codream_secure.cli import OPTIONS, main
+from codream_secure.config import FIELD_NAMES, SimulationConfig
+from codream_secure.errors import DataError
+from codream_secure.progress import NullProgress, RichProgress
+from codream_secure.report import pct
+from protocols.errors import OverflowBudgetError
+from tests.core.test_report import synthetic_outcome
+
+RUN_MODULE = "codream_secure.simulation"  # where the CLI imports run_simulation from, lazily
+
+
+def stub_simulation(monkeypatch: pytest.MonkeyPatch, run_simulation) -> None:
+    """Stand in for the simulation module (no torch, no training) for one test."""
+    stub = types.ModuleType(RUN_MODULE)
+    stub.run_simulation = run_simulation
+    monkeypatch.setitem(sys.modules, RUN_MODULE, stub)
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner(env={"COLUMNS": "200"}).invoke(main, list(args))
+
+
+@pytest.fixture
+def fake_run(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Replace the simulation module with a stub whose run_simulation records its calls."""
+    calls: list = []
+
+    def run_simulation(config, *, progress=None, resume=False):
+        calls.append((config, progress, resume))
+        progress.log("stub run")
+        return synthetic_outcome(clients=config.clients, rounds=3)
+
+    stub_simulation(monkeypatch, run_simulation)
+    return calls
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert result.stdout == ""
+
+
+def test_every_config_field_has_a_flag_and_help_lists_them() -> None:
+    assert set(OPTIONS) == set(FIELD_NAMES)
+    result = invoke("simulate", "--help")
+    assert result.exit_code == 0
+    for name in FIELD_NAMES:
+        assert f"--{name.replace('_', '-')}" in result.output, name
+    for flag in ("--config", "--resume", "--quiet", "[default: secagg]", "report.json"):
+        assert flag in result.output
+
+
+def test_version_and_group_help() -> None:
+    assert __version__ in invoke("--version").output
+    result = invoke("--help")
+    assert result.exit_code == 0 and "simulate" in result.output and "report" in result.output
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["simulate", "--bogus"], ["--bogus", "codream-secure simulate --help"]),
+    (["simulate", "--aggregator", "rot13"], ["--aggregator", "rot13", "secagg+"]),
+    (["simulate", "--clients", "many"], ["--clients", "'many' is not a valid integer"]),
+    (["simulate", "--models", "smallcnn,gpt"], ["--models", "gpt"]),
+    (["simulate", "--dropout-clients", "1,x"], ["--dropout-clients", "'x'"]),
+    (["simulate", "--data-dir", "/no/such/dir", "--dataset", "mnist"],
+     ["--data-dir", "/no/such/dir", "does not exist"]),
+    (["simulate", "--config", "/no/such.toml"], ["--config", "/no/such.toml"]),
+    (["simulate", "--clients", "1"], ["clients", "at least 2", "got 1"]),
+    (["simulate", "--alpha", "0"], ["alpha", "> 0"]),
+    (["simulate", "--dropout-clients", "0,1,2"], ["dropout_clients", "at least 2 must stay"]),
+    (["frobnicate"], ["No such command"]),
+    (["report", "/no/such/run"], ["/no/such/run", "does not exist"]),
+])
+def test_bad_input_is_one_error_line_and_exit_2(args: list[str], fragments: list[str],
+                                                fake_run: list) -> None:
+    assert_one_line_error(invoke(*args), *fragments)
+    assert fake_run == []  # rejected before any work
+
+
+def test_malformed_and_unknown_key_toml(tmp_path: Path, fake_run: list) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = [\n")
+    assert_one_line_error(invoke("simulate", "--config", str(bad)), "bad.toml", "not valid TOML")
+    typo = tmp_path / "typo.toml"
+    typo.write_text("dreamsteps = 3\n")
+    assert_one_line_error(invoke("simulate", "--config", str(typo)),
+                          "unknown key 'dreamsteps'", "dream_steps")
+
+
+@pytest.mark.parametrize("error", [DataError("mnist has no bundled copy: pass --data-dir"),
+                                   OverflowBudgetError("ring_bits=8 cannot hold\n4 clients")])
+def test_library_errors_during_the_run_exit_2(error: Exception, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def run_simulation(config, *, progress=None, resume=False):
+        raise error
+
+    stub_simulation(monkeypatch, run_simulation)
+    result = invoke("simulate", "--quiet", "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, str(error).split("\n")[0])
+
+
+def test_bugs_still_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def run_simulation(config, *, progress=None, resume=False):
+        raise KeyError("a bug")
+
+    stub_simulation(monkeypatch, run_simulation)
+    result = invoke("simulate", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+
+
+def test_simulate_writes_the_report_and_prints_the_table(tmp_path: Path, fake_run: list) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text('rounds = 9\nclients = 3\nmodels = ["resnet8"]\naggregator = "plain"\n')
+    out = tmp_path / "run"
+    result = invoke("simulate", "--config", str(toml), "--rounds", "3", "--aggregator",
+                    "secagg+", "--dropout-clients", "2", "--baselines", "none",
+                    "--out", str(out), "--resume")
+    assert result.exit_code == 0, result.output
+    (config, progress, resume), = fake_run
+    assert resume is True and progress is not None
+    assert config == SimulationConfig(rounds=3, clients=3, models=("resnet8",),
+                                      aggregator="secagg+", dropout_clients=(2,),
+                                      baselines=(), out=str(out))
+    for name in ("report.json", "report.md", "accuracy.png", "dreams.png", "dreams.npz"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    for method, res in report["final"].items():
+        row = next(line for line in result.stdout.splitlines() if method in line)
+        assert pct(res["mean_accuracy"]) in row and pct(res["mean_accuracy"]) in md
+        assert all(pct(a) in row for a in res["per_client_accuracy"])
+    assert "max |secure - plain| = 1.23e-07" in result.stdout
+    assert str(out) in result.stdout and "Run time: 12.5 s" in result.stdout
+    assert "stub run" in result.stderr  # progress goes to stderr, plain lines off a terminal
+
+
+def test_quiet_prints_only_the_report_path(tmp_path: Path, fake_run: list) -> None:
+    result = invoke("simulate", "--quiet", "--out", str(tmp_path / "q"))
+    assert result.exit_code == 0
+    assert result.stdout.strip() == str(tmp_path / "q" / "report.json")
+    assert result.stderr == ""
+    assert fake_run[0][2] is False
+
+
+def test_out_that_is_a_file_fails_before_the_run(tmp_path: Path, fake_run: list) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'out = "{blocker / "sub"}"\n')
+    assert_one_line_error(invoke("simulate", "--config", str(toml)), str(blocker / "sub"))
+    assert fake_run == []
+
+
+def test_report_command_rerenders(tmp_path: Path, fake_run: list) -> None:
+    out = tmp_path / "run"
+    assert invoke("simulate", "--quiet", "--out", str(out)).exit_code == 0
+    for name in ("report.md", "accuracy.png", "dreams.png"):
+        (out / name).unlink()
+    report = json.loads((out / "report.json").read_text())
+    report["final"]["codream"]["mean_accuracy"] = 0.987654  # an auditor's edit shows up
+    (out / "report.json").write_text(json.dumps(report))
+    result = invoke("report", str(out))
+    assert result.exit_code == 0, result.output
+    for name in ("report.md", "accuracy.png", "dreams.png"):
+        assert (out / name).exists(), name
+    assert "98.77" in (out / "report.md").read_text() and "98.77" in result.stdout
+
+
+def test_report_command_on_a_folder_without_report(tmp_path: Path) -> None:
+    assert_one_line_error(invoke("report", str(tmp_path)), "report.json does not exist")
+
+
+def test_plain_progress_is_throttled_off_a_terminal() -> None:
+    sink = io.StringIO()
+    with RichProgress(Console(file=sink, width=100), interval=3600) as quiet:
+        task = quiet.task("dream steps", 10_000)
+        for _ in range(10_000):
+            quiet.advance(task)
+        quiet.done(task)
+        quiet.log("round 1: [bold]mean[/bold] 0.5")
+    assert sink.getvalue() == "round 1: [bold]mean[/bold] 0.5\n"  # one line, markup not parsed
+    sink = io.StringIO()
+    with RichProgress(Console(file=sink, width=100), interval=0) as chatty:
+        task = chatty.task("rounds", 2)
+        chatty.advance(task)
+        chatty.advance(task)
+        chatty.done(task)
+    assert sink.getvalue().splitlines()[0] == "rounds: 1/2"
+    assert sink.getvalue().splitlines()[1].startswith("rounds: done 2/2 in ")
+
+
+def test_live_bars_on_a_terminal_and_null_progress() -> None:
+    sink = io.StringIO()
+    with RichProgress(Console(file=sink, force_terminal=True, width=100)) as live:
+        assert live.live
+        first, second = live.task("rounds", 3), live.task("dreams", 5)
+        assert first != second
+        live.advance(second, 5)
+        live.done(second)
+        live.log("hello")
+    assert "hello" in sink.getvalue()
+    null = NullProgress()
+    assert null.task("a", 1) != null.task("b", 1)
+    null.advance(1)
+    null.done(1)
+    null.log("ignored")
