@@ -48,13 +48,20 @@ included vectors. ``FlowerRunResult.sum`` is that output times ``len(included)``
 rescaling undone.
 
 Quantisation error of ``sum`` (what the tests check): with clipping range c and quantisation
-range Q, one quantum is ``2c/Q`` (3.8e-6 for the defaults). Flower computes
-``(clip(x, -c, c) + c) * Q/(2c)`` in the input's dtype; for float32 input the ``+ c`` rounds by at
-most 1/8 quantum (Q/(2c) is a power of two for the defaults, so the product is exact) and the
-stochastic rounding moves it by less than 1 quantum, so each client's contribution is off by less
-than 1.125 quanta and the sum by less than ``1.125 * n * 2c/Q``. Inputs outside [-c, c] are
-clipped (that error is not bounded). ``n * Q`` must stay below ``modulus_range`` or the sum wraps;
-Flower's own check compares ``num_shares`` (not n) with ``modulus_range / quantization_range``.
+range Q, one quantum is ``2c/Q`` (3.8e-6 for the defaults c = 8, Q = 2**22). Flower computes
+``(clip(x, -c, c) + c) * Q/(2c)`` in the input's dtype, float32 here. With the defaults the
+``+ c`` rounds by at most 1/8 quantum (half a float32 ulp below 16), the product is exact (Q/(2c)
+is a power of two), and stochastic rounding moves the result by less than 1 quantum: each client
+is off by less than 1.125 quanta, the sum by less than ``1.125 * n * 2c/Q`` (the tests' bound;
+for other c and Q <= 2**22 the two float32 roundings can reach 1/4 quantum each, so 1.5 quanta).
+Inputs outside [-c, c] are clipped (that error is not bounded). ``n * Q`` must stay below
+``modulus_range`` or the sum wraps; Flower's own check compares ``num_shares`` (not n) with
+``modulus_range / quantization_range``.
+
+Beyond the requested API, ``drop_before_upload`` lists clients that answer setup and share_keys
+and then vanish before uploading: they are left out of the sum and Flower rebuilds their ``sk1``
+from shares and regenerates their pairwise masks (its expensive recovery path; a client that drops
+after upload costs Flower nothing extra, as it rebuilds every included client's self-mask anyway).
 
 What is not faithful, or only approximated:
 
@@ -67,7 +74,10 @@ What is not faithful, or only approximated:
   ``NODE_UNAVAILABLE`` error reply, which the workflow treats as a failure (as it does when a node
   stops heartbeating); the dropped node pulls nothing in that stage and costs no bytes or time.
 * Flower's own quirks are kept, not fixed: masks come from ``np.random.RandomState`` seeded with
-  32 bits of the key and drawn from [0, modulus_range - 2]; uploads are int64.
+  32 bits of the key and drawn from [0, modulus_range - 2]; uploads are int64; Shamir runs in
+  pure-Python GF(2^128) arithmetic (PyCryptodome) on 16-byte chunks of the padded secret (3 chunks
+  for the mask seed, 20 for the 306-byte PEM ``sk1``), and the server interpolates with every share
+  it received, not just ``reconstruction_threshold`` of them.
 """
 
 from __future__ import annotations
