@@ -53,7 +53,7 @@ class SimulationConfig:
     adaptive_after: int = 3
     adaptive_weight: float = 10.0
     aggregator: str = "secagg"
-    grad_clip: float = 1.0
+    grad_clip: float = 8.0
     label_clip: float = 1.0
     ring_bits: int = 32
     dropout_rate: float = 0.0

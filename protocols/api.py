@@ -14,6 +14,7 @@ from .codec import FixedPointCodec
 from .errors import NonFiniteInputError, ParameterError
 from .graph import choose_parameters, complete_graph, harary_graph
 from .network import Dropout, FaultPlan, InProcessNetwork, Stage
+from .primitives.kdf import derive_key
 from .secagg.client import SecAggClient
 from .secagg.server import SecAggServer, StepOutcome
 
@@ -67,7 +68,8 @@ class SecAggSession:
                  protocol: str = "secagg+", threshold: int | None = None,
                  degree: int | None = None, ring_bits: int = 32, scale_bits: int | None = None,
                  expected_dropout: float = 0.1, corrupt_rate: float = 0.05,
-                 rounding: str = "stochastic", faults: FaultPlan | None = None) -> None:
+                 rounding: str = "stochastic", faults: FaultPlan | None = None,
+                 rounding_seed: bytes | None = None) -> None:
         if protocol not in ("secagg", "secagg+"):
             raise ParameterError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
         if n_clients < 2:
@@ -92,7 +94,12 @@ class SecAggSession:
         self._pending: dict[int, np.ndarray] = {}
         self.server = SecAggServer(graph=graph, threshold=threshold, codec=self.codec,
                                    vector_length=vector_length)
-        clients = {cid: SecAggClient(self._provider(cid)) for cid in range(n_clients)}
+        clients = {
+            cid: SecAggClient(self._provider(cid), rounding_seed=None if rounding_seed is None
+                              else derive_key(rounding_seed, session_id=b"rounding",
+                                              purpose="client-rounding", context=(cid,)))
+            for cid in range(n_clients)
+        }
         self.network = InProcessNetwork(self.server, clients, faults=faults)
         self.network.setup()
 

@@ -88,9 +88,12 @@ def validate_threshold(threshold: int, degree: int, n_clients: int) -> None:
 class SecAggClient:
     """An honest client: masks its inputs and refuses any request that could expose them."""
 
-    def __init__(self, input_provider: InputProvider, *, rounding_key: bytes | None = None) -> None:
+    def __init__(self, input_provider: InputProvider, *,
+                 rounding_seed: bytes | None = None) -> None:
+        """`rounding_seed` makes stochastic rounding reproducible (a fresh key per step is
+        derived from it); without it every step draws fresh randomness."""
         self._inputs = input_provider
-        self._rounding_key = rounding_key
+        self._rounding_seed = rounding_seed
         self.stage = ClientStage.NEW
         self.client_id = -1
         self._offer: SessionOffer | None = None
@@ -205,7 +208,10 @@ class SecAggClient:
                 f"input of step {request.step} has {vector.size} values, the session expects "
                 f"{offer.vector_length}"
             )
-        masked = codec.encode(vector.reshape(-1), rounding_key=self._rounding_key)
+        rounding_key = None if self._rounding_seed is None else kdf.derive_key(
+            self._rounding_seed, session_id=b"rounding", purpose="stochastic-rounding",
+            context=(request.step,))
+        masked = codec.encode(vector.reshape(-1), rounding_key=rounding_key)
         self_seed = os.urandom(SELF_SEED_BYTES)
         ring = offer.ring_bits
         np.add(masked, prg.uniform_ring(self_seed, masked.size, ring_bits=ring), out=masked)
