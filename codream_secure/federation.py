@@ -1,0 +1,324 @@
+"""CoDream rounds across clients; the only module that talks to the protocol layer.
+
+The bridge is explicit: torch tensor -> float32 numpy -> aggregator session -> numpy -> tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from protocols.api import SecAggSession
+from protocols.errors import TooFewSurvivorsError
+
+from .distill import distill, evaluate, soft_labels, train_local
+from .dreams import (
+    DreamBuffer,
+    DreamLossWeights,
+    DreamSynthesizer,
+    dream_gradient,
+    server_entropy_gradient,
+)
+from .results import ClientData, MethodResult
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple, stable across processes (unlike hash())."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch generator seeded from `parts`, so every round and client has its own stream."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derived_seed(*parts))
+    return gen
+
+
+@dataclass
+class ChannelStats:
+    """What the aggregation of one kind of vector cost and how far it is from a plain sum."""
+
+    steps: int = 0
+    max_abs_error: float = 0.0
+    sum_abs_error: float = 0.0
+    values: int = 0
+    clipped: int = 0
+    seconds: float = 0.0
+
+    def observe(self, secure: np.ndarray, plain: np.ndarray, clipped: int, seconds: float) -> None:
+        diff = np.abs(secure - plain)
+        self.steps += 1
+        self.max_abs_error = max(self.max_abs_error, float(diff.max(initial=0.0)))
+        self.sum_abs_error += float(diff.sum())
+        self.values += diff.size
+        self.clipped += clipped
+        self.seconds += seconds
+
+
+class AggregationChannel:
+    """Sums one vector per client through the configured aggregator, one session per round."""
+
+    def __init__(self, aggregator: str, n_clients: int, *, clip: float, ring_bits: int,
+                 expected_dropout: float) -> None:
+        self.aggregator, self.n_clients, self.clip = aggregator, n_clients, clip
+        self.ring_bits, self.expected_dropout = ring_bits, expected_dropout
+        self.stats = ChannelStats()
+        self.bytes_up = np.zeros(n_clients, np.int64)
+        self.bytes_down = np.zeros(n_clients, np.int64)
+        self.session: SecAggSession | None = None
+        self._traffic_seen = (np.zeros(n_clients, np.int64), np.zeros(n_clients, np.int64))
+
+    def open(self, vector_length: int, *, seed: tuple) -> None:
+        """Start a session (one key setup) for vectors of this length.
+
+        `seed` makes the clients' stochastic rounding reproducible, so a resumed run equals an
+        uninterrupted one; masks stay fresh randomness (they cancel exactly anyway).
+        """
+        if self.aggregator == "plain":
+            self.session = None
+            return
+        self.session = SecAggSession(
+            self.n_clients, vector_length, clip=self.clip, protocol=self.aggregator,
+            ring_bits=self.ring_bits, expected_dropout=max(self.expected_dropout, 0.05),
+            rounding_seed=hashlib.sha256(repr(seed).encode()).digest(),
+        )
+        self._traffic_seen = (np.zeros(self.n_clients, np.int64),
+                              np.zeros(self.n_clients, np.int64))
+        self._account()
+
+    def _account(self) -> None:
+        assert self.session is not None
+        traffic = self.session.network.traffic
+        up0, down0 = self._traffic_seen
+        self.bytes_up += traffic.bytes_up - up0
+        self.bytes_down += traffic.bytes_down - down0
+        self._traffic_seen = (traffic.bytes_up.copy(), traffic.bytes_down.copy())
+
+    @property
+    def error_bound(self) -> float | None:
+        """Worst-case per-coordinate decode error of one step's sum (None for plain)."""
+        return None if self.session is None else self.session.codec.error_bound(self.n_clients)
+
+    def sum(self, inputs: dict[int, np.ndarray], *, drop_after_upload: Sequence[int] = ()
+            ) -> tuple[np.ndarray, frozenset[int]]:
+        """The sum over the clients that made it, and who they are."""
+        start = time.perf_counter()
+        if self.session is None:  # a late dropout's plaintext has already arrived: it counts
+            included = frozenset(inputs)
+            total = np.sum([inputs[c].astype(np.float64) for c in sorted(included)], axis=0)
+            for c in included:
+                self.bytes_up[c] += inputs[c].size * 4
+            self.stats.observe(total, total, 0, time.perf_counter() - start)
+            return total, included
+        outcome = self.session.step(inputs, drop_after_upload=drop_after_upload)
+        seconds = time.perf_counter() - start
+        self._account()
+        members = sorted(outcome.included)
+        stacked = np.stack([inputs[c] for c in members]).astype(np.float64)
+        clipped = int((np.abs(stacked) > self.clip).sum())
+        # the reference is what a plain run would have summed: clipping counts as error here
+        self.stats.observe(outcome.total, stacked.sum(axis=0), clipped, seconds)
+        return outcome.total, outcome.included
+
+
+@dataclass
+class RoundRecord:
+    """One CoDream round's per-client accuracies, traffic and time."""
+
+    round: int
+    val: list[float]
+    test: list[float]
+    bytes_up: list[int]
+    bytes_down: list[int]
+    seconds: dict[str, float]
+    dropped: list[int]
+    included_in_dreams: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "codream": {"val": self.val, "test": self.test, "mean_test": float(np.mean(self.test))},
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "seconds": self.seconds,
+            "dropped": self.dropped, "included_in_dreams": self.included_in_dreams,
+        }
+
+
+@dataclass
+class CoDreamSettings:
+    """The algorithm's knobs (a view of SimulationConfig that this module needs)."""
+
+    rounds: int
+    warmup_epochs: int
+    local_epochs: int
+    local_lr: float
+    batch_size: int
+    dream_batch: int
+    dream_steps: int
+    dream_lr: float
+    distill_epochs: int
+    distill_lr: float
+    kd_temperature: float
+    buffer_size: int
+    soft_labels: str
+    adaptive_after: int
+    adaptive_weight: float
+    dropout_rate: float
+    dropout_clients: tuple[int, ...]
+    seed: int
+
+
+class CoDreamFederation:
+    """Clients with their own models and data, a server model, and the dream buffer."""
+
+    def __init__(self, clients: Sequence[ClientData], models: Sequence[nn.Module],
+                 server_model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, *,
+                 settings: CoDreamSettings, grad_channel: AggregationChannel,
+                 label_channel: AggregationChannel, device: torch.device,
+                 weights: DreamLossWeights | None = None) -> None:
+        self.clients, self.models, self.server_model = list(clients), list(models), server_model
+        self.x_test, self.y_test, self.s, self.device = x_test, y_test, settings, device
+        self.grad_channel, self.label_channel = grad_channel, label_channel
+        self.weights = weights or DreamLossWeights()
+        self.buffer = DreamBuffer(settings.buffer_size)
+        self.result = MethodResult("codream")
+        self.rounds: list[RoundRecord] = []
+        self.last_dreams: torch.Tensor | None = None
+        self.broadcast_down = np.zeros(len(clients), np.int64)
+
+    @property
+    def n(self) -> int:
+        return len(self.clients)
+
+    def _evaluate(self) -> tuple[list[float], list[float]]:
+        pairs = zip(self.models, self.clients, strict=True)
+        val = [evaluate(m, c.x_val, c.y_val) for m, c in pairs]
+        test = [evaluate(m, self.x_test, self.y_test) for m in self.models]
+        return val, test
+
+    def _train_locally(self, round_index: int, epochs: int) -> None:
+        for k, (model, data) in enumerate(zip(self.models, self.clients, strict=True)):
+            train_local(model, data.x_train, data.y_train, epochs=epochs, lr=self.s.local_lr,
+                        batch_size=self.s.batch_size,
+                        generator=generator(self.s.seed, "local", round_index, k))
+
+    def warm_up(self) -> None:
+        """Local training before any collaboration; recorded as round 0."""
+        start = time.perf_counter()
+        self._train_locally(0, self.s.warmup_epochs)
+        val, test = self._evaluate()
+        self.result.record(val, test)
+        zeros = [0] * self.n
+        self.rounds.append(RoundRecord(0, val, test, zeros, zeros,
+                                       {"local": time.perf_counter() - start}, []))
+
+    def _dropouts(self, round_index: int) -> dict[int, tuple[int, bool]]:
+        """Client -> (dream step at which it drops, whether after its upload) for this round."""
+        rng = random.Random(derived_seed(self.s.seed, "dropout", round_index))
+        plan = {c: (1, False) for c in self.s.dropout_clients}
+        for c in range(self.n):
+            if c not in plan and rng.random() < self.s.dropout_rate:
+                plan[c] = (rng.randint(1, self.s.dream_steps), rng.random() < 0.5)
+        return plan
+
+    def _synthesise(self, round_index: int, plan: dict[int, tuple[int, bool]],
+                    progress, seconds: dict[str, float]) -> tuple[torch.Tensor, frozenset[int]]:
+        """Jointly optimise a dream batch; every step's gradient sum is a secure sum."""
+        shape = (self.s.dream_batch, *self.clients[0].x_train.shape[1:])
+        synth = DreamSynthesizer(shape, generator=generator(self.s.seed, "dreams", round_index),
+                                 lr=self.s.dream_lr)
+        self.grad_channel.open(int(np.prod(shape)), seed=(self.s.seed, "dreams", round_index))
+        active = set(range(self.n))
+        task = progress.task(f"round {round_index} dreams", self.s.dream_steps) \
+            if progress else None
+        for step in range(1, self.s.dream_steps + 1):
+            x = synth.dreams.to(self.device)
+            start = time.perf_counter()
+            leaving_before = {c for c, (s, after) in plan.items() if s == step and not after}
+            leaving_after = [c for c, (s, after) in plan.items() if s == step and after]
+            inputs = {
+                c: dream_gradient(self.models[c], x, self.weights).cpu().numpy().reshape(-1)
+                for c in sorted(active - leaving_before)
+            }
+            seconds["dreams"] += time.perf_counter() - start
+            start = time.perf_counter()
+            total, included = self.grad_channel.sum(inputs, drop_after_upload=leaving_after)
+            seconds["aggregation"] += time.perf_counter() - start
+            active = set(included) - set(leaving_after)
+            for c in active:  # the server broadcasts the next dream batch to each active client
+                self.broadcast_down[c] += x.numel() * x.element_size()
+            mean = torch.from_numpy((total / len(included)).astype(np.float32)).reshape(shape)
+            adaptive = None
+            if round_index > self.s.adaptive_after:
+                adaptive = server_entropy_gradient(self.server_model, x).cpu()
+            synth.step(mean, adaptive_gradient=adaptive, adaptive_weight=self.s.adaptive_weight)
+            if progress:
+                progress.advance(task)
+        if progress:
+            progress.done(task)
+        return synth.dreams, frozenset(active)
+
+    def _teacher(self, round_index: int, dreams: torch.Tensor, members: frozenset[int]
+                 ) -> torch.Tensor:
+        """Average of the members' soft labels on the dreams, summed securely."""
+        outputs = {c: soft_labels(self.models[c], dreams.to(self.device), kind=self.s.soft_labels)
+                   .cpu().numpy().reshape(-1) for c in sorted(members)}
+        self.label_channel.open(next(iter(outputs.values())).size,
+                                seed=(self.s.seed, "labels", round_index))
+        total, included = self.label_channel.sum(outputs)
+        mean = (total / len(included)).astype(np.float32)
+        return torch.from_numpy(mean).reshape(dreams.shape[0], -1)
+
+    def _bytes_down(self) -> np.ndarray:
+        return self.grad_channel.bytes_down + self.label_channel.bytes_down + self.broadcast_down
+
+    def run_round(self, round_index: int, progress=None) -> RoundRecord:
+        """Local training, dream synthesis, soft labels, distillation, evaluation."""
+        seconds = {"local": 0.0, "dreams": 0.0, "aggregation": 0.0, "distill": 0.0}
+        up0 = self.grad_channel.bytes_up + self.label_channel.bytes_up
+        down0 = self._bytes_down()
+        start = time.perf_counter()
+        self._train_locally(round_index, self.s.local_epochs)
+        seconds["local"] = time.perf_counter() - start
+        plan = self._dropouts(round_index)
+        dropped = sorted(plan)
+        try:
+            dreams, members = self._synthesise(round_index, plan, progress, seconds)
+            start = time.perf_counter()
+            teacher = self._teacher(round_index, dreams, members)
+            seconds["aggregation"] += time.perf_counter() - start
+        except TooFewSurvivorsError as error:
+            if progress:
+                progress.log(f"round {round_index}: no knowledge exchange ({error})")
+            dreams, members, teacher = None, frozenset(), None
+        if dreams is not None and teacher is not None:
+            self.last_dreams = dreams
+            self.buffer.add(dreams, teacher)
+            start = time.perf_counter()
+            bx, by = self.buffer.tensors()
+            bx, by = bx.to(self.device), by.to(self.device)
+            for k in sorted(members):
+                distill(self.models[k], bx, by, epochs=self.s.distill_epochs,
+                        lr=self.s.distill_lr, batch_size=self.s.batch_size,
+                        temperature=self.s.kd_temperature, teacher_kind=self.s.soft_labels,
+                        generator=generator(self.s.seed, "distill", round_index, k))
+            distill(self.server_model, bx, by, epochs=self.s.distill_epochs, lr=self.s.distill_lr,
+                    batch_size=self.s.batch_size, temperature=self.s.kd_temperature,
+                    teacher_kind=self.s.soft_labels,
+                    generator=generator(self.s.seed, "distill", round_index, "server"))
+            seconds["distill"] = time.perf_counter() - start
+        val, test = self._evaluate()
+        self.result.record(val, test)
+        up = self.grad_channel.bytes_up + self.label_channel.bytes_up - up0
+        down = self._bytes_down() - down0
+        record = RoundRecord(round_index, val, test, [int(b) for b in up], [int(b) for b in down],
+                             seconds, dropped, sorted(members))
+        self.rounds.append(record)
+        return record

@@ -1,0 +1,237 @@
+"""`codream-secure simulate` as a library call: data, clients, CoDream rounds, baselines, report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .baselines import run_centralized, run_fedavg, run_isolated
+from .config import SimulationConfig
+from .data import LoadedDataset, label_histogram, load_dataset, partition, split_validation
+from .errors import ConfigError
+from .federation import AggregationChannel, CoDreamFederation, CoDreamSettings, RoundRecord
+from .models import build_model
+from .progress import NullProgress, Progress
+from .results import ClientData, MethodResult
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class SimulationOutcome:
+    """What a run produced: the report dict and the final dreams (normalised input space)."""
+
+    report: dict
+    dreams: np.ndarray
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without a GPU is a configuration error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _split_clients(data: LoadedDataset, config: SimulationConfig, device: torch.device
+                   ) -> tuple[list[ClientData], list[np.ndarray]]:
+    parts = partition(data.y_train, config.clients, scheme=config.partition, alpha=config.alpha,
+                      seed=config.seed)
+    clients = []
+    for k, indices in enumerate(parts):
+        train, val = split_validation(indices, data.y_train, fraction=config.val_fraction,
+                                      seed=config.seed * 1000 + k)
+        as_x = lambda idx: torch.from_numpy(data.x_train[idx]).to(device)  # noqa: E731
+        as_y = lambda idx: torch.from_numpy(data.y_train[idx]).to(device)  # noqa: E731
+        clients.append(ClientData(as_x(train), as_y(train), as_x(val), as_y(val)))
+    return clients, parts
+
+
+def _settings(config: SimulationConfig) -> CoDreamSettings:
+    names = CoDreamSettings.__dataclass_fields__
+    return CoDreamSettings(**{name: getattr(config, name) for name in names})
+
+
+def _comparable(config: SimulationConfig) -> dict:
+    values = config.to_dict()
+    values.pop("out", None)
+    return values
+
+
+def _save_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> None:
+    state = {
+        "config": _comparable(config),
+        "round": fed.rounds[-1].round,
+        "models": [m.state_dict() for m in fed.models],
+        "server_model": fed.server_model.state_dict(),
+        "buffer": fed.buffer.tensors() if len(fed.buffer) else None,
+        "result": (fed.result.val, fed.result.test),
+        "rounds": [r.__dict__ for r in fed.rounds],
+        "last_dreams": fed.last_dreams,
+        "channels": [(c.stats, c.bytes_up, c.bytes_down)
+                     for c in (fed.grad_channel, fed.label_channel)],
+        "broadcast_down": fed.broadcast_down,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> int:
+    if not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
+    state = torch.load(path, map_location=fed.device, weights_only=False)
+    if state["config"] != _comparable(config):
+        changed = sorted(k for k in state["config"] if state["config"][k] != _comparable(config)
+                         .get(k))
+        raise ConfigError(f"--resume: the checkpoint in {path.parent} was made with different "
+                          f"settings ({', '.join(changed)}); use the same flags or a new --out")
+    for model, weights in zip(fed.models, state["models"], strict=True):
+        model.load_state_dict(weights)
+    fed.server_model.load_state_dict(state["server_model"])
+    if state["buffer"] is not None:
+        fed.buffer.add(*state["buffer"])
+    fed.result.val, fed.result.test = state["result"]
+    fed.rounds = [RoundRecord(**r) for r in state["rounds"]]
+    fed.last_dreams = state["last_dreams"]
+    for channel, (stats, up, down) in zip((fed.grad_channel, fed.label_channel),
+                                          state["channels"], strict=True):
+        channel.stats, channel.bytes_up, channel.bytes_down = stats, up, down
+    fed.broadcast_down = state["broadcast_down"]
+    return int(state["round"])
+
+
+def _baselines(config: SimulationConfig, clients: list[ClientData], data: LoadedDataset,
+               x_test: torch.Tensor, y_test: torch.Tensor, progress: Progress
+               ) -> dict[str, MethodResult]:
+    common = dict(input_shape=data.input_shape, num_classes=data.num_classes,
+                  warmup_epochs=config.warmup_epochs, rounds=config.rounds,
+                  local_epochs=config.local_epochs, lr=config.local_lr,
+                  batch_size=config.batch_size, seed=config.seed, progress=progress)
+    models = config.client_models
+    results = {}
+    if "isolated" in config.baselines:
+        results["isolated"] = run_isolated(clients, x_test, y_test, models=models, **common)
+    if "fedavg" in config.baselines:
+        if len(set(models)) == 1:
+            results["fedavg"] = run_fedavg(clients, x_test, y_test, model=models[0], **common)
+        else:
+            progress.log("fedavg skipped: it needs every client on the same architecture")
+    if "centralized" in config.baselines:
+        results["centralized"] = run_centralized(clients, x_test, y_test, models=models, **common)
+    return results
+
+
+def _versions() -> dict[str, str]:
+    import cryptography
+
+    return {"codream_secure": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__,
+            "cryptography": cryptography.__version__}
+
+
+def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict:
+    grad, labels = fed.grad_channel, fed.label_channel
+    session = grad.session or labels.session
+    stats = [c.stats for c in (grad, labels)]
+    compared = sum(s.steps for s in stats)
+    values = sum(s.values for s in stats)
+    report = {"name": config.aggregator, "threshold": None, "degree": None, "ring_bits": None,
+              "scale_bits": None, "error_bound_per_step": None,
+              "measured": {
+                  "max_abs_error_vs_plain":
+                      max(s.max_abs_error for s in stats) if compared else None,
+                  "mean_abs_error_vs_plain": sum(s.sum_abs_error for s in stats) / values
+                  if values else None,
+                  "steps_compared": compared,
+                  "clipped_values": sum(s.clipped for s in stats),
+                  "seconds": sum(s.seconds for s in stats)}}
+    if session is not None:
+        report.update(threshold=session.threshold, degree=session.degree,
+                      ring_bits=config.ring_bits)
+    if grad.session is not None and labels.session is not None:
+        report["scale_bits"] = {"dream": grad.session.codec.scale_bits,
+                                "labels": labels.session.codec.scale_bits}
+        report["error_bound_per_step"] = {"dream": grad.error_bound, "labels": labels.error_bound}
+    return report
+
+
+def run_simulation(config: SimulationConfig, *, progress: Progress | None = None,
+                   resume: bool = False) -> SimulationOutcome:
+    """Run CoDream and its baselines on the same splits; checkpoint after every round."""
+    progress = progress or NullProgress()
+    started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    data = load_dataset(config.dataset, config.data_dir, max_train=config.max_train,
+                        max_test=config.max_test, seed=config.seed)
+    clients, parts = _split_clients(data, config, device)
+    x_test = torch.from_numpy(data.x_test).to(device)
+    y_test = torch.from_numpy(data.y_test).to(device)
+    torch.manual_seed(config.seed)  # model initialisation
+    models = [build_model(name, input_shape=data.input_shape, num_classes=data.num_classes)
+              .to(device) for name in config.client_models]
+    server_model = build_model(config.server_model, input_shape=data.input_shape,
+                               num_classes=data.num_classes).to(device)
+    channels = [AggregationChannel(config.aggregator, config.clients, clip=clip,
+                                   ring_bits=config.ring_bits, expected_dropout=config.dropout_rate)
+                for clip in (config.grad_clip, config.label_clip)]
+    fed = CoDreamFederation(clients, models, server_model, x_test, y_test,
+                            settings=_settings(config), grad_channel=channels[0],
+                            label_channel=channels[1], device=device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / CHECKPOINT
+    done = _load_checkpoint(checkpoint, config, fed) if resume else -1
+    if done < 0:
+        fed.warm_up()
+        _save_checkpoint(checkpoint, config, fed)
+        done = 0
+    rounds_task = progress.task("CoDream rounds", config.rounds)
+    progress.advance(rounds_task, done)
+    for r in range(done + 1, config.rounds + 1):
+        record = fed.run_round(r, progress)
+        _save_checkpoint(checkpoint, config, fed)
+        progress.advance(rounds_task)
+        progress.log(f"round {r}: mean client accuracy {np.mean(record.test):.3f}")
+    progress.done(rounds_task)
+    baselines = _baselines(config, clients, data, x_test, y_test, progress)
+    finished = dt.datetime.now(dt.timezone.utc)
+    report = {
+        "schema_version": 1,
+        "config": config.to_dict(),
+        "versions": _versions(),
+        "seeds": {"seed": config.seed},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "device": str(device), "torch_threads": torch.get_num_threads()},
+        "dataset": {"name": data.name, "source": str(data.source), "train": len(data.y_train),
+                    "test": len(data.y_test), "input_shape": list(data.input_shape),
+                    "num_classes": data.num_classes, "client_sizes": [len(p) for p in parts],
+                    "client_label_histograms":
+                        label_histogram(data.y_train, parts, data.num_classes).tolist()},
+        "aggregator": _aggregator_report(config, fed),
+        "rounds": [r.to_dict() for r in fed.rounds],
+        "final": {"codream": fed.result.summary(),
+                  **{name: result.summary() for name, result in baselines.items()}},
+        "baseline_curves": {name: {"test": result.test, "val": result.val}
+                            for name, result in baselines.items()},
+        "timing": {"total_seconds": time.perf_counter() - clock,
+                   "started": started.isoformat(), "finished": finished.isoformat(),
+                   "resumed": bool(resume)},
+        "command": " ".join(sys.argv),
+    }
+    dreams = fed.last_dreams if fed.last_dreams is not None else torch.zeros(0, *data.input_shape)
+    return SimulationOutcome(report, dreams.cpu().numpy(), tuple(data.mean), tuple(data.std))
