@@ -78,8 +78,9 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                   "iid, Dirichlet label skew (sizes vary), or balanced-Dirichlet (equal sizes)."),
     "alpha": (click.FLOAT, "Dirichlet concentration (> 0): small values (0.1) give each client "
               "few classes, large values (100) approach iid."),
-    "val_fraction": (click.FLOAT, "Share of each client's data held out as its validation set, "
-                     "in (0, 1). Validation picks each client's reported round; test never does."),
+    "val_fraction": (click.FLOAT, "Share of the training data held out (stratified, before "
+                     "partitioning) as the validation set, in (0, 1). Validation picks each "
+                     "client's reported round; test never does."),
     "rounds": (click.INT, "CoDream rounds: each trains locally, synthesises a dream batch "
                "together, aggregates soft labels and distils."),
     "warmup_epochs": (click.INT, "Local epochs before round 1, so client models have "

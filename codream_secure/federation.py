@@ -141,6 +141,7 @@ class RoundRecord:
     seconds: dict[str, float]
     dropped: list[int]
     included_in_dreams: list[int] = field(default_factory=list)
+    note: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -148,6 +149,7 @@ class RoundRecord:
             "codream": {"val": self.val, "test": self.test, "mean_test": float(np.mean(self.test))},
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "seconds": self.seconds,
             "dropped": self.dropped, "included_in_dreams": self.included_in_dreams,
+            "note": self.note,
         }
 
 
@@ -295,9 +297,12 @@ class CoDreamFederation:
             teacher = self._teacher(round_index, dreams, members)
             seconds["aggregation"] += time.perf_counter() - start
         except TooFewSurvivorsError as error:
+            note = f"no knowledge exchange this round: {error}"
             if progress:
-                progress.log(f"round {round_index}: no knowledge exchange ({error})")
+                progress.log(f"round {round_index}: {note}")
             dreams, members, teacher = None, frozenset(), None
+        else:
+            note = ""
         if dreams is not None and teacher is not None:
             self.last_dreams = dreams
             self.buffer.add(dreams, teacher)
@@ -319,6 +324,6 @@ class CoDreamFederation:
         up = self.grad_channel.bytes_up + self.label_channel.bytes_up - up0
         down = self._bytes_down() - down0
         record = RoundRecord(round_index, val, test, [int(b) for b in up], [int(b) for b in down],
-                             seconds, dropped, sorted(members))
+                             seconds, dropped, sorted(members), note)
         self.rounds.append(record)
         return record

@@ -10,7 +10,11 @@ import torch
 
 @dataclass
 class ClientData:
-    """One client's private training and validation tensors (float32 inputs, int64 labels)."""
+    """One client's private training tensors and the validation set it is selected on.
+
+    The simulation gives every client the same global held-out validation set (see
+    simulation._split_clients); inputs are float32, labels int64.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor

@@ -47,15 +47,24 @@ def resolve_device(name: str) -> torch.device:
 
 def _split_clients(data: LoadedDataset, config: SimulationConfig, device: torch.device
                    ) -> tuple[list[ClientData], list[np.ndarray]]:
-    parts = partition(data.y_train, config.clients, scheme=config.partition, alpha=config.alpha,
-                      seed=config.seed)
-    clients = []
-    for k, indices in enumerate(parts):
-        train, val = split_validation(indices, data.y_train, fraction=config.val_fraction,
-                                      seed=config.seed * 1000 + k)
-        as_x = lambda idx: torch.from_numpy(data.x_train[idx]).to(device)  # noqa: E731
-        as_y = lambda idx: torch.from_numpy(data.y_train[idx]).to(device)  # noqa: E731
-        clients.append(ClientData(as_x(train), as_y(train), as_x(val), as_y(val)))
+    """Hold out one stratified validation set, then partition the rest among the clients.
+
+    The validation set follows the global distribution: a client's own non-IID slice would
+    select the round where it knows its few classes best, not where it generalises. It is kept
+    out of every client's training data and every method selects on it; the test set selects
+    nothing.
+    """
+    everything = np.arange(len(data.y_train))
+    pool, val = split_validation(everything, data.y_train, fraction=config.val_fraction,
+                                 seed=config.seed)
+    parts = [pool[p] for p in partition(data.y_train[pool], config.clients,
+                                        scheme=config.partition, alpha=config.alpha,
+                                        seed=config.seed)]
+    x_val = torch.from_numpy(data.x_train[val]).to(device)
+    y_val = torch.from_numpy(data.y_train[val]).to(device)
+    clients = [ClientData(torch.from_numpy(data.x_train[idx]).to(device),
+                          torch.from_numpy(data.y_train[idx]).to(device), x_val, y_val)
+               for idx in parts]
     return clients, parts
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .codec import FixedPointCodec
 from .errors import NonFiniteInputError, ParameterError
-from .graph import choose_parameters, complete_graph, harary_graph
+from .graph import COMPLETE_GRAPH_BELOW, choose_parameters, complete_graph, harary_graph
 from .network import Dropout, FaultPlan, InProcessNetwork, Stage
 from .primitives.kdf import derive_key
 from .secagg.client import SecAggClient
@@ -78,7 +78,10 @@ class SecAggSession:
             raise ParameterError(f"vector length must be positive, got {vector_length}")
         self.codec = FixedPointCodec.for_clients(n_clients, clip=clip, ring_bits=ring_bits,
                                                  scale_bits=scale_bits, rounding=rounding)
-        if protocol == "secagg" or degree == n_clients - 1:
+        small = n_clients < COMPLETE_GRAPH_BELOW and degree is None
+        if protocol == "secagg" or degree == n_clients - 1 or small:
+            # SecAgg+ uses the complete graph for small n anyway (it costs no more); the
+            # majority threshold then applies, as for SecAgg.
             graph = complete_graph(n_clients)
             threshold = threshold or default_threshold(n_clients)
         elif degree is not None:

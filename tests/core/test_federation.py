@@ -1,0 +1,128 @@
+"""federation/simulation: secure equals plain within the codec bound; a real tiny run; resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from codream_secure.cli import main
+from codream_secure.config import SimulationConfig
+from codream_secure.federation import AggregationChannel, CoDreamFederation
+from codream_secure.simulation import run_simulation
+
+TINY = dict(max_train=240, max_test=120, clients=3, models=("smallcnn",), server_model="smallcnn",
+            rounds=2, warmup_epochs=1, local_epochs=1, dream_batch=8, dream_steps=3,
+            distill_epochs=1, buffer_size=16, adaptive_after=1, baselines=("isolated",),
+            partition="iid", threads=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("aggregator", ["secagg", "secagg+"])
+def test_secure_dream_gradient_sum_equals_plain_within_the_codec_bound(aggregator):
+    rng = np.random.default_rng(3)
+    grads = {c: rng.normal(0, 0.3, 8 * 64).astype(np.float32) for c in range(4)}
+    secure = AggregationChannel(aggregator, 4, clip=8.0, ring_bits=32, expected_dropout=0.0)
+    plain = AggregationChannel("plain", 4, clip=8.0, ring_bits=32, expected_dropout=0.0)
+    secure.open(8 * 64, seed=("test",))
+    plain.open(8 * 64, seed=("test",))
+    for _ in range(3):
+        s_total, s_in = secure.sum(grads)
+        p_total, p_in = plain.sum(grads)
+        assert s_in == p_in == frozenset(range(4))
+        assert np.max(np.abs(s_total - p_total)) <= secure.error_bound
+    assert secure.stats.max_abs_error <= secure.error_bound
+    assert secure.stats.clipped == 0
+    assert (secure.bytes_up > 4 * 8 * 64 * 3).all()  # masked vectors plus sealed shares
+
+
+def test_a_dropout_after_upload_still_counts_and_leaves_the_session():
+    grads = {c: np.full(16, float(c), np.float32) for c in range(4)}
+    channel = AggregationChannel("secagg", 4, clip=8.0, ring_bits=32, expected_dropout=0.25)
+    channel.open(16, seed=("drop",))
+    total, included = channel.sum(grads, drop_after_upload=[2])
+    assert included == frozenset(range(4))
+    np.testing.assert_allclose(total, np.full(16, 6.0), atol=channel.error_bound)
+    total, included = channel.sum({c: grads[c] for c in (0, 1, 3)})
+    assert included == {0, 1, 3}
+    np.testing.assert_allclose(total, np.full(16, 4.0), atol=channel.error_bound)
+
+
+def _run(tmp_path, name, **overrides):
+    config = SimulationConfig(**{**TINY, **overrides, "out": str(tmp_path / name)})
+    return run_simulation(config)
+
+
+def test_tiny_run_report_has_the_promised_fields(tmp_path):
+    outcome = _run(tmp_path, "run", clients=4, dropout_clients=(2,))
+    report = outcome.report
+    for method in ("codream", "isolated"):
+        final = report["final"][method]
+        assert 0.0 <= final["mean_accuracy"] <= 1.0
+        assert len(final["per_client_accuracy"]) == 4
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    later = report["rounds"][1:]
+    assert all(r["dropped"] == [2] and r["included_in_dreams"] == [0, 1, 3] for r in later)
+    assert all(r["bytes_up"][0] > 0 for r in later)
+    measured = report["aggregator"]["measured"]
+    assert measured["steps_compared"] == 2 * (3 + 1)
+    if measured["clipped_values"] == 0:
+        bound = max(report["aggregator"]["error_bound_per_step"].values())
+        assert measured["max_abs_error_vs_plain"] <= bound
+    assert outcome.dreams.shape == (8, 1, 8, 8)
+    json.dumps(report)  # serialisable as it stands
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    whole = _run(tmp_path, "whole").report
+    real_round = CoDreamFederation.run_round
+
+    def killed_at_round_two(self, round_index, progress=None):
+        if round_index == 2:
+            raise KeyboardInterrupt
+        return real_round(self, round_index, progress)
+
+    monkeypatch.setattr(CoDreamFederation, "run_round", killed_at_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "killed")
+    monkeypatch.setattr(CoDreamFederation, "run_round", real_round)
+    config = SimulationConfig(**{**TINY, "out": str(tmp_path / "killed")})
+    resumed = run_simulation(config, resume=True).report
+    assert resumed["final"] == whole["final"]
+    for a, b in zip(resumed["rounds"], whole["rounds"], strict=True):
+        assert a["codream"] == b["codream"]
+
+
+def test_too_few_survivors_skips_the_exchange_and_says_so(tmp_path):
+    # 3 clients, t = 2: with one gone, each survivor has 1 live share holder, too few
+    report = _run(tmp_path, "few", clients=3, dropout_clients=(2,), rounds=1,
+                  baselines=()).report
+    assert report["rounds"][1]["included_in_dreams"] == []
+    assert "threshold needs 2" in report["rounds"][1]["note"]
+    assert report["final"]["codream"]["mean_accuracy"] >= 0.0
+
+
+def test_cli_end_to_end_and_a_bad_resume(tmp_path):
+    out = tmp_path / "cli"
+    flags = ["simulate", "--max-train", "240", "--max-test", "120", "--clients", "3",
+             "--models", "smallcnn", "--server-model", "smallcnn", "--rounds", "1",
+             "--warmup-epochs", "1", "--dream-batch", "8", "--dream-steps", "2",
+             "--buffer-size", "16", "--distill-epochs", "1", "--baselines", "isolated",
+             "--threads", "1", "--out", str(out)]
+    result = CliRunner().invoke(main, flags)
+    assert result.exit_code == 0, result.output
+    for name in ("report.json", "report.md", "accuracy.png", "dreams.png"):
+        assert (out / name).is_file()
+    result = CliRunner().invoke(main, [*flags[:-2], "--out", str(tmp_path / "none"), "--resume"])
+    assert result.exit_code == 2 and "no checkpoint" in result.output
+    assert "Traceback" not in result.output
