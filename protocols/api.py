@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -36,6 +37,33 @@ class SecureSumResult:
     protocol: str
     threshold: int
     degree: int
+    weight_sum: float | None = None
+
+    @property
+    def weighted_mean(self) -> np.ndarray:
+        """sum_k w_k x_k / sum_k w_k over the included clients (weighted sums only)."""
+        if self.weight_sum is None:
+            raise ParameterError("weighted_mean needs a secure_sum called with weights=")
+        if self.weight_sum <= 0:
+            raise ParameterError("the included clients' weights sum to zero")
+        return self.total / self.weight_sum
+
+
+def _weighted_rows(stacked: np.ndarray, weights: Sequence[float], clip: float,
+                   max_weight: float | None) -> tuple[np.ndarray, float]:
+    """Rows [w_k * clip(x_k), w_k] and the clip that bounds them, for a weighted sum.
+
+    The weight travels as one more coordinate, so the server learns only the sum of the
+    survivors' weights, never a single client's.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (stacked.shape[0],) or not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ParameterError(f"weights must be {stacked.shape[0]} finite numbers >= 0")
+    bound = float(max_weight if max_weight is not None else w.max())
+    if not math.isfinite(bound) or bound <= 0 or np.any(w > bound):
+        raise ParameterError(f"max_weight must be positive and at least every weight, got {bound}")
+    rows = np.clip(stacked, -clip, clip) * w[:, None]
+    return np.hstack([rows, w[:, None]]), bound * max(clip, 1.0)
 
 
 def default_threshold(n_clients: int) -> int:
@@ -147,11 +175,15 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
                clip: float | None = None, dropouts: Iterable[Dropout] = (),
                dropout_rate: float = 0.0, dropout_stage: Stage | str = Stage.SHARES,
                threshold: int | None = None, degree: int | None = None, ring_bits: int = 32,
-               scale_bits: int | None = None, seed: int = 0) -> SecureSumResult:
+               scale_bits: int | None = None, seed: int = 0,
+               weights: Sequence[float] | None = None,
+               max_weight: float | None = None) -> SecureSumResult:
     """Sum n client vectors under `protocol`, with dropouts, and report the bytes and the time.
 
     `clip` defaults to the largest absolute input (a real deployment declares it up front).
     `dropout_rate` drops each client independently at `dropout_stage`; `dropouts` names exact ones.
+    With `weights` (e.g. sample counts, bounded by the public `max_weight`) the result holds
+    sum_k w_k x_k and sum_k w_k over the survivors, and `.weighted_mean` is their ratio.
     """
     if protocol not in PROTOCOLS:
         raise ParameterError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -162,9 +194,16 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
         raise ParameterError(f"clip must be a positive finite number, got {clip}")
     plan = FaultPlan.random(n, rate=dropout_rate, stage=dropout_stage, seed=seed)
     plan.dropouts.extend(dropouts)
+    if weights is not None:
+        stacked, clip = _weighted_rows(stacked, weights, clip, max_weight)
+        result = secure_sum(stacked, protocol=protocol, clip=clip, dropouts=plan.dropouts,
+                            threshold=threshold, degree=degree, ring_bits=ring_bits,
+                            scale_bits=scale_bits, seed=seed)
+        return dataclasses.replace(result, total=result.total[:m],
+                                   weight_sum=float(result.total[m]))
     if protocol == "plain":
         return _plain_sum(stacked, plan)
-    session = SecAggSession(n, m, clip=clip, protocol=protocol, threshold=threshold,
+    session = SecAggSession(n, stacked.shape[1], clip=clip, protocol=protocol, threshold=threshold,
                             degree=degree, ring_bits=ring_bits, scale_bits=scale_bits,
                             expected_dropout=max(dropout_rate, 0.05), faults=plan)
     outcome = session.step({cid: stacked[cid] for cid in range(n)})
