@@ -14,12 +14,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .baselines import run_centralized, run_fedavg, run_isolated
+from .baselines import client_seed, run_centralized, run_fedavg, run_isolated, seeded_model
 from .config import SimulationConfig
 from .data import LoadedDataset, label_histogram, load_dataset, partition, split_validation
 from .errors import ConfigError
 from .federation import AggregationChannel, CoDreamFederation, CoDreamSettings, RoundRecord
-from .models import build_model
 from .progress import NullProgress, Progress
 from .results import ClientData, MethodResult
 
@@ -190,11 +189,13 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
     clients, parts = _split_clients(data, config, device)
     x_test = torch.from_numpy(data.x_test).to(device)
     y_test = torch.from_numpy(data.y_test).to(device)
-    torch.manual_seed(config.seed)  # model initialisation
-    models = [build_model(name, input_shape=data.input_shape, num_classes=data.num_classes)
-              .to(device) for name in config.client_models]
-    server_model = build_model(config.server_model, input_shape=data.input_shape,
-                               num_classes=data.num_classes).to(device)
+    # client k starts from the same weights here as in every baseline, so the comparison is fair
+    models = [seeded_model(name, input_shape=data.input_shape, num_classes=data.num_classes,
+                           seed=client_seed(config.seed, k)).to(device)
+              for k, name in enumerate(config.client_models)]
+    server_model = seeded_model(config.server_model, input_shape=data.input_shape,
+                                num_classes=data.num_classes,
+                                seed=client_seed(config.seed, 999)).to(device)
     channels = [AggregationChannel(config.aggregator, config.clients, clip=clip,
                                    ring_bits=config.ring_bits, expected_dropout=config.dropout_rate)
                 for clip in (config.grad_clip, config.label_clip)]
