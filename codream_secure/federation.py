@@ -23,6 +23,7 @@ from .dreams import (
     DreamBuffer,
     DreamLossWeights,
     DreamSynthesizer,
+    NonFiniteGradientError,
     dream_gradient,
     server_entropy_gradient,
 )
@@ -67,7 +68,8 @@ class AggregationChannel:
     """Sums one vector per client through the configured aggregator, one session per round."""
 
     def __init__(self, aggregator: str, n_clients: int, *, clip: float, ring_bits: int,
-                 expected_dropout: float) -> None:
+                 expected_dropout: float, purpose: str = "dream-gradient") -> None:
+        self.purpose = purpose
         self.aggregator, self.n_clients, self.clip = aggregator, n_clients, clip
         self.ring_bits, self.expected_dropout = ring_bits, expected_dropout
         self.stats = ChannelStats()
@@ -109,7 +111,15 @@ class AggregationChannel:
 
     def sum(self, inputs: dict[int, np.ndarray], *, drop_after_upload: Sequence[int] = ()
             ) -> tuple[np.ndarray, frozenset[int]]:
-        """The sum over the clients that made it, and who they are."""
+        """The sum over the clients that made it, and who they are.
+
+        A non-finite input is an error naming the client, never a silent exclusion.
+        """
+        for client, vector in inputs.items():
+            if not np.all(np.isfinite(vector)):
+                raise NonFiniteGradientError(
+                    f"client {client}'s vector for the {self.purpose} sum holds NaN or inf "
+                    "(its model diverged? lower the learning rates)")
         start = time.perf_counter()
         if self.session is None:  # a late dropout's plaintext has already arrived: it counts
             included = frozenset(inputs)

@@ -197,8 +197,10 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
                                 num_classes=data.num_classes,
                                 seed=client_seed(config.seed, 999)).to(device)
     channels = [AggregationChannel(config.aggregator, config.clients, clip=clip,
-                                   ring_bits=config.ring_bits, expected_dropout=config.dropout_rate)
-                for clip in (config.grad_clip, config.label_clip)]
+                                   ring_bits=config.ring_bits, expected_dropout=config.dropout_rate,
+                                   purpose=purpose)
+                for clip, purpose in ((config.grad_clip, "dream-gradient"),
+                                      (config.label_clip, "soft-label"))]
     fed = CoDreamFederation(clients, models, server_model, x_test, y_test,
                             settings=_settings(config), grad_channel=channels[0],
                             label_channel=channels[1], device=device)

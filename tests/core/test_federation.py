@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from codream_secure.cli import main
 from codream_secure.config import SimulationConfig
+from codream_secure.dreams import NonFiniteGradientError
 from codream_secure.federation import AggregationChannel, CoDreamFederation
 from codream_secure.simulation import run_simulation
 
@@ -56,6 +57,15 @@ def test_a_dropout_after_upload_still_counts_and_leaves_the_session():
     total, included = channel.sum({c: grads[c] for c in (0, 1, 3)})
     assert included == {0, 1, 3}
     np.testing.assert_allclose(total, np.full(16, 4.0), atol=channel.error_bound)
+
+
+def test_a_nan_input_is_an_error_naming_the_client():
+    channel = AggregationChannel("secagg", 3, clip=1.0, ring_bits=32, expected_dropout=0.0)
+    channel.open(4, seed=("nan",))
+    bad = {0: np.zeros(4, np.float32), 1: np.array([0, np.nan, 0, 0], np.float32),
+           2: np.zeros(4, np.float32)}
+    with pytest.raises(NonFiniteGradientError, match="client 1's vector"):
+        channel.sum(bad)
 
 
 def _run(tmp_path, name, **overrides):
