@@ -16,7 +16,7 @@ from .errors import NonFiniteInputError, ParameterError
 from .graph import COMPLETE_GRAPH_BELOW, choose_parameters, complete_graph, harary_graph
 from .network import Dropout, FaultPlan, InProcessNetwork, Stage
 from .primitives.kdf import derive_key
-from .secagg.client import SecAggClient
+from .secagg.client import RingNoise, SecAggClient
 from .secagg.server import SecAggServer, StepOutcome
 
 PROTOCOLS = ("plain", "secagg", "secagg+")
@@ -97,15 +97,16 @@ class SecAggSession:
                  degree: int | None = None, ring_bits: int = 32, scale_bits: int | None = None,
                  expected_dropout: float = 0.1, corrupt_rate: float = 0.05,
                  rounding: str = "stochastic", faults: FaultPlan | None = None,
-                 rounding_seed: bytes | None = None) -> None:
+                 rounding_seed: bytes | None = None, noise: RingNoise | None = None) -> None:
         if protocol not in ("secagg", "secagg+"):
             raise ParameterError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
         if n_clients < 2:
             raise ParameterError(f"secure aggregation needs at least 2 clients, got {n_clients}")
         if vector_length < 1:
             raise ParameterError(f"vector length must be positive, got {vector_length}")
-        self.codec = FixedPointCodec.for_clients(n_clients, clip=clip, ring_bits=ring_bits,
-                                                 scale_bits=scale_bits, rounding=rounding)
+        self.codec = FixedPointCodec.for_clients(
+            n_clients, clip=clip, ring_bits=ring_bits, scale_bits=scale_bits, rounding=rounding,
+            headroom=0.0 if noise is None else noise.headroom)
         small = n_clients < COMPLETE_GRAPH_BELOW and degree is None
         if protocol == "secagg" or degree == n_clients - 1 or small:
             # SecAgg+ uses the complete graph for small n anyway (it costs no more); the
@@ -126,7 +127,8 @@ class SecAggSession:
         self.server = SecAggServer(graph=graph, threshold=threshold, codec=self.codec,
                                    vector_length=vector_length)
         clients = {
-            cid: SecAggClient(self._provider(cid), rounding_seed=None if rounding_seed is None
+            cid: SecAggClient(self._provider(cid), noise=noise,
+                              rounding_seed=None if rounding_seed is None
                               else derive_key(rounding_seed, session_id=b"rounding",
                                               purpose="client-rounding", context=(cid,)))
             for cid in range(n_clients)

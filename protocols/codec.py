@@ -74,29 +74,41 @@ class FixedPointCodec:
         ring_bits: int = 32,
         rounding: Rounding = "stochastic",
         scale_bits: int | None = None,
+        headroom: float = 0.0,
     ) -> FixedPointCodec:
-        """Codec whose ring holds the sum of n_clients clipped inputs (None: largest scale_bits)."""
+        """Codec whose ring holds the sum of n_clients clipped inputs (None: largest scale_bits).
+
+        `headroom` reserves room for values each client adds after encoding (distributed DP
+        noise of magnitude at most `headroom`): the budget then holds n * (clip + headroom).
+        """
         _check_n(n_clients)
         clip = _checked_clip(clip)
+        room = clip + _checked_headroom(headroom)
         _check_ring_bits(ring_bits)
         if scale_bits is None:
-            scale_bits = _largest_scale_bits(n_clients, clip, ring_bits)
+            scale_bits = _largest_scale_bits(n_clients, room, ring_bits)
             if scale_bits is None:
-                raise _budget_error(n_clients, clip, 0, ring_bits)
+                raise _budget_error(n_clients, room, 0, ring_bits, headroom)
         elif _is_int(scale_bits) and scale_bits >= 0 and not _fits(
-            n_clients, clip, scale_bits, ring_bits
+            n_clients, room, scale_bits, ring_bits
         ):
-            raise _budget_error(n_clients, clip, scale_bits, ring_bits)
+            raise _budget_error(n_clients, room, scale_bits, ring_bits, headroom)
         return cls(clip=clip, scale_bits=scale_bits, ring_bits=ring_bits, rounding=rounding)
 
-    def check_budget(self, n_clients: int) -> None:
-        """Raise OverflowBudgetError unless n * (ceil(R 2^f) + 1) <= 2^(k-1) - 1."""
+    def check_budget(self, n_clients: int, *, headroom: float = 0.0) -> None:
+        """Raise OverflowBudgetError unless n * (ceil((R + headroom) 2^f) + 1) <= 2^(k-1) - 1."""
         # The signed sum of n encodings then lies in [-(2^(k-1) - 1), 2^(k-1) - 1], so the ring
         # sum decodes without wrapping. |encoding| <= ceil(R 2^f) already holds for both
-        # roundings; the +1 is a spare unit.
+        # roundings; the +1 is a spare unit. With headroom H, an encoding plus integer noise of
+        # at most ceil(H 2^f) stays within ceil(R 2^f) + ceil(H 2^f) <= ceil((R + H) 2^f) + 1.
         _check_n(n_clients)
-        if not _fits(n_clients, self.clip, self.scale_bits, self.ring_bits):
-            raise _budget_error(n_clients, self.clip, self.scale_bits, self.ring_bits)
+        room = self.clip + _checked_headroom(headroom)
+        if not _fits(n_clients, room, self.scale_bits, self.ring_bits):
+            raise _budget_error(n_clients, room, self.scale_bits, self.ring_bits, headroom)
+
+    def noise_units(self, headroom: float) -> int:
+        """ceil(headroom * 2^f): the largest |integer noise| a client may add within headroom."""
+        return math.ceil(Fraction(_checked_headroom(headroom)) * (1 << self.scale_bits))
 
     def max_clients(self) -> int:
         """Largest number of clients whose clipped inputs always sum without wrapping."""
@@ -245,6 +257,14 @@ def _checked_clip(clip: float) -> float:
     return float(clip)
 
 
+def _checked_headroom(headroom: float) -> float:
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)):
+        raise ParameterError(f"headroom must be a finite float >= 0, got {headroom!r}")
+    if not (math.isfinite(headroom) and headroom >= 0):
+        raise ParameterError(f"headroom must be a finite float >= 0, got {headroom!r}")
+    return float(headroom)
+
+
 def _check_ring_bits(ring_bits: int) -> None:
     if not _is_int(ring_bits) or not MIN_RING_BITS <= ring_bits <= MAX_RING_BITS:
         raise ParameterError(
@@ -309,8 +329,9 @@ def _largest_scale_bits(n: int, clip: float, ring_bits: int) -> int | None:
     return lo
 
 
-def _budget_error(n: int, clip: float, scale_bits: int, ring_bits: int) -> OverflowBudgetError:
-    """The refusal, with what would fit instead."""
+def _budget_error(n: int, clip: float, scale_bits: int, ring_bits: int,
+                  headroom: float = 0.0) -> OverflowBudgetError:
+    """The refusal, with what would fit instead (`clip` includes any noise `headroom`)."""
     limit = (1 << (ring_bits - 1)) - 1
     per_client = _max_abs_encoded(clip, scale_bits)
     advice = [f"at most {limit // per_client} clients fit at scale_bits={scale_bits}"]
@@ -323,7 +344,9 @@ def _budget_error(n: int, clip: float, scale_bits: int, ring_bits: int) -> Overf
     if wider is not None:
         advice.append(f"ring_bits >= {wider} fits them at scale_bits={scale_bits}")
     return OverflowBudgetError(
-        f"the sum of n={n} clipped inputs can wrap with clip={clip}, scale_bits={scale_bits}, "
+        f"the sum of n={n} clipped inputs can wrap with clip={clip}"
+        + (f" (including {headroom:g} of noise headroom)" if headroom else "")
+        + f", scale_bits={scale_bits}, "
         f"ring_bits={ring_bits}: n * (ceil(clip * 2^scale_bits) + 1) = {n * per_client} "
         f"exceeds 2^{ring_bits - 1} - 1 = {limit}; " + "; ".join(advice)
     )

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 import numpy as np
 
@@ -36,6 +37,18 @@ from .messages import (
 
 InputProvider = Callable[[int], np.ndarray]
 SELF_SEED_BYTES = 32  # a fresh AES-256-CTR key per client and step
+
+
+class RingNoise(Protocol):
+    """Integer noise a client adds to its encoding before masking (distributed DP).
+
+    `headroom` bounds |noise| in value units; `sample` returns int64 fixed-point units with
+    |sample| <= ceil(headroom * 2^scale_bits), so the session's overflow budget can hold it.
+    """
+
+    headroom: float
+
+    def sample(self, length: int, scale_bits: int) -> np.ndarray: ...
 
 
 class ClientStage(Enum):
@@ -89,11 +102,13 @@ class SecAggClient:
     """An honest client: masks its inputs and refuses any request that could expose them."""
 
     def __init__(self, input_provider: InputProvider, *,
-                 rounding_seed: bytes | None = None) -> None:
+                 rounding_seed: bytes | None = None, noise: RingNoise | None = None) -> None:
         """`rounding_seed` makes stochastic rounding reproducible (a fresh key per step is
-        derived from it); without it every step draws fresh randomness."""
+        derived from it); without it every step draws fresh randomness. `noise` is added to
+        every encoded input before masking, so no party ever sees this client's un-noised value."""
         self._inputs = input_provider
         self._rounding_seed = rounding_seed
+        self._noise = noise
         self.stage = ClientStage.NEW
         self.client_id = -1
         self._offer: SessionOffer | None = None
@@ -143,7 +158,9 @@ class SecAggClient:
         validate_threshold(offer.threshold, offer.degree, offer.n_clients)
         codec = FixedPointCodec(clip=offer.clip, scale_bits=offer.scale_bits,
                                 ring_bits=offer.ring_bits, rounding=offer.rounding)
-        codec.check_budget(offer.n_clients)  # refuse a session whose sum could wrap
+        # refuse a session whose sum (with this client's noise) could wrap
+        codec.check_budget(offer.n_clients,
+                           headroom=0.0 if self._noise is None else self._noise.headroom)
         self._neighbours = build_graph(offer).neighbours(offer.client_id)
         self._offer, self._codec, self.client_id = offer, codec, offer.client_id
         self._private_key, public_key = kdf.generate_keypair()
@@ -212,6 +229,8 @@ class SecAggClient:
             self._rounding_seed, session_id=b"rounding", purpose="stochastic-rounding",
             context=(request.step,))
         masked = codec.encode(vector.reshape(-1), rounding_key=rounding_key)
+        if self._noise is not None:
+            self._add_noise(masked, codec)
         self_seed = os.urandom(SELF_SEED_BYTES)
         ring = offer.ring_bits
         np.add(masked, prg.uniform_ring(self_seed, masked.size, ring_bits=ring), out=masked)
@@ -242,6 +261,20 @@ class SecAggClient:
         self.stage = ClientStage.UPLOADED
         return MaskedInput(offer.session_id, self.client_id, request.step, masked,
                            envelopes).encode()
+
+    def _add_noise(self, encoded: np.ndarray, codec: FixedPointCodec) -> None:
+        """encoded += noise (mod 2^k), after checking the noise stays inside the budget."""
+        assert self._noise is not None
+        noise = np.asarray(self._noise.sample(encoded.size, codec.scale_bits))
+        if noise.shape != encoded.shape or noise.dtype != np.int64:
+            raise ParameterError(f"noise must be {encoded.size} int64 values, got "
+                                 f"{noise.shape} {noise.dtype}")
+        limit = codec.noise_units(self._noise.headroom)
+        if noise.size and int(np.abs(noise).max()) > limit:
+            raise ParameterError(f"noise exceeds its declared bound of {limit} units; the sum "
+                                 "could wrap")
+        # int64 -> uint32/uint64 wraps modulo 2^32 / 2^64: the ring residue of the signed noise.
+        np.add(encoded, noise.astype(encoded.dtype), out=encoded)
 
     def _current_step(self, step: int) -> _StepState:
         state = self._step
