@@ -14,7 +14,7 @@ import numpy as np
 from .codec import FixedPointCodec
 from .errors import NonFiniteInputError, ParameterError
 from .graph import COMPLETE_GRAPH_BELOW, choose_parameters, complete_graph, harary_graph
-from .network import Dropout, FaultPlan, InProcessNetwork, Stage
+from .network import Dropout, FaultPlan, InProcessNetwork, Stage, Traffic
 from .primitives.kdf import derive_key
 from .secagg.client import RingNoise, SecAggClient
 from .secagg.server import SecAggServer, StepOutcome
@@ -139,6 +139,15 @@ class SecAggSession:
     @property
     def threshold(self) -> int:
         return self.server.threshold
+
+    @property
+    def traffic(self) -> Traffic:
+        """Bytes and seconds so far, per party."""
+        return self.network.traffic
+
+    def error_bound(self, n_summed: int) -> float:
+        """Worst-case per-coordinate decode error of a sum of n_summed inputs."""
+        return self.codec.error_bound(n_summed)
 
     @property
     def degree(self) -> int:
