@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from protocols.api import SecAggSession
 from protocols.errors import TooFewSurvivorsError
+from protocols.registry import AggregationSession, open_session
 
 from .distill import distill, evaluate, soft_labels, train_local
 from .dreams import (
@@ -68,14 +68,16 @@ class AggregationChannel:
     """Sums one vector per client through the configured aggregator, one session per round."""
 
     def __init__(self, aggregator: str, n_clients: int, *, clip: float, ring_bits: int,
-                 expected_dropout: float, purpose: str = "dream-gradient") -> None:
+                 expected_dropout: float, purpose: str = "dream-gradient",
+                 key_bits: int = 3072) -> None:
         self.purpose = purpose
         self.aggregator, self.n_clients, self.clip = aggregator, n_clients, clip
-        self.ring_bits, self.expected_dropout = ring_bits, expected_dropout
+        self.ring_bits, self.expected_dropout, self.key_bits = ring_bits, expected_dropout, key_bits
         self.stats = ChannelStats()
         self.bytes_up = np.zeros(n_clients, np.int64)
         self.bytes_down = np.zeros(n_clients, np.int64)
-        self.session: SecAggSession | None = None
+        self.session: AggregationSession | None = None
+        self._keypair: object | None = None  # Paillier: one key holder for the whole run
         self._traffic_seen = (np.zeros(n_clients, np.int64), np.zeros(n_clients, np.int64))
 
     def open(self, vector_length: int, *, seed: tuple) -> None:
@@ -84,13 +86,15 @@ class AggregationChannel:
         `seed` makes the clients' stochastic rounding reproducible, so a resumed run equals an
         uninterrupted one; masks stay fresh randomness (they cancel exactly anyway).
         """
-        if self.aggregator == "plain":
-            self.session = None
-            return
-        self.session = SecAggSession(
-            self.n_clients, vector_length, clip=self.clip, protocol=self.aggregator,
-            ring_bits=self.ring_bits, expected_dropout=max(self.expected_dropout, 0.05),
+        if self.aggregator == "paillier" and self._keypair is None:
+            from protocols.paillier import generate_keypair
+
+            self._keypair = generate_keypair(self.key_bits)
+        self.session = open_session(
+            self.aggregator, self.n_clients, vector_length, clip=self.clip,
+            ring_bits=self.ring_bits, expected_dropout=self.expected_dropout,
             rounding_seed=hashlib.sha256(repr(seed).encode()).digest(),
+            key_bits=self.key_bits, keypair=self._keypair,
         )
         self._traffic_seen = (np.zeros(self.n_clients, np.int64),
                               np.zeros(self.n_clients, np.int64))
@@ -98,7 +102,7 @@ class AggregationChannel:
 
     def _account(self) -> None:
         assert self.session is not None
-        traffic = self.session.network.traffic
+        traffic = self.session.traffic
         up0, down0 = self._traffic_seen
         self.bytes_up += traffic.bytes_up - up0
         self.bytes_down += traffic.bytes_down - down0
@@ -106,8 +110,8 @@ class AggregationChannel:
 
     @property
     def error_bound(self) -> float | None:
-        """Worst-case per-coordinate decode error of one step's sum (None for plain)."""
-        return None if self.session is None else self.session.codec.error_bound(self.n_clients)
+        """Worst-case per-coordinate decode error of one step's sum (None before a session)."""
+        return None if self.session is None else self.session.error_bound(self.n_clients)
 
     def sum(self, inputs: dict[int, np.ndarray], *, drop_after_upload: Sequence[int] = ()
             ) -> tuple[np.ndarray, frozenset[int]]:
@@ -115,26 +119,22 @@ class AggregationChannel:
 
         A non-finite input is an error naming the client, never a silent exclusion.
         """
+        if self.session is None:
+            raise RuntimeError("open() the channel before summing")
         for client, vector in inputs.items():
             if not np.all(np.isfinite(vector)):
                 raise NonFiniteGradientError(
                     f"client {client}'s vector for the {self.purpose} sum holds NaN or inf "
                     "(its model diverged? lower the learning rates)")
         start = time.perf_counter()
-        if self.session is None:  # a late dropout's plaintext has already arrived: it counts
-            included = frozenset(inputs)
-            total = np.sum([inputs[c].astype(np.float64) for c in sorted(included)], axis=0)
-            for c in included:
-                self.bytes_up[c] += inputs[c].size * 4
-            self.stats.observe(total, total, 0, time.perf_counter() - start)
-            return total, included
         outcome = self.session.step(inputs, drop_after_upload=drop_after_upload)
         seconds = time.perf_counter() - start
         self._account()
         members = sorted(outcome.included)
         # the reference is what a plain run would have summed: clipping counts as error here
         plain = np.sum([inputs[c] for c in members], axis=0, dtype=np.float64)
-        clipped = sum(int(np.count_nonzero(np.abs(inputs[c]) > self.clip)) for c in members)
+        clipped = 0 if self.aggregator == "plain" else sum(
+            int(np.count_nonzero(np.abs(inputs[c]) > self.clip)) for c in members)
         self.stats.observe(outcome.total, plain, clipped, seconds)
         return outcome.total, outcome.included
 

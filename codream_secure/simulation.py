@@ -166,12 +166,12 @@ def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict
                   "steps_compared": compared,
                   "clipped_values": sum(s.clipped for s in stats),
                   "seconds": sum(s.seconds for s in stats)}}
-    if session is not None:
+    if session is not None and config.aggregator != "plain":
         report.update(threshold=session.threshold, degree=session.degree,
                       ring_bits=config.ring_bits)
-    if grad.session is not None and labels.session is not None:
-        report["scale_bits"] = {"dream": grad.session.codec.scale_bits,
-                                "labels": labels.session.codec.scale_bits}
+    codecs = [getattr(c.session, "codec", None) for c in (grad, labels)]
+    if all(codec is not None for codec in codecs):
+        report["scale_bits"] = {"dream": codecs[0].scale_bits, "labels": codecs[1].scale_bits}
         report["error_bound_per_step"] = {"dream": grad.error_bound, "labels": labels.error_bound}
     return report
 
