@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from codream_secure import __version__
+from codream_secure.bench_cli import bench
 from codream_secure.config import (
     BASELINES,
     DEFAULTS,
@@ -294,6 +295,8 @@ def _print_summary(report: dict, out_dir: Path, paths: dict[str, Path]) -> None:
     if seconds is not None:
         console.print(f"Run time: {seconds:.1f} s", markup=False)
 
+
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()
