@@ -13,7 +13,13 @@ import numpy as np
 
 from .codec import FixedPointCodec
 from .errors import NonFiniteInputError, ParameterError
-from .graph import COMPLETE_GRAPH_BELOW, choose_parameters, complete_graph, harary_graph
+from .graph import (
+    COMPLETE_GRAPH_BELOW,
+    NeighbourGraph,
+    choose_parameters,
+    complete_graph,
+    harary_graph,
+)
 from .network import Dropout, FaultPlan, InProcessNetwork, Stage, Traffic
 from .primitives.kdf import derive_key
 from .secagg.client import RingNoise, SecAggClient
@@ -89,6 +95,25 @@ def check_vectors(vectors: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     return stacked
 
 
+def plan_graph(n_clients: int, *, protocol: str, threshold: int | None = None,
+               degree: int | None = None, expected_dropout: float = 0.1,
+               corrupt_rate: float = 0.05) -> tuple[NeighbourGraph, int]:
+    """The neighbour graph and share threshold a SecAgg/SecAgg+ session of n clients uses."""
+    small = n_clients < COMPLETE_GRAPH_BELOW and degree is None
+    if protocol == "secagg" or degree == n_clients - 1 or small:
+        # SecAgg+ uses the complete graph for small n anyway (it costs no more); the
+        # majority threshold then applies, as for SecAgg.
+        return complete_graph(n_clients), threshold or default_threshold(n_clients)
+    if degree is not None:
+        return (harary_graph(n_clients, degree, seed=os.urandom(32)),
+                threshold or degree // 2 + 1)
+    params = choose_parameters(n_clients, dropout_rate=expected_dropout,
+                               corrupt_rate=corrupt_rate)
+    graph = (complete_graph(n_clients) if params.complete
+             else harary_graph(n_clients, params.degree, seed=os.urandom(32)))
+    return graph, threshold or params.threshold
+
+
 class SecAggSession:
     """A multi-step SecAgg/SecAgg+ session: one key setup, then one `step` per summed vector."""
 
@@ -107,21 +132,9 @@ class SecAggSession:
         self.codec = FixedPointCodec.for_clients(
             n_clients, clip=clip, ring_bits=ring_bits, scale_bits=scale_bits, rounding=rounding,
             headroom=0.0 if noise is None else noise.headroom)
-        small = n_clients < COMPLETE_GRAPH_BELOW and degree is None
-        if protocol == "secagg" or degree == n_clients - 1 or small:
-            # SecAgg+ uses the complete graph for small n anyway (it costs no more); the
-            # majority threshold then applies, as for SecAgg.
-            graph = complete_graph(n_clients)
-            threshold = threshold or default_threshold(n_clients)
-        elif degree is not None:
-            graph = harary_graph(n_clients, degree, seed=os.urandom(32))
-            threshold = threshold or degree // 2 + 1
-        else:
-            params = choose_parameters(n_clients, dropout_rate=expected_dropout,
-                                       corrupt_rate=corrupt_rate)
-            graph = (complete_graph(n_clients) if params.complete
-                     else harary_graph(n_clients, params.degree, seed=os.urandom(32)))
-            threshold = threshold or params.threshold
+        graph, threshold = plan_graph(n_clients, protocol=protocol, threshold=threshold,
+                                      degree=degree, expected_dropout=expected_dropout,
+                                      corrupt_rate=corrupt_rate)
         self.protocol, self.n_clients, self.vector_length = protocol, n_clients, vector_length
         self._pending: dict[int, np.ndarray] = {}
         self.server = SecAggServer(graph=graph, threshold=threshold, codec=self.codec,

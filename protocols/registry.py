@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from .api import PROTOCOLS, SecAggSession
+from .api import PROTOCOLS, SecAggSession, default_threshold, plan_graph
 from .errors import NonFiniteInputError, ParameterError, TooFewSurvivorsError
 from .network import Traffic
 from .secagg.client import RingNoise
 from .secagg.server import StepOutcome
+
+if TYPE_CHECKING:
+    from .dp import DPSpec
 
 __all__ = ["AggregationSession", "PlainSession", "open_session"]
 
@@ -41,8 +44,9 @@ class AggregationSession(Protocol):
 class PlainSession:
     """The unprotected baseline: float32 vectors sent in the clear and added by the server.
 
-    With `noise` (local DP in the clear) each client adds its noise before sending; the server
-    then sees each noisy vector, which is all that mode promises.
+    With `noise` (local DP in the clear) each client puts its vector on a 2^-24 grid and adds its
+    own noise before sending it as float64; the server then sees each noisy vector, which is all
+    that mode promises.
     """
 
     def __init__(self, n_clients: int, vector_length: int, *,
@@ -72,18 +76,31 @@ class PlainSession:
         if not members:
             raise TooFewSurvivorsError(needed=1, remaining=0, context=f"step {self._step}")
         sent = np.stack([_checked_row(c, inputs[c], self.vector_length) for c in members])
+        width = 4
         if self.noise is not None:
-            unit = np.float32(2.0**-PLAIN_NOISE_SCALE_BITS)
-            for row in sent:  # each client's own noise; no ring here, so a fine fixed grid
-                row += self.noise.sample(row.size, PLAIN_NOISE_SCALE_BITS).astype(np.float32) * unit
+            sent, width = self._noised(sent), 8
         for c in members:
-            self.traffic.bytes_up[c] += 4 * self.vector_length
+            self.traffic.bytes_up[c] += width * self.vector_length
         start = time.perf_counter()
         total = sent.sum(axis=0, dtype=np.float64)
         self.traffic.server_seconds += time.perf_counter() - start
         dropped = frozenset(self.active - set(members))
         self.active = frozenset(members) - set(drop_after_upload)
         return StepOutcome(self._step, total, np.empty(0, np.uint32), frozenset(members), dropped)
+
+
+    def _noised(self, sent: np.ndarray) -> np.ndarray:
+        """Each client rounds to the 2^-f grid, then adds its own integer noise (float64 out).
+
+        Lattice noise on an off-lattice value would leak the value's fractional part, so the
+        value is put on the noise's grid first.
+        """
+        assert self.noise is not None
+        f = PLAIN_NOISE_SCALE_BITS
+        units = np.rint(np.ldexp(sent.astype(np.float64), f))
+        for row in units:
+            row += self.noise.sample(row.size, f)
+        return np.ldexp(units, -f)
 
 
 def _checked_row(client: int, vector: np.ndarray, length: int) -> np.ndarray:
@@ -99,11 +116,20 @@ def _checked_row(client: int, vector: np.ndarray, length: int) -> np.ndarray:
 def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: float,
                  ring_bits: int = 32, expected_dropout: float = 0.1,
                  rounding_seed: bytes | None = None, noise: RingNoise | None = None,
-                 key_bits: int = 3072, keypair: object | None = None) -> AggregationSession:
-    """A fresh session of `protocol` for `n_clients` vectors of `vector_length` values."""
+                 key_bits: int = 3072, keypair: object | None = None,
+                 threshold: int | None = None, dp: DPSpec | None = None) -> AggregationSession:
+    """A fresh session of `protocol` for `n_clients` vectors of `vector_length` values.
+
+    With `dp`, every client's vector is clipped to L2 norm dp.l2_clip (which then is also the
+    per-coordinate clip) and every release is noised (`protocols.private`).
+    """
     if protocol not in PROTOCOLS:
         raise ParameterError(f"unknown aggregator {protocol!r}; choose one of "
                              f"{', '.join(PROTOCOLS)}")
+    if dp is not None:
+        return _private_session(protocol, n_clients, vector_length, dp=dp, ring_bits=ring_bits,
+                                expected_dropout=expected_dropout, rounding_seed=rounding_seed,
+                                key_bits=key_bits, keypair=keypair, threshold=threshold)
     if protocol == "plain":
         return PlainSession(n_clients, vector_length, noise=noise)
     if protocol == "paillier":
@@ -113,4 +139,34 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
                                keypair=keypair, rounding_seed=rounding_seed, noise=noise)
     return SecAggSession(n_clients, vector_length, clip=clip, protocol=protocol,
                          ring_bits=ring_bits, expected_dropout=max(expected_dropout, 0.05),
-                         rounding_seed=rounding_seed, noise=noise)
+                         rounding_seed=rounding_seed, noise=noise, threshold=threshold)
+
+
+def release_threshold(protocol: str, n_clients: int, *, threshold: int | None = None,
+                      expected_dropout: float = 0.1) -> int:
+    """The share threshold (SecAgg) or decryption quorum (Paillier) a session will use."""
+    if protocol in ("secagg", "secagg+"):
+        return plan_graph(n_clients, protocol=protocol, threshold=threshold,
+                          expected_dropout=max(expected_dropout, 0.05))[1]
+    return threshold or default_threshold(n_clients)
+
+
+def _private_session(protocol: str, n_clients: int, vector_length: int, *, dp: DPSpec,
+                     threshold: int | None, **options) -> AggregationSession:
+    from .dp import DistributedNoise
+    from .private import PrivateSession, min_contributors
+
+    t = release_threshold(protocol, n_clients, threshold=threshold,
+                          expected_dropout=options["expected_dropout"])
+    noise = None
+    if dp.mode == "distributed":
+        floor = min_contributors(protocol, threshold=t, n_clients=n_clients)
+        if dp.min_contributors is None or dp.min_contributors > floor:
+            raise ParameterError(
+                f"distributed noise sized for {dp.min_contributors} contributors, but a "
+                f"{protocol} release of {n_clients} clients (threshold {t}) can hold as few as "
+                f"{floor}: set min_contributors <= {floor}")
+        noise = DistributedNoise(dp)
+    inner = open_session(protocol, n_clients, vector_length, clip=dp.l2_clip, noise=noise,
+                         threshold=t if protocol != "plain" else None, **options)
+    return PrivateSession(inner, dp)
