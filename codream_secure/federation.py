@@ -86,6 +86,9 @@ class AggregationChannel:
         `seed` makes the clients' stochastic rounding reproducible, so a resumed run equals an
         uninterrupted one; masks stay fresh randomness (they cancel exactly anyway).
         """
+        close = getattr(self.session, "close", None)
+        if close is not None:  # a Paillier session's encryption workers
+            close()
         if self.aggregator == "paillier" and self._keypair is None:
             from protocols.paillier import generate_keypair
 

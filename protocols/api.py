@@ -25,7 +25,7 @@ from .primitives.kdf import derive_key
 from .secagg.client import RingNoise, SecAggClient
 from .secagg.server import SecAggServer, StepOutcome
 
-PROTOCOLS = ("plain", "secagg", "secagg+")
+PROTOCOLS = ("plain", "secagg", "secagg+", "paillier")
 
 
 @dataclass(frozen=True, eq=False)
@@ -227,6 +227,11 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
                                    weight_sum=float(result.total[m]))
     if protocol == "plain":
         return _plain_sum(stacked, plan)
+    if protocol == "paillier":
+        from .paillier import paillier_sum  # phe is optional: import only when asked for
+
+        return paillier_sum(stacked, clip=clip, dropouts=plan.dropouts, ring_bits=ring_bits,
+                            scale_bits=scale_bits, seed=seed)
     session = SecAggSession(n, stacked.shape[1], clip=clip, protocol=protocol, threshold=threshold,
                             degree=degree, ring_bits=ring_bits, scale_bits=scale_bits,
                             expected_dropout=max(dropout_rate, 0.05), faults=plan)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .api import PROTOCOLS, SecAggSession, default_threshold, plan_graph
+from .codec import FixedPointCodec
 from .errors import NonFiniteInputError, ParameterError, TooFewSurvivorsError
 from .network import Traffic
 from .secagg.client import RingNoise
@@ -133,13 +135,34 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
     if protocol == "plain":
         return PlainSession(n_clients, vector_length, noise=noise)
     if protocol == "paillier":
-        from .paillier import PaillierSession  # phe is optional: import only when asked for
-
-        return PaillierSession(n_clients, vector_length, clip=clip, key_bits=key_bits,
-                               keypair=keypair, rounding_seed=rounding_seed, noise=noise)
+        return _paillier_session(n_clients, vector_length, clip=clip, ring_bits=ring_bits,
+                                 key_bits=key_bits, keypair=keypair, rounding_seed=rounding_seed,
+                                 noise=noise)
     return SecAggSession(n_clients, vector_length, clip=clip, protocol=protocol,
                          ring_bits=ring_bits, expected_dropout=max(expected_dropout, 0.05),
                          rounding_seed=rounding_seed, noise=noise, threshold=threshold)
+
+
+def _paillier_session(n_clients: int, vector_length: int, *, clip: float, ring_bits: int,
+                      key_bits: int, keypair: object | None, rounding_seed: bytes | None,
+                      noise: RingNoise | None) -> AggregationSession:
+    """A Paillier session; RingNoise becomes its per-client noise hook at the session's scale."""
+    from .paillier import PaillierSession  # phe is optional: import only when asked for
+
+    if noise is None:
+        return PaillierSession(n_clients, vector_length, clip=clip, key_bits=key_bits,
+                               ring_bits=ring_bits, keypair=keypair, rounding_seed=rounding_seed)
+    scale_bits = FixedPointCodec.for_clients(n_clients, clip=clip, ring_bits=ring_bits,
+                                             headroom=noise.headroom).scale_bits
+    # ceil(clip 2^f) + floor(headroom 2^f) <= ceil((clip + headroom) 2^f): the codec's budget
+    bound = math.floor(math.ldexp(noise.headroom, scale_bits))
+
+    def hook(client: int, step: int, length: int) -> np.ndarray:
+        return noise.sample(length, scale_bits)
+
+    return PaillierSession(n_clients, vector_length, clip=clip, key_bits=key_bits,
+                           ring_bits=ring_bits, keypair=keypair, rounding_seed=rounding_seed,
+                           scale_bits=scale_bits, noise=hook, noise_bound=bound)
 
 
 def release_threshold(protocol: str, n_clients: int, *, threshold: int | None = None,

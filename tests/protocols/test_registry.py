@@ -9,11 +9,11 @@ from protocols.errors import NonFiniteInputError, ParameterError, TooFewSurvivor
 from protocols.registry import PlainSession, open_session
 
 
-@pytest.mark.parametrize("protocol", ["plain", "secagg", "secagg+"])
+@pytest.mark.parametrize("protocol", ["plain", "secagg", "secagg+", "paillier"])
 def test_every_aggregator_sums_the_clients_that_made_it(protocol):
     rng = np.random.default_rng(0)
     vectors = rng.uniform(-1, 1, size=(6, 40)).astype(np.float32)
-    session = open_session(protocol, 6, 40, clip=1.0)
+    session = open_session(protocol, 6, 40, clip=1.0, key_bits=2048)
     outcome = session.step({c: vectors[c] for c in (0, 1, 2, 4, 5)}, drop_after_upload=[4])
     assert outcome.included == frozenset({0, 1, 2, 4, 5}) and 3 in outcome.dropped
     exact = vectors[[0, 1, 2, 4, 5]].astype(np.float64).sum(0)
