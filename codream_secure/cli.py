@@ -106,7 +106,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "adaptive_weight": (click.FLOAT, "Weight of the adaptive-teaching term (0 disables it)."),
     "aggregator": (click.Choice(PROTOCOLS), "How cross-client sums are computed: 'plain' "
                    "(server sees each vector, the insecure baseline), 'secagg' (pairwise masks, "
-                   "complete graph) or 'secagg+' (masks over a sparse neighbour graph)."),
+                   "complete graph), 'secagg+' (masks over a sparse neighbour graph) or "
+                   "'paillier' (packed Paillier: the server adds ciphertexts, a separate key "
+                   "holder decrypts only the sum; seconds per step, see docs/paillier.md)."),
+    "paillier_bits": (click.INT, "Paillier modulus size for --aggregator paillier: 3072 "
+                      "(128-bit security) or 2048; smaller keys are refused."),
     "grad_clip": (click.FLOAT, "Each client clips every element of its dream gradient to "
                   "[-c, c] before fixed-point encoding; the secure sum's range is declared from "
                   "it."),

@@ -53,6 +53,7 @@ class SimulationConfig:
     adaptive_after: int = 3
     adaptive_weight: float = 10.0
     aggregator: str = "secagg"
+    paillier_bits: int = 3072
     grad_clip: float = 8.0
     label_clip: float = 1.0
     ring_bits: int = 32
@@ -119,6 +120,7 @@ class SimulationConfig:
                               f"(dream_batch={self.dream_batch}); use at least {self.dream_batch}")
         _choice("soft_labels", self.soft_labels, SOFT_LABELS)
         _choice("aggregator", self.aggregator, PROTOCOLS)
+        _count("paillier_bits", self.paillier_bits, minimum=2048)
         _count("ring_bits", self.ring_bits, minimum=MIN_RING_BITS, maximum=MAX_RING_BITS)
         _real("dropout_rate", self.dropout_rate, low=0.0, high=1.0, closed_low=True)
         self._validate_dropout_clients()

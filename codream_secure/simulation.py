@@ -198,7 +198,7 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
                                 seed=client_seed(config.seed, 999)).to(device)
     channels = [AggregationChannel(config.aggregator, config.clients, clip=clip,
                                    ring_bits=config.ring_bits, expected_dropout=config.dropout_rate,
-                                   purpose=purpose)
+                                   purpose=purpose, key_bits=config.paillier_bits)
                 for clip, purpose in ((config.grad_clip, "dream-gradient"),
                                       (config.label_clip, "soft-label"))]
     fed = CoDreamFederation(clients, models, server_model, x_test, y_test,

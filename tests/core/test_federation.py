@@ -136,3 +136,27 @@ def test_cli_end_to_end_and_a_bad_resume(tmp_path):
     result = CliRunner().invoke(main, [*flags[:-2], "--out", str(tmp_path / "none"), "--resume"])
     assert result.exit_code == 2 and "no checkpoint" in result.output
     assert "Traceback" not in result.output
+
+
+def test_paillier_channel_equals_plain_within_the_codec_bound():
+    grads = {c: np.random.default_rng(c).normal(0, 0.3, 200).astype(np.float32) for c in range(3)}
+    channel = AggregationChannel("paillier", 3, clip=8.0, ring_bits=32, expected_dropout=0.0,
+                                 key_bits=2048)
+    channel.open(200, seed=("paillier",))
+    total, included = channel.sum(grads)
+    assert included == frozenset(range(3))
+    exact = np.sum([grads[c] for c in range(3)], axis=0, dtype=np.float64)
+    assert np.max(np.abs(total - exact)) <= channel.error_bound
+    keypair = channel._keypair
+    channel.open(200, seed=("paillier", 2))  # a new session keeps the run's key holder
+    assert channel._keypair is keypair
+    assert (channel.bytes_up > 200).all()
+
+
+def test_tiny_run_under_paillier(tmp_path):
+    report = _run(tmp_path, "paillier", aggregator="paillier", paillier_bits=2048, rounds=1,
+                  baselines=()).report
+    measured = report["aggregator"]["measured"]
+    assert report["aggregator"]["name"] == "paillier" and measured["steps_compared"] == 3 + 1
+    bound = max(report["aggregator"]["error_bound_per_step"].values())
+    assert measured["max_abs_error_vs_plain"] <= bound
