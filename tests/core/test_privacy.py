@@ -1,0 +1,196 @@
+"""Accounting: Opacus' own reference values, the client-level table, the ledger and refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from opacus.accountants.analysis.gdp import eps_from_mu
+
+from codream_secure import privacy
+from codream_secure.errors import ConfigError
+from protocols import dp
+
+
+def sample_ledger(accountant: str) -> privacy.PrivacyLedger:
+    return privacy.PrivacyLedger(unit="sample", mechanism="dp-sgd", mode="local",
+                                 noise_multiplier=1.5, l2_clip=1.0, sample_rate=0.04,
+                                 delta=1e-5, n_samples=60_000, accountant=accountant)
+
+
+# ---- Opacus' reference values (opacus/tests/accountants_test.py, shared/reference.md) -----------
+
+
+def test_rdp_reference_value():
+    ledger = sample_ledger("rdp")
+    ledger.record(int(90 / 0.04))  # 2250 steps, as Opacus' test counts them
+    assert ledger.releases == 2250
+    assert ledger.epsilon() == pytest.approx(7.32911117143, abs=5e-8)
+
+
+def test_prv_reference_value():
+    ledger = sample_ledger("prv")
+    ledger.record(int(90 // 0.04))  # 2249 steps: Opacus' PRV test uses floor division
+    assert ledger.epsilon() == pytest.approx(6.777395712150674, abs=5e-8)
+
+
+@pytest.mark.parametrize(("accountant", "expected"), [
+    ("rdp", 1.416), pytest.param("prv", 1.34765625, marks=pytest.mark.slow)])  # PRV: ~8 s
+def test_noise_multiplier_reference_values(accountant, expected):
+    # Opacus' test passes epochs=90, which get_noise_multiplier turns into int(90 / 0.04) steps.
+    z = privacy.calibrate_noise(8.0, 1e-5, int(90 / 0.04), n_samples=60_000,
+                                accountant=accountant, sample_rate=0.04, mechanism="dp-sgd")
+    assert z == pytest.approx(expected, abs=5e-5)
+
+
+# ---- client level: q = 1 ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("z", "releases", "printed"), [
+    (5.0, 10, "2.8"), (5.0, 100, "10.7"), (5.0, 1000, "48.8"),
+    (20.0, 10, "0.62"), (20.0, 100, "2.17"), (20.0, 1000, "8.08"),
+])
+def test_client_level_table(z, releases, printed):
+    ledger = privacy.PrivacyLedger(unit="client", mechanism="gaussian", mode="central",
+                                   noise_multiplier=z, l2_clip=1.0, delta=1e-5, n_samples=10)
+    ledger.record(releases)
+    decimals = len(printed.split(".")[1])
+    assert round(ledger.epsilon(), decimals) == float(printed)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
+def test_accountants_at_q1_bound_the_exact_gaussian_composition(accountant):
+    # At q = 1, T releases of noise multiplier z are exactly mu-GDP with mu = sqrt(T)/z (Dong,
+    # Roth, Su), whose (eps, delta) curve is the tight answer. Every accountant must be an upper
+    # bound; PRV is within its eps_error 0.01 of it.
+    for z, releases in ((5.0, 100), (20.0, 1000), (1.0, 10)):
+        ledger = privacy.PrivacyLedger(unit="client", mechanism="gaussian", mode="central",
+                                       noise_multiplier=z, l2_clip=1.0, delta=1e-5,
+                                       n_samples=10, accountant=accountant)
+        ledger.record(releases)
+        exact = eps_from_mu(mu=math.sqrt(releases) / z, delta=1e-5)
+        assert ledger.epsilon() >= exact - 1e-9
+        if accountant == "prv":
+            assert ledger.epsilon() <= exact + 0.02
+
+
+# ---- ledger -------------------------------------------------------------------------------------
+
+
+def test_ledger_counts_releases_and_round_trips_through_json():
+    ledger = privacy.PrivacyLedger(unit="client", mechanism="gaussian", mode="central",
+                                   noise_multiplier=3.0, l2_clip=0.5, delta=1e-5, n_samples=4)
+    assert ledger.epsilon() == 0.0 and ledger.releases == 0
+    for _ in range(3):
+        ledger.record()
+    ledger.record(5)
+    ledger.record(0)
+    assert ledger.releases == 8
+    assert ledger.accountant.history == [(3.0, 1.0, 8)]
+    report = json.loads(json.dumps(ledger.to_report()))
+    assert report == ledger.to_report()
+    assert report["releases"] == 8 and report["accountant_state"]["history"] == [[3.0, 1.0, 8]]
+    assert report["epsilon"] == ledger.epsilon() > 0
+    assert report["opacus_version"]
+    restored = privacy.PrivacyLedger.from_report(report)
+    assert restored.epsilon() == ledger.epsilon()
+    restored.record(2)
+    assert restored.releases == 10 and restored.epsilon() > ledger.epsilon()
+    # an auditor's recomputation from the report alone
+    from opacus.accountants import create_accountant
+
+    acct = create_accountant(report["accountant"])
+    acct.history = [tuple(h) for h in report["accountant_state"]["history"]]
+    assert acct.get_epsilon(delta=report["delta"]) == report["epsilon"]
+
+
+def test_calibrated_noise_meets_the_budget():
+    releases = privacy.releases_per_run(rounds=20, dream_steps=50)
+    assert releases == 20 * 50 + 20
+    z = privacy.calibrate_noise(8.0, 1e-5, releases, n_samples=4)
+    ledger = privacy.PrivacyLedger(unit="client", mechanism="gaussian", mode="central",
+                                   noise_multiplier=z, l2_clip=1.0, delta=1e-5, n_samples=4)
+    ledger.record(releases)
+    assert 8.0 - 0.02 <= ledger.epsilon() <= 8.0
+
+
+def test_client_ledger_for_distributed_noise():
+    spec = dp.DPSpec(mode="distributed", noise_multiplier=20.0, l2_clip=1.0, noise="skellam",
+                     min_contributors=3)
+    noise = dp.DistributedNoise(spec)
+    ledger = privacy.client_ledger(spec, dim=4096, scale_bits=16, n_clients=4, delta=1e-5,
+                                   noise=noise)
+    assert ledger.orders == privacy.INTEGER_ORDERS
+    assert ledger.noise_multiplier < 20.0 == ledger.nominal_noise_multiplier
+    ledger.record(1000)
+    report = ledger.to_report()
+    assert 8.0 < report["epsilon"] < 8.2  # the q=1 table's 8.08, integer orders, z just below 20
+    assert 0 < report["truncation_tv"] < 1e-20
+    assert report["delta_total"] == pytest.approx(1e-5, rel=1e-9)
+    with pytest.raises(ConfigError, match="rdp"):
+        privacy.client_ledger(spec, dim=4096, scale_bits=16, n_clients=4, delta=1e-5,
+                              noise=noise, accountant="prv")
+    with pytest.raises(ConfigError, match="DistributedNoise"):
+        privacy.client_ledger(spec, dim=4096, scale_bits=16, n_clients=4, delta=1e-5)
+
+
+def test_nominal_noise_multiplier_reaches_the_accounting_target():
+    spec = dp.DPSpec(mode="distributed", noise_multiplier=1.0, l2_clip=1.0,
+                     noise="discrete_gaussian", min_contributors=2)
+    z = privacy.nominal_noise_multiplier(spec, 4.0, dim=4096, scale_bits=12)
+    trial = dp.DPSpec(mode="distributed", noise_multiplier=z, l2_clip=1.0,
+                      noise="discrete_gaussian", min_contributors=2)
+    achieved = dp.accounting_noise_multiplier(trial, dim=4096, scale_bits=12)
+    assert 4.0 <= achieved <= 4.0 * (1 + 1e-9)
+    assert z > 4.0
+
+
+# ---- refusals -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(target_epsilon=0.0), "epsilon"),
+    (dict(target_epsilon=-1.0), "epsilon"),
+    (dict(target_delta=0.0), "delta"),
+    (dict(target_delta=0.25), "1/n_samples"),
+    (dict(releases=0), "releases"),
+    (dict(accountant="moments"), "accountant"),
+    (dict(accountant="gdp", sample_rate=0.1), "gdp"),
+    (dict(accountant="prv", mechanism="discrete_gaussian"), "rdp"),
+])
+def test_calibration_refusals(kwargs, match):
+    args = {**dict(target_epsilon=1.0, target_delta=1e-5, releases=10, n_samples=4), **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        privacy.calibrate_noise(args.pop("target_epsilon"), args.pop("target_delta"),
+                                args.pop("releases"), **args)
+
+
+def test_budget_too_small_says_what_fits():
+    with pytest.raises(ConfigError, match=r"only \d+ releases fit") as err:
+        privacy.calibrate_noise(0.05, 1e-5, 100_000, n_samples=4)
+    fit = int(str(err.value).split("only ")[1].split(" ")[0])
+    ledger = privacy.PrivacyLedger(unit="client", mechanism="gaussian", mode="central",
+                                   noise_multiplier=privacy.MAX_NOISE_MULTIPLIER, l2_clip=1.0,
+                                   delta=1e-5, n_samples=4)
+    ledger.record(fit)
+    assert ledger.epsilon() <= 0.05
+    ledger.record(1)
+    assert ledger.epsilon() > 0.05
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(noise_multiplier=0.0), "noise multiplier"),
+    (dict(l2_clip=-1.0), "l2 clip"),
+    (dict(delta=1.0), "delta"),
+    (dict(delta=0.3, n_samples=4), "1/n_samples"),
+    (dict(unit="user"), "unit"),
+    (dict(sample_rate=1.5), "sample rate"),
+])
+def test_ledger_refusals(kwargs, match):
+    args = dict(unit="client", mechanism="gaussian", mode="central", noise_multiplier=1.0,
+                l2_clip=1.0, delta=1e-5, n_samples=4)
+    with pytest.raises(ConfigError, match=match):
+        privacy.PrivacyLedger(**{**args, **kwargs})
+    with pytest.raises(ConfigError):
+        privacy.releases_per_run(-1, 10)
