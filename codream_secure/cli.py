@@ -15,6 +15,10 @@ from codream_secure.config import (
     BASELINES,
     DEFAULTS,
     DEVICES,
+    DP_ACCOUNTANTS,
+    DP_MODES,
+    DP_NOISE_KINDS,
+    DP_UNITS,
     FIELD_NAMES,
     MODEL_CHOICES,
     SOFT_LABELS,
@@ -119,6 +123,27 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "ring_bits": (click.INT, "Size k of the ring Z_2^k that masked sums live in (8..64). More "
                   "bits leave more room for fixed-point precision; a ring too small for K clipped "
                   "inputs is refused up front."),
+    "dp": (click.Choice(DP_UNITS), "Differential privacy: 'client' protects each client's whole "
+           "contribution (every dream-gradient and soft-label sum is a release), 'sample' "
+           "protects each training example (DP-SGD local training through Opacus; models use "
+           "GroupNorm and the dream loss drops its BatchNorm term). See docs/privacy.md."),
+    "dp_mode": (click.Choice(DP_MODES), "Client-level DP: 'distributed' (clients add integer "
+                "noise before masking: nobody sees an un-noised sum) or 'central' (the server "
+                "noises the sum after unmasking: trusts the server)."),
+    "dp_noise": (click.FLOAT, "Noise multiplier z: each release carries N(0, (z C)^2) per "
+                 "coordinate. Give this or --dp-epsilon."),
+    "dp_epsilon": (click.FLOAT, "Target epsilon for the whole run; z is calibrated with Opacus "
+                   "over every release (client) or DP-SGD step (sample)."),
+    "dp_delta": (click.FLOAT, "Target delta, below 1/(clients) for client level and below "
+                 "1/(client data size) for sample level."),
+    "dp_clip": (click.FLOAT, "L2 clip C: of each client's dream-gradient vector (client level) "
+                "or of each example's gradient (sample level, Opacus' max_grad_norm)."),
+    "dp_label_clip": (click.FLOAT, "L2 clip of each client's soft-label matrix (client level). "
+                      "Default sqrt(dream batch), which never clips probabilities."),
+    "dp_noise_kind": (click.Choice(DP_NOISE_KINDS), "Integer noise for distributed mode: "
+                      "Skellam (RDP accounting) or discrete Gaussian."),
+    "dp_accountant": (click.Choice(DP_ACCOUNTANTS), "Opacus accountant: rdp, prv or gdp (PRV "
+                      "and GDP only for Gaussian noise)."),
     "dropout_rate": (click.FLOAT, "Chance in [0, 1) that a client drops out of a round's "
                      "aggregation; secure aggregation must still finish with the survivors."),
     "dropout_clients": (CommaList(click.INT, "ID[,ID...]"), "Client ids (0-based) that drop "
@@ -138,7 +163,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
 def _default_text(name: str) -> str:
     value = DEFAULTS[name]
     if value is None:
-        return {"data_dir": "none", "max_train": "all", "max_test": "all"}.get(name, "none")
+        return {"data_dir": "none", "max_train": "all", "max_test": "all",
+                "dp_label_clip": "sqrt(dream batch)"}.get(name, "none")
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "none"
     return str(value)

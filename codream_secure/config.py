@@ -21,6 +21,10 @@ MODEL_CHOICES: tuple[str, ...] = (
 SOFT_LABELS: tuple[str, ...] = ("probs", "logits")
 BASELINES: tuple[str, ...] = ("isolated", "fedavg", "centralized")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DP_UNITS: tuple[str, ...] = ("off", "client", "sample")
+DP_MODES: tuple[str, ...] = ("central", "distributed")
+DP_NOISE_KINDS: tuple[str, ...] = ("skellam", "discrete_gaussian")
+DP_ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,15 @@ class SimulationConfig:
     grad_clip: float = 8.0
     label_clip: float = 1.0
     ring_bits: int = 32
+    dp: str = "off"
+    dp_mode: str = "distributed"
+    dp_noise: float | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
+    dp_label_clip: float | None = None
+    dp_noise_kind: str = "skellam"
+    dp_accountant: str = "rdp"
     dropout_rate: float = 0.0
     dropout_clients: tuple[int, ...] = ()
     baselines: tuple[str, ...] = ("isolated", "fedavg", "centralized")
@@ -122,6 +135,7 @@ class SimulationConfig:
         _choice("aggregator", self.aggregator, PROTOCOLS)
         _count("paillier_bits", self.paillier_bits, minimum=2048)
         _count("ring_bits", self.ring_bits, minimum=MIN_RING_BITS, maximum=MAX_RING_BITS)
+        self._validate_dp()
         _real("dropout_rate", self.dropout_rate, low=0.0, high=1.0, closed_low=True)
         self._validate_dropout_clients()
         for name in self.baselines:
@@ -132,6 +146,30 @@ class SimulationConfig:
         if self.device == "cuda" and not _cuda_available():
             raise ConfigError("device: 'cuda' requested but torch sees no CUDA device; "
                               "use --device cpu or auto")
+
+    def _validate_dp(self) -> None:
+        _choice("dp", self.dp, DP_UNITS)
+        _choice("dp_mode", self.dp_mode, DP_MODES)
+        _choice("dp_noise_kind", self.dp_noise_kind, DP_NOISE_KINDS)
+        _choice("dp_accountant", self.dp_accountant, DP_ACCOUNTANTS)
+        for name in ("dp_noise", "dp_epsilon", "dp_label_clip"):
+            if getattr(self, name) is not None:
+                _real(name, getattr(self, name), low=0.0)
+        _real("dp_clip", self.dp_clip, low=0.0)
+        _real("dp_delta", self.dp_delta, low=0.0, high=1.0)
+        if self.dp == "off":
+            if self.dp_noise is not None or self.dp_epsilon is not None:
+                raise ConfigError("dp: --dp-noise/--dp-epsilon given but dp is 'off'; add "
+                                  "--dp client (or sample)")
+            return
+        if (self.dp_noise is None) == (self.dp_epsilon is None):
+            raise ConfigError(f"dp: {self.dp}-level DP needs exactly one of dp_noise (the noise "
+                              "multiplier z) or dp_epsilon (a target, z calibrated from it)")
+        if self.dp == "client" and self.dp_mode == "distributed" and \
+                self.dp_accountant != "rdp" and self.dp_noise_kind == "skellam":
+            raise ConfigError("dp_accountant: Skellam noise is accounted with RDP only "
+                              "(PRV and GDP assume a continuous Gaussian); use --dp-accountant "
+                              "rdp or --dp-noise-kind discrete_gaussian")
 
     def _validate_dropout_clients(self) -> None:
         for cid in self.dropout_clients:
@@ -149,7 +187,8 @@ class SimulationConfig:
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(SimulationConfig))
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SimulationConfig)}
 _TUPLE_FIELDS = ("models", "dropout_clients", "baselines")
-_FLOAT_FIELDS = tuple(f.name for f in fields(SimulationConfig) if f.type == "float")
+_FLOAT_FIELDS = tuple(f.name for f in fields(SimulationConfig)
+                      if f.type in ("float", "float | None"))
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

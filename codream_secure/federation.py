@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from protocols.dp import DPSpec
 from protocols.errors import TooFewSurvivorsError
 from protocols.registry import AggregationSession, open_session
 
@@ -27,7 +28,9 @@ from .dreams import (
     dream_gradient,
     server_entropy_gradient,
 )
+from .privacy import PrivacyLedger
 from .results import ClientData, MethodResult
+from .sample_dp import SampleLevelTrainer
 
 
 def derived_seed(*parts: object) -> int:
@@ -69,8 +72,10 @@ class AggregationChannel:
 
     def __init__(self, aggregator: str, n_clients: int, *, clip: float, ring_bits: int,
                  expected_dropout: float, purpose: str = "dream-gradient",
-                 key_bits: int = 3072) -> None:
-        self.purpose = purpose
+                 key_bits: int = 3072, dp: DPSpec | None = None,
+                 ledger: PrivacyLedger | None = None) -> None:
+        self.purpose, self.dp, self.ledger = purpose, dp, ledger
+        self.dp_clipped = 0  # client vectors scaled down to the DP L2 clip
         self.aggregator, self.n_clients, self.clip = aggregator, n_clients, clip
         self.ring_bits, self.expected_dropout, self.key_bits = ring_bits, expected_dropout, key_bits
         self.stats = ChannelStats()
@@ -97,7 +102,7 @@ class AggregationChannel:
             self.aggregator, self.n_clients, vector_length, clip=self.clip,
             ring_bits=self.ring_bits, expected_dropout=self.expected_dropout,
             rounding_seed=hashlib.sha256(repr(seed).encode()).digest(),
-            key_bits=self.key_bits, keypair=self._keypair,
+            key_bits=self.key_bits, keypair=self._keypair, dp=self.dp,
         )
         self._traffic_seen = (np.zeros(self.n_clients, np.int64),
                               np.zeros(self.n_clients, np.int64))
@@ -130,9 +135,17 @@ class AggregationChannel:
                     f"client {client}'s vector for the {self.purpose} sum holds NaN or inf "
                     "(its model diverged? lower the learning rates)")
         start = time.perf_counter()
+        clipped_before = getattr(self.session, "clipped", 0)
         outcome = self.session.step(inputs, drop_after_upload=drop_after_upload)
         seconds = time.perf_counter() - start
         self._account()
+        if self.ledger is not None:
+            self.ledger.record(1)  # one released aggregate
+        if self.dp is not None:  # the noise is the point: no secure-vs-plain error to measure
+            self.dp_clipped += getattr(self.session, "clipped", 0) - clipped_before
+            self.stats.steps += 1
+            self.stats.seconds += seconds
+            return outcome.total, outcome.included
         members = sorted(outcome.included)
         # the reference is what a plain run would have summed: clipping counts as error here
         plain = np.sum([inputs[c] for c in members], axis=0, dtype=np.float64)
@@ -155,6 +168,7 @@ class RoundRecord:
     dropped: list[int]
     included_in_dreams: list[int] = field(default_factory=list)
     note: str = ""
+    epsilon: float | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -162,7 +176,7 @@ class RoundRecord:
             "codream": {"val": self.val, "test": self.test, "mean_test": float(np.mean(self.test))},
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "seconds": self.seconds,
             "dropped": self.dropped, "included_in_dreams": self.included_in_dreams,
-            "note": self.note,
+            "note": self.note, "epsilon": self.epsilon,
         }
 
 
@@ -188,6 +202,7 @@ class CoDreamSettings:
     dropout_rate: float
     dropout_clients: tuple[int, ...]
     seed: int
+    use_bn_statistics: bool = True
 
 
 class CoDreamFederation:
@@ -197,8 +212,10 @@ class CoDreamFederation:
                  server_model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, *,
                  settings: CoDreamSettings, grad_channel: AggregationChannel,
                  label_channel: AggregationChannel, device: torch.device,
-                 weights: DreamLossWeights | None = None) -> None:
+                 weights: DreamLossWeights | None = None,
+                 trainers: Sequence[SampleLevelTrainer] | None = None) -> None:
         self.clients, self.models, self.server_model = list(clients), list(models), server_model
+        self.trainers = None if trainers is None else list(trainers)  # sample-level DP-SGD
         self.x_test, self.y_test, self.s, self.device = x_test, y_test, settings, device
         self.grad_channel, self.label_channel = grad_channel, label_channel
         self.weights = weights or DreamLossWeights()
@@ -218,8 +235,21 @@ class CoDreamFederation:
         test = [evaluate(m, self.x_test, self.y_test) for m in self.models]
         return val, test
 
+    def epsilon(self) -> float | None:
+        """Epsilon spent so far: the client-level ledger's, or the largest client's DP-SGD one."""
+        ledger = self.grad_channel.ledger
+        if ledger is not None:
+            return ledger.epsilon()
+        if self.trainers is not None:
+            return max(t.epsilon() for t in self.trainers)
+        return None
+
     def _train_locally(self, round_index: int, epochs: int) -> None:
         for k, (model, data) in enumerate(zip(self.models, self.clients, strict=True)):
+            if self.trainers is not None:
+                if epochs:
+                    self.trainers[k].train(model, data.x_train, data.y_train, epochs=epochs)
+                continue
             train_local(model, data.x_train, data.y_train, epochs=epochs, lr=self.s.local_lr,
                         batch_size=self.s.batch_size,
                         generator=generator(self.s.seed, "local", round_index, k))
@@ -232,7 +262,8 @@ class CoDreamFederation:
         self.result.record(val, test)
         zeros = [0] * self.n
         self.rounds.append(RoundRecord(0, val, test, zeros, zeros,
-                                       {"local": time.perf_counter() - start}, []))
+                                       {"local": time.perf_counter() - start}, [],
+                                       epsilon=self.epsilon()))
 
     def _dropouts(self, round_index: int) -> dict[int, tuple[int, bool]]:
         """Client -> (dream step at which it drops, whether after its upload) for this round."""
@@ -259,7 +290,9 @@ class CoDreamFederation:
             leaving_before = {c for c, (s, after) in plan.items() if s == step and not after}
             leaving_after = [c for c, (s, after) in plan.items() if s == step and after]
             inputs = {
-                c: dream_gradient(self.models[c], x, self.weights).cpu().numpy().reshape(-1)
+                c: dream_gradient(self.models[c], x, self.weights,
+                                  use_bn_statistics=self.s.use_bn_statistics)
+                .cpu().numpy().reshape(-1)
                 for c in sorted(active - leaving_before)
             }
             seconds["dreams"] += time.perf_counter() - start
@@ -288,8 +321,13 @@ class CoDreamFederation:
         self.label_channel.open(next(iter(outputs.values())).size,
                                 seed=(self.s.seed, "labels", round_index))
         total, included = self.label_channel.sum(outputs)
-        mean = (total / len(included)).astype(np.float32)
-        return torch.from_numpy(mean).reshape(dreams.shape[0], -1)
+        mean = (total / len(included)).reshape(dreams.shape[0], -1)
+        if self.label_channel.dp is not None and self.s.soft_labels == "probs":
+            # post-processing of the noisy release (costs no privacy): back onto the simplex
+            mean = np.clip(mean, 0.0, None)
+            rows = mean.sum(axis=1, keepdims=True)
+            mean = np.where(rows > 0, mean / np.where(rows > 0, rows, 1.0), 1.0 / mean.shape[1])
+        return torch.from_numpy(mean.astype(np.float32))
 
     def _bytes_down(self) -> np.ndarray:
         return self.grad_channel.bytes_down + self.label_channel.bytes_down + self.broadcast_down
@@ -337,6 +375,6 @@ class CoDreamFederation:
         up = self.grad_channel.bytes_up + self.label_channel.bytes_up - up0
         down = self._bytes_down() - down0
         record = RoundRecord(round_index, val, test, [int(b) for b in up], [int(b) for b in down],
-                             seconds, dropped, sorted(members), note)
+                             seconds, dropped, sorted(members), note, epsilon=self.epsilon())
         self.rounds.append(record)
         return record

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from codream_secure.errors import CoDreamError
+from codream_secure.report_privacy import plot_privacy, privacy_section
 
 SCHEMA_VERSION = 1
 MAX_DREAMS_SHOWN = 64
@@ -94,10 +95,16 @@ def load_report(out_dir: Path) -> dict[str, Any]:
 def _render(report: dict, out_dir: Path, dreams: tuple | None) -> dict[str, Path]:
     paths = {"accuracy_png": out_dir / "accuracy.png", "md": out_dir / "report.md"}
     plot_accuracy(report, paths["accuracy_png"])
+    privacy_png = out_dir / "privacy.png"
+    if plot_privacy(report, privacy_png):
+        paths["privacy_png"] = privacy_png
+    else:
+        privacy_png.unlink(missing_ok=True)  # never show an earlier run's privacy plot
     if dreams is not None:
         paths["dreams_png"] = out_dir / "dreams.png"
         plot_dreams(*dreams, paths["dreams_png"])
-    images = [p.name for p in (out_dir / "accuracy.png", out_dir / "dreams.png") if p.exists()]
+    images = [p.name for p in (out_dir / "accuracy.png", privacy_png, out_dir / "dreams.png")
+              if p.exists()]
     _atomic_write(paths["md"], render_markdown(report, images=images))
     return paths
 
@@ -167,7 +174,8 @@ def render_markdown(report: dict, *, images: list[str] = ()) -> str:
     lines += _section("Final accuracy (test %, each client at its best-validation round)",
                       ["method", "mean", "± std over clients", "per client", "selected round",
                        "last-round mean"], rows)
-    lines += _aggregator_section(agg) + _rounds_section(report["rounds"])
+    lines += _aggregator_section(agg) + privacy_section(report.get("privacy"))
+    lines += _rounds_section(report["rounds"])
     lines += _dataset_section(data)
     lines += _section("Configuration", ["key", "value"],
                       [[k, f"`{_num(v)}`"] for k, v in cfg.items()])

@@ -17,10 +17,19 @@ from . import __version__
 from .baselines import client_seed, run_centralized, run_fedavg, run_isolated, seeded_model
 from .config import SimulationConfig
 from .data import LoadedDataset, label_histogram, load_dataset, partition, split_validation
+from .dp_plan import plan_client_dp, privacy_report
 from .errors import ConfigError
-from .federation import AggregationChannel, CoDreamFederation, CoDreamSettings, RoundRecord
+from .federation import (
+    AggregationChannel,
+    CoDreamFederation,
+    CoDreamSettings,
+    RoundRecord,
+    generator,
+)
+from .privacy import PrivacyLedger
 from .progress import NullProgress, Progress
 from .results import ClientData, MethodResult
+from .sample_dp import SampleLevelTrainer, make_private_ready
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -68,8 +77,9 @@ def _split_clients(data: LoadedDataset, config: SimulationConfig, device: torch.
 
 
 def _settings(config: SimulationConfig) -> CoDreamSettings:
-    names = CoDreamSettings.__dataclass_fields__
-    return CoDreamSettings(**{name: getattr(config, name) for name in names})
+    names = [name for name in CoDreamSettings.__dataclass_fields__ if hasattr(config, name)]
+    return CoDreamSettings(**{name: getattr(config, name) for name in names},
+                           use_bn_statistics=config.dp != "sample")
 
 
 def _comparable(config: SimulationConfig) -> dict:
@@ -88,13 +98,22 @@ def _save_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederatio
         "result": (fed.result.val, fed.result.test),
         "rounds": [r.__dict__ for r in fed.rounds],
         "last_dreams": fed.last_dreams,
-        "channels": [(c.stats, c.bytes_up, c.bytes_down)
+        "channels": [(c.stats, c.bytes_up, c.bytes_down, c.dp_clipped)
                      for c in (fed.grad_channel, fed.label_channel)],
+        "accountants": [ledger.accountant.state_dict() for ledger in _ledgers(fed)],
+        "dp_epochs": [t.epochs_done for t in fed.trainers or ()],
         "broadcast_down": fed.broadcast_down,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def _ledgers(fed: CoDreamFederation) -> list[PrivacyLedger]:
+    """Every accountant of the run: the client-level ledger or one per DP-SGD trainer."""
+    if fed.grad_channel.ledger is not None:
+        return [fed.grad_channel.ledger]
+    return [t.ledger for t in fed.trainers or ()]
 
 
 def _load_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> int:
@@ -114,9 +133,14 @@ def _load_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederatio
     fed.result.val, fed.result.test = state["result"]
     fed.rounds = [RoundRecord(**r) for r in state["rounds"]]
     fed.last_dreams = state["last_dreams"]
-    for channel, (stats, up, down) in zip((fed.grad_channel, fed.label_channel),
-                                          state["channels"], strict=True):
+    for channel, (stats, up, down, clipped) in zip((fed.grad_channel, fed.label_channel),
+                                                   state["channels"], strict=True):
         channel.stats, channel.bytes_up, channel.bytes_down = stats, up, down
+        channel.dp_clipped = clipped
+    for ledger, accountant in zip(_ledgers(fed), state["accountants"], strict=True):
+        ledger.accountant.load_state_dict(accountant)
+    for trainer, epochs in zip(fed.trainers or (), state["dp_epochs"], strict=True):
+        trainer.epochs_done = epochs
     fed.broadcast_down = state["broadcast_down"]
     return int(state["round"])
 
@@ -166,6 +190,9 @@ def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict
                   "steps_compared": compared,
                   "clipped_values": sum(s.clipped for s in stats),
                   "seconds": sum(s.seconds for s in stats)}}
+    if config.dp == "client":  # the released sums carry noise on purpose: no error to compare
+        report["measured"].update(max_abs_error_vs_plain=None, mean_abs_error_vs_plain=None,
+                                  steps_compared=0)
     if session is not None and config.aggregator != "plain":
         report.update(threshold=session.threshold, degree=session.degree,
                       ring_bits=config.ring_bits)
@@ -174,6 +201,19 @@ def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict
         report["scale_bits"] = {"dream": codecs[0].scale_bits, "labels": codecs[1].scale_bits}
         report["error_bound_per_step"] = {"dream": grad.error_bound, "labels": labels.error_bound}
     return report
+
+
+def _sample_trainers(config: SimulationConfig, clients: list[ClientData]
+                     ) -> list[SampleLevelTrainer]:
+    """One DP-SGD trainer (and accountant) per client, for every local epoch of the run."""
+    budget = ({"noise_multiplier": config.dp_noise} if config.dp_noise is not None else
+              {"target_epsilon": config.dp_epsilon,
+               "planned_epochs": config.warmup_epochs + config.rounds * config.local_epochs})
+    return [SampleLevelTrainer(n_samples=len(c.y_train), batch_size=config.batch_size,
+                               max_grad_norm=config.dp_clip, delta=config.dp_delta,
+                               accountant=config.dp_accountant, lr=config.local_lr,
+                               generator=generator(config.seed, "dp-sgd", k), **budget)
+            for k, c in enumerate(clients)]
 
 
 def run_simulation(config: SimulationConfig, *, progress: Progress | None = None,
@@ -196,14 +236,24 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
     server_model = seeded_model(config.server_model, input_shape=data.input_shape,
                                 num_classes=data.num_classes,
                                 seed=client_seed(config.seed, 999)).to(device)
+    client_dp = trainers = None
+    if config.dp == "client":
+        client_dp = plan_client_dp(config,
+                                   grad_dim=config.dream_batch * int(np.prod(data.input_shape)),
+                                   label_dim=config.dream_batch * data.num_classes)
+    elif config.dp == "sample":
+        models = [make_private_ready(m) for m in models]  # BatchNorm -> GroupNorm
+        trainers = _sample_trainers(config, clients)
     channels = [AggregationChannel(config.aggregator, config.clients, clip=clip,
                                    ring_bits=config.ring_bits, expected_dropout=config.dropout_rate,
-                                   purpose=purpose, key_bits=config.paillier_bits)
-                for clip, purpose in ((config.grad_clip, "dream-gradient"),
-                                      (config.label_clip, "soft-label"))]
+                                   purpose=purpose, key_bits=config.paillier_bits, dp=spec,
+                                   ledger=None if client_dp is None else client_dp.ledger)
+                for clip, purpose, spec in (
+                    (config.grad_clip, "dream-gradient", client_dp and client_dp.grad),
+                    (config.label_clip, "soft-label", client_dp and client_dp.labels))]
     fed = CoDreamFederation(clients, models, server_model, x_test, y_test,
                             settings=_settings(config), grad_channel=channels[0],
-                            label_channel=channels[1], device=device)
+                            label_channel=channels[1], device=device, trainers=trainers)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT
@@ -235,6 +285,7 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
                     "client_label_histograms":
                         label_histogram(data.y_train, parts, data.num_classes).tolist()},
         "aggregator": _aggregator_report(config, fed),
+        "privacy": privacy_report(config, fed, client_dp),
         "rounds": [r.to_dict() for r in fed.rounds],
         "final": {"codream": fed.result.summary(),
                   **{name: result.summary() for name, result in baselines.items()}},

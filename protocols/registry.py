@@ -152,8 +152,9 @@ def _paillier_session(n_clients: int, vector_length: int, *, clip: float, ring_b
     if noise is None:
         return PaillierSession(n_clients, vector_length, clip=clip, key_bits=key_bits,
                                ring_bits=ring_bits, keypair=keypair, rounding_seed=rounding_seed)
-    scale_bits = FixedPointCodec.for_clients(n_clients, clip=clip, ring_bits=ring_bits,
-                                             headroom=noise.headroom).scale_bits
+    scale_bits = release_scale_bits("paillier", n_clients, clip=clip, ring_bits=ring_bits,
+                                    headroom=noise.headroom)
+    assert scale_bits is not None
     # ceil(clip 2^f) + floor(headroom 2^f) <= ceil((clip + headroom) 2^f): the codec's budget
     bound = math.floor(math.ldexp(noise.headroom, scale_bits))
 
@@ -163,6 +164,15 @@ def _paillier_session(n_clients: int, vector_length: int, *, clip: float, ring_b
     return PaillierSession(n_clients, vector_length, clip=clip, key_bits=key_bits,
                            ring_bits=ring_bits, keypair=keypair, rounding_seed=rounding_seed,
                            scale_bits=scale_bits, noise=hook, noise_bound=bound)
+
+
+def release_scale_bits(protocol: str, n_clients: int, *, clip: float, ring_bits: int = 32,
+                       headroom: float = 0.0) -> int | None:
+    """The fixed-point precision a session of `protocol` encodes at (None: float, no grid)."""
+    if protocol == "plain":
+        return PLAIN_NOISE_SCALE_BITS if headroom > 0 else None
+    return FixedPointCodec.for_clients(n_clients, clip=clip, ring_bits=ring_bits,
+                                       headroom=headroom).scale_bits
 
 
 def release_threshold(protocol: str, n_clients: int, *, threshold: int | None = None,

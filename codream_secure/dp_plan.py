@@ -1,0 +1,143 @@
+"""The run's --dp-* settings turned into mechanisms and one privacy ledger.
+
+Client level: every dream-gradient sum and every soft-label sum is one release of a Gaussian
+mechanism with the same noise multiplier z (each channel with its own L2 clip), so the ledger
+counts releases at q = 1 with the smaller of the two channels' accounting multipliers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from codream_secure.config import SimulationConfig
+from codream_secure.errors import ConfigError
+from codream_secure.federation import CoDreamFederation
+from codream_secure.privacy import (
+    INTEGER_ORDERS,
+    PrivacyLedger,
+    calibrate_noise,
+    releases_per_run,
+)
+from protocols import dp
+from protocols.errors import ProtocolError
+from protocols.private import min_contributors
+from protocols.registry import release_scale_bits, release_threshold
+
+
+@dataclass
+class ClientDP:
+    """The two channels' mechanisms and the ledger that counts their releases."""
+
+    grad: dp.DPSpec
+    labels: dp.DPSpec
+    ledger: PrivacyLedger
+    label_clip: float
+
+
+def label_clip(config: SimulationConfig) -> float:
+    """L2 clip of one client's soft-label matrix: sqrt(dream_batch) clips no probability matrix."""
+    return config.dp_label_clip or math.sqrt(config.dream_batch)
+
+
+def _specs(config: SimulationConfig, z: float, t: int | None) -> tuple[dp.DPSpec, dp.DPSpec]:
+    kind = config.dp_noise_kind if config.dp_mode == "distributed" else None
+    make = [dp.DPSpec(mode=config.dp_mode, noise_multiplier=z, l2_clip=clip, noise=kind,
+                      min_contributors=t) for clip in (config.dp_clip, label_clip(config))]
+    return make[0], make[1]
+
+
+def _accounting(config: SimulationConfig, spec: dp.DPSpec, dim: int) -> tuple[float, float]:
+    """(accounting multiplier, truncation TV per release) of one channel's releases."""
+    headroom = dp.DistributedNoise(spec).headroom if spec.mode == "distributed" else 0.0
+    bits = release_scale_bits(config.aggregator, config.clients, clip=spec.l2_clip,
+                              ring_bits=config.ring_bits, headroom=headroom)
+    z = dp.accounting_noise_multiplier(spec, dim=dim, scale_bits=bits)
+    tv = 0.0
+    if spec.mode == "distributed" and bits is not None:
+        tv = config.clients * dim * dp.DistributedNoise(spec).tail_probability(bits)
+    return z, tv
+
+
+def plan_client_dp(config: SimulationConfig, *, grad_dim: int, label_dim: int) -> ClientDP:
+    """Specs (z given, or calibrated to --dp-epsilon over the run) and a fresh ledger."""
+    n = config.clients
+    t = None
+    if config.dp_mode == "distributed":
+        quorum = release_threshold(config.aggregator, n, expected_dropout=config.dropout_rate)
+        t = min_contributors(config.aggregator, threshold=quorum, n_clients=n)
+
+    def accounting(z: float) -> tuple[float, float]:
+        grad, labels = _specs(config, z, t)
+        pairs = [_accounting(config, grad, grad_dim), _accounting(config, labels, label_dim)]
+        return min(a for a, _ in pairs), max(tv for _, tv in pairs)
+
+    mechanism = "skellam" if config.dp_mode == "distributed" and \
+        config.dp_noise_kind == "skellam" else "gaussian"
+    try:
+        if config.dp_noise is not None:
+            z = config.dp_noise
+        else:
+            assert config.dp_epsilon is not None
+            target = calibrate_noise(config.dp_epsilon, config.dp_delta,
+                                     releases_per_run(config.rounds, config.dream_steps),
+                                     n_samples=n, accountant=config.dp_accountant,
+                                     mechanism=mechanism)
+            z = target
+            for _ in range(5):  # rounding and integer noise cost a little: raise z to cover it
+                reached = accounting(z)[0]
+                if reached >= target:
+                    break
+                z *= target / reached * (1 + 1e-9)
+        z_acc, tv = accounting(z)
+        grad, labels = _specs(config, z, t)
+    except ProtocolError as error:
+        raise ConfigError(f"dp: {error}") from None
+    ledger = PrivacyLedger(
+        unit="client", mechanism=grad.noise or "gaussian", mode=config.dp_mode,
+        noise_multiplier=z_acc, nominal_noise_multiplier=z, l2_clip=config.dp_clip,
+        delta=config.dp_delta, n_samples=n, accountant=config.dp_accountant,
+        truncation_tv_per_release=tv,
+        orders=INTEGER_ORDERS if grad.noise == "skellam" else None)
+    return ClientDP(grad, labels, ledger, label_clip(config))
+
+
+TRUST = {
+    "central": "the server sees each round's un-noised sums before adding noise (trusted "
+               "aggregator); the DP guarantee protects against everyone who sees only releases",
+    "distributed": "clients add integer noise before masking: no single party sees an "
+                   "un-noised sum, provided fewer than the SecAgg threshold collude with the "
+                   "server (Paillier: the key holder enforces the quorum and does not collude)",
+}
+
+
+def privacy_report(config: SimulationConfig, fed: CoDreamFederation,
+                   client_dp: ClientDP | None) -> dict:
+    """report.json's privacy section: enough for an auditor to recompute epsilon with Opacus."""
+    per_round = [r.epsilon for r in fed.rounds]
+    if config.dp == "off":
+        return {"enabled": False, "unit": None, "epsilon": None, "per_round_epsilon": per_round,
+                "note": "no differential privacy: secure aggregation hides individual vectors "
+                        "from the server but every released sum is exact"}
+    if client_dp is not None:
+        ledger = client_dp.ledger
+        grad, labels = fed.grad_channel, fed.label_channel
+        return {"enabled": True, **ledger.to_report(), "per_round_epsilon": per_round,
+                "label_l2_clip": client_dp.label_clip,
+                "min_contributors": client_dp.grad.min_contributors,
+                "released": {"dream_gradient_sums": grad.stats.steps,
+                             "soft_label_sums": labels.stats.steps},
+                "clipped_vectors": {"dream_gradient": grad.dp_clipped,
+                                    "soft_label": labels.dp_clipped},
+                "aggregator": config.aggregator, "trust": TRUST[config.dp_mode],
+                "baselines": "run without DP"}
+    trainers = fed.trainers or []
+    return {"enabled": True, "unit": "sample", "mechanism": "dp-sgd", "mode": "local",
+            "epsilon": max(t.epsilon() for t in trainers), "delta": config.dp_delta,
+            "per_round_epsilon": per_round,
+            "clients": [t.ledger.to_report() for t in trainers],
+            "dream_loss": "BatchNorm-statistics term dropped: models use GroupNorm "
+                          "(opacus ModuleValidator.fix)",
+            "post_processing": "dream gradients and soft labels come from DP-trained models "
+                               "and cost no further privacy; distillation uses no private data",
+            "baselines": "run without DP"}
