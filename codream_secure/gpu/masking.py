@@ -1,0 +1,182 @@
+"""Quantise and mask a client's vector on its device, bit-identical to the SecAgg CPU client.
+
+With a session whose PRG is ChaCha20, `masked_upload` returns exactly the ring vector that
+`protocols.secagg.client.SecAggClient` uploads for the same input and the same per-step keys:
+
+    encoded = codec.encode(x, rounding_key=rounding_key)        # dither: keystream of rounding_key
+    masked  = encoded + PRG(self_seed) + sum_peers sign(own, peer) * PRG(pair_step_seed)  mod 2^k
+
+where rounding_key = derive_key(rounding_seed, session_id=b"rounding",
+purpose="stochastic-rounding", context=(step,)), pair_step_seed = keys.pair_step_seed(pair
+master key, session_id, step), self_seed is the client's fresh 32 bytes of the step, sign is
++1 when own id < peer id, and PRG(key) is prg.uniform_ring(key, m, ring_bits=k,
+algorithm="chacha20") with the all-zero nonce. Nothing here derives or stores keys: the caller
+passes the step's seeds, so the protocol's key schedule stays in one place.
+
+The one place the device may differ from numpy: a GPU that flushes subnormal float32 inputs to
+zero. Only |x| < 2^-126 is affected, and such values encode to 0 or 1 unit either way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from codream_secure.dreams import NonFiniteGradientError
+from codream_secure.errors import ConfigError
+from codream_secure.gpu import chacha20
+from protocols.codec import FixedPointCodec
+from protocols.secagg.keys import pair_sign
+
+__all__ = [
+    "decode_sum",
+    "encode",
+    "mask_vector",
+    "masked_upload",
+    "ring_dtype",
+    "ring_sum",
+    "to_numpy_ring",
+]
+
+
+def ring_dtype(codec: FixedPointCodec) -> torch.dtype:
+    """int32 lanes for ring_bits <= 32, else int64 (the bit patterns of uint32/uint64)."""
+    return torch.int32 if codec.ring_bits <= 32 else torch.int64
+
+
+def _reduce(values: torch.Tensor, ring_bits: int) -> torch.Tensor:
+    # int32/int64 adds wrap modulo 2^32/2^64, and 2^k divides both, so reducing once at the
+    # end equals reducing after every operation.
+    return values if ring_bits in (32, 64) else values & ((1 << ring_bits) - 1)
+
+
+def _work_dtype(x: torch.Tensor, codec: FixedPointCodec) -> torch.dtype:
+    """float32 exactly when protocols.codec would use it: narrow input and a float32 clip."""
+    f32_clip = float(np.float32(codec.clip)) == codec.clip
+    return torch.float32 if x.element_size() <= 4 and f32_clip else torch.float64
+
+
+def _uniform(words: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """Uniforms in [0, 1) from 32-bit keystream words, exactly as the numpy codec makes them."""
+    if work == torch.float32:
+        # 23 random mantissa bits under the exponent of 1.0 give [1, 2); >> is arithmetic on
+        # int32, so mask the 23 bits after shifting.
+        bits = ((words >> 9) & 0x7FFFFF) | 0x3F800000
+        return bits.view(torch.float32) - 1.0
+    return (words.to(torch.int64) & 0xFFFFFFFF).to(torch.float64) * 2.0**-32
+
+
+def encode(
+    x: torch.Tensor, codec: FixedPointCodec, *, rounding_key: bytes | None = None,
+    check_finite: bool = True, backend: str = "auto",
+) -> torch.Tensor:
+    """Flat ring vector of clip(x) * 2^f rounded, equal to codec.encode(x) with the ChaCha20 PRG.
+
+    Stochastic rounding takes element i's uniform from keystream word i of rounding_key (fresh
+    random when None, as in the codec). `check_finite` syncs with the device to refuse NaN/inf.
+    """
+    if not x.is_floating_point() or x.element_size() > 8:
+        raise ConfigError(f"encode takes a floating point tensor, got {x.dtype}")
+    work = _work_dtype(x, codec)
+    flat = x.detach().reshape(-1)
+    if check_finite and not bool(torch.isfinite(flat).all()):
+        bad = int((~torch.isfinite(flat)).sum())
+        raise NonFiniteGradientError(f"input holds {bad} non-finite value(s) (NaN or inf)")
+    scaled = flat.to(work) * math.ldexp(1.0, codec.scale_bits)  # exact: a power of two
+    limit = math.ldexp(codec.clip, codec.scale_bits)
+    scaled = scaled.clamp(-limit, limit)  # a float32 overflow to inf clips to the limit too
+    out_dtype = ring_dtype(codec)
+    if codec.rounding == "nearest":
+        q = torch.round(scaled).to(out_dtype)  # round half to even, as numpy.rint
+    else:
+        key = os.urandom(chacha20.KEY_BYTES) if rounding_key is None else rounding_key
+        words = chacha20.keystream_words([key], flat.numel(), device=flat.device,
+                                         backend=backend)[0]
+        floor = torch.floor(scaled)
+        up = _uniform(words, work) < scaled - floor
+        q = floor.to(out_dtype) + up.to(out_dtype)
+    # |q| <= ceil(clip 2^f) < 2^(k-1): the casts were exact; two's complement is the residue.
+    return _reduce(q, codec.ring_bits)
+
+
+def mask_vector(
+    encoded: torch.Tensor, codec: FixedPointCodec, *, self_seed: bytes | None,
+    pair_seeds: Mapping[bytes, int], backend: str = "auto",
+) -> torch.Tensor:
+    """encoded + PRG(self_seed) + sum sign * PRG(seed) mod 2^k; pair_seeds maps seed -> +1/-1.
+
+    All keystreams come from one batched ChaCha20 call.
+    """
+    seeds = ([] if self_seed is None else [self_seed]) + list(pair_seeds)
+    signs = ([1] if self_seed is not None else []) + [pair_seeds[s] for s in pair_seeds]
+    if any(s not in (1, -1) for s in signs):
+        raise ConfigError("pair mask signs must be +1 or -1")
+    if not seeds:
+        return encoded.clone()
+    masks = chacha20.uniform_ring(seeds, encoded.numel(), ring_bits=codec.ring_bits,
+                                  device=encoded.device, backend=backend)
+    total = encoded.clone()
+    for row, sign in zip(masks, signs, strict=True):  # wrapping adds: one pass per mask
+        if sign > 0:
+            total.add_(row)
+        else:
+            total.sub_(row)
+    return _reduce(total, codec.ring_bits)
+
+
+def masked_upload(
+    x: torch.Tensor, codec: FixedPointCodec, *, client_id: int, self_seed: bytes,
+    pair_step_seeds: Mapping[int, bytes], rounding_key: bytes | None,
+    noise: torch.Tensor | None = None, check_finite: bool = True, backend: str = "auto",
+) -> torch.Tensor:
+    """The ring vector SecAggClient uploads at one step (ChaCha20 PRG), computed on x's device.
+
+    pair_step_seeds maps each active peer id to keys.pair_step_seed(...) of this step. `noise`
+    (int64 fixed-point units, distributed DP) is added to the encoding before masking, as the
+    client adds its RingNoise sample; bounding it is the sampler's job, as on the CPU.
+    """
+    if client_id in pair_step_seeds:
+        raise ConfigError("a client has no pair mask with itself")
+    encoded = encode(x, codec, rounding_key=rounding_key, check_finite=check_finite,
+                     backend=backend)
+    if noise is not None:
+        if noise.dtype != torch.int64 or noise.shape != encoded.shape:
+            raise ConfigError(f"noise must be {encoded.numel()} int64 values")
+        # int64 -> int32 keeps the low 32 bits: the ring residue of the signed noise
+        encoded = _reduce(encoded + noise.to(encoded.device, encoded.dtype), codec.ring_bits)
+    signed = {seed: pair_sign(client_id, peer) for peer, seed in pair_step_seeds.items()}
+    if len(signed) != len(pair_step_seeds):
+        raise ConfigError("two peers share one pair seed")
+    return mask_vector(encoded, codec, self_seed=self_seed, pair_seeds=signed, backend=backend)
+
+
+def ring_sum(vectors: Sequence[torch.Tensor], codec: FixedPointCodec) -> torch.Tensor:
+    """Ring sum of equally shaped ring vectors."""
+    if not vectors or any(v.dtype != ring_dtype(codec) for v in vectors):
+        raise ConfigError(f"ring_sum needs one or more {ring_dtype(codec)} ring vectors")
+    total = vectors[0].clone()
+    for row in vectors[1:]:
+        total.add_(row)
+    return _reduce(total, codec.ring_bits)
+
+
+def decode_sum(total: torch.Tensor, codec: FixedPointCodec, *, n_summed: int) -> torch.Tensor:
+    """Signed reading of an unmasked ring sum of n_summed encodings, / 2^f (float64 on device).
+
+    Equals codec.decode_sum for the same ring vector.
+    """
+    codec.check_budget(n_summed)
+    k = codec.ring_bits
+    width = 32 if k <= 32 else 64
+    signed = total if k == width else (total << (width - k)) >> (width - k)  # sign-extend
+    return signed.to(torch.float64) * math.ldexp(1.0, -codec.scale_bits)
+
+
+def to_numpy_ring(vector: torch.Tensor, codec: FixedPointCodec) -> np.ndarray:
+    """The protocol's uint32/uint64 numpy view of a device ring vector (copies to the host)."""
+    host = vector.detach().cpu().numpy()
+    return host.view(codec.dtype)

@@ -1,0 +1,161 @@
+"""Device masking equals the protocol's numpy client bit for bit when the PRG is ChaCha20."""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from codream_secure.dreams import NonFiniteGradientError
+from codream_secure.gpu import masking
+from protocols.codec import FixedPointCodec
+from protocols.graph import complete_graph
+from protocols.network import InProcessNetwork
+from protocols.primitives import prg
+from protocols.secagg import client as client_module
+from protocols.secagg import keys
+from protocols.secagg.client import SecAggClient
+from protocols.secagg.messages import MaskedInput
+from protocols.secagg.server import SecAggServer
+
+
+@pytest.fixture
+def chacha_protocol(monkeypatch):
+    """The protocol as a ChaCha20 session runs it: every uniform_ring call expands with ChaCha20.
+
+    codec.py, client.py and server.py all call prg.uniform_ring through the module, so this is
+    exactly the 'session PRG = chacha20' change described in docs/gpu.md.
+    """
+    original = prg.uniform_ring
+    monkeypatch.setattr(prg, "uniform_ring", functools.partial(original, algorithm="chacha20"))
+    return original
+
+
+def awkward_vector(m: int, seed: int, clip: float, dtype=np.float32) -> np.ndarray:
+    """Uniform values plus edge cases: clipped, huge (scaling overflows), ties, tiny negatives."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1.5 * clip, 1.5 * clip, m)
+    big = float(np.finfo(dtype).max)
+    x[:8] = [clip, -clip, big, -big, 0.0, -1e-30, 2.0**-10, -(2.0**-10)]
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("ring_bits", [16, 32, 40, 64])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype,clip", [(np.float32, 1.0), (np.float16, 0.5), (np.float32, 0.3),
+                                        (np.float64, 1.0)])
+def test_encode_equals_the_numpy_codec(chacha_protocol, ring_bits, rounding, dtype, clip):
+    # clip 0.3 is not a float32 value, so both sides must switch to float64 work
+    codec = FixedPointCodec.for_clients(4, clip=clip, ring_bits=ring_bits, rounding=rounding)
+    x = awkward_vector(1000 + ring_bits, ring_bits, clip, dtype)
+    key = os.urandom(32)
+    expected = codec.encode(x, rounding_key=key)
+    got = masking.encode(torch.from_numpy(x), codec, rounding_key=key)
+    assert got.dtype == masking.ring_dtype(codec)
+    assert np.array_equal(masking.to_numpy_ring(got, codec), expected)
+
+
+def test_stochastic_encoding_depends_on_the_key(chacha_protocol):
+    codec = FixedPointCodec.for_clients(2, clip=1.0, ring_bits=16, rounding="stochastic")
+    x = torch.linspace(-0.9, 0.9, 4001)
+    a = masking.encode(x, codec, rounding_key=bytes(32))
+    b = masking.encode(x, codec, rounding_key=bytes(31) + b"\x01")
+    assert not torch.equal(a, b)  # a test that could not fail would prove nothing
+
+
+def test_non_finite_input_is_refused():
+    codec = FixedPointCodec.for_clients(2, clip=1.0)
+    with pytest.raises(NonFiniteGradientError):
+        masking.encode(torch.tensor([0.0, float("nan")]), codec, rounding_key=bytes(32))
+
+
+def _session(n: int, m: int, *, ring_bits: int, seed: int):
+    codec = FixedPointCodec.for_clients(n, clip=1.0, ring_bits=ring_bits, rounding="stochastic")
+    values = np.random.default_rng(seed).uniform(-1.2, 1.2, (3, n, m)).astype(np.float32)
+    server = SecAggServer(graph=complete_graph(n), threshold=2, codec=codec, vector_length=m)
+    clients = {c: SecAggClient(lambda step, c=c: values[step, c], rounding_seed=bytes([c]) * 32)
+               for c in range(n)}
+    network = InProcessNetwork(server, clients)
+    network.setup()
+    return server, clients, codec, values
+
+
+@pytest.mark.parametrize("ring_bits", [32, 44])
+def test_masked_upload_equals_the_secagg_client_and_the_server_unmasks_it(
+        chacha_protocol, monkeypatch, ring_bits):
+    n, m, step = 4, 515, 1
+    server, clients, codec, values = _session(n, m, ring_bits=ring_bits, seed=ring_bits)
+    self_seeds: list[bytes] = []
+
+    def recording_urandom(size: int) -> bytes:
+        self_seeds.append(os.urandom(size))
+        return self_seeds[-1]
+
+    monkeypatch.setattr(client_module, "os", types.SimpleNamespace(urandom=recording_urandom))
+    requests = server.open_step()
+    replies, uploads = {}, {}
+    for cid in range(n):
+        reply = MaskedInput.decode(clients[cid].handle(requests[cid]))
+        client = clients[cid]
+        sid = client._offer.session_id
+        pair_seeds = {peer: keys.pair_step_seed(client._pair_keys[peer], session_id=sid, step=step)
+                      for peer in range(n) if peer != cid}
+        rounding_key = client_module.kdf.derive_key(
+            bytes([cid]) * 32, session_id=b"rounding", purpose="stochastic-rounding",
+            context=(step,))
+        device_upload = masking.masked_upload(
+            torch.from_numpy(values[step, cid]), codec, client_id=cid, self_seed=self_seeds[-1],
+            pair_step_seeds=pair_seeds, rounding_key=rounding_key)
+        uploads[cid] = device_upload
+        host = masking.to_numpy_ring(device_upload, codec)
+        assert np.array_equal(host, reply.vector)
+        # the server receives the device-built upload in place of the numpy one
+        replies[cid] = MaskedInput(sid, cid, step, host, reply.envelopes).encode()
+    share_requests = server.receive(replies)
+    outcome = server.receive({c: clients[c].handle(r) for c, r in share_requests.items()})
+    assert outcome.included == frozenset(range(n))
+    plain = values[step].astype(np.float64).sum(0)
+    assert np.max(np.abs(outcome.total - plain)) <= codec.error_bound(n) + 4 * 0.2  # 0.2 clipped
+    # the masks cancel in the device ring sum as well, up to the self masks
+    total = masking.ring_sum(list(uploads.values()), codec)
+    self_masks = masking.mask_vector(torch.zeros_like(total), codec, self_seed=None,
+                                     pair_seeds={s: -1 for s in self_seeds[-n:]})
+    unmasked = masking.ring_sum([total, self_masks], codec)
+    assert np.array_equal(masking.to_numpy_ring(unmasked, codec), outcome.ring_total)
+    decoded = masking.decode_sum(unmasked, codec, n_summed=n)
+    assert np.array_equal(decoded.numpy(), codec.decode_sum(outcome.ring_total, n_summed=n))
+
+
+def test_noise_is_added_before_the_masks_modulo_the_ring():
+    codec = FixedPointCodec.for_clients(2, clip=1.0, ring_bits=20, rounding="nearest")
+    x = torch.linspace(-1, 1, 301)
+    noise = torch.randint(-(1 << 40), 1 << 40, (301,), dtype=torch.int64)
+    args = dict(client_id=0, self_seed=bytes(32), pair_step_seeds={1: bytes([1]) * 32},
+                rounding_key=None)
+    plain = masking.masked_upload(x, codec, **args)
+    noisy = masking.masked_upload(x, codec, noise=noise, **args)
+    expected = (plain.to(torch.int64) + noise) & ((1 << 20) - 1)
+    assert torch.equal(noisy.to(torch.int64), expected)
+
+
+def test_a_client_has_no_pair_mask_with_itself():
+    codec = FixedPointCodec.for_clients(2, clip=1.0)
+    with pytest.raises(Exception, match="itself"):
+        masking.masked_upload(torch.zeros(4), codec, client_id=0, self_seed=bytes(32),
+                              pair_step_seeds={0: bytes(32)}, rounding_key=bytes(32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_encode_and_mask_equal_the_cpu(chacha_protocol):
+    codec = FixedPointCodec.for_clients(4, clip=1.0, ring_bits=32, rounding="stochastic")
+    x = torch.from_numpy(awkward_vector(1 << 16, 3, 1.0))
+    seeds = {1: os.urandom(32), 3: os.urandom(32)}
+    args = dict(client_id=2, self_seed=bytes(32), pair_step_seeds=seeds, rounding_key=bytes(32))
+    cpu = masking.masked_upload(x, codec, **args)
+    gpu = masking.masked_upload(x.cuda(), codec, **args)
+    assert torch.equal(cpu, gpu.cpu())
