@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .codec import FixedPointCodec
+from .dp import DPSpec
 from .errors import NonFiniteInputError, ParameterError
 from .graph import (
     COMPLETE_GRAPH_BELOW,
@@ -201,13 +202,15 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
                threshold: int | None = None, degree: int | None = None, ring_bits: int = 32,
                scale_bits: int | None = None, seed: int = 0,
                weights: Sequence[float] | None = None,
-               max_weight: float | None = None) -> SecureSumResult:
+               max_weight: float | None = None, dp: DPSpec | None = None) -> SecureSumResult:
     """Sum n client vectors under `protocol`, with dropouts, and report the bytes and the time.
 
     `clip` defaults to the largest absolute input (a real deployment declares it up front).
     `dropout_rate` drops each client independently at `dropout_stage`; `dropouts` names exact ones.
     With `weights` (e.g. sample counts, bounded by the public `max_weight`) the result holds
     sum_k w_k x_k and sum_k w_k over the survivors, and `.weighted_mean` is their ratio.
+    With `dp` (a protocols.dp.DPSpec) every vector is clipped to L2 norm dp.l2_clip and the sum
+    is noised (protocols.private); dropouts then happen before or after the upload only.
     """
     if protocol not in PROTOCOLS:
         raise ParameterError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -218,6 +221,11 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
         raise ParameterError(f"clip must be a positive finite number, got {clip}")
     plan = FaultPlan.random(n, rate=dropout_rate, stage=dropout_stage, seed=seed)
     plan.dropouts.extend(dropouts)
+    if dp is not None:
+        if weights is not None:
+            raise ParameterError("weights and dp together are not supported")
+        return _private_sum(stacked, protocol, plan, dp, threshold=threshold, degree=degree,
+                            ring_bits=ring_bits, expected_dropout=max(dropout_rate, 0.05))
     if weights is not None:
         stacked, clip = _weighted_rows(stacked, weights, clip, max_weight)
         result = secure_sum(stacked, protocol=protocol, clip=clip, dropouts=plan.dropouts,
@@ -243,6 +251,27 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
         session.codec.error_bound(len(outcome.included)), protocol, session.threshold,
         session.degree,
     )
+
+
+def _private_sum(stacked: np.ndarray, protocol: str, plan: FaultPlan, dp: DPSpec, *,
+                 threshold: int | None, degree: int | None, ring_bits: int,
+                 expected_dropout: float) -> SecureSumResult:
+    """One DP release through protocols.registry (clients silent before uploading are absent)."""
+    from .registry import open_session
+
+    n, m = stacked.shape
+    session = open_session(protocol, n, m, clip=dp.l2_clip, ring_bits=ring_bits, dp=dp,
+                           threshold=threshold, degree=degree, expected_dropout=expected_dropout)
+    before = {d.client for d in plan.dropouts if d.stage in (Stage.ADVERTISE, Stage.UPLOAD)}
+    after = [d.client for d in plan.dropouts if d.client not in before]
+    outcome = session.step({c: stacked[c] for c in range(n) if c not in before},
+                           drop_after_upload=after)
+    traffic = session.traffic
+    included = tuple(sorted(outcome.included))
+    return SecureSumResult(
+        outcome.total, included, tuple(sorted(outcome.dropped)), traffic.bytes_up,
+        traffic.bytes_down, traffic.client_seconds, traffic.server_seconds,
+        session.error_bound(max(len(included), 1)), protocol, session.threshold, session.degree)
 
 
 def _plain_sum(stacked: np.ndarray, plan: FaultPlan) -> SecureSumResult:

@@ -119,7 +119,8 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
                  ring_bits: int = 32, expected_dropout: float = 0.1,
                  rounding_seed: bytes | None = None, noise: RingNoise | None = None,
                  key_bits: int = 3072, keypair: object | None = None,
-                 threshold: int | None = None, dp: DPSpec | None = None) -> AggregationSession:
+                 threshold: int | None = None, degree: int | None = None,
+                 dp: DPSpec | None = None) -> AggregationSession:
     """A fresh session of `protocol` for `n_clients` vectors of `vector_length` values.
 
     With `dp`, every client's vector is clipped to L2 norm dp.l2_clip (which then is also the
@@ -131,7 +132,8 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
     if dp is not None:
         return _private_session(protocol, n_clients, vector_length, dp=dp, ring_bits=ring_bits,
                                 expected_dropout=expected_dropout, rounding_seed=rounding_seed,
-                                key_bits=key_bits, keypair=keypair, threshold=threshold)
+                                key_bits=key_bits, keypair=keypair, threshold=threshold,
+                                degree=degree)
     if protocol == "plain":
         return PlainSession(n_clients, vector_length, noise=noise)
     if protocol == "paillier":
@@ -140,7 +142,8 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
                                  noise=noise)
     return SecAggSession(n_clients, vector_length, clip=clip, protocol=protocol,
                          ring_bits=ring_bits, expected_dropout=max(expected_dropout, 0.05),
-                         rounding_seed=rounding_seed, noise=noise, threshold=threshold)
+                         rounding_seed=rounding_seed, noise=noise, threshold=threshold,
+                         degree=degree)
 
 
 def _paillier_session(n_clients: int, vector_length: int, *, clip: float, ring_bits: int,
@@ -176,20 +179,21 @@ def release_scale_bits(protocol: str, n_clients: int, *, clip: float, ring_bits:
 
 
 def release_threshold(protocol: str, n_clients: int, *, threshold: int | None = None,
-                      expected_dropout: float = 0.1) -> int:
+                      expected_dropout: float = 0.1, degree: int | None = None) -> int:
     """The share threshold (SecAgg) or decryption quorum (Paillier) a session will use."""
     if protocol in ("secagg", "secagg+"):
-        return plan_graph(n_clients, protocol=protocol, threshold=threshold,
+        return plan_graph(n_clients, protocol=protocol, threshold=threshold, degree=degree,
                           expected_dropout=max(expected_dropout, 0.05))[1]
     return threshold or default_threshold(n_clients)
 
 
 def _private_session(protocol: str, n_clients: int, vector_length: int, *, dp: DPSpec,
-                     threshold: int | None, **options) -> AggregationSession:
+                     threshold: int | None, degree: int | None,
+                     **options) -> AggregationSession:
     from .dp import DistributedNoise
     from .private import PrivateSession, min_contributors
 
-    t = release_threshold(protocol, n_clients, threshold=threshold,
+    t = release_threshold(protocol, n_clients, threshold=threshold, degree=degree,
                           expected_dropout=options["expected_dropout"])
     noise = None
     if dp.mode == "distributed":
@@ -201,5 +205,5 @@ def _private_session(protocol: str, n_clients: int, vector_length: int, *, dp: D
                 f"{floor}: set min_contributors <= {floor}")
         noise = DistributedNoise(dp)
     inner = open_session(protocol, n_clients, vector_length, clip=dp.l2_clip, noise=noise,
-                         threshold=t if protocol != "plain" else None, **options)
+                         threshold=t if protocol != "plain" else None, degree=degree, **options)
     return PrivateSession(inner, dp)

@@ -61,3 +61,24 @@ def test_the_release_floor_follows_the_protocol():
     assert min_contributors("plain", threshold=3, n_clients=5) == 1
     assert min_contributors("secagg", threshold=2, n_clients=4) == 3
     assert min_contributors("paillier", threshold=3, n_clients=5) == 3
+
+
+@pytest.mark.parametrize("protocol", ["plain", "secagg", "secagg+"])
+def test_secure_sum_with_dp_noises_the_survivors_sum(protocol):
+    from protocols.api import secure_sum
+    from protocols.network import Dropout, Stage
+
+    spec = DPSpec(mode="distributed", noise_multiplier=1.0, l2_clip=1.0, min_contributors=1)
+    result = secure_sum(np.zeros((6, M)), protocol=protocol, dp=spec,
+                        dropouts=[Dropout(5, 1, Stage.UPLOAD), Dropout(4, 1, Stage.SHARES)])
+    assert result.included == (0, 1, 2, 3, 4) and result.dropped == (5,)
+    # five clients each add variance (zC)^2 / 1
+    assert abs(float(np.var(result.total)) / 5 - 1) < TOLERANCE
+
+
+def test_secure_sum_refuses_weights_with_dp():
+    from protocols.api import secure_sum
+
+    spec = DPSpec(mode="central", noise_multiplier=1.0, l2_clip=1.0)
+    with pytest.raises(ParameterError, match="weights and dp"):
+        secure_sum(np.zeros((3, 4)), dp=spec, weights=[1, 1, 1])
