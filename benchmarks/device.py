@@ -141,7 +141,7 @@ class SecureRound:
     def __init__(self, n: int, m: int, *, clip: float, device: torch.device) -> None:
         self.n, self.m, self.device = n, m, device
         self.codec = FixedPointCodec.for_clients(n, clip=clip, ring_bits=32,
-                                                 rounding="stochastic")
+                                                 rounding="stochastic", prg="chacha20")
         self.sid = os.urandom(16)
         self.masters = {(a, b): os.urandom(32) for a in range(n) for b in range(a + 1, n)}
         self.envelope_keys = {(a, b): os.urandom(32) for a in range(n) for b in range(n)}

@@ -23,7 +23,7 @@ from .graph import (
 )
 from .network import Dropout, FaultPlan, InProcessNetwork, Stage, Traffic
 from .primitives.kdf import derive_key
-from .secagg.client import RingNoise, SecAggClient
+from .secagg.client import Masker, RingNoise, SecAggClient
 from .secagg.server import SecAggServer, StepOutcome
 
 PROTOCOLS = ("plain", "secagg", "secagg+", "paillier")
@@ -116,14 +116,19 @@ def plan_graph(n_clients: int, *, protocol: str, threshold: int | None = None,
 
 
 class SecAggSession:
-    """A multi-step SecAgg/SecAgg+ session: one key setup, then one `step` per summed vector."""
+    """A multi-step SecAgg/SecAgg+ session: one key setup, then one `step` per summed vector.
+
+    `prg` picks the keystream of masks and dither ("aes-256-ctr" or "chacha20"); `maskers`
+    gives chosen clients a device masker (codream_secure.gpu.masking.protocol_masker).
+    """
 
     def __init__(self, n_clients: int, vector_length: int, *, clip: float,
                  protocol: str = "secagg+", threshold: int | None = None,
                  degree: int | None = None, ring_bits: int = 32, scale_bits: int | None = None,
                  expected_dropout: float = 0.1, corrupt_rate: float = 0.05,
                  rounding: str = "stochastic", faults: FaultPlan | None = None,
-                 rounding_seed: bytes | None = None, noise: RingNoise | None = None) -> None:
+                 rounding_seed: bytes | None = None, noise: RingNoise | None = None,
+                 prg: str = "aes-256-ctr", maskers: Mapping[int, Masker] | None = None) -> None:
         if protocol not in ("secagg", "secagg+"):
             raise ParameterError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
         if n_clients < 2:
@@ -132,7 +137,7 @@ class SecAggSession:
             raise ParameterError(f"vector length must be positive, got {vector_length}")
         self.codec = FixedPointCodec.for_clients(
             n_clients, clip=clip, ring_bits=ring_bits, scale_bits=scale_bits, rounding=rounding,
-            headroom=0.0 if noise is None else noise.headroom)
+            headroom=0.0 if noise is None else noise.headroom, prg=prg)
         graph, threshold = plan_graph(n_clients, protocol=protocol, threshold=threshold,
                                       degree=degree, expected_dropout=expected_dropout,
                                       corrupt_rate=corrupt_rate)
@@ -142,6 +147,7 @@ class SecAggSession:
                                    vector_length=vector_length)
         clients = {
             cid: SecAggClient(self._provider(cid), noise=noise,
+                              masker=(maskers or {}).get(cid),
                               rounding_seed=None if rounding_seed is None
                               else derive_key(rounding_seed, session_id=b"rounding",
                                               purpose="client-rounding", context=(cid,)))

@@ -49,6 +49,7 @@ class FixedPointCodec:
     scale_bits: int
     ring_bits: int = 32
     rounding: Rounding = "stochastic"
+    prg: str = "aes-256-ctr"  # keystream of the stochastic-rounding dither (and the masks)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clip", _checked_clip(self.clip))
@@ -61,6 +62,8 @@ class FixedPointCodec:
             raise ParameterError(
                 f"rounding must be 'stochastic' or 'nearest', got {self.rounding!r}"
             )
+        if self.prg not in prg.ALGORITHMS:
+            raise ParameterError(f"prg must be one of {prg.ALGORITHMS}, got {self.prg!r}")
         self.check_budget(1)
 
     # ---- parameter choice -------------------------------------------------------------------
@@ -75,6 +78,7 @@ class FixedPointCodec:
         rounding: Rounding = "stochastic",
         scale_bits: int | None = None,
         headroom: float = 0.0,
+        prg: str = "aes-256-ctr",
     ) -> FixedPointCodec:
         """Codec whose ring holds the sum of n_clients clipped inputs (None: largest scale_bits).
 
@@ -93,7 +97,8 @@ class FixedPointCodec:
             n_clients, room, scale_bits, ring_bits
         ):
             raise _budget_error(n_clients, room, scale_bits, ring_bits, headroom)
-        return cls(clip=clip, scale_bits=scale_bits, ring_bits=ring_bits, rounding=rounding)
+        return cls(clip=clip, scale_bits=scale_bits, ring_bits=ring_bits, rounding=rounding,
+                   prg=prg)
 
     def check_budget(self, n_clients: int, *, headroom: float = 0.0) -> None:
         """Raise OverflowBudgetError unless n * (ceil((R + headroom) 2^f) + 1) <= 2^(k-1) - 1."""
@@ -188,7 +193,7 @@ class FixedPointCodec:
     def encode(self, x: np.ndarray, *, rounding_key: bytes | None = None) -> np.ndarray:
         """Clip, scale and round x (any shape; float16/32/64) into a flat ring vector (C order).
 
-        Stochastic rounding takes element i's uniform from keystream word i of the AES-CTR PRG
+        Stochastic rounding takes element i's uniform from keystream word i of the session's PRG
         keyed by rounding_key (fresh random if None; never reuse a key for two vectors). The
         result is always floor or ceil of x * 2^f, and its mean is within 2^-22 (float32 work)
         or 2^-31 (float64 work) of a quantum of x * 2^f: unbiased up to the uniforms' resolution.
@@ -209,7 +214,7 @@ class FixedPointCodec:
         words = None
         if self.rounding == "stochastic":
             key = os.urandom(prg.KEY_BYTES) if rounding_key is None else rounding_key
-            words = prg.uniform_ring(key, flat.size, ring_bits=32)
+            words = prg.uniform_ring(key, flat.size, ring_bits=32, algorithm=self.prg)
         scratch = _Scratch(min(_BLOCK, flat.size), work)
         # Blocks keep every temporary in L1/L2; the loop runs over blocks, never over elements.
         for start in range(0, flat.size, _BLOCK):

@@ -120,7 +120,7 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
                  rounding_seed: bytes | None = None, noise: RingNoise | None = None,
                  key_bits: int = 3072, keypair: object | None = None,
                  threshold: int | None = None, degree: int | None = None,
-                 dp: DPSpec | None = None) -> AggregationSession:
+                 dp: DPSpec | None = None, prg: str = "aes-256-ctr") -> AggregationSession:
     """A fresh session of `protocol` for `n_clients` vectors of `vector_length` values.
 
     With `dp`, every client's vector is clipped to L2 norm dp.l2_clip (which then is also the
@@ -133,7 +133,7 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
         return _private_session(protocol, n_clients, vector_length, dp=dp, ring_bits=ring_bits,
                                 expected_dropout=expected_dropout, rounding_seed=rounding_seed,
                                 key_bits=key_bits, keypair=keypair, threshold=threshold,
-                                degree=degree)
+                                degree=degree, prg=prg)
     if protocol == "plain":
         return PlainSession(n_clients, vector_length, noise=noise)
     if protocol == "paillier":
@@ -143,7 +143,7 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
     return SecAggSession(n_clients, vector_length, clip=clip, protocol=protocol,
                          ring_bits=ring_bits, expected_dropout=max(expected_dropout, 0.05),
                          rounding_seed=rounding_seed, noise=noise, threshold=threshold,
-                         degree=degree)
+                         degree=degree, prg=prg)
 
 
 def _paillier_session(n_clients: int, vector_length: int, *, clip: float, ring_bits: int,

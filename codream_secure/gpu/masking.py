@@ -30,6 +30,7 @@ from codream_secure.dreams import NonFiniteGradientError
 from codream_secure.errors import ConfigError
 from codream_secure.gpu import chacha20
 from protocols.codec import FixedPointCodec
+from protocols.secagg.client import StepSecrets
 from protocols.secagg.keys import pair_sign
 
 __all__ = [
@@ -70,6 +71,13 @@ def _uniform(words: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     return (words.to(torch.int64) & 0xFFFFFFFF).to(torch.float64) * 2.0**-32
 
 
+def _require_chacha(codec: FixedPointCodec) -> None:
+    """The device expands ChaCha20 only: any other session PRG would give different uploads."""
+    if codec.prg != "chacha20":
+        raise ConfigError(f"device masking expands ChaCha20 keystreams; this codec's PRG is "
+                          f"{codec.prg!r} (open the session with prg='chacha20')")
+
+
 def encode(
     x: torch.Tensor, codec: FixedPointCodec, *, rounding_key: bytes | None = None,
     check_finite: bool = True, backend: str = "auto",
@@ -81,6 +89,7 @@ def encode(
     """
     if not x.is_floating_point() or x.element_size() > 8:
         raise ConfigError(f"encode takes a floating point tensor, got {x.dtype}")
+    _require_chacha(codec)
     work = _work_dtype(x, codec)
     flat = x.detach().reshape(-1)
     if check_finite and not bool(torch.isfinite(flat).all()):
@@ -111,6 +120,7 @@ def mask_vector(
 
     All keystreams come from one batched ChaCha20 call.
     """
+    _require_chacha(codec)
     seeds = ([] if self_seed is None else [self_seed]) + list(pair_seeds)
     signs = ([1] if self_seed is not None else []) + [pair_seeds[s] for s in pair_seeds]
     if any(s not in (1, -1) for s in signs):
@@ -180,3 +190,22 @@ def to_numpy_ring(vector: torch.Tensor, codec: FixedPointCodec) -> np.ndarray:
     """The protocol's uint32/uint64 numpy view of a device ring vector (copies to the host)."""
     host = vector.detach().cpu().numpy()
     return host.view(codec.dtype)
+
+
+def protocol_masker(*, backend: str = "auto"):
+    """A SecAggClient masker: the client derives the keys, the upload is built on x's device.
+
+    Pass it as SecAggClient(..., masker=protocol_masker()) (or SecAggSession(maskers=...)) in a
+    session whose PRG is ChaCha20; the upload equals the numpy client's bit for bit.
+    """
+
+    def mask(vector: object, codec: FixedPointCodec, secrets: StepSecrets) -> np.ndarray:
+        x = vector if torch.is_tensor(vector) else torch.from_numpy(np.asarray(vector))
+        x = x.reshape(-1)
+        noise = None if secrets.noise is None else torch.from_numpy(secrets.noise).to(x.device)
+        upload = masked_upload(x, codec, client_id=secrets.client_id, self_seed=secrets.self_seed,
+                               pair_step_seeds=secrets.pair_seeds,
+                               rounding_key=secrets.rounding_key, noise=noise, backend=backend)
+        return to_numpy_ring(upload, codec)
+
+    return mask

@@ -98,17 +98,39 @@ def validate_threshold(threshold: int, degree: int, n_clients: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class StepSecrets:
+    """What a device masker needs to build one upload exactly as the protocol specifies.
+
+    The client derives every key itself; the masker only expands and adds them (encode with
+    `rounding_key`, add `noise`, add the self mask and signed pair masks from the `prg` stream).
+    """
+
+    client_id: int
+    step: int
+    self_seed: bytes
+    pair_seeds: dict[int, bytes]
+    rounding_key: bytes | None
+    prg: str
+    noise: np.ndarray | None
+
+
+Masker = Callable[[object, FixedPointCodec, StepSecrets], np.ndarray]
+
+
 class SecAggClient:
     """An honest client: masks its inputs and refuses any request that could expose them."""
 
     def __init__(self, input_provider: InputProvider, *,
-                 rounding_seed: bytes | None = None, noise: RingNoise | None = None) -> None:
+                 rounding_seed: bytes | None = None, noise: RingNoise | None = None,
+                 masker: Masker | None = None) -> None:
         """`rounding_seed` makes stochastic rounding reproducible (a fresh key per step is
         derived from it); without it every step draws fresh randomness. `noise` is added to
         every encoded input before masking, so no party ever sees this client's un-noised value."""
         self._inputs = input_provider
         self._rounding_seed = rounding_seed
         self._noise = noise
+        self._masker = masker  # e.g. codream_secure.gpu: the same upload, computed on a GPU
         self.stage = ClientStage.NEW
         self.client_id = -1
         self._offer: SessionOffer | None = None
@@ -157,7 +179,8 @@ class SecAggClient:
             )
         validate_threshold(offer.threshold, offer.degree, offer.n_clients)
         codec = FixedPointCodec(clip=offer.clip, scale_bits=offer.scale_bits,
-                                ring_bits=offer.ring_bits, rounding=offer.rounding)
+                                ring_bits=offer.ring_bits, rounding=offer.rounding,
+                                prg=offer.prg)
         # refuse a session whose sum (with this client's noise) could wrap
         codec.check_budget(offer.n_clients,
                            headroom=0.0 if self._noise is None else self._noise.headroom)
@@ -219,29 +242,38 @@ class SecAggClient:
         self._require_holders(len(request.active), f"step {request.step}")
         offer, codec = self._offer, self._codec
         assert offer is not None and codec is not None
-        vector = np.asarray(self._inputs(request.step))
-        if vector.size != offer.vector_length:
+        vector = self._inputs(request.step)
+        if self._masker is None:  # a device masker takes its own tensor type, unconverted
+            vector = np.asarray(vector)
+        size = int(vector.numel()) if hasattr(vector, "numel") else np.asarray(vector).size
+        if size != offer.vector_length:
             raise ParameterError(
-                f"input of step {request.step} has {vector.size} values, the session expects "
+                f"input of step {request.step} has {size} values, the session expects "
                 f"{offer.vector_length}"
             )
         rounding_key = None if self._rounding_seed is None else kdf.derive_key(
             self._rounding_seed, session_id=b"rounding", purpose="stochastic-rounding",
             context=(request.step,))
-        masked = codec.encode(vector.reshape(-1), rounding_key=rounding_key)
-        if self._noise is not None:
-            self._add_noise(masked, codec)
         self_seed = os.urandom(SELF_SEED_BYTES)
         ring = offer.ring_bits
-        np.add(masked, prg.uniform_ring(self_seed, masked.size, ring_bits=ring), out=masked)
-        for peer in request.active:
-            seed = keys.pair_step_seed(self._pair_keys[peer], session_id=offer.session_id,
-                                       step=request.step)
-            mask = prg.uniform_ring(seed, masked.size, ring_bits=ring)
-            if keys.pair_sign(self.client_id, peer) > 0:
-                np.add(masked, mask, out=masked)
-            else:
-                np.subtract(masked, mask, out=masked)
+        pair_seeds = {peer: keys.pair_step_seed(self._pair_keys[peer],
+                                                session_id=offer.session_id, step=request.step)
+                      for peer in request.active}
+        if self._masker is not None:
+            masked = self._masked_by_hook(vector, codec, self_seed, pair_seeds, rounding_key)
+        else:
+            masked = codec.encode(vector.reshape(-1), rounding_key=rounding_key)
+            if self._noise is not None:
+                self._add_noise(masked, codec)
+            algorithm = offer.prg
+            np.add(masked, prg.uniform_ring(self_seed, masked.size, ring_bits=ring,
+                                            algorithm=algorithm), out=masked)
+            for peer, seed in pair_seeds.items():
+                mask = prg.uniform_ring(seed, masked.size, ring_bits=ring, algorithm=algorithm)
+                if keys.pair_sign(self.client_id, peer) > 0:
+                    np.add(masked, mask, out=masked)
+                else:
+                    np.subtract(masked, mask, out=masked)
         masked = reduce_ring(masked, ring)
         # Shares go to the active neighbours only: a client never holds a share of its own seed,
         # so t colluding neighbours (not t - 1 plus the victim's own share) are needed.
@@ -262,19 +294,38 @@ class SecAggClient:
         return MaskedInput(offer.session_id, self.client_id, request.step, masked,
                            envelopes).encode()
 
-    def _add_noise(self, encoded: np.ndarray, codec: FixedPointCodec) -> None:
-        """encoded += noise (mod 2^k), after checking the noise stays inside the budget."""
+    def _checked_noise(self, length: int, codec: FixedPointCodec) -> np.ndarray:
+        """One noise draw, refused unless it is int64 of the right length inside the budget."""
         assert self._noise is not None
-        noise = np.asarray(self._noise.sample(encoded.size, codec.scale_bits))
-        if noise.shape != encoded.shape or noise.dtype != np.int64:
-            raise ParameterError(f"noise must be {encoded.size} int64 values, got "
+        noise = np.asarray(self._noise.sample(length, codec.scale_bits))
+        if noise.shape != (length,) or noise.dtype != np.int64:
+            raise ParameterError(f"noise must be {length} int64 values, got "
                                  f"{noise.shape} {noise.dtype}")
         limit = codec.noise_units(self._noise.headroom)
         if noise.size and int(np.abs(noise).max()) > limit:
             raise ParameterError(f"noise exceeds its declared bound of {limit} units; the sum "
                                  "could wrap")
+        return noise
+
+    def _add_noise(self, encoded: np.ndarray, codec: FixedPointCodec) -> None:
+        """encoded += noise (mod 2^k), after checking the noise stays inside the budget."""
+        noise = self._checked_noise(encoded.size, codec)
         # int64 -> uint32/uint64 wraps modulo 2^32 / 2^64: the ring residue of the signed noise.
         np.add(encoded, noise.astype(encoded.dtype), out=encoded)
+
+    def _masked_by_hook(self, vector: object, codec: FixedPointCodec, self_seed: bytes,
+                        pair_seeds: dict[int, bytes], rounding_key: bytes | None) -> np.ndarray:
+        """The upload built by the device masker from the secrets this client derived."""
+        assert self._masker is not None and self._offer is not None
+        noise = None if self._noise is None else self._checked_noise(
+            self._offer.vector_length, codec)
+        secrets = StepSecrets(self.client_id, self._last_step + 1, self_seed, dict(pair_seeds),
+                              rounding_key, self._offer.prg, noise)
+        masked = np.asarray(self._masker(vector, codec, secrets))
+        if masked.dtype != codec.dtype or masked.shape != (self._offer.vector_length,):
+            raise ParameterError(f"the masker returned {masked.shape} {masked.dtype}; the "
+                                 f"protocol needs ({self._offer.vector_length},) {codec.dtype}")
+        return masked.copy()
 
     def _current_step(self, step: int) -> _StepState:
         state = self._step

@@ -17,6 +17,8 @@ SEED_BYTES = 32
 GRAPH_SEED_BYTES = 32
 ROUNDING_MODES = ("stochastic", "nearest")
 ROUNDING_CODES = {mode: code for code, mode in enumerate(ROUNDING_MODES)}
+PRG_NAMES = ("aes-256-ctr", "chacha20")  # the keystream masks and dither are expanded with
+PRG_CODES = {name: code for code, name in enumerate(PRG_NAMES)}
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,15 @@ class SessionOffer:
     clip: float
     vector_length: int
     rounding: str = "stochastic"
+    prg: str = "aes-256-ctr"
 
     def encode(self) -> bytes:
         return (
             Writer(self.TYPE).fixed(self.session_id, SESSION_ID_BYTES).u32(self.client_id)
             .u32(self.n_clients).u32(self.degree).u32(self.threshold)
             .fixed(self.graph_seed, GRAPH_SEED_BYTES).u8(self.ring_bits).u8(self.scale_bits)
-            .f64(self.clip).u64(self.vector_length).u8(ROUNDING_CODES[self.rounding]).finish()
+            .f64(self.clip).u64(self.vector_length).u8(ROUNDING_CODES[self.rounding])
+            .u8(PRG_CODES[self.prg]).finish()
         )
 
     @classmethod
@@ -49,11 +53,13 @@ class SessionOffer:
         r = Reader(data, cls.TYPE)
         head = (r.fixed(SESSION_ID_BYTES), r.u32(), r.u32(), r.u32(), r.u32(),
                 r.fixed(GRAPH_SEED_BYTES), r.u8(), r.u8(), r.f64(), r.u64())
-        code = r.u8()
+        code, prg_code = r.u8(), r.u8()
         r.done()
         if code >= len(ROUNDING_MODES):
             raise MalformedMessageError(f"unknown rounding mode code {code}")
-        msg = cls(*head, ROUNDING_MODES[code])
+        if prg_code >= len(PRG_NAMES):
+            raise MalformedMessageError(f"unknown PRG code {prg_code}")
+        msg = cls(*head, ROUNDING_MODES[code], PRG_NAMES[prg_code])
         if not math.isfinite(msg.clip) or msg.clip <= 0:
             raise MalformedMessageError(f"clip must be a positive finite number, got {msg.clip}")
         return msg

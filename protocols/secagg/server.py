@@ -94,7 +94,7 @@ class SecAggServer:
             cid: SessionOffer(
                 self.session_id, cid, self.graph.n, self.graph.degree, self.threshold,
                 self.graph.seed, self.codec.ring_bits, self.codec.scale_bits, self.codec.clip,
-                self.vector_length, self.codec.rounding,
+                self.vector_length, self.codec.rounding, self.codec.prg,
             ).encode()
             for cid in range(self.graph.n)
         }
@@ -286,11 +286,12 @@ class SecAggServer:
                     context=f"share holders of client {cid} at step {st.step}",
                 ) from None
             np.add(total, st.inputs[cid].vector, out=total)
-            np.subtract(total, prg.uniform_ring(seed, self.vector_length, ring_bits=ring),
-                        out=total)
+            algorithm = self.codec.prg
+            np.subtract(total, prg.uniform_ring(seed, self.vector_length, ring_bits=ring,
+                                                algorithm=algorithm), out=total)
             for peer in sorted(self.graph.neighbours(cid) & st.dropped & st.active):
                 mask = prg.uniform_ring(st.pair_seeds[(cid, peer)], self.vector_length,
-                                        ring_bits=ring)
+                                        ring_bits=ring, algorithm=algorithm)
                 if keys.pair_sign(cid, peer) > 0:
                     np.subtract(total, mask, out=total)
                 else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import types
 
@@ -11,28 +10,16 @@ import pytest
 import torch
 
 from codream_secure.dreams import NonFiniteGradientError
+from codream_secure.errors import ConfigError
 from codream_secure.gpu import masking
 from protocols.codec import FixedPointCodec
 from protocols.graph import complete_graph
 from protocols.network import InProcessNetwork
-from protocols.primitives import prg
 from protocols.secagg import client as client_module
 from protocols.secagg import keys
 from protocols.secagg.client import SecAggClient
 from protocols.secagg.messages import MaskedInput
 from protocols.secagg.server import SecAggServer
-
-
-@pytest.fixture
-def chacha_protocol(monkeypatch):
-    """The protocol as a ChaCha20 session runs it: every uniform_ring call expands with ChaCha20.
-
-    codec.py, client.py and server.py all call prg.uniform_ring through the module, so this is
-    exactly the 'session PRG = chacha20' change described in docs/gpu.md.
-    """
-    original = prg.uniform_ring
-    monkeypatch.setattr(prg, "uniform_ring", functools.partial(original, algorithm="chacha20"))
-    return original
 
 
 def awkward_vector(m: int, seed: int, clip: float, dtype=np.float32) -> np.ndarray:
@@ -48,9 +35,10 @@ def awkward_vector(m: int, seed: int, clip: float, dtype=np.float32) -> np.ndarr
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("dtype,clip", [(np.float32, 1.0), (np.float16, 0.5), (np.float32, 0.3),
                                         (np.float64, 1.0)])
-def test_encode_equals_the_numpy_codec(chacha_protocol, ring_bits, rounding, dtype, clip):
+def test_encode_equals_the_numpy_codec(ring_bits, rounding, dtype, clip):
     # clip 0.3 is not a float32 value, so both sides must switch to float64 work
-    codec = FixedPointCodec.for_clients(4, clip=clip, ring_bits=ring_bits, rounding=rounding)
+    codec = FixedPointCodec.for_clients(4, clip=clip, ring_bits=ring_bits, rounding=rounding,
+                                        prg="chacha20")
     x = awkward_vector(1000 + ring_bits, ring_bits, clip, dtype)
     key = os.urandom(32)
     expected = codec.encode(x, rounding_key=key)
@@ -59,8 +47,9 @@ def test_encode_equals_the_numpy_codec(chacha_protocol, ring_bits, rounding, dty
     assert np.array_equal(masking.to_numpy_ring(got, codec), expected)
 
 
-def test_stochastic_encoding_depends_on_the_key(chacha_protocol):
-    codec = FixedPointCodec.for_clients(2, clip=1.0, ring_bits=16, rounding="stochastic")
+def test_stochastic_encoding_depends_on_the_key():
+    codec = FixedPointCodec.for_clients(2, clip=1.0, ring_bits=16, rounding="stochastic",
+                                        prg="chacha20")
     x = torch.linspace(-0.9, 0.9, 4001)
     a = masking.encode(x, codec, rounding_key=bytes(32))
     b = masking.encode(x, codec, rounding_key=bytes(31) + b"\x01")
@@ -68,13 +57,14 @@ def test_stochastic_encoding_depends_on_the_key(chacha_protocol):
 
 
 def test_non_finite_input_is_refused():
-    codec = FixedPointCodec.for_clients(2, clip=1.0)
+    codec = FixedPointCodec.for_clients(2, clip=1.0, prg="chacha20")
     with pytest.raises(NonFiniteGradientError):
         masking.encode(torch.tensor([0.0, float("nan")]), codec, rounding_key=bytes(32))
 
 
 def _session(n: int, m: int, *, ring_bits: int, seed: int):
-    codec = FixedPointCodec.for_clients(n, clip=1.0, ring_bits=ring_bits, rounding="stochastic")
+    codec = FixedPointCodec.for_clients(n, clip=1.0, ring_bits=ring_bits, rounding="stochastic",
+                                        prg="chacha20")
     values = np.random.default_rng(seed).uniform(-1.2, 1.2, (3, n, m)).astype(np.float32)
     server = SecAggServer(graph=complete_graph(n), threshold=2, codec=codec, vector_length=m)
     clients = {c: SecAggClient(lambda step, c=c: values[step, c], rounding_seed=bytes([c]) * 32)
@@ -86,7 +76,7 @@ def _session(n: int, m: int, *, ring_bits: int, seed: int):
 
 @pytest.mark.parametrize("ring_bits", [32, 44])
 def test_masked_upload_equals_the_secagg_client_and_the_server_unmasks_it(
-        chacha_protocol, monkeypatch, ring_bits):
+        monkeypatch, ring_bits):
     n, m, step = 4, 515, 1
     server, clients, codec, values = _session(n, m, ring_bits=ring_bits, seed=ring_bits)
     self_seeds: list[bytes] = []
@@ -131,7 +121,8 @@ def test_masked_upload_equals_the_secagg_client_and_the_server_unmasks_it(
 
 
 def test_noise_is_added_before_the_masks_modulo_the_ring():
-    codec = FixedPointCodec.for_clients(2, clip=1.0, ring_bits=20, rounding="nearest")
+    codec = FixedPointCodec.for_clients(2, clip=1.0, ring_bits=20, rounding="nearest",
+                                        prg="chacha20")
     x = torch.linspace(-1, 1, 301)
     noise = torch.randint(-(1 << 40), 1 << 40, (301,), dtype=torch.int64)
     args = dict(client_id=0, self_seed=bytes(32), pair_step_seeds={1: bytes([1]) * 32},
@@ -143,7 +134,7 @@ def test_noise_is_added_before_the_masks_modulo_the_ring():
 
 
 def test_a_client_has_no_pair_mask_with_itself():
-    codec = FixedPointCodec.for_clients(2, clip=1.0)
+    codec = FixedPointCodec.for_clients(2, clip=1.0, prg="chacha20")
     with pytest.raises(Exception, match="itself"):
         masking.masked_upload(torch.zeros(4), codec, client_id=0, self_seed=bytes(32),
                               pair_step_seeds={0: bytes(32)}, rounding_key=bytes(32))
@@ -151,11 +142,18 @@ def test_a_client_has_no_pair_mask_with_itself():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_encode_and_mask_equal_the_cpu(chacha_protocol):
-    codec = FixedPointCodec.for_clients(4, clip=1.0, ring_bits=32, rounding="stochastic")
+def test_cuda_encode_and_mask_equal_the_cpu():
+    codec = FixedPointCodec.for_clients(4, clip=1.0, ring_bits=32, rounding="stochastic",
+                                        prg="chacha20")
     x = torch.from_numpy(awkward_vector(1 << 16, 3, 1.0))
     seeds = {1: os.urandom(32), 3: os.urandom(32)}
     args = dict(client_id=2, self_seed=bytes(32), pair_step_seeds=seeds, rounding_key=bytes(32))
     cpu = masking.masked_upload(x, codec, **args)
     gpu = masking.masked_upload(x.cuda(), codec, **args)
     assert torch.equal(cpu, gpu.cpu())
+
+
+def test_a_codec_with_another_prg_is_refused():
+    codec = FixedPointCodec.for_clients(2, clip=1.0)  # AES-256-CTR: the device cannot match it
+    with pytest.raises(ConfigError, match="prg='chacha20'"):
+        masking.encode(torch.zeros(4), codec, rounding_key=bytes(32))

@@ -1,0 +1,67 @@
+"""Device-masking clients and numpy clients in one ChaCha20 session (torch on the CPU here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from codream_secure.errors import ConfigError
+from codream_secure.gpu.masking import protocol_masker
+from protocols.api import SecAggSession
+from protocols.errors import MalformedMessageError
+from protocols.secagg.messages import SessionOffer
+
+
+def _inputs(n: int, m: int) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(4)
+    return {c: rng.uniform(-1, 1, m).astype(np.float32) for c in range(n)}
+
+
+def _session(maskers=None, prg="chacha20", **kw) -> SecAggSession:
+    return SecAggSession(4, 300, clip=1.0, protocol="secagg", prg=prg, maskers=maskers,
+                         rounding_seed=b"r" * 32, **kw)
+
+
+def test_mixed_device_and_numpy_clients_sum_exactly_like_numpy_clients():
+    inputs = _inputs(4, 300)
+    mixed = _session({0: protocol_masker(backend="torch"), 2: protocol_masker(backend="torch")})
+    numpy_only = _session()
+    for step in range(2):
+        tensors = {c: torch.from_numpy(v) if c in (0, 2) else v for c, v in inputs.items()}
+        a = mixed.step(tensors, drop_after_upload=[3] if step == 0 else [])
+        b = numpy_only.step(inputs, drop_after_upload=[3] if step == 0 else [])
+        np.testing.assert_array_equal(a.ring_total, b.ring_total)
+        inputs = {c: v for c, v in inputs.items() if c != 3}
+    exact = sum(_inputs(4, 300)[c].astype(np.float64) for c in range(3))
+    np.testing.assert_allclose(a.total, exact, atol=mixed.error_bound(3))
+
+
+def test_chacha_and_aes_sessions_agree_on_the_sum():
+    inputs = _inputs(4, 300)
+    a = _session(prg="chacha20").step(inputs)
+    b = _session(prg="aes-256-ctr").step(inputs)
+    np.testing.assert_allclose(a.total, b.total, atol=2 * _session().error_bound(4))
+
+
+def test_a_device_masker_in_an_aes_session_is_a_configuration_error():
+    session = _session({0: protocol_masker(backend="torch")}, prg="aes-256-ctr")
+    with pytest.raises(ConfigError, match="prg='chacha20'"):
+        session.step(_inputs(4, 300))
+
+
+def test_a_masker_returning_the_wrong_type_is_refused():
+    session = _session({1: lambda vector, codec, secrets: np.zeros(300, np.int64)})
+    outcome = session.step(_inputs(4, 300))
+    assert outcome.included == frozenset({0, 2, 3}) and 1 in outcome.dropped
+    (_, client, error), = session.network.refusals
+    assert client == 1 and "the protocol needs (300,) uint32" in str(error)
+
+
+def test_offer_carries_the_prg_and_refuses_unknown_codes():
+    offer = SessionOffer(b"s" * 16, 0, 4, 3, 2, b"g" * 32, 32, 20, 1.0, 10, "nearest", "chacha20")
+    assert SessionOffer.decode(offer.encode()) == offer
+    bad = bytearray(offer.encode())
+    bad[-1] = 7
+    with pytest.raises(MalformedMessageError, match="PRG"):
+        SessionOffer.decode(bytes(bad))
