@@ -139,8 +139,16 @@ class PrivacyLedger:
         if not self.accountant.history:
             return 0.0
         kwargs = {} if self.orders is None else {"alphas": list(self.orders)}
-        with np.errstate(divide="ignore"):  # PRV evaluates log(1 - q) = -inf at q = 1: harmless
-            return float(self.accountant.get_epsilon(delta=self.delta, **kwargs))
+        # PRV evaluates log(1 - q) = -inf at q = 1: harmless. RDP warns when the best order is
+        # an end of the range: the epsilon is then an upper bound; the report records it.
+        with np.errstate(divide="ignore"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            epsilon = float(self.accountant.get_epsilon(delta=self.delta, **kwargs))
+        self.order_at_range_end = any("Optimal order" in str(w.message) for w in caught)
+        for w in caught:
+            if "Optimal order" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return epsilon
 
     def truncation_tv(self) -> float:
         """Total variation between the truncated and the untruncated noise over all releases."""
@@ -171,6 +179,7 @@ class PrivacyLedger:
                 "history": [[float(z), float(q), int(s)] for z, q, s in state["history"]],
             },
             "rdp_orders": None if self.orders is None else list(self.orders),
+            "rdp_order_at_range_end": getattr(self, "order_at_range_end", False),
             "opacus_version": opacus.__version__,
         }
 

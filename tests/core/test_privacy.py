@@ -194,3 +194,19 @@ def test_ledger_refusals(kwargs, match):
         privacy.PrivacyLedger(**{**args, **kwargs})
     with pytest.raises(ConfigError):
         privacy.releases_per_run(-1, 10)
+
+
+def test_an_rdp_optimum_at_the_smallest_order_is_recorded_not_printed(recwarn):
+    from codream_secure.privacy import INTEGER_ORDERS, PrivacyLedger
+
+    ledger = PrivacyLedger(unit="client", mechanism="skellam", mode="distributed",
+                           noise_multiplier=0.5, l2_clip=1.0, delta=1e-5, n_samples=4,
+                           orders=INTEGER_ORDERS)
+    ledger.record(200)
+    report = ledger.to_report()
+    assert report["rdp_order_at_range_end"] is True
+    assert not [w for w in recwarn if "Optimal order" in str(w.message)]
+    ledger = PrivacyLedger(unit="client", mechanism="gaussian", mode="central",
+                           noise_multiplier=20.0, l2_clip=1.0, delta=1e-5, n_samples=4)
+    ledger.record(100)
+    assert ledger.to_report()["rdp_order_at_range_end"] is False
