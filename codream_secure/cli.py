@@ -21,6 +21,7 @@ from codream_secure.config import (
     DP_UNITS,
     FIELD_NAMES,
     MODEL_CHOICES,
+    PRECISIONS,
     SOFT_LABELS,
     build_config,
     load_config,
@@ -152,6 +153,10 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                   "on the same split for comparison: isolated (local data only), fedavg "
                   "(weight averaging, homogeneous models), centralized (all data pooled)."),
     "device": (click.Choice(DEVICES), "Where torch computes; 'auto' picks CUDA when available."),
+    "precision": (click.Choice(PRECISIONS), "fp32 (exact, what the CPU uses) or bf16: autocast "
+                  "for dream steps, local training and distillation, and on CUDA also "
+                  "channels_last and torch.compile with CUDA graphs for the dream step "
+                  "(docs/gpu.md). Secure sums are unaffected: gradients are summed in fp32."),
     "seed": (click.INT, "Seed of partitions, model initialisation, dreams and dropouts. Masks "
              "never derive from it: they come from fresh cryptographic keys."),
     "threads": (click.INT, "CPU threads for torch (0 = torch's default)."),

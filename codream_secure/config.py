@@ -21,6 +21,7 @@ MODEL_CHOICES: tuple[str, ...] = (
 SOFT_LABELS: tuple[str, ...] = ("probs", "logits")
 BASELINES: tuple[str, ...] = ("isolated", "fedavg", "centralized")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 DP_UNITS: tuple[str, ...] = ("off", "client", "sample")
 DP_MODES: tuple[str, ...] = ("central", "distributed")
 DP_NOISE_KINDS: tuple[str, ...] = ("skellam", "discrete_gaussian")
@@ -74,6 +75,7 @@ class SimulationConfig:
     dropout_clients: tuple[int, ...] = ()
     baselines: tuple[str, ...] = ("isolated", "fedavg", "centralized")
     device: str = "auto"
+    precision: str = "fp32"
     seed: int = 0
     threads: int = 0
     out: str = "runs/latest"
@@ -143,6 +145,7 @@ class SimulationConfig:
         if len(set(self.baselines)) != len(self.baselines):
             raise ConfigError(f"baselines: names repeat in {list(self.baselines)}")
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
         if self.device == "cuda" and not _cuda_available():
             raise ConfigError("device: 'cuda' requested but torch sees no CUDA device; "
                               "use --device cpu or auto")

@@ -51,6 +51,17 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     return batches
 
 
+Precision = Literal["fp32", "bf16"]
+
+
+def _autocast(device: torch.device, precision: Precision):
+    """bf16 autocast for the fast path; fp32 (the CPU default) autocasts nothing."""
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
+
+
 def _make_optimizer(
     model: nn.Module, kind: str, lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
@@ -74,8 +85,12 @@ def train_local(
     weight_decay: float = 1e-4,
     batch_size: int = 64,
     generator: torch.Generator,
+    precision: Precision = "fp32",
 ) -> dict[str, Any]:
     """Cross-entropy SGD on (x, y) with a fresh optimiser; the model's modes are restored after.
+
+    precision="bf16" runs forward passes under bf16 autocast (the GPU fast path); losses and
+    counts accumulate on the device, so a step never waits for the host.
 
     Returns the last epoch's mean loss and running accuracy, the per-epoch losses and the step
     count.
@@ -94,19 +109,21 @@ def train_local(
     steps = 0
     with model_mode(model, training=True):
         for _ in range(epochs):
-            loss_sum, correct = 0.0, 0
+            loss_sum = torch.zeros((), device=x.device)
+            correct = torch.zeros((), device=x.device, dtype=torch.long)
             for idx in _batches(x.shape[0], batch_size, generator):
                 idx = idx.to(x.device)
-                logits = model(x[idx])
-                loss = F.cross_entropy(logits, y[idx])
+                with _autocast(x.device, precision):
+                    logits = model(x[idx])
+                loss = F.cross_entropy(logits.float(), y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 steps += 1
-                loss_sum += float(loss.detach()) * idx.numel()
-                correct += int((logits.detach().argmax(dim=1) == y[idx]).sum())
-            epoch_losses.append(loss_sum / x.shape[0])
-            accuracy = correct / x.shape[0]
+                loss_sum += loss.detach() * idx.numel()
+                correct += (logits.detach().argmax(dim=1) == y[idx]).sum()
+            epoch_losses.append(float(loss_sum) / x.shape[0])
+            accuracy = int(correct) / x.shape[0]
     return {
         "loss": epoch_losses[-1] if epoch_losses else float("nan"),
         "accuracy": accuracy,
@@ -171,8 +188,11 @@ def distill(
     optimizer: Literal["sgd", "adam"] = "sgd",
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
+    precision: Precision = "fp32",
 ) -> dict[str, Any]:
     """Train the model (train mode) to match teacher outputs on dreams x with kd_loss.
+
+    precision="bf16": forward passes under bf16 autocast, as in train_local.
 
     Returns the last epoch's mean loss, the share of samples whose argmax matched the teacher's
     during that epoch, the per-epoch losses and the step count.
@@ -194,21 +214,24 @@ def distill(
     steps = 0
     with model_mode(model, training=True):
         for _ in range(epochs):
-            loss_sum, agree = 0.0, 0
+            loss_sum = torch.zeros((), device=x.device)
+            agree = torch.zeros((), device=x.device, dtype=torch.long)
             for idx in _batches(x.shape[0], batch_size, generator):
                 idx = idx.to(x.device)
-                logits = model(x[idx])
+                with _autocast(x.device, precision):
+                    logits = model(x[idx])
                 loss = kd_loss(
-                    logits, teacher[idx], temperature=temperature, teacher_kind=teacher_kind
+                    logits.float(), teacher[idx], temperature=temperature,
+                    teacher_kind=teacher_kind,
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 steps += 1
-                loss_sum += float(loss.detach()) * idx.numel()
-                agree += int((logits.detach().argmax(dim=1) == teacher_classes[idx]).sum())
-            epoch_losses.append(loss_sum / x.shape[0])
-            agreement = agree / x.shape[0]
+                loss_sum += loss.detach() * idx.numel()
+                agree += (logits.detach().argmax(dim=1) == teacher_classes[idx]).sum()
+            epoch_losses.append(float(loss_sum) / x.shape[0])
+            agreement = int(agree) / x.shape[0]
     return {
         "loss": epoch_losses[-1] if epoch_losses else float("nan"),
         "agreement": agreement,

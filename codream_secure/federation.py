@@ -203,6 +203,7 @@ class CoDreamSettings:
     dropout_clients: tuple[int, ...]
     seed: int
     use_bn_statistics: bool = True
+    precision: str = "fp32"
 
 
 class CoDreamFederation:
@@ -224,6 +225,7 @@ class CoDreamFederation:
         self.rounds: list[RoundRecord] = []
         self.last_dreams: torch.Tensor | None = None
         self.broadcast_down = np.zeros(len(clients), np.int64)
+        self._fast_steps: dict[int, object] = {}
 
     @property
     def n(self) -> int:
@@ -251,6 +253,7 @@ class CoDreamFederation:
                     self.trainers[k].train(model, data.x_train, data.y_train, epochs=epochs)
                 continue
             train_local(model, data.x_train, data.y_train, epochs=epochs, lr=self.s.local_lr,
+                        precision=self.s.precision,
                         batch_size=self.s.batch_size,
                         generator=generator(self.s.seed, "local", round_index, k))
 
@@ -264,6 +267,21 @@ class CoDreamFederation:
         self.rounds.append(RoundRecord(0, val, test, zeros, zeros,
                                        {"local": time.perf_counter() - start}, [],
                                        epsilon=self.epsilon()))
+
+    def _dream_gradient(self, client: int, x: torch.Tensor) -> torch.Tensor:
+        """grad_x of client's dream loss: the reference fp32 path, or the fast path (bf16)."""
+        if self.s.precision == "fp32":
+            return dream_gradient(self.models[client], x, self.weights,
+                                  use_bn_statistics=self.s.use_bn_statistics)
+        step = self._fast_steps.get(client)
+        if step is None:  # built once: on CUDA it compiles and captures CUDA graphs
+            from .gpu.fast_dream import FastDreamStep
+
+            step = FastDreamStep.optimised(self.models[client], self.weights,
+                                           use_bn_statistics=self.s.use_bn_statistics,
+                                           precision="bf16")
+            self._fast_steps[client] = step
+        return step(x)
 
     def _dropouts(self, round_index: int) -> dict[int, tuple[int, bool]]:
         """Client -> (dream step at which it drops, whether after its upload) for this round."""
@@ -289,12 +307,8 @@ class CoDreamFederation:
             start = time.perf_counter()
             leaving_before = {c for c, (s, after) in plan.items() if s == step and not after}
             leaving_after = [c for c, (s, after) in plan.items() if s == step and after]
-            inputs = {
-                c: dream_gradient(self.models[c], x, self.weights,
-                                  use_bn_statistics=self.s.use_bn_statistics)
-                .cpu().numpy().reshape(-1)
-                for c in sorted(active - leaving_before)
-            }
+            inputs = {c: self._dream_gradient(c, x).cpu().numpy().reshape(-1)
+                      for c in sorted(active - leaving_before)}
             seconds["dreams"] += time.perf_counter() - start
             start = time.perf_counter()
             total, included = self.grad_channel.sum(inputs, drop_after_upload=leaving_after)
@@ -364,11 +378,13 @@ class CoDreamFederation:
                 distill(self.models[k], bx, by, epochs=self.s.distill_epochs,
                         lr=self.s.distill_lr, batch_size=self.s.batch_size,
                         temperature=self.s.kd_temperature, teacher_kind=self.s.soft_labels,
-                        generator=generator(self.s.seed, "distill", round_index, k))
+                        generator=generator(self.s.seed, "distill", round_index, k),
+                        precision=self.s.precision)
             distill(self.server_model, bx, by, epochs=self.s.distill_epochs, lr=self.s.distill_lr,
                     batch_size=self.s.batch_size, temperature=self.s.kd_temperature,
                     teacher_kind=self.s.soft_labels,
-                    generator=generator(self.s.seed, "distill", round_index, "server"))
+                    generator=generator(self.s.seed, "distill", round_index, "server"),
+                    precision=self.s.precision)
             seconds["distill"] = time.perf_counter() - start
         val, test = self._evaluate()
         self.result.record(val, test)

@@ -241,3 +241,23 @@ def test_soft_labels_kinds_and_eval_mode():
     assert probs.dtype == torch.float32
     with pytest.raises(ConfigError):
         soft_labels(model, x, kind="labels")  # type: ignore[arg-type]
+
+
+def test_bf16_fast_path_trains_and_distils_and_bad_precision_is_refused():
+    from codream_secure.models import build_model
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    model = build_model("smallcnn", input_shape=(1, 8, 8), num_classes=10)
+    out = train_local(model, x, y, epochs=3, lr=0.05, batch_size=16, precision="bf16",
+                      generator=torch.Generator().manual_seed(0))
+    assert out["epoch_losses"][-1] < out["epoch_losses"][0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a cast
+    teacher = torch.softmax(torch.randn(64, 10), dim=1)
+    kd = distill(model, x, teacher, epochs=2, lr=0.05, batch_size=16, teacher_kind="probs",
+                 precision="bf16", generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(kd["loss"])
+    with pytest.raises(ConfigError, match="precision"):
+        train_local(model, x, y, epochs=1, precision="fp16",
+                    generator=torch.Generator().manual_seed(0))

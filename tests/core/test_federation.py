@@ -160,3 +160,10 @@ def test_tiny_run_under_paillier(tmp_path):
     assert report["aggregator"]["name"] == "paillier" and measured["steps_compared"] == 3 + 1
     bound = max(report["aggregator"]["error_bound_per_step"].values())
     assert measured["max_abs_error_vs_plain"] <= bound
+
+
+def test_tiny_run_on_the_bf16_fast_path(tmp_path):
+    report = _run(tmp_path, "bf16", precision="bf16", rounds=1, baselines=()).report
+    assert report["config"]["precision"] == "bf16"
+    assert 0.0 <= report["final"]["codream"]["mean_accuracy"] <= 1.0
+    assert report["rounds"][1]["included_in_dreams"] == [0, 1, 2]
