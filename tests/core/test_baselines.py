@@ -26,14 +26,6 @@ COMMON = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy shared machine cannot stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _toy(labels: list[int], seed: int, noise: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Class c lights column block c (4 columns wide) of an 8x8 image, plus Gaussian noise."""

@@ -14,15 +14,6 @@ from codream_secure.distill import distill, evaluate, kd_loss, soft_labels, trai
 from codream_secure.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy shared machine cannot stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _bn_cnn(classes: int = 2, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # module init only
         torch.manual_seed(seed)

@@ -24,15 +24,6 @@ from codream_secure.dreams import (
 from codream_secure.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy shared machine cannot stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyBN(nn.Module):
     """Conv -> BN2d -> act -> Linear -> BN1d -> act -> Linear on 1 x 4 x 4 inputs."""
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from codream_secure.cli import main
@@ -20,13 +19,6 @@ TINY = dict(max_train=240, max_test=120, clients=3, models=("smallcnn",), server
             distill_epochs=1, buffer_size=16, adaptive_after=1, baselines=("isolated",),
             partition="iid", threads=1)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("aggregator", ["secagg", "secagg+"])

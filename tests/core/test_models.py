@@ -14,14 +14,6 @@ from codream_secure.models import MODEL_NAMES, build_model, count_parameters
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and a busy shared machine cannot stall them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @functools.cache
 def cached(name: str, shape: tuple[int, int, int]) -> nn.Module:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 from opacus.accountants import create_accountant
 
@@ -20,13 +19,6 @@ TINY = dict(max_train=240, max_test=120, clients=4, models=("smallcnn",), server
             distill_epochs=1, buffer_size=16, adaptive_after=1, baselines=(),
             partition="iid", threads=1)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(tmp_path, name, **overrides):
