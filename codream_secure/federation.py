@@ -268,20 +268,20 @@ class CoDreamFederation:
                                        {"local": time.perf_counter() - start}, [],
                                        epsilon=self.epsilon()))
 
-    def _dream_gradient(self, client: int, x: torch.Tensor) -> torch.Tensor:
-        """grad_x of client's dream loss: the reference fp32 path, or the fast path (bf16)."""
+    def _dream_gradients(self, clients: list[int], x: torch.Tensor) -> list[torch.Tensor]:
+        """Each client's grad_x of its dream loss: the reference fp32 path, or the fast path
+        (bf16; on CUDA compiled steps, one CUDA stream per client so they overlap)."""
         if self.s.precision == "fp32":
-            return dream_gradient(self.models[client], x, self.weights,
-                                  use_bn_statistics=self.s.use_bn_statistics)
-        step = self._fast_steps.get(client)
-        if step is None:  # built once: on CUDA it compiles and captures CUDA graphs
-            from .gpu.fast_dream import FastDreamStep
+            return [dream_gradient(self.models[c], x, self.weights,
+                                   use_bn_statistics=self.s.use_bn_statistics) for c in clients]
+        from .gpu.fast_dream import FastDreamStep, dream_gradients
 
-            step = FastDreamStep.optimised(self.models[client], self.weights,
-                                           use_bn_statistics=self.s.use_bn_statistics,
-                                           precision="bf16")
-            self._fast_steps[client] = step
-        return step(x)
+        for c in clients:
+            if c not in self._fast_steps:  # built once: on CUDA it compiles and captures graphs
+                self._fast_steps[c] = FastDreamStep.optimised(
+                    self.models[c], self.weights, use_bn_statistics=self.s.use_bn_statistics,
+                    precision="bf16")
+        return dream_gradients([self._fast_steps[c] for c in clients], x)
 
     def _dropouts(self, round_index: int) -> dict[int, tuple[int, bool]]:
         """Client -> (dream step at which it drops, whether after its upload) for this round."""
@@ -307,8 +307,9 @@ class CoDreamFederation:
             start = time.perf_counter()
             leaving_before = {c for c, (s, after) in plan.items() if s == step and not after}
             leaving_after = [c for c, (s, after) in plan.items() if s == step and after]
-            inputs = {c: self._dream_gradient(c, x).cpu().numpy().reshape(-1)
-                      for c in sorted(active - leaving_before)}
+            members = sorted(active - leaving_before)
+            inputs = {c: g.cpu().numpy().reshape(-1)
+                      for c, g in zip(members, self._dream_gradients(members, x), strict=True)}
             seconds["dreams"] += time.perf_counter() - start
             start = time.perf_counter()
             total, included = self.grad_channel.sum(inputs, drop_after_upload=leaving_after)
