@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from codream_secure.config import SimulationConfig
 from codream_secure.errors import ConfigError
-from codream_secure.federation import CoDreamFederation
-from codream_secure.privacy import (
-    INTEGER_ORDERS,
-    PrivacyLedger,
-    calibrate_noise,
-    releases_per_run,
-)
 from protocols import dp
 from protocols.errors import ProtocolError
 from protocols.private import min_contributors
 from protocols.registry import release_scale_bits, release_threshold
+
+if TYPE_CHECKING:  # opacus loads only when a run plans DP
+    from codream_secure.federation import CoDreamFederation
+    from codream_secure.privacy import PrivacyLedger
 
 
 @dataclass
@@ -49,18 +47,26 @@ def _specs(config: SimulationConfig, z: float, t: int | None) -> tuple[dp.DPSpec
 
 def _accounting(config: SimulationConfig, spec: dp.DPSpec, dim: int) -> tuple[float, float]:
     """(accounting multiplier, truncation TV per release) of one channel's releases."""
-    headroom = dp.DistributedNoise(spec).headroom if spec.mode == "distributed" else 0.0
+    noise = dp.DistributedNoise(spec) if spec.mode == "distributed" else None
     bits = release_scale_bits(config.aggregator, config.clients, clip=spec.l2_clip,
-                              ring_bits=config.ring_bits, headroom=headroom)
+                              ring_bits=config.ring_bits,
+                              headroom=0.0 if noise is None else noise.headroom)
     z = dp.accounting_noise_multiplier(spec, dim=dim, scale_bits=bits)
     tv = 0.0
-    if spec.mode == "distributed" and bits is not None:
-        tv = config.clients * dim * dp.DistributedNoise(spec).tail_probability(bits)
+    if noise is not None and bits is not None:
+        tv = config.clients * dim * noise.tail_probability(bits)
     return z, tv
 
 
 def plan_client_dp(config: SimulationConfig, *, grad_dim: int, label_dim: int) -> ClientDP:
     """Specs (z given, or calibrated to --dp-epsilon over the run) and a fresh ledger."""
+    from codream_secure.privacy import (
+        INTEGER_ORDERS,
+        PrivacyLedger,
+        calibrate_noise,
+        releases_per_run,
+    )
+
     n = config.clients
     t = None
     if config.dp_mode == "distributed":

@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,9 +29,11 @@ from .dreams import (
     dream_gradient,
     server_entropy_gradient,
 )
-from .privacy import PrivacyLedger
 from .results import ClientData, MethodResult
-from .sample_dp import SampleLevelTrainer
+
+if TYPE_CHECKING:  # opacus loads only for runs with DP
+    from .privacy import PrivacyLedger
+    from .sample_dp import SampleLevelTrainer
 
 
 def derived_seed(*parts: object) -> int:

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from . import __version__
 from .baselines import client_seed, run_centralized, run_fedavg, run_isolated, seeded_model
 from .config import SimulationConfig
 from .data import LoadedDataset, label_histogram, load_dataset, partition, split_validation
-from .dp_plan import plan_client_dp, privacy_report
+from .dp_plan import privacy_report
 from .errors import ConfigError
 from .federation import (
     AggregationChannel,
@@ -26,10 +27,12 @@ from .federation import (
     RoundRecord,
     generator,
 )
-from .privacy import PrivacyLedger
 from .progress import NullProgress, Progress
 from .results import ClientData, MethodResult
-from .sample_dp import SampleLevelTrainer, make_private_ready
+
+if TYPE_CHECKING:  # opacus loads only for runs with DP
+    from .privacy import PrivacyLedger
+    from .sample_dp import SampleLevelTrainer
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -206,6 +209,8 @@ def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict
 def _sample_trainers(config: SimulationConfig, clients: list[ClientData]
                      ) -> list[SampleLevelTrainer]:
     """One DP-SGD trainer (and accountant) per client, for every local epoch of the run."""
+    from .sample_dp import SampleLevelTrainer
+
     budget = ({"noise_multiplier": config.dp_noise} if config.dp_noise is not None else
               {"target_epsilon": config.dp_epsilon,
                "planned_epochs": config.warmup_epochs + config.rounds * config.local_epochs})
@@ -238,10 +243,14 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
                                 seed=client_seed(config.seed, 999)).to(device)
     client_dp = trainers = None
     if config.dp == "client":
+        from .dp_plan import plan_client_dp
+
         client_dp = plan_client_dp(config,
                                    grad_dim=config.dream_batch * int(np.prod(data.input_shape)),
                                    label_dim=config.dream_batch * data.num_classes)
     elif config.dp == "sample":
+        from .sample_dp import make_private_ready
+
         models = [make_private_ready(m) for m in models]  # BatchNorm -> GroupNorm
         trainers = _sample_trainers(config, clients)
     channels = [AggregationChannel(config.aggregator, config.clients, clip=clip,
