@@ -46,14 +46,16 @@ class PrivateSession:
         self.n_clients, self.vector_length = inner.n_clients, inner.vector_length
         self.clipped = 0  # client vectors scaled down to the L2 clip so far
         self.releases = 0
-        codec = getattr(inner, "codec", None)
+
+    @property
+    def accounting_noise_multiplier(self) -> float:
+        """The Gaussian multiplier an accountant must be told for one release of this session."""
+        codec = getattr(self.inner, "codec", None)
         if codec is not None:
             grid: int | None = codec.scale_bits
         else:  # plain: values are rounded to a grid only when clients add lattice noise
-            grid = PLAIN_NOISE_SCALE_BITS if spec.mode == "distributed" else None
-        # the Gaussian multiplier an accountant must be told for one release of this session
-        self.accounting_noise_multiplier = accounting_noise_multiplier(
-            spec, dim=inner.vector_length, scale_bits=grid)
+            grid = PLAIN_NOISE_SCALE_BITS if self.spec.mode == "distributed" else None
+        return accounting_noise_multiplier(self.spec, dim=self.vector_length, scale_bits=grid)
 
     @property
     def traffic(self) -> Traffic:

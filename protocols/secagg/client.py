@@ -260,7 +260,8 @@ class SecAggClient:
                                                 session_id=offer.session_id, step=request.step)
                       for peer in request.active}
         if self._masker is not None:
-            masked = self._masked_by_hook(vector, codec, self_seed, pair_seeds, rounding_key)
+            masked = self._masked_by_hook(vector, codec, request.step, self_seed, pair_seeds,
+                                          rounding_key)
         else:
             masked = codec.encode(vector.reshape(-1), rounding_key=rounding_key)
             if self._noise is not None:
@@ -313,13 +314,14 @@ class SecAggClient:
         # int64 -> uint32/uint64 wraps modulo 2^32 / 2^64: the ring residue of the signed noise.
         np.add(encoded, noise.astype(encoded.dtype), out=encoded)
 
-    def _masked_by_hook(self, vector: object, codec: FixedPointCodec, self_seed: bytes,
-                        pair_seeds: dict[int, bytes], rounding_key: bytes | None) -> np.ndarray:
+    def _masked_by_hook(self, vector: object, codec: FixedPointCodec, step: int,
+                        self_seed: bytes, pair_seeds: dict[int, bytes],
+                        rounding_key: bytes | None) -> np.ndarray:
         """The upload built by the device masker from the secrets this client derived."""
         assert self._masker is not None and self._offer is not None
         noise = None if self._noise is None else self._checked_noise(
             self._offer.vector_length, codec)
-        secrets = StepSecrets(self.client_id, self._last_step + 1, self_seed, dict(pair_seeds),
+        secrets = StepSecrets(self.client_id, step, self_seed, dict(pair_seeds),
                               rounding_key, self._offer.prg, noise)
         masked = np.asarray(self._masker(vector, codec, secrets))
         if masked.dtype != codec.dtype or masked.shape != (self._offer.vector_length,):
