@@ -11,14 +11,9 @@ from click.testing import CliRunner
 from codream_secure.cli import main
 from codream_secure.config import SimulationConfig
 from codream_secure.dreams import NonFiniteGradientError
-from codream_secure.federation import AggregationChannel, CoDreamFederation
+from codream_secure.federation import AggregationChannel
 from codream_secure.simulation import run_simulation
-
-TINY = dict(max_train=240, max_test=120, clients=3, models=("smallcnn",), server_model="smallcnn",
-            rounds=2, warmup_epochs=1, local_epochs=1, dream_batch=8, dream_steps=3,
-            distill_epochs=1, buffer_size=16, adaptive_after=1, baselines=("isolated",),
-            partition="iid", threads=1)
-
+from tests.core.tiny_runs import TINY, killed_then_resumed
 
 
 @pytest.mark.parametrize("aggregator", ["secagg", "secagg+"])
@@ -87,19 +82,8 @@ def test_tiny_run_report_has_the_promised_fields(tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     whole = _run(tmp_path, "whole").report
-    real_round = CoDreamFederation.run_round
-
-    def killed_at_round_two(self, round_index, progress=None):
-        if round_index == 2:
-            raise KeyboardInterrupt
-        return real_round(self, round_index, progress)
-
-    monkeypatch.setattr(CoDreamFederation, "run_round", killed_at_round_two)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "killed")
-    monkeypatch.setattr(CoDreamFederation, "run_round", real_round)
     config = SimulationConfig(**{**TINY, "out": str(tmp_path / "killed")})
-    resumed = run_simulation(config, resume=True).report
+    resumed = killed_then_resumed(monkeypatch, config)
     assert resumed["final"] == whole["final"]
     for a, b in zip(resumed["rounds"], whole["rounds"], strict=True):
         assert a["codream"] == b["codream"]

@@ -11,13 +11,11 @@ from opacus.accountants import create_accountant
 from codream_secure.cli import main
 from codream_secure.config import SimulationConfig
 from codream_secure.errors import ConfigError
-from codream_secure.federation import CoDreamFederation
 from codream_secure.simulation import run_simulation
+from tests.core.tiny_runs import TINY as TINY_RUN
+from tests.core.tiny_runs import killed_then_resumed
 
-TINY = dict(max_train=240, max_test=120, clients=4, models=("smallcnn",), server_model="smallcnn",
-            rounds=2, warmup_epochs=1, local_epochs=1, dream_batch=8, dream_steps=3,
-            distill_epochs=1, buffer_size=16, adaptive_after=1, baselines=(),
-            partition="iid", threads=1)
+TINY = {**TINY_RUN, "clients": 4, "baselines": ()}
 
 
 
@@ -72,20 +70,9 @@ def test_dp_off_still_writes_a_privacy_section(tmp_path):
 
 def test_resumed_dp_run_spends_the_same_epsilon(tmp_path, monkeypatch):
     whole = _run(tmp_path, "whole", dp="client", dp_noise=3.0).report["privacy"]
-    real_round = CoDreamFederation.run_round
-
-    def killed_at_round_two(self, round_index, progress=None):
-        if round_index == 2:
-            raise KeyboardInterrupt
-        return real_round(self, round_index, progress)
-
-    monkeypatch.setattr(CoDreamFederation, "run_round", killed_at_round_two)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "killed", dp="client", dp_noise=3.0)
-    monkeypatch.setattr(CoDreamFederation, "run_round", real_round)
     config = SimulationConfig(**{**TINY, "dp": "client", "dp_noise": 3.0,
                                  "out": str(tmp_path / "killed")})
-    resumed = run_simulation(config, resume=True).report["privacy"]
+    resumed = killed_then_resumed(monkeypatch, config)["privacy"]
     assert resumed["releases"] == whole["releases"]
     assert resumed["epsilon"] == pytest.approx(whole["epsilon"])
 
