@@ -100,19 +100,28 @@ def plan_graph(n_clients: int, *, protocol: str, threshold: int | None = None,
                degree: int | None = None, expected_dropout: float = 0.1,
                corrupt_rate: float = 0.05) -> tuple[NeighbourGraph, int]:
     """The neighbour graph and share threshold a SecAgg/SecAgg+ session of n clients uses."""
+    sparse_degree, threshold = plan_parameters(
+        n_clients, protocol=protocol, threshold=threshold, degree=degree,
+        expected_dropout=expected_dropout, corrupt_rate=corrupt_rate)
+    if sparse_degree is None:
+        return complete_graph(n_clients), threshold
+    return harary_graph(n_clients, sparse_degree, seed=os.urandom(32)), threshold
+
+
+def plan_parameters(n_clients: int, *, protocol: str, threshold: int | None = None,
+                    degree: int | None = None, expected_dropout: float = 0.1,
+                    corrupt_rate: float = 0.05) -> tuple[int | None, int]:
+    """(Harary degree, or None for the complete graph; share threshold), without any graph."""
     small = n_clients < COMPLETE_GRAPH_BELOW and degree is None
     if protocol == "secagg" or degree == n_clients - 1 or small:
         # SecAgg+ uses the complete graph for small n anyway (it costs no more); the
         # majority threshold then applies, as for SecAgg.
-        return complete_graph(n_clients), threshold or default_threshold(n_clients)
+        return None, threshold or default_threshold(n_clients)
     if degree is not None:
-        return (harary_graph(n_clients, degree, seed=os.urandom(32)),
-                threshold or degree // 2 + 1)
+        return degree, threshold or degree // 2 + 1
     params = choose_parameters(n_clients, dropout_rate=expected_dropout,
                                corrupt_rate=corrupt_rate)
-    graph = (complete_graph(n_clients) if params.complete
-             else harary_graph(n_clients, params.degree, seed=os.urandom(32)))
-    return graph, threshold or params.threshold
+    return (None if params.complete else params.degree), threshold or params.threshold
 
 
 class SecAggSession:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from .api import PROTOCOLS, SecAggSession, default_threshold, plan_graph
+from .api import PROTOCOLS, SecAggSession, default_threshold, plan_parameters
 from .codec import FixedPointCodec
 from .errors import NonFiniteInputError, ParameterError, TooFewSurvivorsError
 from .network import Traffic
@@ -64,7 +64,7 @@ class PlainSession:
         self._step = 0
 
     def error_bound(self, n_summed: int) -> float:
-        """float32 transport: each value is rounded once, relative 2^-24 of its magnitude."""
+        """0: the server adds exactly the float32 vectors it received (no codec in between)."""
         return 0.0
 
     def step(self, inputs: Mapping[int, np.ndarray], *,
@@ -89,7 +89,6 @@ class PlainSession:
         dropped = frozenset(self.active - set(members))
         self.active = frozenset(members) - set(drop_after_upload)
         return StepOutcome(self._step, total, np.empty(0, np.uint32), frozenset(members), dropped)
-
 
     def _noised(self, sent: np.ndarray) -> np.ndarray:
         """Each client rounds to the 2^-f grid, then adds its own integer noise (float64 out).
@@ -182,8 +181,8 @@ def release_threshold(protocol: str, n_clients: int, *, threshold: int | None = 
                       expected_dropout: float = 0.1, degree: int | None = None) -> int:
     """The share threshold (SecAgg) or decryption quorum (Paillier) a session will use."""
     if protocol in ("secagg", "secagg+"):
-        return plan_graph(n_clients, protocol=protocol, threshold=threshold, degree=degree,
-                          expected_dropout=max(expected_dropout, 0.05))[1]
+        return plan_parameters(n_clients, protocol=protocol, threshold=threshold,
+                               degree=degree, expected_dropout=max(expected_dropout, 0.05))[1]
     return threshold or default_threshold(n_clients)
 
 
