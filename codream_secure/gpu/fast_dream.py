@@ -155,6 +155,8 @@ class FastDreamStep:
         self._tape: list[torch.Tensor] | None = [] if use_bn_statistics else None
         self._skeleton = _skeleton(model, self._tape)
         self._loss = self.config.wrap(self._loss_fn)
+        self._detached: dict[str, torch.Tensor] = {}
+        self._layout: tuple = ()
 
     @classmethod
     def optimised(cls, model: nn.Module, weights: DreamLossWeights | None = None,
@@ -169,13 +171,29 @@ class FastDreamStep:
     def _loss_fn(self, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return _dream_loss(self._skeleton, self._tape, self.config, self.weights, state, x)
 
+    def _state(self) -> dict[str, torch.Tensor]:
+        """Detached views of the live parameters and buffers, rebuilt only when one moved.
+
+        Detached: a compiled backward would otherwise also compute weight gradients. The views
+        share storage, so in-place updates (optimiser steps, load_state_dict) are seen; keeping
+        the same view objects lets CUDA graphs read them in place as static inputs instead of
+        copying every parameter into the graph before each replay.
+        """
+        live = _state(self.model)
+        layout = tuple((k, v.data_ptr(), v.shape, v.stride(), v.dtype) for k, v in live.items())
+        if layout != self._layout:
+            self._detached = {k: v.detach() for k, v in live.items()}
+            if self.config.cuda_graphs:
+                for view in self._detached.values():
+                    torch._dynamo.mark_static_address(view)
+            self._layout = layout
+        return self._detached
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """grad_x of the dream loss at x; neither x nor the model's .grad are touched."""
         inputs = self.config.input(x).requires_grad_(True)
         self.config.begin()
-        # Detached parameters: a compiled backward would otherwise also compute weight gradients.
-        state = {k: v.detach() for k, v in _state(self.model).items()}
-        (grad,) = torch.autograd.grad(self._loss(state, inputs), inputs)
+        (grad,) = torch.autograd.grad(self._loss(self._state(), inputs), inputs)
         # a fresh NCHW float32 tensor: CUDA-graph outputs are reused by the next replay
         return grad.to(torch.float32).clone(memory_format=torch.contiguous_format)
 
@@ -244,8 +262,14 @@ _STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
 
 def dream_gradients(steps: Sequence[FastDreamStep], x: torch.Tensor, *,
                     overlap: bool = True) -> list[torch.Tensor]:
-    """Every client's grad_x at x; on CUDA each client runs on its own stream when overlap."""
-    if not (overlap and x.is_cuda):
+    """Every client's grad_x at x; on CUDA each client runs on its own stream when overlap.
+
+    Steps replaying CUDA graphs run one after another on the current stream: torch.compile's
+    graphs share one memory pool per device, so replays on several streams would overwrite each
+    other's buffers (seen on an H100 as NaN gradients). One graph replay per client already
+    leaves no launch gaps to fill.
+    """
+    if not (overlap and x.is_cuda) or any(step.config.cuda_graphs for step in steps):
         return [step(x) for step in steps]
     main = torch.cuda.current_stream()
     grads = []
