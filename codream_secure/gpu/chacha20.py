@@ -77,6 +77,18 @@ def _key_nonce_words(keys: Sequence[bytes], nonces: Sequence[bytes]) -> tuple[np
     return key_words.view("<i4").astype(np.int32), nonce_words.view("<i4").astype(np.int32)
 
 
+def _to_device(words: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host words on `device` without waiting for the device's queue to drain.
+
+    A plain copy from pageable memory synchronises the stream, which would stall the host behind
+    every kernel queued before (the gradients of the step); a pinned source copies asynchronously.
+    """
+    host = torch.from_numpy(words)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _rotl(v: torch.Tensor, n: int) -> torch.Tensor:
     return (v << n) | ((v >> (32 - n)) & ((1 << n) - 1))
 
@@ -164,8 +176,7 @@ def keystream_words(
     _check_counter(nonce_np, blocks)
     if blocks == 0:
         return torch.empty(len(keys), 0, dtype=torch.int32, device=device)
-    key_words = torch.as_tensor(key_np, device=device)
-    nonce_words = torch.as_tensor(nonce_np, device=device)
+    key_words, nonce_words = _to_device(key_np, device), _to_device(nonce_np, device)
     if backend == "triton":
         from codream_secure.gpu._chacha20_triton import keystream_blocks
 

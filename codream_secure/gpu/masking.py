@@ -78,6 +78,41 @@ def _require_chacha(codec: FixedPointCodec) -> None:
                           f"{codec.prg!r} (open the session with prg='chacha20')")
 
 
+def _flat_input(x: torch.Tensor, codec: FixedPointCodec, check_finite: bool) -> torch.Tensor:
+    if not x.is_floating_point() or x.element_size() > 8:
+        raise ConfigError(f"encode takes a floating point tensor, got {x.dtype}")
+    _require_chacha(codec)
+    flat = x.detach().reshape(-1)
+    if check_finite and not bool(torch.isfinite(flat).all()):
+        bad = int((~torch.isfinite(flat)).sum())
+        raise NonFiniteGradientError(f"input holds {bad} non-finite value(s) (NaN or inf)")
+    return flat
+
+
+def _encode_flat(flat: torch.Tensor, codec: FixedPointCodec,
+                 dither: torch.Tensor | None) -> torch.Tensor:
+    """The codec's encoding of a checked flat vector; `dither` holds its keystream words."""
+    work = _work_dtype(flat, codec)
+    scaled = flat.to(work) * math.ldexp(1.0, codec.scale_bits)  # exact: a power of two
+    limit = math.ldexp(codec.clip, codec.scale_bits)
+    scaled = scaled.clamp(-limit, limit)  # a float32 overflow to inf clips to the limit too
+    out_dtype = ring_dtype(codec)
+    if codec.rounding == "nearest":
+        q = torch.round(scaled).to(out_dtype)  # round half to even, as numpy.rint
+    else:
+        floor = torch.floor(scaled)
+        up = _uniform(dither, work) < scaled - floor
+        q = floor.to(out_dtype) + up.to(out_dtype)
+    # |q| <= ceil(clip 2^f) < 2^(k-1): the casts were exact; two's complement is the residue.
+    return _reduce(q, codec.ring_bits)
+
+
+def _dither_key(codec: FixedPointCodec, rounding_key: bytes | None) -> bytes | None:
+    if codec.rounding == "nearest":
+        return None
+    return os.urandom(chacha20.KEY_BYTES) if rounding_key is None else rounding_key
+
+
 def encode(
     x: torch.Tensor, codec: FixedPointCodec, *, rounding_key: bytes | None = None,
     check_finite: bool = True, backend: str = "auto",
@@ -87,29 +122,33 @@ def encode(
     Stochastic rounding takes element i's uniform from keystream word i of rounding_key (fresh
     random when None, as in the codec). `check_finite` syncs with the device to refuse NaN/inf.
     """
-    if not x.is_floating_point() or x.element_size() > 8:
-        raise ConfigError(f"encode takes a floating point tensor, got {x.dtype}")
-    _require_chacha(codec)
-    work = _work_dtype(x, codec)
-    flat = x.detach().reshape(-1)
-    if check_finite and not bool(torch.isfinite(flat).all()):
-        bad = int((~torch.isfinite(flat)).sum())
-        raise NonFiniteGradientError(f"input holds {bad} non-finite value(s) (NaN or inf)")
-    scaled = flat.to(work) * math.ldexp(1.0, codec.scale_bits)  # exact: a power of two
-    limit = math.ldexp(codec.clip, codec.scale_bits)
-    scaled = scaled.clamp(-limit, limit)  # a float32 overflow to inf clips to the limit too
-    out_dtype = ring_dtype(codec)
-    if codec.rounding == "nearest":
-        q = torch.round(scaled).to(out_dtype)  # round half to even, as numpy.rint
-    else:
-        key = os.urandom(chacha20.KEY_BYTES) if rounding_key is None else rounding_key
-        words = chacha20.keystream_words([key], flat.numel(), device=flat.device,
-                                         backend=backend)[0]
-        floor = torch.floor(scaled)
-        up = _uniform(words, work) < scaled - floor
-        q = floor.to(out_dtype) + up.to(out_dtype)
-    # |q| <= ceil(clip 2^f) < 2^(k-1): the casts were exact; two's complement is the residue.
-    return _reduce(q, codec.ring_bits)
+    flat = _flat_input(x, codec, check_finite)
+    key = _dither_key(codec, rounding_key)
+    dither = None if key is None else chacha20.keystream_words(
+        [key], flat.numel(), device=flat.device, backend=backend)[0]
+    return _encode_flat(flat, codec, dither)
+
+
+def _signed_seeds(self_seed: bytes | None,
+                  pair_seeds: Mapping[bytes, int]) -> tuple[list[bytes], list[int]]:
+    seeds = ([] if self_seed is None else [self_seed]) + list(pair_seeds)
+    signs = ([1] if self_seed is not None else []) + [pair_seeds[s] for s in pair_seeds]
+    if any(s not in (1, -1) for s in signs):
+        raise ConfigError("pair mask signs must be +1 or -1")
+    return seeds, signs
+
+
+def _add_masks(encoded: torch.Tensor, masks: torch.Tensor | None, signs: list[int],
+               codec: FixedPointCodec) -> torch.Tensor:
+    total = encoded.clone()
+    if masks is None:
+        return total
+    for row, sign in zip(masks, signs, strict=True):  # wrapping adds: one pass per mask
+        if sign > 0:
+            total.add_(row)
+        else:
+            total.sub_(row)
+    return _reduce(total, codec.ring_bits)
 
 
 def mask_vector(
@@ -121,21 +160,10 @@ def mask_vector(
     All keystreams come from one batched ChaCha20 call.
     """
     _require_chacha(codec)
-    seeds = ([] if self_seed is None else [self_seed]) + list(pair_seeds)
-    signs = ([1] if self_seed is not None else []) + [pair_seeds[s] for s in pair_seeds]
-    if any(s not in (1, -1) for s in signs):
-        raise ConfigError("pair mask signs must be +1 or -1")
-    if not seeds:
-        return encoded.clone()
+    seeds, signs = _signed_seeds(self_seed, pair_seeds)
     masks = chacha20.uniform_ring(seeds, encoded.numel(), ring_bits=codec.ring_bits,
-                                  device=encoded.device, backend=backend)
-    total = encoded.clone()
-    for row, sign in zip(masks, signs, strict=True):  # wrapping adds: one pass per mask
-        if sign > 0:
-            total.add_(row)
-        else:
-            total.sub_(row)
-    return _reduce(total, codec.ring_bits)
+                                  device=encoded.device, backend=backend) if seeds else None
+    return _add_masks(encoded, masks, signs, codec)
 
 
 def masked_upload(
@@ -147,21 +175,33 @@ def masked_upload(
 
     pair_step_seeds maps each active peer id to keys.pair_step_seed(...) of this step. `noise`
     (int64 fixed-point units, distributed DP) is added to the encoding before masking, as the
-    client adds its RingNoise sample; bounding it is the sampler's job, as on the CPU.
+    client adds its RingNoise sample; bounding it is the sampler's job, as on the CPU. With a
+    ring of at most 32 bits the dither and every mask come from one ChaCha20 launch.
     """
     if client_id in pair_step_seeds:
         raise ConfigError("a client has no pair mask with itself")
-    encoded = encode(x, codec, rounding_key=rounding_key, check_finite=check_finite,
-                     backend=backend)
+    signed = {seed: pair_sign(client_id, peer) for peer, seed in pair_step_seeds.items()}
+    if len(signed) != len(pair_step_seeds):
+        raise ConfigError("two peers share one pair seed")
+    flat = _flat_input(x, codec, check_finite)
+    seeds, signs = _signed_seeds(self_seed, signed)
+    key = _dither_key(codec, rounding_key)
+    m = flat.numel()
+    if key is not None and codec.ring_bits <= 32:
+        rows = chacha20.keystream_words([key, *seeds], m, device=flat.device, backend=backend)
+        dither, masks = rows[0], _reduce(rows[1:], codec.ring_bits)
+    else:
+        dither = None if key is None else chacha20.keystream_words(
+            [key], m, device=flat.device, backend=backend)[0]
+        masks = chacha20.uniform_ring(seeds, m, ring_bits=codec.ring_bits, device=flat.device,
+                                      backend=backend)
+    encoded = _encode_flat(flat, codec, dither)
     if noise is not None:
         if noise.dtype != torch.int64 or noise.shape != encoded.shape:
             raise ConfigError(f"noise must be {encoded.numel()} int64 values")
         # int64 -> int32 keeps the low 32 bits: the ring residue of the signed noise
         encoded = _reduce(encoded + noise.to(encoded.device, encoded.dtype), codec.ring_bits)
-    signed = {seed: pair_sign(client_id, peer) for peer, seed in pair_step_seeds.items()}
-    if len(signed) != len(pair_step_seeds):
-        raise ConfigError("two peers share one pair seed")
-    return mask_vector(encoded, codec, self_seed=self_seed, pair_seeds=signed, backend=backend)
+    return _add_masks(encoded, masks, signs, codec)
 
 
 def ring_sum(vectors: Sequence[torch.Tensor], codec: FixedPointCodec) -> torch.Tensor:

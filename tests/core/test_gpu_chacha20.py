@@ -108,7 +108,7 @@ def test_compiled_double_round_equals_eager():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "compiled", "auto"])
 def test_cuda_keystream_equals_cryptography(backend):
     for key, nonce in zip(KEYS, NONCES, strict=True):
         for nbytes in (1, 65, 1024):

@@ -23,12 +23,20 @@ def _session(maskers=None, prg="chacha20", **kw) -> SecAggSession:
                          rounding_seed=b"r" * 32, **kw)
 
 
-def test_mixed_device_and_numpy_clients_sum_exactly_like_numpy_clients():
+DEVICES = [pytest.param("cpu", "torch", id="cpu"),
+           pytest.param("cuda", "auto", id="cuda", marks=[
+               pytest.mark.gpu,
+               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICES)
+def test_mixed_device_and_numpy_clients_sum_exactly_like_numpy_clients(device, backend):
     inputs = _inputs(4, 300)
-    mixed = _session({0: protocol_masker(backend="torch"), 2: protocol_masker(backend="torch")})
+    mixed = _session({0: protocol_masker(backend=backend), 2: protocol_masker(backend=backend)})
     numpy_only = _session()
     for step in range(2):
-        tensors = {c: torch.from_numpy(v) if c in (0, 2) else v for c, v in inputs.items()}
+        tensors = {c: torch.from_numpy(v).to(device) if c in (0, 2) else v
+                   for c, v in inputs.items()}
         a = mixed.step(tensors, drop_after_upload=[3] if step == 0 else [])
         b = numpy_only.step(inputs, drop_after_upload=[3] if step == 0 else [])
         np.testing.assert_array_equal(a.ring_total, b.ring_total)

@@ -74,7 +74,7 @@ def _session(n: int, m: int, *, ring_bits: int, seed: int):
     return server, clients, codec, values
 
 
-@pytest.mark.parametrize("ring_bits", [32, 44])
+@pytest.mark.parametrize("ring_bits", [24, 32, 44])
 def test_masked_upload_equals_the_secagg_client_and_the_server_unmasks_it(
         monkeypatch, ring_bits):
     n, m, step = 4, 515, 1
