@@ -20,6 +20,7 @@ from codream_secure.config import (
     DP_NOISE_KINDS,
     DP_UNITS,
     FIELD_NAMES,
+    MASKINGS,
     MODEL_CHOICES,
     PRECISIONS,
     SOFT_LABELS,
@@ -157,6 +158,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                   "for dream steps, local training and distillation, and on CUDA also "
                   "channels_last and torch.compile with CUDA graphs for the dream step "
                   "(docs/gpu.md). Secure sums are unaffected: gradients are summed in fp32."),
+    "masking": (click.Choice(MASKINGS), "Where a SecAgg client quantises and masks its dream "
+                "gradient: 'host' (numpy, AES-256-CTR masks), 'device' (on the gradient's "
+                "device, ChaCha20 masks, bit-identical to a host client using ChaCha20; the "
+                "gradient never leaves the GPU unmasked); 'auto' = device on CUDA with "
+                "secagg/secagg+, else host."),
     "seed": (click.INT, "Seed of partitions, model initialisation, dreams and dropouts. Masks "
              "never derive from it: they come from fresh cryptographic keys."),
     "threads": (click.INT, "CPU threads for torch (0 = torch's default)."),

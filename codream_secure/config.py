@@ -22,6 +22,7 @@ SOFT_LABELS: tuple[str, ...] = ("probs", "logits")
 BASELINES: tuple[str, ...] = ("isolated", "fedavg", "centralized")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+MASKINGS: tuple[str, ...] = ("auto", "host", "device")
 DP_UNITS: tuple[str, ...] = ("off", "client", "sample")
 DP_MODES: tuple[str, ...] = ("central", "distributed")
 DP_NOISE_KINDS: tuple[str, ...] = ("skellam", "discrete_gaussian")
@@ -76,6 +77,7 @@ class SimulationConfig:
     baselines: tuple[str, ...] = ("isolated", "fedavg", "centralized")
     device: str = "auto"
     precision: str = "fp32"
+    masking: str = "auto"
     seed: int = 0
     threads: int = 0
     out: str = "runs/latest"
@@ -146,6 +148,13 @@ class SimulationConfig:
             raise ConfigError(f"baselines: names repeat in {list(self.baselines)}")
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("masking", self.masking, MASKINGS)
+        if self.masking == "device" and self.aggregator not in ("secagg", "secagg+"):
+            raise ConfigError(f"masking: 'device' masks pairwise-mask uploads; aggregator "
+                              f"{self.aggregator!r} has none (use --masking auto or host)")
+        if self.masking == "device" and self.dp == "client":
+            raise ConfigError("masking: 'device' is not built for client-level DP yet (its L2 "
+                              "clipping runs on the host); use --masking auto or host")
         if self.device == "cuda" and not _cuda_available():
             raise ConfigError("device: 'cuda' requested but torch sees no CUDA device; "
                               "use --device cpu or auto")

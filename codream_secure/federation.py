@@ -29,6 +29,7 @@ from .dreams import (
     dream_gradient,
     server_entropy_gradient,
 )
+from .errors import ConfigError
 from .results import ClientData, MethodResult
 
 if TYPE_CHECKING:  # opacus loads only for runs with DP
@@ -76,8 +77,13 @@ class AggregationChannel:
     def __init__(self, aggregator: str, n_clients: int, *, clip: float, ring_bits: int,
                  expected_dropout: float, purpose: str = "dream-gradient",
                  key_bits: int = 3072, dp: DPSpec | None = None,
-                 ledger: PrivacyLedger | None = None) -> None:
+                 ledger: PrivacyLedger | None = None, masking: str = "host") -> None:
+        if masking not in ("host", "device"):
+            raise ConfigError(f"masking must be 'host' or 'device', got {masking!r}")
         self.purpose, self.dp, self.ledger = purpose, dp, ledger
+        # device: each client's upload is quantised and masked where its tensor lives (ChaCha20
+        # session PRG, bit-identical to a host client); vectors may then be torch tensors
+        self.device_masking = masking == "device"
         self.dp_clipped = 0  # client vectors scaled down to the DP L2 clip
         self.aggregator, self.n_clients, self.clip = aggregator, n_clients, clip
         self.ring_bits, self.expected_dropout, self.key_bits = ring_bits, expected_dropout, key_bits
@@ -106,10 +112,18 @@ class AggregationChannel:
             ring_bits=self.ring_bits, expected_dropout=self.expected_dropout,
             rounding_seed=hashlib.sha256(repr(seed).encode()).digest(),
             key_bits=self.key_bits, keypair=self._keypair, dp=self.dp,
+            **self._masking_options(),
         )
         self._traffic_seen = (np.zeros(self.n_clients, np.int64),
                               np.zeros(self.n_clients, np.int64))
         self._account()
+
+    def _masking_options(self) -> dict:
+        if not self.device_masking:
+            return {}
+        from .gpu.masking import protocol_masker
+
+        return {"prg": "chacha20", "maskers": {c: protocol_masker() for c in range(self.n_clients)}}
 
     def _account(self) -> None:
         assert self.session is not None
@@ -132,11 +146,10 @@ class AggregationChannel:
         """
         if self.session is None:
             raise RuntimeError("open() the channel before summing")
-        for client, vector in inputs.items():
-            if not np.all(np.isfinite(vector)):
-                raise NonFiniteGradientError(
-                    f"client {client}'s vector for the {self.purpose} sum holds NaN or inf "
-                    "(its model diverged? lower the learning rates)")
+        for client in _non_finite(inputs):
+            raise NonFiniteGradientError(
+                f"client {client}'s vector for the {self.purpose} sum holds NaN or inf "
+                "(its model diverged? lower the learning rates)")
         start = time.perf_counter()
         clipped_before = getattr(self.session, "clipped", 0)
         outcome = self.session.step(inputs, drop_after_upload=drop_after_upload)
@@ -151,11 +164,35 @@ class AggregationChannel:
             return outcome.total, outcome.included
         members = sorted(outcome.included)
         # the reference is what a plain run would have summed: clipping counts as error here
-        plain = np.sum([inputs[c] for c in members], axis=0, dtype=np.float64)
-        clipped = 0 if self.aggregator == "plain" else sum(
-            int(np.count_nonzero(np.abs(inputs[c]) > self.clip)) for c in members)
+        plain, clipped = _plain_reference([inputs[c] for c in members], self.clip)
+        if self.aggregator == "plain":
+            clipped = 0
         self.stats.observe(outcome.total, plain, clipped, seconds)
         return outcome.total, outcome.included
+
+
+def _non_finite(inputs: dict) -> list[int]:
+    """Clients whose vector holds NaN/inf; device tensors are checked with one sync."""
+    tensors = [c for c, v in inputs.items() if torch.is_tensor(v)]
+    bad = [c for c, v in inputs.items() if not torch.is_tensor(v) and not np.all(np.isfinite(v))]
+    if tensors:
+        finite = torch.stack([torch.isfinite(inputs[c]).all() for c in tensors]).cpu()
+        bad += [c for c, ok in zip(tensors, finite.tolist(), strict=True) if not ok]
+    return sorted(bad)
+
+
+def _plain_reference(vectors: list, clip: float) -> tuple[np.ndarray, int]:
+    """What a plain run would have summed (float64), and how many values exceed the clip.
+
+    Device tensors are summed where they live: one vector crosses to the host, not n.
+    """
+    if vectors and all(torch.is_tensor(v) for v in vectors):
+        stacked = torch.stack([v.reshape(-1) for v in vectors])
+        clipped = int((stacked.abs() > clip).sum())
+        return stacked.double().sum(0).cpu().numpy(), clipped
+    arrays = [np.asarray(v.cpu() if torch.is_tensor(v) else v) for v in vectors]
+    clipped = sum(int(np.count_nonzero(np.abs(a) > clip)) for a in arrays)
+    return np.sum(arrays, axis=0, dtype=np.float64), clipped
 
 
 @dataclass
@@ -311,8 +348,10 @@ class CoDreamFederation:
             leaving_before = {c for c, (s, after) in plan.items() if s == step and not after}
             leaving_after = [c for c, (s, after) in plan.items() if s == step and after]
             members = sorted(active - leaving_before)
-            inputs = {c: g.cpu().numpy().reshape(-1)
-                      for c, g in zip(members, self._dream_gradients(members, x), strict=True)}
+            grads = self._dream_gradients(members, x)
+            # device masking: the gradient is quantised and masked where it was computed
+            inputs = {c: g.reshape(-1) if self.grad_channel.device_masking
+                      else g.cpu().numpy().reshape(-1) for c, g in zip(members, grads, strict=True)}
             seconds["dreams"] += time.perf_counter() - start
             start = time.perf_counter()
             total, included = self.grad_channel.sum(inputs, drop_after_upload=leaving_after)

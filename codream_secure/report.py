@@ -195,6 +195,8 @@ def _aggregator_section(agg: dict) -> list[str]:
         ["threshold t", _num(agg.get("threshold"))],
         ["neighbour degree k", _num(agg.get("degree"))],
         ["ring bits", _num(agg.get("ring_bits"))],
+        ["masking (dream / labels)", " / ".join(
+            _num((agg.get("masking") or {}).get(k)) for k in ("dream", "labels"))],
         ["scale bits (dream / labels)",
          f"{_num(scale.get('dream'))} / {_num(scale.get('labels'))}"],
         ["error bound per step (dream / labels)",

@@ -56,6 +56,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_masking(config: SimulationConfig, device: torch.device) -> str:
+    """Where dream gradients are masked: 'auto' is the device on CUDA with SecAgg, else host."""
+    if config.masking != "auto":
+        return config.masking
+    secagg = config.aggregator in ("secagg", "secagg+") and config.dp != "client"
+    return "device" if secagg and device.type == "cuda" else "host"
+
+
 def _split_clients(data: LoadedDataset, config: SimulationConfig, device: torch.device
                    ) -> tuple[list[ClientData], list[np.ndarray]]:
     """Hold out one stratified validation set, then partition the rest among the clients.
@@ -185,6 +193,8 @@ def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict
     values = sum(s.values for s in stats)
     report = {"name": config.aggregator, "threshold": None, "degree": None, "ring_bits": None,
               "scale_bits": None, "error_bound_per_step": None,
+              "masking": {"dream": "device" if grad.device_masking else "host",
+                          "labels": "device" if labels.device_masking else "host"},
               "measured": {
                   "max_abs_error_vs_plain":
                       max(s.max_abs_error for s in stats) if compared else None,
@@ -256,10 +266,12 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
     channels = [AggregationChannel(config.aggregator, config.clients, clip=clip,
                                    ring_bits=config.ring_bits, expected_dropout=config.dropout_rate,
                                    purpose=purpose, key_bits=config.paillier_bits, dp=spec,
-                                   ledger=None if client_dp is None else client_dp.ledger)
-                for clip, purpose, spec in (
-                    (config.grad_clip, "dream-gradient", client_dp and client_dp.grad),
-                    (config.label_clip, "soft-label", client_dp and client_dp.labels))]
+                                   ledger=None if client_dp is None else client_dp.ledger,
+                                   masking=masking)
+                for clip, purpose, spec, masking in (
+                    (config.grad_clip, "dream-gradient", client_dp and client_dp.grad,
+                     resolve_masking(config, device)),
+                    (config.label_clip, "soft-label", client_dp and client_dp.labels, "host"))]
     fed = CoDreamFederation(clients, models, server_model, x_test, y_test,
                             settings=_settings(config), grad_channel=channels[0],
                             label_channel=channels[1], device=device, trainers=trainers)

@@ -107,6 +107,7 @@ BAD_VALUES = [
     ({"baselines": ("isolated", "isolated")}, "baselines", "repeat"),
     ({"device": "tpu"}, "device", "cuda"),
     ({"precision": "fp8"}, "precision", "bf16"),
+    ({"masking": "gpu"}, "masking", "device"),
     ({"seed": -1}, "seed", "at least 0"),
     ({"threads": -2}, "threads", "at least 0"),
     ({"out": ""}, "out", "non-empty"),

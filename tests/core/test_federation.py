@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from codream_secure.cli import main
 from codream_secure.config import SimulationConfig
 from codream_secure.dreams import NonFiniteGradientError
+from codream_secure.errors import ConfigError
 from codream_secure.federation import AggregationChannel
 from codream_secure.simulation import run_simulation
 from tests.core.tiny_runs import TINY, killed_then_resumed
@@ -32,6 +34,43 @@ def test_secure_dream_gradient_sum_equals_plain_within_the_codec_bound(aggregato
     assert secure.stats.max_abs_error <= secure.error_bound
     assert secure.stats.clipped == 0
     assert (secure.bytes_up > 4 * 8 * 64 * 3).all()  # masked vectors plus sealed shares
+
+
+@pytest.mark.parametrize("aggregator", ["secagg", "secagg+"])
+def test_device_masked_channel_sums_torch_tensors_like_the_host_channel(aggregator):
+    rng = np.random.default_rng(5)
+    grads = {c: rng.normal(0, 0.3, 8 * 64).astype(np.float32) for c in range(4)}
+    device = AggregationChannel(aggregator, 4, clip=8.0, ring_bits=32, expected_dropout=0.0,
+                                masking="device")
+    host = AggregationChannel(aggregator, 4, clip=8.0, ring_bits=32, expected_dropout=0.0)
+    device.open(8 * 64, seed=("test",))
+    host.open(8 * 64, seed=("test",))
+    assert device.session.codec.prg == "chacha20" and host.session.codec.prg == "aes-256-ctr"
+    exact = np.sum(list(grads.values()), axis=0, dtype=np.float64)
+    for step in range(3):
+        tensors = {c: torch.from_numpy(v) for c, v in grads.items()}
+        d_total, d_in = device.sum(tensors, drop_after_upload=[3] if step == 1 else [])
+        h_total, h_in = host.sum(grads, drop_after_upload=[3] if step == 1 else [])
+        assert d_in == h_in
+        np.testing.assert_allclose(d_total, exact, atol=device.error_bound)
+        np.testing.assert_allclose(h_total, exact, atol=host.error_bound)
+        if step == 1:
+            grads = {c: v for c, v in grads.items() if c != 3}
+            exact = np.sum(list(grads.values()), axis=0, dtype=np.float64)
+    assert 0 < device.stats.max_abs_error <= device.error_bound
+    np.testing.assert_array_equal(device.bytes_up, host.bytes_up)  # the same messages
+
+
+def test_device_masked_channel_names_a_client_with_a_nan_tensor():
+    channel = AggregationChannel("secagg", 3, clip=1.0, ring_bits=32, expected_dropout=0.0,
+                                 masking="device")
+    channel.open(4, seed=("nan",))
+    bad = {0: torch.zeros(4), 1: torch.tensor([0.0, float("inf"), 0.0, 0.0]), 2: torch.zeros(4)}
+    with pytest.raises(NonFiniteGradientError, match="client 1's vector"):
+        channel.sum(bad)
+    with pytest.raises(ConfigError, match="masking must be"):
+        AggregationChannel("secagg", 3, clip=1.0, ring_bits=32, expected_dropout=0.0,
+                           masking="gpu")
 
 
 def test_a_dropout_after_upload_still_counts_and_leaves_the_session():
@@ -136,6 +175,24 @@ def test_tiny_run_under_paillier(tmp_path):
     assert report["aggregator"]["name"] == "paillier" and measured["steps_compared"] == 3 + 1
     bound = max(report["aggregator"]["error_bound_per_step"].values())
     assert measured["max_abs_error_vs_plain"] <= bound
+
+
+def test_tiny_run_with_device_masking_and_its_refusals(tmp_path):
+    report = _run(tmp_path, "device", masking="device", rounds=1, baselines=()).report
+    assert report["config"]["masking"] == "device"
+    agg = report["aggregator"]
+    assert agg["masking"] == {"dream": "device", "labels": "host"}
+    assert 0 < agg["measured"]["max_abs_error_vs_plain"] <= max(
+        agg["error_bound_per_step"].values())
+    assert report["rounds"][1]["included_in_dreams"] == [0, 1, 2]
+    for bad, message in (({"aggregator": "plain"}, "has none"),
+                         ({"dp": "client", "dp_noise": 1.0}, "client-level DP")):
+        with pytest.raises(ConfigError, match=message):
+            SimulationConfig(**{**TINY, "masking": "device", **bad})
+    result = CliRunner().invoke(main, ["simulate", "--masking", "device", "--aggregator",
+                                       "paillier"])
+    assert result.exit_code == 2 and "masking" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_tiny_run_on_the_bf16_fast_path(tmp_path):
