@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -27,7 +28,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from codream_secure.dreams import DreamLossWeights, dream_gradient, dream_loss
+from codream_secure.dreams import (
+    DreamLossWeights,
+    NonFiniteGradientError,
+    dream_gradient,
+    dream_loss,
+)
 from codream_secure.gpu import chacha20, masking
 from codream_secure.gpu.fast_dream import FastDreamStep, dream_gradients
 from codream_secure.models import build_model
@@ -36,6 +42,7 @@ from protocols.primitives import envelope, kdf, prg, shamir
 from protocols.secagg import keys
 
 W = DreamLossWeights()
+SECTIONS = ("step", "round", "keystream")
 
 
 def _sync(device: torch.device) -> None:
@@ -87,24 +94,73 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def agreement(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Relative L2 error and cosine of a gradient against the fp32 eager one."""
+    got, ref = got.double().flatten(), ref.double().flatten()
+    return {"rel_err": float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)),
+            "cosine": float(torch.nn.functional.cosine_similarity(got, ref, dim=0))}
+
+
+def backward_with_weights(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """grad_x by loss.backward() with every parameter requiring a gradient (then cleared)."""
+    inputs = x.detach().clone().requires_grad_(True)
+    loss, _ = dream_loss(model, inputs, W)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return inputs.grad
+
+
+def profile_table(step: Callable[[], object], device: torch.device, steps: int = 5) -> str:
+    """Device time per kernel over `steps` calls (torch.profiler), and the busy time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / steps / 1e3
+    table = events.table(sort_by="self_device_time_total", row_limit=30)
+    return f"device busy time per step: {busy:.3f} ms (sum of kernel times)\n{table}"
+
+
 def dream_step(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], object]:
-    """fp32 eager and optimised ms/step of args.model in the same run; returns the fast step."""
+    """fp32 eager, bf16 eager and optimised ms/step of args.model in one run; the fast step."""
     torch.manual_seed(0)
     model = build_model(args.model, input_shape=args.shape, num_classes=10).to(device).eval()
     x = torch.randn(args.batch, *args.shape, device=device)
     flops = count_flops(model, x)
+    reference = dream_gradient(model, x, W)
     eager_ms = timed_ms(lambda: dream_gradient(model, x, W), device, iters=args.iters)
+    rows = [{"variant": "fp32 eager (dreams.dream_gradient)", "ms": eager_ms,
+             **agreement(reference, reference)}]
+    # DeepInversion-style code calls loss.backward() with the weights trainable: their
+    # gradients are computed too (FLOPs below count the input gradient only)
+    rows.append({"variant": "fp32 eager, loss.backward() (weight gradients too)",
+                 "ms": timed_ms(lambda: backward_with_weights(model, x), device,
+                                iters=args.iters),
+                 **agreement(backward_with_weights(model, x), reference)})
+    if device.type == "cuda":  # what bf16 and NHWC give before any compilation
+        half = FastDreamStep(model, W, precision="bf16", channels_last=True)
+        rows.append({"variant": "bf16 autocast, channels_last, eager",
+                     "ms": timed_ms(lambda: half(x), device, iters=args.iters),
+                     **agreement(half(x), reference)})
     start = time.perf_counter()
     fast = FastDreamStep.optimised(model, W)
-    fast(x)
     fast(x)
     _sync(device)
     first_s = time.perf_counter() - start
     fast_ms = timed_ms(lambda: fast(x), device, iters=args.iters)
     c = fast.config
     variant = f"{c.precision}, channels_last={c.channels_last}, compile={c.compile}"
-    rows = [{"variant": "fp32 eager (dreams.dream_gradient)", "ms": eager_ms},
-            {"variant": f"optimised ({variant})", "ms": fast_ms, "warmup_s": first_s}]
+    if c.cuda_graphs:
+        variant += " (CUDA graphs)"
+    rows.append({"variant": f"optimised ({variant})", "ms": fast_ms, "warmup_s": first_s,
+                 **agreement(fast(x), reference)})
+    if args.profile and device.type == "cuda":
+        args.profile_text = profile_table(lambda: fast(x), device)
+        print(args.profile_text.splitlines()[0])
     for row in rows:
         row.update(model=args.model, batch=args.batch, gflop=flops / 1e9,
                    tflops=flops / row["ms"] / 1e9, speedup=eager_ms / row["ms"])
@@ -135,11 +191,27 @@ def keystream_rates(device: torch.device, n_words: int, *, skip: tuple[str, ...]
     return rows
 
 
+class StepKeys:
+    """One client's host-side secrets of one step: what the protocol derives and seals."""
+
+    def __init__(self, pair_seeds: dict[int, bytes], rounding_key: bytes, self_seed: bytes,
+                 shares: dict[int, bytes], sealed: list[bytes]) -> None:
+        self.pair_seeds, self.rounding_key, self.self_seed = pair_seeds, rounding_key, self_seed
+        self.shares, self.sealed = shares, sealed
+
+
 class SecureRound:
-    """Per-step secure aggregation of n device gradients with the protocol's key schedule."""
+    """Per-step secure aggregation of n device gradients with the protocol's key schedule.
+
+    The host part of a step (HKDF pair and rounding keys, the self seed, its Shamir shares and
+    their AES-GCM envelopes) depends on the step number only, so `total` does it first, while the
+    device still computes the gradients it was handed; the device then encodes and masks, and one
+    synchronisation per step checks every gradient is finite before any upload is copied out.
+    """
 
     def __init__(self, n: int, m: int, *, clip: float, device: torch.device) -> None:
         self.n, self.m, self.device = n, m, device
+        self.threshold = n // 2 + 1
         self.codec = FixedPointCodec.for_clients(n, clip=clip, ring_bits=32,
                                                  rounding="stochastic", prg="chacha20")
         self.sid = os.urandom(16)
@@ -148,37 +220,61 @@ class SecureRound:
         self.pinned = [torch.empty(m, dtype=torch.int32, pin_memory=device.type == "cuda")
                        for _ in range(n)]
 
+    def step_keys(self, client: int, step: int) -> StepKeys:
+        """The host work of one client at one step (no device work, no synchronisation)."""
+        pair_seeds = {p: keys.pair_step_seed(self.masters[min(client, p), max(client, p)],
+                                             session_id=self.sid, step=step)
+                      for p in range(self.n) if p != client}
+        rounding_key = kdf.derive_key(self.sid, session_id=b"rounding",
+                                      purpose="stochastic-rounding", context=(step, client))
+        self_seed = os.urandom(32)
+        shares = shamir.split(self_seed, threshold=self.threshold,
+                              share_ids=[p + 1 for p in range(self.n) if p != client])
+        sealed = [envelope.seal(self.envelope_keys[client, p], shares[p + 1],
+                                nonce=keys.envelope_nonce(step), associated_data=b"")
+                  for p in range(self.n) if p != client]
+        return StepKeys(pair_seeds, rounding_key, self_seed, shares, sealed)
+
     def total(self, grads: list[torch.Tensor], step: int) -> torch.Tensor:
         """Sum of the clients' gradients through masking, as the server decodes it."""
-        threshold = self.n // 2 + 1
-        uploads, self_seeds = [], []
-        for c, grad in enumerate(grads):
-            pair_seeds = {p: keys.pair_step_seed(self.masters[min(c, p), max(c, p)],
-                                                 session_id=self.sid, step=step)
-                          for p in range(self.n) if p != c}
-            rounding_key = kdf.derive_key(self.sid, session_id=b"rounding",
-                                          purpose="stochastic-rounding", context=(step, c))
-            self_seed = os.urandom(32)
-            upload = masking.masked_upload(grad, self.codec, client_id=c, self_seed=self_seed,
-                                           pair_step_seeds=pair_seeds, rounding_key=rounding_key)
-            self.pinned[c].copy_(upload, non_blocking=True)  # the bytes the client sends
-            shares = shamir.split(self_seed, threshold=threshold,
-                                  share_ids=[p + 1 for p in range(self.n) if p != c])
-            for p in range(self.n):
-                if p != c:
-                    envelope.seal(self.envelope_keys[c, p], shares[p + 1],
-                                  nonce=keys.envelope_nonce(step), associated_data=b"")
-            uploads.append(upload)
-            self_seeds.append((self_seed, shares))
+        secrets = [self.step_keys(c, step) for c in range(self.n)]  # overlaps device work
+        uploads = [masking.masked_upload(g, self.codec, client_id=c, self_seed=s.self_seed,
+                                         pair_step_seeds=s.pair_seeds,
+                                         rounding_key=s.rounding_key, check_finite=False)
+                   for c, (g, s) in enumerate(zip(grads, secrets, strict=True))]
+        require_finite(grads)  # the step's one sync: nothing leaves a client before it
+        for pinned, upload in zip(self.pinned, uploads, strict=True):
+            pinned.copy_(upload, non_blocking=True)  # the bytes each client sends
         total = masking.ring_sum(uploads, self.codec)
         recovered = []
-        for _, shares in self_seeds:  # the server rebuilds each self seed from t shares
-            some = dict(list(shares.items())[:threshold])
-            recovered.append(shamir.combine(some, threshold=threshold))
-        assert recovered == [s for s, _ in self_seeds]
+        for s in secrets:  # the server rebuilds each self seed from t shares
+            some = dict(list(s.shares.items())[:self.threshold])
+            recovered.append(shamir.combine(some, threshold=self.threshold))
+        if recovered != [s.self_seed for s in secrets]:
+            raise RuntimeError("Shamir recombination did not return the self seeds")
         unmasked = masking.mask_vector(total, self.codec, self_seed=None,
                                        pair_seeds={s: -1 for s in recovered})
         return masking.decode_sum(unmasked, self.codec, n_summed=self.n).to(torch.float32)
+
+    def check(self, grads: list[torch.Tensor], step: int) -> dict:
+        """Secure sum vs the plain sum of the clipped gradients: within n units of 2^-f."""
+        flat = [g.reshape(-1) for g in grads]
+        got = self.total(flat, step).double()
+        clip = self.codec.clip
+        want = torch.stack([g.double().clamp(-clip, clip) for g in flat]).sum(0)
+        bound = self.n * math.ldexp(1.0, -self.codec.scale_bits)  # stochastic rounding: < 1 unit
+        err = float((got - want).abs().max())
+        clipped = int(sum(int((g.abs() > clip).sum()) for g in flat))
+        if not err <= bound * 1.001 + 1e-6 * float(want.abs().max()):
+            raise AssertionError(f"secure sum differs from the plain sum by {err:.3g} "
+                                 f"(bound {bound:.3g})")
+        return {"max_abs_error": err, "bound": bound, "clipped_values": clipped}
+
+
+def require_finite(grads: list[torch.Tensor]) -> None:
+    """One device sync for all clients: refuse a NaN/inf gradient before anything is sent."""
+    if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        raise NonFiniteGradientError("a client's dream gradient holds NaN or inf")
 
 
 def dream_round(steps: list, x0: torch.Tensor, n_steps: int, *, secure: SecureRound | None,
@@ -189,9 +285,7 @@ def dream_round(steps: list, x0: torch.Tensor, n_steps: int, *, secure: SecureRo
     for step in range(1, n_steps + 1):
         grads = dream_gradients(steps, x.detach(), overlap=overlap)
         if secure is None:
-            for g in grads:  # the plain path refuses NaN too (federation does)
-                if not bool(torch.isfinite(g).all()):
-                    raise FloatingPointError("non-finite gradient")
+            require_finite(grads)  # the plain path refuses NaN too, with the same one sync
             total = torch.stack(grads).sum(0)
         else:
             total = secure.total([g.reshape(-1) for g in grads], step).reshape(x.shape)
@@ -217,6 +311,7 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
     dream_round(steps, x0, 2, secure=None, overlap=args.overlap)  # compile and warm up
     dream_round(steps, x0, 2, secure=secure, overlap=args.overlap)
     warm = time.perf_counter() - start
+    check = secure.check(dream_gradients(steps, x0, overlap=args.overlap), step=0)
     times: dict[str, list[float]] = {"plain": [], "secure": []}
     for _ in range(3):
         for kind in ("plain", "secure"):
@@ -228,26 +323,28 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
             times[kind].append(1e3 * (time.perf_counter() - t0) / args.round_steps)
     plain, sec = statistics.median(times["plain"]), statistics.median(times["secure"])
     return [{"models": args.round_models, "batch": args.batch, "steps": args.round_steps,
-             "overlap": args.overlap, "plain_ms_per_step": plain, "secure_ms_per_step": sec,
-             "ratio": sec / plain, "warmup_s": warm}]
+             "overlap": args.overlap and not any(s.config.cuda_graphs for s in steps),
+             "plain_ms_per_step": plain, "secure_ms_per_step": sec,
+             "ratio": sec / plain, "warmup_s": warm, **check}]
 
 
 def _markdown(result: dict) -> str:
     lines = [f"# Device benchmark ({result['device']}, {result['date']})", "",
              f"Command: `{result['command']}`", "", "## Dream step", "",
-             "| variant | ms/step | GFLOP/step | TFLOP/s | x fp32 eager |", "|---|---|---|---|---|"]
+             "| variant | ms/step | GFLOP/step | TFLOP/s | x fp32 eager | rel. error | cosine |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["dream_step"]:
         lines.append(f"| {r['variant']} | {r['ms']:.2f} | {r['gflop']:.2f} | {r['tflops']:.3f} "
-                     f"| {r['speedup']:.1f} |")
+                     f"| {r['speedup']:.1f} | {r['rel_err']:.2e} | {r['cosine']:.4f} |")
     c = result["matmul_ceiling"]
     lines += ["", f"Measured matmul ceiling: {c['tflops']:.3f} TFLOP/s ({c['dtype']}, n={c['n']})",
               "", "## Dream round, secure vs plain", "",
-              "| models | batch | steps | plain ms/step | secure ms/step | ratio |",
-              "|---|---|---|---|---|---|"]
+              "| models | batch | steps | plain ms/step | secure ms/step | ratio | max error "
+              "(bound) |", "|---|---|---|---|---|---|---|"]
     for r in result["round"]:
         lines.append(f"| {r['models']} | {r['batch']} | {r['steps']} | "
                      f"{r['plain_ms_per_step']:.2f} | {r['secure_ms_per_step']:.2f} | "
-                     f"{r['ratio']:.3f} |")
+                     f"{r['ratio']:.3f} | {r['max_abs_error']:.2e} ({r['bound']:.2e}) |")
     lines += ["", "## Keystream", "", "| where | GB/s | words |", "|---|---|---|"]
     for r in result["keystream"]:
         lines.append(f"| {r['where']} | {r['gbps']:.2f} | {r['n_words']} |")
@@ -267,9 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="run heterogeneous clients one after another (no CUDA streams)")
     parser.add_argument("--keystream-words", type=int, default=1 << 26)
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        type=lambda text: tuple(text.split(",")),
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write profile.txt: device time per kernel of the fast step")
     parser.add_argument("--out", type=Path, default=None,
                         help="default benchmarks/results/device (--quick: a temporary folder)")
     args = parser.parse_args(argv)
+    if not args.sections or set(args.sections) - set(SECTIONS):
+        parser.error(f"--sections takes a comma-separated subset of {','.join(SECTIONS)}")
     args.shape = (3, 32, 32)
     if args.quick:
         args.batch, args.iters, args.shape, args.round_steps = 8, 2, (3, 16, 16), 2
@@ -281,20 +385,25 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = matmul_ceiling(device, 8192 if device.type == "cuda" else 256, 20 if not args.quick
                              else 2)
     print(f"matmul ceiling: {ceiling['tflops']:.3f} TFLOP/s ({time.perf_counter() - t0:.0f} s)")
-    steps, fast = dream_step(args, device)
-    for r in steps:
-        print(f"{r['variant']}: {r['ms']:.2f} ms/step, {r['tflops']:.1f} TFLOP/s, "
-              f"x{r['speedup']:.1f} ({time.perf_counter() - t0:.0f} s)")
-    rounds = round_rows(args, device, fast)
-    print(f"round: plain {rounds[0]['plain_ms_per_step']:.2f} ms/step, secure "
-          f"{rounds[0]['secure_ms_per_step']:.2f}, ratio {rounds[0]['ratio']:.3f} "
-          f"({time.perf_counter() - t0:.0f} s)")
-    # inductor's CPU compile of the double round takes ~20 s: not part of a smoke run
-    skip = ("compiled",) if args.quick and device.type == "cpu" else ()
-    stream = keystream_rates(device, args.keystream_words, skip=skip)
+    steps, fast, rounds, stream = [], None, [], []
+    if "step" in args.sections:
+        steps, fast = dream_step(args, device)
+        for r in steps:
+            print(f"{r['variant']}: {r['ms']:.2f} ms/step, {r['tflops']:.1f} TFLOP/s, "
+                  f"x{r['speedup']:.1f} ({time.perf_counter() - t0:.0f} s)")
+    if "round" in args.sections:
+        rounds = round_rows(args, device, fast)
+        print(f"round: plain {rounds[0]['plain_ms_per_step']:.2f} ms/step, secure "
+              f"{rounds[0]['secure_ms_per_step']:.2f}, ratio {rounds[0]['ratio']:.3f} "
+              f"({time.perf_counter() - t0:.0f} s)")
+    if "keystream" in args.sections:
+        # inductor's CPU compile of the double round takes ~20 s: not part of a smoke run
+        skip = ("compiled",) if args.quick and device.type == "cpu" else ()
+        stream = keystream_rates(device, args.keystream_words, skip=skip)
     result = {
         "device": name or device.type, "date": datetime.date.today().isoformat(),
-        "command": "python -m benchmarks.device" + (" --quick" if args.quick else ""),
+        "command": "python -m benchmarks.device" + (" --quick" if args.quick else "") + (
+            "" if args.sections == SECTIONS else " --sections " + ",".join(args.sections)),
         "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": 0.0,
         "matmul_ceiling": ceiling, "dream_step": steps, "round": rounds, "keystream": stream,
     }
@@ -307,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "device.md").write_text(text)
+    if getattr(args, "profile_text", None):
+        (args.out / "profile.txt").write_text(args.profile_text + "\n")
     print(f"wrote {args.out}/device.json and device.md")
     return 0
 
