@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 _BLOCK = 128  # keystream blocks per program instance (8 KiB of output)
+_FUSED_BLOCK = 64  # blocks per program of the fused upload kernel (1,024 values)
 
 
 @triton.jit
@@ -84,6 +85,158 @@ def _chacha20_kernel(key_ptr, nonce_ptr, out_ptr, total_blocks, blocks_per_key,
     tl.store(o + 13, (x13 + n1).to(tl.int32, bitcast=True), mask=live)
     tl.store(o + 14, (x14 + n2).to(tl.int32, bitcast=True), mask=live)
     tl.store(o + 15, (x15 + n3).to(tl.int32, bitcast=True), mask=live)
+
+
+@triton.jit
+def _block(k0, k1, k2, k3, k4, k5, k6, k7, n0, n1, n2, n3):
+    """The 16 keystream words of the blocks with these state words (uint32 vectors)."""
+    s0 = tl.full(n0.shape, 0x61707865, tl.uint32)
+    s1 = tl.full(n0.shape, 0x3320646E, tl.uint32)
+    s2 = tl.full(n0.shape, 0x79622D32, tl.uint32)
+    s3 = tl.full(n0.shape, 0x6B206574, tl.uint32)
+    x0, x1, x2, x3, x4, x5, x6, x7 = s0, s1, s2, s3, k0, k1, k2, k3
+    x8, x9, x10, x11, x12, x13, x14, x15 = k4, k5, k6, k7, n0, n1, n2, n3
+    for _ in range(10):
+        x0, x4, x8, x12 = _qr(x0, x4, x8, x12)
+        x1, x5, x9, x13 = _qr(x1, x5, x9, x13)
+        x2, x6, x10, x14 = _qr(x2, x6, x10, x14)
+        x3, x7, x11, x15 = _qr(x3, x7, x11, x15)
+        x0, x5, x10, x15 = _qr(x0, x5, x10, x15)
+        x1, x6, x11, x12 = _qr(x1, x6, x11, x12)
+        x2, x7, x8, x13 = _qr(x2, x7, x8, x13)
+        x3, x4, x9, x14 = _qr(x3, x4, x9, x14)
+    return (x0 + s0, x1 + s1, x2 + s2, x3 + s3, x4 + k0, x5 + k1, x6 + k2, x7 + k3,
+            x8 + k4, x9 + k5, x10 + k6, x11 + k7, x12 + n0, x13 + n1, x14 + n2, x15 + n3)
+
+
+@triton.jit
+def _key_block(key_ptr, nonce_ptr, index):
+    """Keystream words of blocks `index` (a uint32 vector) of the one key at key_ptr."""
+    zero = tl.zeros(index.shape, tl.uint32)
+    k = key_ptr
+    n = nonce_ptr
+    return _block(zero + tl.load(k + 0).to(tl.uint32, bitcast=True),
+                  zero + tl.load(k + 1).to(tl.uint32, bitcast=True),
+                  zero + tl.load(k + 2).to(tl.uint32, bitcast=True),
+                  zero + tl.load(k + 3).to(tl.uint32, bitcast=True),
+                  zero + tl.load(k + 4).to(tl.uint32, bitcast=True),
+                  zero + tl.load(k + 5).to(tl.uint32, bitcast=True),
+                  zero + tl.load(k + 6).to(tl.uint32, bitcast=True),
+                  zero + tl.load(k + 7).to(tl.uint32, bitcast=True),
+                  index + tl.load(n + 0).to(tl.uint32, bitcast=True),
+                  zero + tl.load(n + 1).to(tl.uint32, bitcast=True),
+                  zero + tl.load(n + 2).to(tl.uint32, bitcast=True),
+                  zero + tl.load(n + 3).to(tl.uint32, bitcast=True))
+
+
+@triton.jit
+def _encode(x_ptr, offs, n, dither, scale, limit):
+    """The codec's float32 stochastic encoding of x[offs] (uint32 residues; 0 past n).
+
+    x * 2^f is exact, clamping and floor are exact, and the uniform is built from the dither
+    word's top 23 bits exactly as protocols.codec does: no step rounds.
+    """
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    scaled = tl.minimum(tl.maximum(x * scale, -limit), limit)
+    floor = tl.floor(scaled)
+    uniform = (((dither >> 9) & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+    q = floor.to(tl.int32) + (uniform < scaled - floor).to(tl.int32)
+    return q.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _store(out_ptr, offs, n, acc, RING_BITS: tl.constexpr):
+    if RING_BITS < 32:
+        acc = acc & ((1 << RING_BITS) - 1)
+    tl.store(out_ptr + offs, acc.to(tl.int32, bitcast=True), mask=offs < n)
+
+
+@triton.jit
+def _masked_upload_kernel(x_ptr, key_ptr, nonce_ptr, sign_ptr, out_ptr, n, scale, limit,
+                          N_MASKS: tl.constexpr, RING_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """encode(x) + sum_k sign_k * PRG(key_k) for BLOCK keystream blocks (16 values each).
+
+    Key 0 is the stochastic-rounding dither; keys 1..N_MASKS are the self and pair masks (a
+    compile-time count: one variant per number of active peers). Value
+    i is word i of each stream, as in keystream_blocks, so the result equals the unfused path.
+    """
+    blocks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    index = blocks.to(tl.uint32)
+    o = blocks.to(tl.int64) * 16
+    d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12, d13, d14, d15 = _key_block(
+        key_ptr, nonce_ptr, index)
+    a0 = _encode(x_ptr, o + 0, n, d0, scale, limit)
+    a1 = _encode(x_ptr, o + 1, n, d1, scale, limit)
+    a2 = _encode(x_ptr, o + 2, n, d2, scale, limit)
+    a3 = _encode(x_ptr, o + 3, n, d3, scale, limit)
+    a4 = _encode(x_ptr, o + 4, n, d4, scale, limit)
+    a5 = _encode(x_ptr, o + 5, n, d5, scale, limit)
+    a6 = _encode(x_ptr, o + 6, n, d6, scale, limit)
+    a7 = _encode(x_ptr, o + 7, n, d7, scale, limit)
+    a8 = _encode(x_ptr, o + 8, n, d8, scale, limit)
+    a9 = _encode(x_ptr, o + 9, n, d9, scale, limit)
+    a10 = _encode(x_ptr, o + 10, n, d10, scale, limit)
+    a11 = _encode(x_ptr, o + 11, n, d11, scale, limit)
+    a12 = _encode(x_ptr, o + 12, n, d12, scale, limit)
+    a13 = _encode(x_ptr, o + 13, n, d13, scale, limit)
+    a14 = _encode(x_ptr, o + 14, n, d14, scale, limit)
+    a15 = _encode(x_ptr, o + 15, n, d15, scale, limit)
+    for k in tl.static_range(1, N_MASKS + 1):
+        # sign -1 is 0xFFFFFFFF as uint32: w * sign wraps to -w modulo 2^32
+        sign = tl.load(sign_ptr + k - 1).to(tl.uint32, bitcast=True)
+        w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _key_block(
+            key_ptr + k * 8, nonce_ptr + k * 4, index)
+        a0 += w0 * sign
+        a1 += w1 * sign
+        a2 += w2 * sign
+        a3 += w3 * sign
+        a4 += w4 * sign
+        a5 += w5 * sign
+        a6 += w6 * sign
+        a7 += w7 * sign
+        a8 += w8 * sign
+        a9 += w9 * sign
+        a10 += w10 * sign
+        a11 += w11 * sign
+        a12 += w12 * sign
+        a13 += w13 * sign
+        a14 += w14 * sign
+        a15 += w15 * sign
+    _store(out_ptr, o + 0, n, a0, RING_BITS)
+    _store(out_ptr, o + 1, n, a1, RING_BITS)
+    _store(out_ptr, o + 2, n, a2, RING_BITS)
+    _store(out_ptr, o + 3, n, a3, RING_BITS)
+    _store(out_ptr, o + 4, n, a4, RING_BITS)
+    _store(out_ptr, o + 5, n, a5, RING_BITS)
+    _store(out_ptr, o + 6, n, a6, RING_BITS)
+    _store(out_ptr, o + 7, n, a7, RING_BITS)
+    _store(out_ptr, o + 8, n, a8, RING_BITS)
+    _store(out_ptr, o + 9, n, a9, RING_BITS)
+    _store(out_ptr, o + 10, n, a10, RING_BITS)
+    _store(out_ptr, o + 11, n, a11, RING_BITS)
+    _store(out_ptr, o + 12, n, a12, RING_BITS)
+    _store(out_ptr, o + 13, n, a13, RING_BITS)
+    _store(out_ptr, o + 14, n, a14, RING_BITS)
+    _store(out_ptr, o + 15, n, a15, RING_BITS)
+
+
+def fused_masked_upload(x: torch.Tensor, key_words: torch.Tensor, nonce_words: torch.Tensor,
+                        signs: torch.Tensor, *, scale: float, limit: float,
+                        ring_bits: int) -> torch.Tensor:
+    """One launch: the float32 stochastic encoding of x plus the signed masks (int32 lanes).
+
+    Row 0 of key_words/nonce_words is the dither key, rows 1.. the masks with `signs` (+1/-1).
+    The caller checked the counter range, x's dtype (float32) and ring_bits <= 32.
+    """
+    n = x.numel()
+    out = torch.empty(n, dtype=torch.int32, device=x.device)
+    blocks = -(-n // 16)
+    grid = (triton.cdiv(blocks, _FUSED_BLOCK),)
+    _masked_upload_kernel[grid](x.contiguous(), key_words.contiguous(), nonce_words.contiguous(),
+                                signs.contiguous(), out, n, scale, limit,
+                                N_MASKS=key_words.shape[0] - 1, RING_BITS=ring_bits,
+                                BLOCK=_FUSED_BLOCK)
+    return out
 
 
 def keystream_blocks(key_words: torch.Tensor, nonce_words: torch.Tensor,

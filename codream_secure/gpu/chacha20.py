@@ -27,8 +27,10 @@ from codream_secure.errors import ConfigError
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "key_tensors",
     "keystream_bytes",
     "keystream_words",
+    "resolve_backend",
     "uniform_ring",
 ]
 
@@ -52,6 +54,11 @@ def available_backends(device: torch.device | str) -> tuple[str, ...]:
     if _triton_available() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         names.append("triton")
     return tuple(names)
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The backend `backend` runs as on `device` ('auto' resolved); unknown names are refused."""
+    return _resolve(backend, torch.device(device))
 
 
 def _resolve(backend: str, device: torch.device) -> str:
@@ -150,6 +157,17 @@ def _check_counter(nonce_words: np.ndarray, blocks: int) -> None:
         )
 
 
+def key_tensors(keys: Sequence[bytes], nonces: Sequence[bytes], blocks: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, 8) key and (K, 4) counter+nonce words on `device` for streams of `blocks` blocks.
+
+    Refuses malformed keys and nonces and a stream that would pass the 32-bit block counter.
+    """
+    key_np, nonce_np = _key_nonce_words(keys, nonces)
+    _check_counter(nonce_np, blocks)
+    return _to_device(key_np, device), _to_device(nonce_np, device)
+
+
 def keystream_words(
     keys: Sequence[bytes],
     n_words: int,
@@ -171,12 +189,10 @@ def keystream_words(
         raise ConfigError("keystream_words needs at least one key and one nonce per key")
     device = torch.device(device)
     backend = _resolve(backend, device)
-    key_np, nonce_np = _key_nonce_words(keys, nonces)
     blocks = -(-n_words // BLOCK_WORDS)
-    _check_counter(nonce_np, blocks)
+    key_words, nonce_words = key_tensors(keys, nonces, blocks, device)
     if blocks == 0:
         return torch.empty(len(keys), 0, dtype=torch.int32, device=device)
-    key_words, nonce_words = _to_device(key_np, device), _to_device(nonce_np, device)
     if backend == "triton":
         from codream_secure.gpu._chacha20_triton import keystream_blocks
 

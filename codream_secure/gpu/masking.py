@@ -44,6 +44,11 @@ __all__ = [
 ]
 
 
+# The fused kernel unrolls one ChaCha20 block per mask at compile time (Triton's interpreter,
+# which the CPU tests use, has no run-time loop bound): more masks fall back to the unfused path.
+MAX_FUSED_MASKS = 16
+
+
 def ring_dtype(codec: FixedPointCodec) -> torch.dtype:
     """int32 lanes for ring_bits <= 32, else int64 (the bit patterns of uint32/uint64)."""
     return torch.int32 if codec.ring_bits <= 32 else torch.int64
@@ -170,13 +175,15 @@ def masked_upload(
     x: torch.Tensor, codec: FixedPointCodec, *, client_id: int, self_seed: bytes,
     pair_step_seeds: Mapping[int, bytes], rounding_key: bytes | None,
     noise: torch.Tensor | None = None, check_finite: bool = True, backend: str = "auto",
+    fused: bool = False,
 ) -> torch.Tensor:
     """The ring vector SecAggClient uploads at one step (ChaCha20 PRG), computed on x's device.
 
     pair_step_seeds maps each active peer id to keys.pair_step_seed(...) of this step. `noise`
     (int64 fixed-point units, distributed DP) is added to the encoding before masking, as the
     client adds its RingNoise sample; bounding it is the sampler's job, as on the CPU. With a
-    ring of at most 32 bits the dither and every mask come from one ChaCha20 launch.
+    ring of at most 32 bits the dither and every mask come from one ChaCha20 launch; `fused`
+    (Triton backend, float32 work, stochastic rounding) encodes and masks in that same launch.
     """
     if client_id in pair_step_seeds:
         raise ConfigError("a client has no pair mask with itself")
@@ -187,6 +194,9 @@ def masked_upload(
     seeds, signs = _signed_seeds(self_seed, signed)
     key = _dither_key(codec, rounding_key)
     m = flat.numel()
+    if fused and len(seeds) <= MAX_FUSED_MASKS and _fusable(flat, codec, key, backend):
+        upload = _fused_upload(flat, codec, [key, *seeds], signs)
+        return upload if noise is None else _add_noise(upload, noise, codec)
     if key is not None and codec.ring_bits <= 32:
         rows = chacha20.keystream_words([key, *seeds], m, device=flat.device, backend=backend)
         dither, masks = rows[0], _reduce(rows[1:], codec.ring_bits)
@@ -197,11 +207,40 @@ def masked_upload(
                                       backend=backend)
     encoded = _encode_flat(flat, codec, dither)
     if noise is not None:
-        if noise.dtype != torch.int64 or noise.shape != encoded.shape:
-            raise ConfigError(f"noise must be {encoded.numel()} int64 values")
-        # int64 -> int32 keeps the low 32 bits: the ring residue of the signed noise
-        encoded = _reduce(encoded + noise.to(encoded.device, encoded.dtype), codec.ring_bits)
+        encoded = _add_noise(encoded, noise, codec)
     return _add_masks(encoded, masks, signs, codec)
+
+
+def _add_noise(ring: torch.Tensor, noise: torch.Tensor, codec: FixedPointCodec) -> torch.Tensor:
+    if noise.dtype != torch.int64 or noise.shape != ring.shape:
+        raise ConfigError(f"noise must be {ring.numel()} int64 values")
+    # int64 -> int32 keeps the low 32 bits: the ring residue of the signed noise. Ring additions
+    # commute, so adding it after the masks gives the same upload as adding it before.
+    return _reduce(ring + noise.to(ring.device, ring.dtype), codec.ring_bits)
+
+
+def _fusable(flat: torch.Tensor, codec: FixedPointCodec, dither_key: bytes | None,
+             backend: str) -> bool:
+    """The fused kernel covers the default CoDream case: float32, stochastic, ring <= 32."""
+    return (dither_key is not None and codec.ring_bits <= 32
+            and _work_dtype(flat, codec) == torch.float32
+            and chacha20.resolve_backend(backend, flat.device) == "triton")
+
+
+def _fused_upload(flat: torch.Tensor, codec: FixedPointCodec, keys: list[bytes],
+                  signs: list[int]) -> torch.Tensor:
+    from codream_secure.gpu._chacha20_triton import fused_masked_upload
+
+    blocks = -(-flat.numel() // chacha20.BLOCK_WORDS)
+    key_words, nonce_words = chacha20.key_tensors(
+        keys, [bytes(chacha20.NONCE_BYTES)] * len(keys), blocks, flat.device)
+    sign_tensor = torch.tensor(signs, dtype=torch.int32)
+    if flat.is_cuda:
+        sign_tensor = sign_tensor.pin_memory().to(flat.device, non_blocking=True)
+    return fused_masked_upload(flat.to(torch.float32), key_words, nonce_words, sign_tensor,
+                               scale=math.ldexp(1.0, codec.scale_bits),
+                               limit=math.ldexp(codec.clip, codec.scale_bits),
+                               ring_bits=codec.ring_bits)
 
 
 def ring_sum(vectors: Sequence[torch.Tensor], codec: FixedPointCodec) -> torch.Tensor:
@@ -232,11 +271,12 @@ def to_numpy_ring(vector: torch.Tensor, codec: FixedPointCodec) -> np.ndarray:
     return host.view(codec.dtype)
 
 
-def protocol_masker(*, backend: str = "auto"):
+def protocol_masker(*, backend: str = "auto", fused: bool = False):
     """A SecAggClient masker: the client derives the keys, the upload is built on x's device.
 
     Pass it as SecAggClient(..., masker=protocol_masker()) (or SecAggSession(maskers=...)) in a
-    session whose PRG is ChaCha20; the upload equals the numpy client's bit for bit.
+    session whose PRG is ChaCha20; the upload equals the numpy client's bit for bit. `fused`
+    builds it in one Triton launch where masked_upload can (bit-identical; see masked_upload).
     """
 
     def mask(vector: object, codec: FixedPointCodec, secrets: StepSecrets) -> np.ndarray:
@@ -245,7 +285,8 @@ def protocol_masker(*, backend: str = "auto"):
         noise = None if secrets.noise is None else torch.from_numpy(secrets.noise).to(x.device)
         upload = masked_upload(x, codec, client_id=secrets.client_id, self_seed=secrets.self_seed,
                                pair_step_seeds=secrets.pair_seeds,
-                               rounding_key=secrets.rounding_key, noise=noise, backend=backend)
+                               rounding_key=secrets.rounding_key, noise=noise, backend=backend,
+                               fused=fused)
         return to_numpy_ring(upload, codec)
 
     return mask

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from codream_secure.errors import ConfigError
+from codream_secure.gpu.chacha20 import available_backends
 from codream_secure.gpu.masking import protocol_masker
 from protocols.api import SecAggSession
 from protocols.errors import MalformedMessageError
@@ -23,16 +24,18 @@ def _session(maskers=None, prg="chacha20", **kw) -> SecAggSession:
                          rounding_seed=b"r" * 32, **kw)
 
 
-DEVICES = [pytest.param("cpu", "torch", id="cpu"),
-           pytest.param("cuda", "auto", id="cuda", marks=[
-               pytest.mark.gpu,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+DEVICES = [pytest.param("cpu", "torch", False, id="cpu"),
+           pytest.param("cpu", "triton", True, id="cpu-fused", marks=pytest.mark.skipif(
+               "triton" not in available_backends("cpu"), reason="needs TRITON_INTERPRET=1")),
+           pytest.param("cuda", "auto", False, id="cuda", marks=CUDA),
+           pytest.param("cuda", "auto", True, id="cuda-fused", marks=CUDA)]
 
 
-@pytest.mark.parametrize(("device", "backend"), DEVICES)
-def test_mixed_device_and_numpy_clients_sum_exactly_like_numpy_clients(device, backend):
+@pytest.mark.parametrize(("device", "backend", "fused"), DEVICES)
+def test_mixed_device_and_numpy_clients_sum_exactly_like_numpy_clients(device, backend, fused):
     inputs = _inputs(4, 300)
-    mixed = _session({0: protocol_masker(backend=backend), 2: protocol_masker(backend=backend)})
+    mixed = _session({c: protocol_masker(backend=backend, fused=fused) for c in (0, 2)})
     numpy_only = _session()
     for step in range(2):
         tensors = {c: torch.from_numpy(v).to(device) if c in (0, 2) else v

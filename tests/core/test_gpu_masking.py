@@ -12,6 +12,7 @@ import torch
 from codream_secure.dreams import NonFiniteGradientError
 from codream_secure.errors import ConfigError
 from codream_secure.gpu import masking
+from codream_secure.gpu.chacha20 import available_backends
 from protocols.codec import FixedPointCodec
 from protocols.graph import complete_graph
 from protocols.network import InProcessNetwork
@@ -157,3 +158,41 @@ def test_a_codec_with_another_prg_is_refused():
     codec = FixedPointCodec.for_clients(2, clip=1.0)  # AES-256-CTR: the device cannot match it
     with pytest.raises(ConfigError, match="prg='chacha20'"):
         masking.encode(torch.zeros(4), codec, rounding_key=bytes(32))
+
+
+TRITON_HERE = "triton" in available_backends("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs triton on CUDA, or TRITON_INTERPRET=1 here")
+@pytest.mark.parametrize("ring_bits", [16, 24, 32])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_fused_kernel_equals_the_unfused_upload(ring_bits, dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    codec = FixedPointCodec.for_clients(4, clip=2.0, ring_bits=ring_bits, rounding="stochastic",
+                                        prg="chacha20")
+    m = 2 * 1024 + 37  # several programs and a partial block
+    x = torch.from_numpy(awkward_vector(m, ring_bits, 2.0, dtype)).to(device)
+    args = dict(client_id=1, self_seed=os.urandom(32), rounding_key=os.urandom(32),
+                pair_step_seeds={0: os.urandom(32), 2: os.urandom(32), 3: os.urandom(32)})
+    noise = torch.from_numpy(np.random.default_rng(1).integers(-50, 50, m)).to(device)
+    for extra in ({}, {"noise": noise}):
+        unfused = masking.masked_upload(x, codec, backend="torch", **args, **extra)
+        fused = masking.masked_upload(x, codec, backend="triton", fused=True, **args, **extra)
+        assert fused.dtype == unfused.dtype and torch.equal(fused.cpu(), unfused.cpu())
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs triton on CUDA, or TRITON_INTERPRET=1 here")
+def test_fused_flag_falls_back_where_the_kernel_does_not_apply():
+    codec = FixedPointCodec.for_clients(2, clip=1.0, ring_bits=40, rounding="stochastic",
+                                        prg="chacha20")  # a 40-bit ring needs 64-bit lanes
+    x = torch.from_numpy(awkward_vector(100, 3, 1.0))
+    args = dict(client_id=0, self_seed=bytes(32), pair_step_seeds={1: bytes(range(32))},
+                rounding_key=bytes(32))
+    assert torch.equal(masking.masked_upload(x, codec, backend="triton", fused=True, **args),
+                       masking.masked_upload(x, codec, backend="torch", **args))
+    codec = FixedPointCodec.for_clients(20, clip=1.0, ring_bits=32, rounding="stochastic",
+                                        prg="chacha20")
+    many = {p: os.urandom(32) for p in range(1, masking.MAX_FUSED_MASKS + 1)}  # + self mask
+    args.update(pair_step_seeds=many)
+    assert torch.equal(masking.masked_upload(x, codec, backend="triton", fused=True, **args),
+                       masking.masked_upload(x, codec, backend="torch", **args))
