@@ -209,8 +209,9 @@ class SecureRound:
     synchronisation per step checks every gradient is finite before any upload is copied out.
     """
 
-    def __init__(self, n: int, m: int, *, clip: float, device: torch.device) -> None:
-        self.n, self.m, self.device = n, m, device
+    def __init__(self, n: int, m: int, *, clip: float, device: torch.device,
+                 fused: bool = False) -> None:
+        self.n, self.m, self.device, self.fused = n, m, device, fused
         self.threshold = n // 2 + 1
         self.codec = FixedPointCodec.for_clients(n, clip=clip, ring_bits=32,
                                                  rounding="stochastic", prg="chacha20")
@@ -240,7 +241,8 @@ class SecureRound:
         secrets = [self.step_keys(c, step) for c in range(self.n)]  # overlaps device work
         uploads = [masking.masked_upload(g, self.codec, client_id=c, self_seed=s.self_seed,
                                          pair_step_seeds=s.pair_seeds,
-                                         rounding_key=s.rounding_key, check_finite=False)
+                                         rounding_key=s.rounding_key, check_finite=False,
+                                         fused=self.fused)
                    for c, (g, s) in enumerate(zip(grads, secrets, strict=True))]
         require_finite(grads)  # the step's one sync: nothing leaves a client before it
         for pinned, upload in zip(self.pinned, uploads, strict=True):
@@ -306,26 +308,32 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
         model = build_model(name, input_shape=args.shape, num_classes=10).to(device).eval()
         steps.append(FastDreamStep.optimised(model, W))
     x0 = torch.randn(args.batch, *args.shape, device=device)
-    secure = SecureRound(len(steps), x0.numel(), clip=args.clip, device=device)
+    variants: dict[str, SecureRound | None] = {"plain": None, "secure": SecureRound(
+        len(steps), x0.numel(), clip=args.clip, device=device)}
+    if "triton" in chacha20.available_backends(device):
+        variants["secure, fused kernel"] = SecureRound(len(steps), x0.numel(), clip=args.clip,
+                                                       device=device, fused=True)
     start = time.perf_counter()
-    dream_round(steps, x0, 2, secure=None, overlap=args.overlap)  # compile and warm up
-    dream_round(steps, x0, 2, secure=secure, overlap=args.overlap)
+    for secure in variants.values():  # compile and warm up
+        dream_round(steps, x0, 2, secure=secure, overlap=args.overlap)
     warm = time.perf_counter() - start
-    check = secure.check(dream_gradients(steps, x0, overlap=args.overlap), step=0)
-    times: dict[str, list[float]] = {"plain": [], "secure": []}
+    grads = dream_gradients(steps, x0, overlap=args.overlap)
+    checks = {name: secure.check(grads, step=0) for name, secure in variants.items() if secure}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(3):
-        for kind in ("plain", "secure"):
+        for name, secure in variants.items():
             _sync(device)
             t0 = time.perf_counter()
-            dream_round(steps, x0, args.round_steps, secure=secure if kind == "secure" else None,
-                        overlap=args.overlap)
+            dream_round(steps, x0, args.round_steps, secure=secure, overlap=args.overlap)
             _sync(device)
-            times[kind].append(1e3 * (time.perf_counter() - t0) / args.round_steps)
-    plain, sec = statistics.median(times["plain"]), statistics.median(times["secure"])
-    return [{"models": args.round_models, "batch": args.batch, "steps": args.round_steps,
-             "overlap": args.overlap and not any(s.config.cuda_graphs for s in steps),
-             "plain_ms_per_step": plain, "secure_ms_per_step": sec,
-             "ratio": sec / plain, "warmup_s": warm, **check}]
+            times[name].append(1e3 * (time.perf_counter() - t0) / args.round_steps)
+    plain = statistics.median(times["plain"])
+    overlap = args.overlap and not any(s.config.cuda_graphs for s in steps)
+    return [{"aggregation": name, "models": args.round_models, "batch": args.batch,
+             "steps": args.round_steps, "overlap": overlap,
+             "ms_per_step": statistics.median(times[name]),
+             "ratio": statistics.median(times[name]) / plain, "warmup_s": warm,
+             **checks.get(name, {})} for name in variants]
 
 
 def _markdown(result: dict) -> str:
@@ -339,12 +347,12 @@ def _markdown(result: dict) -> str:
     c = result["matmul_ceiling"]
     lines += ["", f"Measured matmul ceiling: {c['tflops']:.3f} TFLOP/s ({c['dtype']}, n={c['n']})",
               "", "## Dream round, secure vs plain", "",
-              "| models | batch | steps | plain ms/step | secure ms/step | ratio | max error "
-              "(bound) |", "|---|---|---|---|---|---|---|"]
+              "| aggregation | models | batch | steps | ms/step | x plain | max error (bound) |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["round"]:
-        lines.append(f"| {r['models']} | {r['batch']} | {r['steps']} | "
-                     f"{r['plain_ms_per_step']:.2f} | {r['secure_ms_per_step']:.2f} | "
-                     f"{r['ratio']:.3f} | {r['max_abs_error']:.2e} ({r['bound']:.2e}) |")
+        check = (f"{r['max_abs_error']:.2e} ({r['bound']:.2e})" if "bound" in r else "-")
+        lines.append(f"| {r['aggregation']} | {r['models']} | {r['batch']} | {r['steps']} | "
+                     f"{r['ms_per_step']:.2f} | {r['ratio']:.3f} | {check} |")
     lines += ["", "## Keystream", "", "| where | GB/s | words |", "|---|---|---|"]
     for r in result["keystream"]:
         lines.append(f"| {r['where']} | {r['gbps']:.2f} | {r['n_words']} |")
@@ -393,9 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"x{r['speedup']:.1f} ({time.perf_counter() - t0:.0f} s)")
     if "round" in args.sections:
         rounds = round_rows(args, device, fast)
-        print(f"round: plain {rounds[0]['plain_ms_per_step']:.2f} ms/step, secure "
-              f"{rounds[0]['secure_ms_per_step']:.2f}, ratio {rounds[0]['ratio']:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)")
+        print("round: " + ", ".join(f"{r['aggregation']} {r['ms_per_step']:.2f} ms/step "
+                                    f"(x{r['ratio']:.3f})" for r in rounds)
+              + f" ({time.perf_counter() - t0:.0f} s)")
     if "keystream" in args.sections:
         # inductor's CPU compile of the double round takes ~20 s: not part of a smoke run
         skip = ("compiled",) if args.quick and device.type == "cpu" else ()
