@@ -125,6 +125,32 @@ def profile_table(step: Callable[[], object], device: torch.device, steps: int =
     return f"device busy time per step: {busy:.3f} ms (sum of kernel times)\n{table}"
 
 
+STEP_VARIANTS = {
+    # a diagnostic, not the same loss: what the BatchNorm-statistics term costs
+    "no-bn-term": ({"use_bn_statistics": False}, {}),
+    # inductor benchmarks Triton templates against cuDNN/cuBLAS for every convolution (slow
+    # to compile: minutes)
+    "max-autotune": ({}, {"max_autotune": True}),
+}
+
+
+def step_variant(name: str, model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor,
+                 device: torch.device, iters: int) -> dict:
+    """One more optimised step, built with other options, timed like the others."""
+    import torch._inductor.config as inductor_config
+
+    options, inductor = STEP_VARIANTS[name]
+    with inductor_config.patch(inductor):
+        start = time.perf_counter()
+        step = FastDreamStep.optimised(model, W, **options)
+        step(x)
+        step(x)  # compile, then record the CUDA graph, under the patched settings
+        _sync(device)
+        warm = time.perf_counter() - start
+    return {"variant": f"optimised, {name}", "ms": timed_ms(lambda: step(x), device, iters=iters),
+            "warmup_s": warm, **agreement(step(x), reference)}
+
+
 def dream_step(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], object]:
     """fp32 eager, bf16 eager and optimised ms/step of args.model in one run; the fast step."""
     torch.manual_seed(0)
@@ -158,6 +184,8 @@ def dream_step(args: argparse.Namespace, device: torch.device) -> tuple[list[dic
         variant += " (CUDA graphs)"
     rows.append({"variant": f"optimised ({variant})", "ms": fast_ms, "warmup_s": first_s,
                  **agreement(fast(x), reference)})
+    for name in args.step_variants:
+        rows.append(step_variant(name, model, x, reference, device, args.iters))
     if args.profile and device.type == "cuda":
         args.profile_text = profile_table(lambda: fast(x), device)
         print(args.profile_text.splitlines()[0])
@@ -375,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         type=lambda text: tuple(text.split(",")),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--step-variants", default="",
+                        type=lambda text: tuple(v for v in text.split(",") if v),
+                        help=f"extra optimised steps to time: {','.join(STEP_VARIANTS)}")
     parser.add_argument("--profile", action="store_true",
                         help="also write profile.txt: device time per kernel of the fast step")
     parser.add_argument("--out", type=Path, default=None,
@@ -382,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.sections or set(args.sections) - set(SECTIONS):
         parser.error(f"--sections takes a comma-separated subset of {','.join(SECTIONS)}")
+    if set(args.step_variants) - set(STEP_VARIANTS):
+        parser.error(f"--step-variants takes a comma-separated subset of "
+                     f"{','.join(STEP_VARIANTS)}")
     args.shape = (3, 32, 32)
     if args.quick:
         args.batch, args.iters, args.shape, args.round_steps = 8, 2, (3, 16, 16), 2

@@ -89,7 +89,11 @@ def _chacha20_kernel(key_ptr, nonce_ptr, out_ptr, total_blocks, blocks_per_key,
 
 @triton.jit
 def _block(k0, k1, k2, k3, k4, k5, k6, k7, n0, n1, n2, n3):
-    """The 16 keystream words of the blocks with these state words (uint32 vectors)."""
+    """The 16 keystream words of the blocks with these state words (uint32 vectors).
+
+    The same rounds as _chacha20_kernel, which keeps its own copy: that kernel is the one
+    compiled and measured on an H100; it should call this once a GPU run has compiled this one.
+    """
     s0 = tl.full(n0.shape, 0x61707865, tl.uint32)
     s1 = tl.full(n0.shape, 0x3320646E, tl.uint32)
     s2 = tl.full(n0.shape, 0x79622D32, tl.uint32)
