@@ -265,7 +265,7 @@ class CoDreamFederation:
         self.rounds: list[RoundRecord] = []
         self.last_dreams: torch.Tensor | None = None
         self.broadcast_down = np.zeros(len(clients), np.int64)
-        self._fast_steps: dict[int, object] = {}
+        self._fast_steps: list[tuple[list[int], object]] | None = None
 
     @property
     def n(self) -> int:
@@ -310,18 +310,37 @@ class CoDreamFederation:
 
     def _dream_gradients(self, clients: list[int], x: torch.Tensor) -> list[torch.Tensor]:
         """Each client's grad_x of its dream loss: the reference fp32 path, or the fast path
-        (bf16; on CUDA compiled steps, one CUDA stream per client so they overlap)."""
+        (bf16; clients sharing an architecture in one vmapped step; on CUDA compiled with CUDA
+        graphs)."""
         if self.s.precision == "fp32":
             return [dream_gradient(self.models[c], x, self.weights,
                                    use_bn_statistics=self.s.use_bn_statistics) for c in clients]
-        from .gpu.fast_dream import FastDreamStep, dream_gradients
+        grads: dict[int, torch.Tensor] = {}
+        for group, step in self._fast_path():
+            if not any(c in clients for c in group):
+                continue
+            if len(group) == 1:
+                grads[group[0]] = step(x)
+                continue
+            # the whole group runs (one vmapped pass); a member that dropped is discarded
+            for c, grad in zip(group, step(x), strict=True):
+                grads[c] = grad
+        return [grads[c] for c in clients]
 
-        for c in clients:
-            if c not in self._fast_steps:  # built once: on CUDA it compiles and captures graphs
-                self._fast_steps[c] = FastDreamStep.optimised(
-                    self.models[c], self.weights, use_bn_statistics=self.s.use_bn_statistics,
-                    precision="bf16")
-        return dream_gradients([self._fast_steps[c] for c in clients], x)
+    def _fast_path(self) -> list[tuple[list[int], object]]:
+        """(clients, step) per architecture, built once: on CUDA it compiles and captures graphs."""
+        if self._fast_steps is None:
+            from .gpu.fast_dream import BatchedDreamStep, FastDreamStep, group_by_architecture
+
+            options = {"use_bn_statistics": self.s.use_bn_statistics, "precision": "bf16"}
+            self._fast_steps = []
+            for group in group_by_architecture(self.models):
+                models = [self.models[c] for c in group]
+                step = (FastDreamStep.optimised(models[0], self.weights, **options)
+                        if len(group) == 1 else
+                        BatchedDreamStep.optimised(models, self.weights, **options))
+                self._fast_steps.append((group, step))
+        return self._fast_steps
 
     def _dropouts(self, round_index: int) -> dict[int, tuple[int, bool]]:
         """Client -> (dream step at which it drops, whether after its upload) for this round."""

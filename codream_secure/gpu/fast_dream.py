@@ -31,7 +31,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from codream_secure.dreams import DreamLossWeights, prediction_entropy, total_variation
 from codream_secure.errors import ConfigError
 
-__all__ = ["BatchedDreamStep", "FastDreamStep", "Precision", "dream_gradients"]
+__all__ = ["BatchedDreamStep", "FastDreamStep", "Precision", "dream_gradients",
+           "group_by_architecture"]
 
 Precision = Literal["fp32", "bf16"]
 
@@ -223,6 +224,15 @@ class BatchedDreamStep:
         self._stamp: tuple[int, ...] = ()
         self._losses = self.config.wrap(vmap(self._loss_fn, in_dims=(0, 0)))
 
+    @classmethod
+    def optimised(cls, models: Sequence[nn.Module], weights: DreamLossWeights | None = None,
+                  **overrides: object) -> BatchedDreamStep:
+        """bf16 + torch.compile with CUDA graphs on CUDA; fp32 eager elsewhere."""
+        cuda = _model_device(models[0]).type == "cuda"
+        options: dict = {"precision": "bf16" if cuda else "fp32", "compile_model": cuda}
+        options.update(overrides)
+        return cls(models, weights, **options)
+
     def _loss_fn(self, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return _dream_loss(self._skeleton, self._tape, self.config, self.weights, state, x)
 
@@ -247,14 +257,26 @@ class BatchedDreamStep:
         return grad.to(torch.float32).clone(memory_format=torch.contiguous_format)
 
 
+def _architecture(model: nn.Module) -> tuple:
+    """What vmap needs equal: class, module tree, and every tensor's name, shape, dtype, device."""
+    tensors = tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in _state(model).items())
+    return type(model), str(model), tensors
+
+
 def _check_same_architecture(models: Sequence[nn.Module]) -> None:
-    first = models[0]
-    reference = {k: (tuple(v.shape), v.dtype, v.device) for k, v in _state(first).items()}
+    reference = _architecture(models[0])
     for i, model in enumerate(models[1:], start=1):
-        shapes = {k: (tuple(v.shape), v.dtype, v.device) for k, v in _state(model).items()}
-        if type(model) is not type(first) or shapes != reference or str(model) != str(first):
+        if _architecture(model) != reference:
             raise ConfigError(f"model {i} does not share model 0's architecture; use "
                               "dream_gradients for heterogeneous clients")
+
+
+def group_by_architecture(models: Sequence[nn.Module]) -> list[list[int]]:
+    """Indices of `models` grouped by architecture, groups in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, model in enumerate(models):
+        groups.setdefault(_architecture(model), []).append(i)
+    return list(groups.values())
 
 
 _STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}

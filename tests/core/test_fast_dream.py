@@ -9,7 +9,12 @@ import torch
 
 from codream_secure.dreams import DreamLossWeights, dream_gradient
 from codream_secure.errors import ConfigError
-from codream_secure.gpu.fast_dream import BatchedDreamStep, FastDreamStep, dream_gradients
+from codream_secure.gpu.fast_dream import (
+    BatchedDreamStep,
+    FastDreamStep,
+    dream_gradients,
+    group_by_architecture,
+)
 from codream_secure.models import build_model
 
 COMPILE_TESTS = bool(os.environ.get("CODREAM_TEST_COMPILE")) or torch.cuda.is_available()
@@ -111,6 +116,13 @@ def test_vmapped_clients_equal_per_client_steps():
     with torch.no_grad():  # an optimiser step on one client must be seen (restacking)
         models[1].fc.bias.add_(1.0)
     assert rel(step(x)[1], dream_gradient(models[1], x, W)) < 1e-5
+
+
+def test_clients_are_grouped_by_architecture():
+    four_classes = build_model("resnet8", input_shape=SHAPE, num_classes=4)  # another head
+    models = [model("smallcnn", 1), model("resnet8", 2), model("smallcnn", 3), four_classes,
+              model("smallcnn", 4)]
+    assert group_by_architecture(models) == [[0, 2, 4], [1], [3]]
 
 
 def test_vmap_refuses_different_architectures():

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from codream_secure.cli import main
 from codream_secure.config import SimulationConfig
-from codream_secure.dreams import NonFiniteGradientError
+from codream_secure.dreams import NonFiniteGradientError, dream_gradient
 from codream_secure.errors import ConfigError
-from codream_secure.federation import AggregationChannel
+from codream_secure.federation import AggregationChannel, CoDreamFederation
 from codream_secure.simulation import run_simulation
 from tests.core.tiny_runs import TINY, killed_then_resumed
 
@@ -185,6 +185,28 @@ def test_tiny_run_with_device_masking_and_its_refusals(tmp_path):
     assert 0 < agg["measured"]["max_abs_error_vs_plain"] <= max(
         agg["error_bound_per_step"].values())
     assert report["rounds"][1]["included_in_dreams"] == [0, 1, 2]
+
+
+def test_batched_fast_path_gives_each_client_its_own_gradient(tmp_path, monkeypatch):
+    real = CoDreamFederation._dream_gradients
+    checked = []
+
+    def spy(self, clients, x):
+        grads = real(self, clients, x)
+        refs = {c: dream_gradient(self.models[c], x, self.weights) for c in range(self.n)}
+        for c, grad in zip(clients, grads, strict=True):
+            mate = (c + 2) % self.n  # the other client of the same architecture
+            own = float((grad - refs[c]).norm() / refs[c].norm())
+            other = float((grad - refs[mate]).norm() / refs[mate].norm())
+            checked.append((own, other))
+        return grads
+
+    monkeypatch.setattr(CoDreamFederation, "_dream_gradients", spy)
+    _run(tmp_path, "bf16-own", precision="bf16", rounds=1, baselines=(), clients=4,
+         models=("smallcnn", "resnet8"), dream_steps=2)
+    assert len(checked) == 8  # 2 steps x 4 clients
+    for own, other in checked:
+        assert own < 0.2 < other or own < other / 2  # bf16 moves grad_x by up to ~20 %
     for bad, message in (({"aggregator": "plain"}, "has none"),
                          ({"dp": "client", "dp_noise": 1.0}, "client-level DP")):
         with pytest.raises(ConfigError, match=message):
@@ -200,3 +222,11 @@ def test_tiny_run_on_the_bf16_fast_path(tmp_path):
     assert report["config"]["precision"] == "bf16"
     assert 0.0 <= report["final"]["codream"]["mean_accuracy"] <= 1.0
     assert report["rounds"][1]["included_in_dreams"] == [0, 1, 2]
+
+
+def test_bf16_fast_path_batches_same_architecture_clients_and_skips_dropped_ones(tmp_path):
+    # groups {0, 2} and {1, 3}: client 3 drops, its group still runs and its gradient is unused
+    report = _run(tmp_path, "bf16-mixed", precision="bf16", rounds=1, baselines=(), clients=4,
+                  models=("smallcnn", "resnet8"), dropout_clients=(3,)).report
+    assert report["rounds"][1]["included_in_dreams"] == [0, 1, 2]
+    assert 0.0 <= report["final"]["codream"]["mean_accuracy"] <= 1.0
