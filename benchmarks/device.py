@@ -35,14 +35,14 @@ from codream_secure.dreams import (
     dream_loss,
 )
 from codream_secure.gpu import chacha20, masking
-from codream_secure.gpu.fast_dream import FastDreamStep, dream_gradients
+from codream_secure.gpu.fast_dream import BatchedDreamStep, FastDreamStep, dream_gradients
 from codream_secure.models import build_model
 from protocols.codec import FixedPointCodec
 from protocols.primitives import envelope, kdf, prg, shamir
 from protocols.secagg import keys
 
 W = DreamLossWeights()
-SECTIONS = ("step", "round", "keystream")
+SECTIONS = ("step", "round", "batched", "keystream")
 
 
 def _sync(device: torch.device) -> None:
@@ -364,6 +364,33 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
              **checks.get(name, {})} for name in variants]
 
 
+def batched_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Same-architecture clients: one optimised step each vs one vmapped step for all."""
+    models = []
+    for i in range(args.batched_clients):
+        torch.manual_seed(100 + i)
+        models.append(build_model(args.batched_model, input_shape=args.shape,
+                                  num_classes=10).to(device).eval())
+    x = torch.randn(args.batch, *args.shape, device=device)
+    singles = [FastDreamStep.optimised(m, W) for m in models]
+    batched = BatchedDreamStep.optimised(models, W)
+    start = time.perf_counter()
+    one_by_one = dream_gradients(singles, x)
+    together = batched(x)
+    batched(x)
+    _sync(device)
+    warm = time.perf_counter() - start
+    agree = min(agreement(together[k], g)["cosine"] for k, g in enumerate(one_by_one))
+    rows = []
+    for name, fn in (("one step per client", lambda: dream_gradients(singles, x)),
+                     ("one vmapped step", lambda: batched(x))):
+        rows.append({"variant": name, "model": args.batched_model,
+                     "clients": args.batched_clients, "batch": args.batch,
+                     "ms_per_round_step": timed_ms(fn, device, iters=args.iters),
+                     "warmup_s": warm, "min_cosine_between_paths": agree})
+    return rows
+
+
 def _markdown(result: dict) -> str:
     lines = [f"# Device benchmark ({result['device']}, {result['date']})", "",
              f"Command: `{result['command']}`", "", "## Dream step", "",
@@ -381,6 +408,12 @@ def _markdown(result: dict) -> str:
         check = (f"{r['max_abs_error']:.2e} ({r['bound']:.2e})" if "bound" in r else "-")
         lines.append(f"| {r['aggregation']} | {r['models']} | {r['batch']} | {r['steps']} | "
                      f"{r['ms_per_step']:.2f} | {r['ratio']:.3f} | {check} |")
+    lines += ["", "## Same-architecture clients", "",
+              "| variant | model | clients | batch | ms per round step | min cosine |",
+              "|---|---|---|---|---|---|"]
+    for r in result.get("batched", []):
+        lines.append(f"| {r['variant']} | {r['model']} | {r['clients']} | {r['batch']} | "
+                     f"{r['ms_per_round_step']:.2f} | {r['min_cosine_between_paths']:.4f} |")
     lines += ["", "## Keystream", "", "| where | GB/s | words |", "|---|---|---|"]
     for r in result["keystream"]:
         lines.append(f"| {r['where']} | {r['gbps']:.2f} | {r['n_words']} |")
@@ -396,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--round-models", default="resnet18,vgg11,wrn16_1,resnet20")
     parser.add_argument("--round-steps", type=int, default=20)
+    parser.add_argument("--batched-model", default="resnet20")
+    parser.add_argument("--batched-clients", type=int, default=4)
     parser.add_argument("--clip", type=float, default=8.0, help="the default grad_clip")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="run heterogeneous clients one after another (no CUDA streams)")
@@ -420,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.batch, args.iters, args.shape, args.round_steps = 8, 2, (3, 16, 16), 2
         args.model, args.round_models = "resnet8", "resnet8,smallcnn,wrn16_1,mobilenet"
+        args.batched_model = "resnet8"
         args.keystream_words = 1 << 16
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -438,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         print("round: " + ", ".join(f"{r['aggregation']} {r['ms_per_step']:.2f} ms/step "
                                     f"(x{r['ratio']:.3f})" for r in rounds)
               + f" ({time.perf_counter() - t0:.0f} s)")
+    batched = batched_rows(args, device) if "batched" in args.sections else []
+    for r in batched:
+        print(f"{r['variant']}: {r['ms_per_round_step']:.2f} ms per round step "
+              f"({time.perf_counter() - t0:.0f} s)")
     if "keystream" in args.sections:
         # inductor's CPU compile of the double round takes ~20 s: not part of a smoke run
         skip = ("compiled",) if args.quick and device.type == "cpu" else ()
@@ -447,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.device" + (" --quick" if args.quick else "") + (
             "" if args.sections == SECTIONS else " --sections " + ",".join(args.sections)),
         "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": 0.0,
-        "matmul_ceiling": ceiling, "dream_step": steps, "round": rounds, "keystream": stream,
+        "matmul_ceiling": ceiling, "dream_step": steps, "round": rounds, "batched": batched,
+        "keystream": stream,
     }
     result["seconds"] = time.perf_counter() - t0
     text = _markdown(result)
