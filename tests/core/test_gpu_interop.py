@@ -76,3 +76,10 @@ def test_offer_carries_the_prg_and_refuses_unknown_codes():
     bad[-1] = 7
     with pytest.raises(MalformedMessageError, match="PRG"):
         SessionOffer.decode(bytes(bad))
+
+
+def test_session_host_cost_benchmark_runs_and_is_consistent():
+    from benchmarks.session_host_cost import host_cost
+
+    total, outside = host_cost(3, 100, 2)
+    assert 0 < outside <= total
