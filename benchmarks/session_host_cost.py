@@ -3,9 +3,9 @@
     python -m benchmarks.session_host_cost [--clients 4] [--length 786432] [--steps 8]
 
 With device masking (`simulate --masking device`) each client's upload is built by a masker;
-everything else (key derivation, Shamir shares, typed messages over HMAC links, the server's
-unmasking) stays on the host. This prints the median step time and the part spent outside the
-maskers: the cost device masking cannot remove.
+everything else (key derivation, Shamir shares, typed messages over authenticated links, the
+server's unmasking) stays on the host. This prints the median step time and the part spent
+outside the maskers: the cost device masking cannot remove.
 """
 
 from __future__ import annotations
