@@ -356,11 +356,15 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
             _sync(device)
             times[name].append(1e3 * (time.perf_counter() - t0) / args.round_steps)
     plain = statistics.median(times["plain"])
+    # each client alone: their sum against the plain round shows whether the GPU idles between
+    # clients (the round also has the sum, the NaN check and the Adam step)
+    alone = sum(timed_ms(lambda s=s: s(x0), device, iters=args.iters) for s in steps)
     overlap = args.overlap and not any(s.config.cuda_graphs for s in steps)
     return [{"aggregation": name, "models": args.round_models, "batch": args.batch,
              "steps": args.round_steps, "overlap": overlap,
              "ms_per_step": statistics.median(times[name]),
              "ratio": statistics.median(times[name]) / plain, "warmup_s": warm,
+             "clients_alone_ms": alone,
              **checks.get(name, {})} for name in variants]
 
 
@@ -408,6 +412,9 @@ def _markdown(result: dict) -> str:
         check = (f"{r['max_abs_error']:.2e} ({r['bound']:.2e})" if "bound" in r else "-")
         lines.append(f"| {r['aggregation']} | {r['models']} | {r['batch']} | {r['steps']} | "
                      f"{r['ms_per_step']:.2f} | {r['ratio']:.3f} | {check} |")
+    if result["round"]:
+        lines += ["", f"Each client's step alone, summed: "
+                  f"{result['round'][0]['clients_alone_ms']:.2f} ms"]
     lines += ["", "## Same-architecture clients", "",
               "| variant | model | clients | batch | ms per round step | min cosine |",
               "|---|---|---|---|---|---|"]
