@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -219,13 +220,15 @@ def keystream_rates(device: torch.device, n_words: int, *, skip: tuple[str, ...]
     return rows
 
 
+@dataclass
 class StepKeys:
     """One client's host-side secrets of one step: what the protocol derives and seals."""
 
-    def __init__(self, pair_seeds: dict[int, bytes], rounding_key: bytes, self_seed: bytes,
-                 shares: dict[int, bytes], sealed: list[bytes]) -> None:
-        self.pair_seeds, self.rounding_key, self.self_seed = pair_seeds, rounding_key, self_seed
-        self.shares, self.sealed = shares, sealed
+    pair_seeds: dict[int, bytes]
+    rounding_key: bytes
+    self_seed: bytes
+    shares: dict[int, bytes]
+    sealed: list[bytes]
 
 
 class SecureRound:

@@ -88,6 +88,9 @@ class Traffic:
         return cls(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n), 0.0)
 
 
+_NONCE_BYTES, _TAG_BYTES = 12, 16  # ChaCha20-Poly1305 framing of each link message
+
+
 class _Link:
     """One authenticated client <-> server channel: ChaCha20-Poly1305 over each frame.
 
@@ -114,8 +117,6 @@ class _Link:
             raise IntegrityError("message failed channel authentication (tampered)") from None
         return payload
 
-
-_NONCE_BYTES, _TAG_BYTES = 12, 16
 
 
 def _tampered(frame: bytes) -> bytes:

@@ -32,75 +32,15 @@ def _qr(a, b, c, d):
 
 
 @triton.jit
-def _chacha20_kernel(key_ptr, nonce_ptr, out_ptr, total_blocks, blocks_per_key,
-                     BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < total_blocks
-    k = offs // blocks_per_key
-    index = (offs % blocks_per_key).to(tl.uint32)
-    kp = key_ptr + k * 8
-    np_ = nonce_ptr + k * 4
-    # uint32 lanes: adds wrap modulo 2^32 and >> is a logical shift.
-    k0 = tl.load(kp + 0, mask=live, other=0).to(tl.uint32, bitcast=True)
-    k1 = tl.load(kp + 1, mask=live, other=0).to(tl.uint32, bitcast=True)
-    k2 = tl.load(kp + 2, mask=live, other=0).to(tl.uint32, bitcast=True)
-    k3 = tl.load(kp + 3, mask=live, other=0).to(tl.uint32, bitcast=True)
-    k4 = tl.load(kp + 4, mask=live, other=0).to(tl.uint32, bitcast=True)
-    k5 = tl.load(kp + 5, mask=live, other=0).to(tl.uint32, bitcast=True)
-    k6 = tl.load(kp + 6, mask=live, other=0).to(tl.uint32, bitcast=True)
-    k7 = tl.load(kp + 7, mask=live, other=0).to(tl.uint32, bitcast=True)
-    n0 = tl.load(np_ + 0, mask=live, other=0).to(tl.uint32, bitcast=True) + index
-    n1 = tl.load(np_ + 1, mask=live, other=0).to(tl.uint32, bitcast=True)
-    n2 = tl.load(np_ + 2, mask=live, other=0).to(tl.uint32, bitcast=True)
-    n3 = tl.load(np_ + 3, mask=live, other=0).to(tl.uint32, bitcast=True)
-    s0 = tl.full([BLOCK], 0x61707865, tl.uint32)
-    s1 = tl.full([BLOCK], 0x3320646E, tl.uint32)
-    s2 = tl.full([BLOCK], 0x79622D32, tl.uint32)
-    s3 = tl.full([BLOCK], 0x6B206574, tl.uint32)
-    x0, x1, x2, x3, x4, x5, x6, x7 = s0, s1, s2, s3, k0, k1, k2, k3
-    x8, x9, x10, x11, x12, x13, x14, x15 = k4, k5, k6, k7, n0, n1, n2, n3
-    for _ in range(10):  # a compact loop: 10 double rounds
-        x0, x4, x8, x12 = _qr(x0, x4, x8, x12)
-        x1, x5, x9, x13 = _qr(x1, x5, x9, x13)
-        x2, x6, x10, x14 = _qr(x2, x6, x10, x14)
-        x3, x7, x11, x15 = _qr(x3, x7, x11, x15)
-        x0, x5, x10, x15 = _qr(x0, x5, x10, x15)
-        x1, x6, x11, x12 = _qr(x1, x6, x11, x12)
-        x2, x7, x8, x13 = _qr(x2, x7, x8, x13)
-        x3, x4, x9, x14 = _qr(x3, x4, x9, x14)
-    o = out_ptr + offs.to(tl.int64) * 16
-    tl.store(o + 0, (x0 + s0).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 1, (x1 + s1).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 2, (x2 + s2).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 3, (x3 + s3).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 4, (x4 + k0).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 5, (x5 + k1).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 6, (x6 + k2).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 7, (x7 + k3).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 8, (x8 + k4).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 9, (x9 + k5).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 10, (x10 + k6).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 11, (x11 + k7).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 12, (x12 + n0).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 13, (x13 + n1).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 14, (x14 + n2).to(tl.int32, bitcast=True), mask=live)
-    tl.store(o + 15, (x15 + n3).to(tl.int32, bitcast=True), mask=live)
-
-
-@triton.jit
 def _block(k0, k1, k2, k3, k4, k5, k6, k7, n0, n1, n2, n3):
-    """The 16 keystream words of the blocks with these state words (uint32 vectors).
-
-    The same rounds as _chacha20_kernel, which keeps its own copy: that kernel is the one
-    compiled and measured on an H100; it should call this once a GPU run has compiled this one.
-    """
+    """The 16 keystream words of the blocks with these state words (uint32 vectors)."""
     s0 = tl.full(n0.shape, 0x61707865, tl.uint32)
     s1 = tl.full(n0.shape, 0x3320646E, tl.uint32)
     s2 = tl.full(n0.shape, 0x79622D32, tl.uint32)
     s3 = tl.full(n0.shape, 0x6B206574, tl.uint32)
     x0, x1, x2, x3, x4, x5, x6, x7 = s0, s1, s2, s3, k0, k1, k2, k3
     x8, x9, x10, x11, x12, x13, x14, x15 = k4, k5, k6, k7, n0, n1, n2, n3
-    for _ in range(10):
+    for _ in range(10):  # a compact loop: 10 double rounds
         x0, x4, x8, x12 = _qr(x0, x4, x8, x12)
         x1, x5, x9, x13 = _qr(x1, x5, x9, x13)
         x2, x6, x10, x14 = _qr(x2, x6, x10, x14)
@@ -114,23 +54,61 @@ def _block(k0, k1, k2, k3, k4, k5, k6, k7, n0, n1, n2, n3):
 
 
 @triton.jit
+def _chacha20_kernel(key_ptr, nonce_ptr, out_ptr, total_blocks, blocks_per_key,
+                     BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < total_blocks
+    k = offs // blocks_per_key
+    index = (offs % blocks_per_key).to(tl.uint32)
+    kp = key_ptr + k * 8
+    np_ = nonce_ptr + k * 4
+    # uint32 lanes: adds wrap modulo 2^32 and >> is a logical shift.
+    w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _block(
+        _lane_word(kp, 0, live), _lane_word(kp, 1, live), _lane_word(kp, 2, live),
+        _lane_word(kp, 3, live), _lane_word(kp, 4, live), _lane_word(kp, 5, live),
+        _lane_word(kp, 6, live), _lane_word(kp, 7, live),
+        _lane_word(np_, 0, live) + index, _lane_word(np_, 1, live), _lane_word(np_, 2, live),
+        _lane_word(np_, 3, live))
+    o = out_ptr + offs.to(tl.int64) * 16
+    tl.store(o + 0, w0.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 1, w1.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 2, w2.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 3, w3.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 4, w4.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 5, w5.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 6, w6.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 7, w7.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 8, w8.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 9, w9.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 10, w10.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 11, w11.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 12, w12.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 13, w13.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 14, w14.to(tl.int32, bitcast=True), mask=live)
+    tl.store(o + 15, w15.to(tl.int32, bitcast=True), mask=live)
+
+
+@triton.jit
+def _lane_word(ptr, i, live):
+    """Word i of each lane's key or nonce (ptr is a vector of per-lane addresses)."""
+    return tl.load(ptr + i, mask=live, other=0).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _key_block(key_ptr, nonce_ptr, index):
     """Keystream words of blocks `index` (a uint32 vector) of the one key at key_ptr."""
     zero = tl.zeros(index.shape, tl.uint32)
-    k = key_ptr
-    n = nonce_ptr
-    return _block(zero + tl.load(k + 0).to(tl.uint32, bitcast=True),
-                  zero + tl.load(k + 1).to(tl.uint32, bitcast=True),
-                  zero + tl.load(k + 2).to(tl.uint32, bitcast=True),
-                  zero + tl.load(k + 3).to(tl.uint32, bitcast=True),
-                  zero + tl.load(k + 4).to(tl.uint32, bitcast=True),
-                  zero + tl.load(k + 5).to(tl.uint32, bitcast=True),
-                  zero + tl.load(k + 6).to(tl.uint32, bitcast=True),
-                  zero + tl.load(k + 7).to(tl.uint32, bitcast=True),
-                  index + tl.load(n + 0).to(tl.uint32, bitcast=True),
-                  zero + tl.load(n + 1).to(tl.uint32, bitcast=True),
-                  zero + tl.load(n + 2).to(tl.uint32, bitcast=True),
-                  zero + tl.load(n + 3).to(tl.uint32, bitcast=True))
+    return _block(zero + _word(key_ptr, 0), zero + _word(key_ptr, 1), zero + _word(key_ptr, 2),
+                  zero + _word(key_ptr, 3), zero + _word(key_ptr, 4), zero + _word(key_ptr, 5),
+                  zero + _word(key_ptr, 6), zero + _word(key_ptr, 7),
+                  index + _word(nonce_ptr, 0), zero + _word(nonce_ptr, 1),
+                  zero + _word(nonce_ptr, 2), zero + _word(nonce_ptr, 3))
+
+
+@triton.jit
+def _word(ptr, i):
+    """Word i of the one key or nonce at ptr, as uint32."""
+    return tl.load(ptr + i).to(tl.uint32, bitcast=True)
 
 
 @triton.jit

@@ -58,10 +58,7 @@ def available_backends(device: torch.device | str) -> tuple[str, ...]:
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The backend `backend` runs as on `device` ('auto' resolved); unknown names are refused."""
-    return _resolve(backend, torch.device(device))
-
-
-def _resolve(backend: str, device: torch.device) -> str:
+    device = torch.device(device)
     if backend not in BACKENDS:
         raise ConfigError(f"ChaCha20 backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -188,11 +185,12 @@ def keystream_words(
     if not keys or len(nonces) != len(keys):
         raise ConfigError("keystream_words needs at least one key and one nonce per key")
     device = torch.device(device)
-    backend = _resolve(backend, device)
+    backend = resolve_backend(backend, device)
     blocks = -(-n_words // BLOCK_WORDS)
-    key_words, nonce_words = key_tensors(keys, nonces, blocks, device)
     if blocks == 0:
+        _key_nonce_words(keys, nonces)  # malformed keys are refused even for an empty stream
         return torch.empty(len(keys), 0, dtype=torch.int32, device=device)
+    key_words, nonce_words = key_tensors(keys, nonces, blocks, device)
     if backend == "triton":
         from codream_secure.gpu._chacha20_triton import keystream_blocks
 

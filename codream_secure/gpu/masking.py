@@ -194,7 +194,7 @@ def masked_upload(
     seeds, signs = _signed_seeds(self_seed, signed)
     key = _dither_key(codec, rounding_key)
     m = flat.numel()
-    if fused and len(seeds) <= MAX_FUSED_MASKS and _fusable(flat, codec, key, backend):
+    if fused and _fusable(flat, codec, key, len(seeds), backend):
         upload = _fused_upload(flat, codec, [key, *seeds], signs)
         return upload if noise is None else _add_noise(upload, noise, codec)
     if key is not None and codec.ring_bits <= 32:
@@ -220,9 +220,9 @@ def _add_noise(ring: torch.Tensor, noise: torch.Tensor, codec: FixedPointCodec) 
 
 
 def _fusable(flat: torch.Tensor, codec: FixedPointCodec, dither_key: bytes | None,
-             backend: str) -> bool:
+             n_masks: int, backend: str) -> bool:
     """The fused kernel covers the default CoDream case: float32, stochastic, ring <= 32."""
-    return (dither_key is not None and codec.ring_bits <= 32
+    return (dither_key is not None and codec.ring_bits <= 32 and n_masks <= MAX_FUSED_MASKS
             and _work_dtype(flat, codec) == torch.float32
             and chacha20.resolve_backend(backend, flat.device) == "triton")
 
