@@ -34,6 +34,8 @@ from codream_secure.dreams import (
     NonFiniteGradientError,
     dream_gradient,
     dream_loss,
+    prediction_entropy,
+    total_variation,
 )
 from codream_secure.gpu import chacha20, masking
 from codream_secure.gpu.fast_dream import BatchedDreamStep, FastDreamStep, dream_gradients
@@ -43,7 +45,8 @@ from protocols.primitives import envelope, kdf, prg, shamir
 from protocols.secagg import keys
 
 W = DreamLossWeights()
-SECTIONS = ("step", "round", "batched", "keystream")
+OFFICIAL = "fp32 eager, CoDream's published code (hook variance, loss.backward())"
+SECTIONS = ("step", "keystream", "round", "batched")
 
 
 def _sync(device: torch.device) -> None:
@@ -102,6 +105,40 @@ def agreement(got: torch.Tensor, ref: torch.Tensor) -> dict:
             "cosine": float(torch.nn.functional.cosine_similarity(got, ref, dim=0))}
 
 
+class OfficialStep:
+    """The dream step as CoDream's published code runs it (fp32, NCHW, eager).
+
+    Its DeepInversion hook takes each BatchNorm input's mean, then its variance from a permuted,
+    contiguous copy, and `loss.backward()` runs with the weights trainable, so their gradients
+    are computed too. The loss terms are ours (same value), so the gradient must agree.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.terms = model, []
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.register_forward_hook(self._hook)
+
+    def _hook(self, layer: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        feature = inputs[0]
+        channels = feature.shape[1]
+        mean = feature.mean([0, 2, 3])
+        var = feature.permute(1, 0, 2, 3).contiguous().view(channels, -1).var(1, correction=0)
+        self.terms.append(torch.norm(layer.running_var.data - var, 2)
+                          + torch.norm(layer.running_mean.data - mean, 2))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = x.detach().clone().requires_grad_(True)
+        self.terms.clear()
+        self.model.zero_grad()
+        logits = self.model(inputs)
+        loss = (W.pred * prediction_entropy(logits) + W.bn * sum(self.terms)
+                + W.tv * total_variation(inputs) + W.l2 * torch.linalg.vector_norm(inputs))
+        loss.backward()
+        self.terms.clear()
+        return inputs.grad
+
+
 def backward_with_weights(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """grad_x by loss.backward() with every parameter requiring a gradient (then cleared)."""
     inputs = x.detach().clone().requires_grad_(True)
@@ -129,6 +166,10 @@ def profile_table(step: Callable[[], object], device: torch.device, steps: int =
 STEP_VARIANTS = {
     # a diagnostic, not the same loss: what the BatchNorm-statistics term costs
     "no-bn-term": ({"use_bn_statistics": False}, {}),
+    # BatchNorm statistics as E[x^2] - E[x]^2: two plain sums instead of a Welford reduction
+    "bn-sums": ({"bn_moments": "sums"}, {}),
+    # inductor tunes each generated kernel's tiling by coordinate descent (reductions above all)
+    "coordesc": ({}, {"coordinate_descent_tuning": True}),
     # inductor benchmarks Triton templates against cuDNN/cuBLAS for every convolution (slow
     # to compile: minutes)
     "max-autotune": ({}, {"max_autotune": True}),
@@ -140,7 +181,10 @@ def step_variant(name: str, model: torch.nn.Module, x: torch.Tensor, reference: 
     """One more optimised step, built with other options, timed like the others."""
     import torch._inductor.config as inductor_config
 
-    options, inductor = STEP_VARIANTS[name]
+    options, inductor = {}, {}
+    for part in name.split("+"):  # "bn-sums+coordesc": both changes at once
+        options.update(STEP_VARIANTS[part][0])
+        inductor.update(STEP_VARIANTS[part][1])
     with inductor_config.patch(inductor):
         start = time.perf_counter()
         step = FastDreamStep.optimised(model, W, **options)
@@ -153,46 +197,66 @@ def step_variant(name: str, model: torch.nn.Module, x: torch.Tensor, reference: 
 
 
 def dream_step(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], object]:
-    """fp32 eager, bf16 eager and optimised ms/step of args.model in one run; the fast step."""
+    """fp32 eager, bf16 eager and optimised ms/step of args.model in one run; the fast step.
+
+    Each row is printed as soon as it is measured, so a run cut short keeps it in its log.
+    """
     torch.manual_seed(0)
     model = build_model(args.model, input_shape=args.shape, num_classes=10).to(device).eval()
     x = torch.randn(args.batch, *args.shape, device=device)
     flops = count_flops(model, x)
     reference = dream_gradient(model, x, W)
     eager_ms = timed_ms(lambda: dream_gradient(model, x, W), device, iters=args.iters)
-    rows = [{"variant": "fp32 eager (dreams.dream_gradient)", "ms": eager_ms,
-             **agreement(reference, reference)}]
-    # DeepInversion-style code calls loss.backward() with the weights trainable: their
-    # gradients are computed too (FLOPs below count the input gradient only)
-    rows.append({"variant": "fp32 eager, loss.backward() (weight gradients too)",
-                 "ms": timed_ms(lambda: backward_with_weights(model, x), device,
-                                iters=args.iters),
-                 **agreement(backward_with_weights(model, x), reference)})
+    official_model = build_model(args.model, input_shape=args.shape, num_classes=10).to(device)
+    official_model.load_state_dict(model.state_dict())
+    official = OfficialStep(official_model.eval())
+    official_ms = timed_ms(lambda: official(x), device, iters=args.iters)
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        if "ms" in row:
+            row.update(model=args.model, batch=args.batch, gflop=flops / 1e9,
+                       tflops=flops / row["ms"] / 1e9, speedup=eager_ms / row["ms"],
+                       speedup_vs_official=official_ms / row["ms"])
+            print(f"{row['variant']}: {row['ms']:.2f} ms/step, {row['tflops']:.1f} TFLOP/s, "
+                  f"x{row['speedup']:.1f} eager, x{row['speedup_vs_official']:.1f} official, "
+                  f"cosine {row['cosine']:.4f}", flush=True)
+        else:
+            print(f"{row['variant']}: {row['error']}", flush=True)
+        rows.append(row)
+
+    add({"variant": "fp32 eager (dreams.dream_gradient)", "ms": eager_ms,
+         **agreement(reference, reference)})
+    add({"variant": OFFICIAL, "ms": official_ms, **agreement(official(x), reference)})
+    # our loss with loss.backward() and trainable weights (FLOPs count the input gradient only)
+    add({"variant": "fp32 eager, loss.backward() (weight gradients too)",
+         "ms": timed_ms(lambda: backward_with_weights(model, x), device, iters=args.iters),
+         **agreement(backward_with_weights(model, x), reference)})
     if device.type == "cuda":  # what bf16 and NHWC give before any compilation
         half = FastDreamStep(model, W, precision="bf16", channels_last=True)
-        rows.append({"variant": "bf16 autocast, channels_last, eager",
-                     "ms": timed_ms(lambda: half(x), device, iters=args.iters),
-                     **agreement(half(x), reference)})
+        add({"variant": "bf16 autocast, channels_last, eager",
+             "ms": timed_ms(lambda: half(x), device, iters=args.iters),
+             **agreement(half(x), reference)})
     start = time.perf_counter()
     fast = FastDreamStep.optimised(model, W)
     fast(x)
     _sync(device)
     first_s = time.perf_counter() - start
-    fast_ms = timed_ms(lambda: fast(x), device, iters=args.iters)
     c = fast.config
     variant = f"{c.precision}, channels_last={c.channels_last}, compile={c.compile}"
     if c.cuda_graphs:
         variant += " (CUDA graphs)"
-    rows.append({"variant": f"optimised ({variant})", "ms": fast_ms, "warmup_s": first_s,
-                 **agreement(fast(x), reference)})
-    for name in args.step_variants:
-        rows.append(step_variant(name, model, x, reference, device, args.iters))
+    add({"variant": f"optimised ({variant})", "warmup_s": first_s,
+         "ms": timed_ms(lambda: fast(x), device, iters=args.iters),
+         **agreement(fast(x), reference)})
     if args.profile and device.type == "cuda":
         args.profile_text = profile_table(lambda: fast(x), device)
         print(args.profile_text.splitlines()[0])
-    for row in rows:
-        row.update(model=args.model, batch=args.batch, gflop=flops / 1e9,
-                   tflops=flops / row["ms"] / 1e9, speedup=eager_ms / row["ms"])
+    for name in args.step_variants:
+        try:
+            add(step_variant(name, model, x, reference, device, args.iters))
+        except Exception as exc:  # a failed variant is reported, not fatal
+            add({"variant": f"optimised, {name}", "error": f"{type(exc).__name__}: {exc}"})
     return rows, fast
 
 
@@ -204,8 +268,13 @@ def keystream_rates(device: torch.device, n_words: int, *, skip: tuple[str, ...]
     for backend in [b for b in chacha20.available_backends(device) if b not in skip]:
         fn = lambda b=backend: chacha20.keystream_words([key], n_words, device=device, backend=b)  # noqa: E731
         start = time.perf_counter()
-        fn()
-        _sync(device)
+        try:
+            fn()
+            _sync(device)
+        except Exception as exc:  # e.g. a kernel that does not compile here
+            rows.append({"where": f"{device.type} torch/{backend}", "gbps": float("nan"),
+                         "error": f"{type(exc).__name__}: {exc}"})
+            continue
         warm = time.perf_counter() - start
         ms = timed_ms(fn, device, iters=3, repeats=3)
         rows.append({"where": f"{device.type} torch/{backend}", "gbps": 4 * n_words / ms / 1e6,
@@ -344,9 +413,15 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
     if "triton" in chacha20.available_backends(device):
         variants["secure, fused kernel"] = SecureRound(len(steps), x0.numel(), clip=args.clip,
                                                        device=device, fused=True)
-    start = time.perf_counter()
-    for secure in variants.values():  # compile and warm up
-        dream_round(steps, x0, 2, secure=secure, overlap=args.overlap)
+    start, failed = time.perf_counter(), {}
+    for name, secure in list(variants.items()):  # compile and warm up
+        try:
+            dream_round(steps, x0, 2, secure=secure, overlap=args.overlap)
+        except Exception as exc:  # e.g. a kernel that does not compile here
+            if name == "plain":
+                raise
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            del variants[name]
     warm = time.perf_counter() - start
     grads = dream_gradients(steps, x0, overlap=args.overlap)
     checks = {name: secure.check(grads, step=0) for name, secure in variants.items() if secure}
@@ -368,7 +443,9 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
              "ms_per_step": statistics.median(times[name]),
              "ratio": statistics.median(times[name]) / plain, "warmup_s": warm,
              "clients_alone_ms": alone,
-             **checks.get(name, {})} for name in variants]
+             **checks.get(name, {})} for name in variants] + [
+        {"aggregation": name, "models": args.round_models, "error": error}
+        for name, error in failed.items()]
 
 
 def batched_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -401,17 +478,26 @@ def batched_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def _markdown(result: dict) -> str:
     lines = [f"# Device benchmark ({result['device']}, {result['date']})", "",
              f"Command: `{result['command']}`", "", "## Dream step", "",
-             "| variant | ms/step | GFLOP/step | TFLOP/s | x fp32 eager | rel. error | cosine |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | ms/step | GFLOP/step | TFLOP/s | x fp32 eager | x official code "
+             "| rel. error | cosine |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["dream_step"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:200]} | | | | | | |")
+            continue
         lines.append(f"| {r['variant']} | {r['ms']:.2f} | {r['gflop']:.2f} | {r['tflops']:.3f} "
-                     f"| {r['speedup']:.1f} | {r['rel_err']:.2e} | {r['cosine']:.4f} |")
+                     f"| {r['speedup']:.1f} | {r['speedup_vs_official']:.1f} "
+                     f"| {r['rel_err']:.2e} | {r['cosine']:.4f} |")
     c = result["matmul_ceiling"]
     lines += ["", f"Measured matmul ceiling: {c['tflops']:.3f} TFLOP/s ({c['dtype']}, n={c['n']})",
               "", "## Dream round, secure vs plain", "",
               "| aggregation | models | batch | steps | ms/step | x plain | max error (bound) |",
               "|---|---|---|---|---|---|---|"]
     for r in result["round"]:
+        if "error" in r:
+            lines.append(f"| {r['aggregation']} | {r['models']} | failed: {r['error'][:200]} "
+                         "| | | | |")
+            continue
         check = (f"{r['max_abs_error']:.2e} ({r['bound']:.2e})" if "bound" in r else "-")
         lines.append(f"| {r['aggregation']} | {r['models']} | {r['batch']} | {r['steps']} | "
                      f"{r['ms_per_step']:.2f} | {r['ratio']:.3f} | {check} |")
@@ -427,7 +513,31 @@ def _markdown(result: dict) -> str:
     lines += ["", "## Keystream", "", "| where | GB/s | words |", "|---|---|---|"]
     for r in result["keystream"]:
         lines.append(f"| {r['where']} | {r['gbps']:.2f} | {r['n_words']} |")
+    if result.get("errors"):
+        lines += ["", "## Failed sections", ""]
+        lines += [f"- {name}: {error}" for name, error in result["errors"].items()]
     return "\n".join(lines) + "\n"
+
+
+def print_section(section: str, result: dict, elapsed: float) -> None:
+    """Progress lines of a finished section (the step section prints its rows as it goes)."""
+    if section == "round" and result["round"]:
+        print("round: " + ", ".join(f"{r['aggregation']} {r['ms_per_step']:.2f} ms/step "
+                                    f"(x{r['ratio']:.3f})" if "ms_per_step" in r
+                                    else f"{r['aggregation']} {r['error']}"
+                                    for r in result["round"]))
+    elif section == "batched":
+        for r in result["batched"]:
+            print(f"{r['variant']}: {r['ms_per_round_step']:.2f} ms per round step")
+    print(f"  ({elapsed:.0f} s)")
+
+
+def write_result(result: dict, args: argparse.Namespace) -> None:
+    """device.json, device.md and (with --profile) profile.txt under args.out."""
+    (args.out / "device.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "device.md").write_text(_markdown(result))
+    if getattr(args, "profile_text", None):
+        (args.out / "profile.txt").write_text(args.profile_text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--step-variants", default="",
                         type=lambda text: tuple(v for v in text.split(",") if v),
-                        help=f"extra optimised steps to time: {','.join(STEP_VARIANTS)}")
+                        help=f"extra optimised steps to time: {','.join(STEP_VARIANTS)}; "
+                        "join two with + to combine them")
     parser.add_argument("--profile", action="store_true",
                         help="also write profile.txt: device time per kernel of the fast step")
     parser.add_argument("--out", type=Path, default=None,
@@ -458,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.sections or set(args.sections) - set(SECTIONS):
         parser.error(f"--sections takes a comma-separated subset of {','.join(SECTIONS)}")
-    if set(args.step_variants) - set(STEP_VARIANTS):
+    if {p for v in args.step_variants for p in v.split("+")} - set(STEP_VARIANTS):
         parser.error(f"--step-variants takes a comma-separated subset of "
                      f"{','.join(STEP_VARIANTS)}")
     args.shape = (3, 32, 32)
@@ -473,44 +584,44 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = matmul_ceiling(device, 8192 if device.type == "cuda" else 256, 20 if not args.quick
                              else 2)
     print(f"matmul ceiling: {ceiling['tflops']:.3f} TFLOP/s ({time.perf_counter() - t0:.0f} s)")
-    steps, fast, rounds, stream = [], None, [], []
-    if "step" in args.sections:
-        steps, fast = dream_step(args, device)
-        for r in steps:
-            print(f"{r['variant']}: {r['ms']:.2f} ms/step, {r['tflops']:.1f} TFLOP/s, "
-                  f"x{r['speedup']:.1f} ({time.perf_counter() - t0:.0f} s)")
-    if "round" in args.sections:
-        rounds = round_rows(args, device, fast)
-        print("round: " + ", ".join(f"{r['aggregation']} {r['ms_per_step']:.2f} ms/step "
-                                    f"(x{r['ratio']:.3f})" for r in rounds)
-              + f" ({time.perf_counter() - t0:.0f} s)")
-    batched = batched_rows(args, device) if "batched" in args.sections else []
-    for r in batched:
-        print(f"{r['variant']}: {r['ms_per_round_step']:.2f} ms per round step "
-              f"({time.perf_counter() - t0:.0f} s)")
-    if "keystream" in args.sections:
-        # inductor's CPU compile of the double round takes ~20 s: not part of a smoke run
-        skip = ("compiled",) if args.quick and device.type == "cpu" else ()
-        stream = keystream_rates(device, args.keystream_words, skip=skip)
-    result = {
-        "device": name or device.type, "date": datetime.date.today().isoformat(),
-        "command": "python -m benchmarks.device" + (" --quick" if args.quick else "") + (
-            "" if args.sections == SECTIONS else " --sections " + ",".join(args.sections)),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": 0.0,
-        "matmul_ceiling": ceiling, "dream_step": steps, "round": rounds, "batched": batched,
-        "keystream": stream,
-    }
-    result["seconds"] = time.perf_counter() - t0
-    text = _markdown(result)
-    print(text)
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="device-quick-")) if args.quick else Path(
             "benchmarks/results/device")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "device.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "device.md").write_text(text)
-    if getattr(args, "profile_text", None):
-        (args.out / "profile.txt").write_text(args.profile_text + "\n")
+    result = {
+        "device": name or device.type, "date": datetime.date.today().isoformat(),
+        "command": "python -m benchmarks.device" + (" --quick" if args.quick else "") + (
+            "" if args.sections == SECTIONS else " --sections " + ",".join(args.sections)) + (
+            " --step-variants " + ",".join(args.step_variants) if args.step_variants else ""),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": 0.0,
+        "matmul_ceiling": ceiling, "dream_step": [], "round": [], "batched": [],
+        "keystream": [], "errors": {},
+    }
+    fast = None
+
+    def step_section() -> list[dict]:
+        nonlocal fast
+        rows, fast = dream_step(args, device)
+        return rows
+
+    # inductor's CPU compile of the double round takes ~20 s: not part of a smoke run
+    skip = ("compiled",) if args.quick and device.type == "cpu" else ()
+    sections = {"step": ("dream_step", step_section),
+                "round": ("round", lambda: round_rows(args, device, fast)),
+                "batched": ("batched", lambda: batched_rows(args, device)),
+                "keystream": ("keystream",
+                              lambda: keystream_rates(device, args.keystream_words, skip=skip))}
+    for section in (s for s in SECTIONS if s in args.sections):
+        key, run = sections[section]
+        try:
+            result[key] = run()
+        except Exception as exc:  # one failed section must not lose the others
+            result["errors"][section] = f"{type(exc).__name__}: {exc}"
+            print(f"{section} FAILED: {result['errors'][section]}")
+        print_section(section, result, time.perf_counter() - t0)
+        result["seconds"] = time.perf_counter() - t0
+        write_result(result, args)  # a run cut short by a time limit keeps what it measured
+    print(_markdown(result))
     print(f"wrote {args.out}/device.json and device.md")
     return 0
 

@@ -64,6 +64,32 @@ def test_without_bn_statistics_equals_the_reference():
     assert rel(FastDreamStep(m, weights)(x), expected) > 1e-2  # the BN term does matter
 
 
+# E[x^2] - E[x]^2 in float32 loses ~1e-7 * E[x]^2/var relative; activations here have
+# E[x]^2/var below 1e2, so 1e-5 holds with room (observed ~1e-7).
+@pytest.mark.parametrize("name", ["resnet8", "wrn16_1"])
+def test_one_pass_bn_moments_equal_the_reference(name):
+    m, x = model(name, 5), dreams(5)
+    expected = dream_gradient(m, x, W)
+    assert rel(FastDreamStep(m, W, bn_moments="sums")(x), expected) < 1e-5
+    got = BatchedDreamStep([m, model(name, 6)], W, bn_moments="sums")(x)
+    assert rel(got[0], expected) < 1e-5
+
+
+def test_one_pass_bn_moments_keep_the_variance_non_negative():
+    # a constant channel: E[x^2] - E[x]^2 may round below zero; the variance is clamped at 0
+    from codream_secure.gpu.fast_dream import _moments
+
+    x = torch.full((4, 3, 5, 5), 0.1)
+    mean, var = _moments(x, [0, 2, 3], "sums")
+    assert torch.allclose(mean, torch.full((3,), 0.1))
+    assert bool((var >= 0).all()) and float(var.max()) < 1e-6
+
+
+def test_unknown_bn_moments_are_refused():
+    with pytest.raises(ConfigError, match="bn_moments"):
+        FastDreamStep(model("resnet8", 1), W, bn_moments="welford")  # type: ignore[arg-type]
+
+
 def test_the_step_follows_the_live_parameters():
     m, x = model("smallcnn", 3), dreams(2)
     step = FastDreamStep(m, W)
@@ -146,13 +172,15 @@ def test_unknown_precision_is_refused():
 @pytest.mark.slow
 @pytest.mark.skipif(not COMPILE_TESTS, reason="torch.compile on the CPU takes about a minute; "
                     "set CODREAM_TEST_COMPILE=1 (always on with CUDA)")
-def test_compiled_without_graph_breaks_equals_eager():
+@pytest.mark.parametrize("bn_moments", ["var_mean", "sums"])
+def test_compiled_without_graph_breaks_equals_eager(bn_moments):
     # aot_eager runs Dynamo + AOTAutograd (where graph breaks and functionalisation happen)
     # without inductor's slow CPU code generation; fullgraph=True turns a break into an error.
     models = [model("smallcnn", s) for s in range(2)]
     x = dreams(6, batch=4)
-    single = FastDreamStep(models[0], W, compile_model=True, compile_backend="aot_eager")
-    batched = BatchedDreamStep(models, W, compile_model=True, compile_backend="aot_eager")
+    options = {"compile_model": True, "compile_backend": "aot_eager", "bn_moments": bn_moments}
+    single = FastDreamStep(models[0], W, **options)
+    batched = BatchedDreamStep(models, W, **options)
     assert rel(single(x), dream_gradient(models[0], x, W)) < 1e-5
     grads = batched(x)
     for k, m in enumerate(models):
