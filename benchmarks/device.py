@@ -165,33 +165,24 @@ def profile_table(step: Callable[[], object], device: torch.device, steps: int =
 
 STEP_VARIANTS = {
     # a diagnostic, not the same loss: what the BatchNorm-statistics term costs
-    "no-bn-term": ({"use_bn_statistics": False}, {}),
-    # BatchNorm statistics as E[x^2] - E[x]^2: two plain sums instead of a Welford reduction
-    "bn-sums": ({"bn_moments": "sums"}, {}),
-    # inductor tunes each generated kernel's tiling by coordinate descent (reductions above all)
-    "coordesc": ({}, {"coordinate_descent_tuning": True}),
-    # inductor benchmarks Triton templates against cuDNN/cuBLAS for every convolution (slow
-    # to compile: minutes)
-    "max-autotune": ({}, {"max_autotune": True}),
+    "no-bn-term": {"use_bn_statistics": False},
+    # BatchNorm statistics by a Welford var_mean (the default before one-pass sums)
+    "var-mean": {"bn_moments": "var_mean"},
 }
+# Inductor settings patched around a variant's compile (coordinate-descent tuning, max-autotune)
+# are not offered: Dynamo reused the already compiled graph for them (a 0.04 s "compile" on the
+# H100), so they timed the default graph again.
 
 
 def step_variant(name: str, model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor,
                  device: torch.device, iters: int) -> dict:
     """One more optimised step, built with other options, timed like the others."""
-    import torch._inductor.config as inductor_config
-
-    options, inductor = {}, {}
-    for part in name.split("+"):  # "bn-sums+coordesc": both changes at once
-        options.update(STEP_VARIANTS[part][0])
-        inductor.update(STEP_VARIANTS[part][1])
-    with inductor_config.patch(inductor):
-        start = time.perf_counter()
-        step = FastDreamStep.optimised(model, W, **options)
-        step(x)
-        step(x)  # compile, then record the CUDA graph, under the patched settings
-        _sync(device)
-        warm = time.perf_counter() - start
+    start = time.perf_counter()
+    step = FastDreamStep.optimised(model, W, **STEP_VARIANTS[name])
+    step(x)
+    step(x)  # compile, then record the CUDA graph
+    _sync(device)
+    warm = time.perf_counter() - start
     return {"variant": f"optimised, {name}", "ms": timed_ms(lambda: step(x), device, iters=iters),
             "warmup_s": warm, **agreement(step(x), reference)}
 
@@ -310,7 +301,7 @@ class SecureRound:
     """
 
     def __init__(self, n: int, m: int, *, clip: float, device: torch.device,
-                 fused: bool = False) -> None:
+                 fused: bool = True) -> None:
         self.n, self.m, self.device, self.fused = n, m, device, fused
         self.threshold = n // 2 + 1
         self.codec = FixedPointCodec.for_clients(n, clip=clip, ring_bits=32,
@@ -379,18 +370,32 @@ def require_finite(grads: list[torch.Tensor]) -> None:
         raise NonFiniteGradientError("a client's dream gradient holds NaN or inf")
 
 
-def dream_round(steps: list, x0: torch.Tensor, n_steps: int, *, secure: SecureRound | None,
-                overlap: bool) -> torch.Tensor:
-    """n_steps of dream synthesis: gradients, (secure) sum, one Adam step on x."""
+class PlainRound:
+    """Plain aggregation: the server sums the clients' float32 gradients.
+
+    With `send`, each gradient is first copied to pinned host memory, as SecureRound copies each
+    masked upload: the bytes a client sends, the same size in both (m 32-bit words).
+    """
+
+    def __init__(self, n: int, m: int, *, device: torch.device, send: bool) -> None:
+        self.pinned = [torch.empty(m, dtype=torch.float32, pin_memory=device.type == "cuda")
+                       for _ in range(n)] if send else []
+
+    def total(self, grads: list[torch.Tensor], step: int) -> torch.Tensor:
+        require_finite(grads)  # the same one sync as the secure path
+        for pinned, grad in zip(self.pinned, grads, strict=False):
+            pinned.copy_(grad, non_blocking=True)
+        return torch.stack(grads).sum(0)
+
+
+def dream_round(steps: list, x0: torch.Tensor, n_steps: int, *,
+                aggregator: PlainRound | SecureRound, overlap: bool) -> torch.Tensor:
+    """n_steps of dream synthesis: gradients, their (secure) sum, one Adam step on x."""
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=0.05)
     for step in range(1, n_steps + 1):
         grads = dream_gradients(steps, x.detach(), overlap=overlap)
-        if secure is None:
-            require_finite(grads)  # the plain path refuses NaN too, with the same one sync
-            total = torch.stack(grads).sum(0)
-        else:
-            total = secure.total([g.reshape(-1) for g in grads], step).reshape(x.shape)
+        total = aggregator.total([g.reshape(-1) for g in grads], step).reshape(x.shape)
         x.grad = total / len(steps)
         opt.step()
     return x.detach()
@@ -408,15 +413,18 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
         model = build_model(name, input_shape=args.shape, num_classes=10).to(device).eval()
         steps.append(FastDreamStep.optimised(model, W))
     x0 = torch.randn(args.batch, *args.shape, device=device)
-    variants: dict[str, SecureRound | None] = {"plain": None, "secure": SecureRound(
-        len(steps), x0.numel(), clip=args.clip, device=device)}
-    if "triton" in chacha20.available_backends(device):
-        variants["secure, fused kernel"] = SecureRound(len(steps), x0.numel(), clip=args.clip,
-                                                       device=device, fused=True)
+    n, m = len(steps), x0.numel()
+    variants: dict[str, PlainRound | SecureRound] = {
+        "plain": PlainRound(n, m, device=device, send=True),
+        "plain, nothing leaves the device": PlainRound(n, m, device=device, send=False),
+        "secure": SecureRound(n, m, clip=args.clip, device=device, fused=True)}
+    if "triton" in chacha20.available_backends(device):  # elsewhere "secure" is unfused already
+        variants["secure, unfused kernels"] = SecureRound(n, m, clip=args.clip, device=device,
+                                                          fused=False)
     start, failed = time.perf_counter(), {}
-    for name, secure in list(variants.items()):  # compile and warm up
+    for name, aggregator in list(variants.items()):  # compile and warm up
         try:
-            dream_round(steps, x0, 2, secure=secure, overlap=args.overlap)
+            dream_round(steps, x0, 2, aggregator=aggregator, overlap=args.overlap)
         except Exception as exc:  # e.g. a kernel that does not compile here
             if name == "plain":
                 raise
@@ -424,25 +432,27 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
             del variants[name]
     warm = time.perf_counter() - start
     grads = dream_gradients(steps, x0, overlap=args.overlap)
-    checks = {name: secure.check(grads, step=0) for name, secure in variants.items() if secure}
+    checks = {name: agg.check(grads, step=0) for name, agg in variants.items()
+              if isinstance(agg, SecureRound)}
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(3):
-        for name, secure in variants.items():
+    for _ in range(args.round_repeats):
+        for name, aggregator in variants.items():
             _sync(device)
             t0 = time.perf_counter()
-            dream_round(steps, x0, args.round_steps, secure=secure, overlap=args.overlap)
+            dream_round(steps, x0, args.round_steps, aggregator=aggregator, overlap=args.overlap)
             _sync(device)
             times[name].append(1e3 * (time.perf_counter() - t0) / args.round_steps)
-    plain = statistics.median(times["plain"])
+    median = {name: statistics.median(t) for name, t in times.items()}
+    resident = median.get("plain, nothing leaves the device", math.nan)
     # each client alone: their sum against the plain round shows whether the GPU idles between
     # clients (the round also has the sum, the NaN check and the Adam step)
     alone = sum(timed_ms(lambda s=s: s(x0), device, iters=args.iters) for s in steps)
     overlap = args.overlap and not any(s.config.cuda_graphs for s in steps)
     return [{"aggregation": name, "models": args.round_models, "batch": args.batch,
-             "steps": args.round_steps, "overlap": overlap,
-             "ms_per_step": statistics.median(times[name]),
-             "ratio": statistics.median(times[name]) / plain, "warmup_s": warm,
-             "clients_alone_ms": alone,
+             "steps": args.round_steps, "repeats": args.round_repeats, "overlap": overlap,
+             "ms_per_step": median[name], "ratio": median[name] / median["plain"],
+             "ratio_vs_device_resident_plain": median[name] / resident, "warmup_s": warm,
+             "clients_alone_ms": alone, "all_ms_per_step": times[name],
              **checks.get(name, {})} for name in variants] + [
         {"aggregation": name, "models": args.round_models, "error": error}
         for name, error in failed.items()]
@@ -491,16 +501,18 @@ def _markdown(result: dict) -> str:
     c = result["matmul_ceiling"]
     lines += ["", f"Measured matmul ceiling: {c['tflops']:.3f} TFLOP/s ({c['dtype']}, n={c['n']})",
               "", "## Dream round, secure vs plain", "",
-              "| aggregation | models | batch | steps | ms/step | x plain | max error (bound) |",
-              "|---|---|---|---|---|---|---|"]
+              "| aggregation | models | batch | steps | ms/step | x plain | x plain kept on device "
+              "| max error (bound) |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in result["round"]:
         if "error" in r:
             lines.append(f"| {r['aggregation']} | {r['models']} | failed: {r['error'][:200]} "
-                         "| | | | |")
+                         "| | | | | |")
             continue
         check = (f"{r['max_abs_error']:.2e} ({r['bound']:.2e})" if "bound" in r else "-")
         lines.append(f"| {r['aggregation']} | {r['models']} | {r['batch']} | {r['steps']} | "
-                     f"{r['ms_per_step']:.2f} | {r['ratio']:.3f} | {check} |")
+                     f"{r['ms_per_step']:.2f} | {r['ratio']:.3f} | "
+                     f"{r['ratio_vs_device_resident_plain']:.3f} | {check} |")
     if result["round"]:
         lines += ["", f"Each client's step alone, summed: "
                   f"{result['round'][0]['clients_alone_ms']:.2f} ms"]
@@ -549,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--round-models", default="resnet18,vgg11,wrn16_1,resnet20")
     parser.add_argument("--round-steps", type=int, default=20)
+    parser.add_argument("--round-repeats", type=int, default=5,
+                        help="interleaved repeats of every round variant (the median is kept)")
     parser.add_argument("--batched-model", default="resnet20")
     parser.add_argument("--batched-clients", type=int, default=4)
     parser.add_argument("--clip", type=float, default=8.0, help="the default grad_clip")
@@ -560,8 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--step-variants", default="",
                         type=lambda text: tuple(v for v in text.split(",") if v),
-                        help=f"extra optimised steps to time: {','.join(STEP_VARIANTS)}; "
-                        "join two with + to combine them")
+                        help=f"extra optimised steps to time: {','.join(STEP_VARIANTS)}")
     parser.add_argument("--profile", action="store_true",
                         help="also write profile.txt: device time per kernel of the fast step")
     parser.add_argument("--out", type=Path, default=None,
@@ -569,12 +582,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.sections or set(args.sections) - set(SECTIONS):
         parser.error(f"--sections takes a comma-separated subset of {','.join(SECTIONS)}")
-    if {p for v in args.step_variants for p in v.split("+")} - set(STEP_VARIANTS):
+    if set(args.step_variants) - set(STEP_VARIANTS):
         parser.error(f"--step-variants takes a comma-separated subset of "
                      f"{','.join(STEP_VARIANTS)}")
     args.shape = (3, 32, 32)
     if args.quick:
         args.batch, args.iters, args.shape, args.round_steps = 8, 2, (3, 16, 16), 2
+        args.round_repeats = 1
         args.model, args.round_models = "resnet8", "resnet8,smallcnn,wrn16_1,mobilenet"
         args.batched_model = "resnet8"
         args.keystream_words = 1 << 16

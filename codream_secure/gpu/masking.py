@@ -175,15 +175,17 @@ def masked_upload(
     x: torch.Tensor, codec: FixedPointCodec, *, client_id: int, self_seed: bytes,
     pair_step_seeds: Mapping[int, bytes], rounding_key: bytes | None,
     noise: torch.Tensor | None = None, check_finite: bool = True, backend: str = "auto",
-    fused: bool = False,
+    fused: bool = True,
 ) -> torch.Tensor:
     """The ring vector SecAggClient uploads at one step (ChaCha20 PRG), computed on x's device.
 
     pair_step_seeds maps each active peer id to keys.pair_step_seed(...) of this step. `noise`
     (int64 fixed-point units, distributed DP) is added to the encoding before masking, as the
     client adds its RingNoise sample; bounding it is the sampler's job, as on the CPU. With a
-    ring of at most 32 bits the dither and every mask come from one ChaCha20 launch; `fused`
-    (Triton backend, float32 work, stochastic rounding) encodes and masks in that same launch.
+    ring of at most 32 bits the dither and every mask come from one ChaCha20 launch. Where the
+    fused kernel applies (Triton backend, float32 work, stochastic rounding, ring <= 32 bits, at
+    most MAX_FUSED_MASKS masks) it encodes and masks in that same launch, bit-identically;
+    `fused=False` forces the unfused path.
     """
     if client_id in pair_step_seeds:
         raise ConfigError("a client has no pair mask with itself")
@@ -271,12 +273,12 @@ def to_numpy_ring(vector: torch.Tensor, codec: FixedPointCodec) -> np.ndarray:
     return host.view(codec.dtype)
 
 
-def protocol_masker(*, backend: str = "auto", fused: bool = False):
+def protocol_masker(*, backend: str = "auto", fused: bool = True):
     """A SecAggClient masker: the client derives the keys, the upload is built on x's device.
 
     Pass it as SecAggClient(..., masker=protocol_masker()) (or SecAggSession(maskers=...)) in a
-    session whose PRG is ChaCha20; the upload equals the numpy client's bit for bit. `fused`
-    builds it in one Triton launch where masked_upload can (bit-identical; see masked_upload).
+    session whose PRG is ChaCha20; the upload equals the numpy client's bit for bit. It is built
+    in one Triton launch where masked_upload can (bit-identical); `fused=False` never does.
     """
 
     def mask(vector: object, codec: FixedPointCodec, secrets: StepSecrets) -> np.ndarray:
