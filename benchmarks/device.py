@@ -14,6 +14,7 @@ keystream rate of every ChaCha20 backend. Prints a table and writes device.json 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -148,19 +149,49 @@ def backward_with_weights(model: torch.nn.Module, x: torch.Tensor) -> torch.Tens
     return inputs.grad
 
 
-def profile_table(step: Callable[[], object], device: torch.device, steps: int = 5) -> str:
-    """Device time per kernel over `steps` calls (torch.profiler), and the busy time per step."""
+def phase(name: str) -> contextlib.AbstractContextManager:
+    """A labelled range in torch.profiler's trace (a no-op cost when not profiling)."""
+    return torch.profiler.record_function(name)
+
+
+def _profiled(run: Callable[[], object], device: torch.device, steps: int) -> tuple:
+    """torch.profiler over `run`; (profile, wall ms per step, device-busy ms per step)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
     _sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
         _sync(device)
+    wall = 1e3 * (time.perf_counter() - start) / steps
+    # kernels and copies only: CPU-side ranges (a compiled graph's call) also carry device time
+    busy = sum(e.time_range.elapsed_us() for e in prof.events()
+               if e.device_type == DeviceType.CUDA) / steps / 1e3
+    return prof, wall, busy
+
+
+def profile_table(step: Callable[[], object], device: torch.device, steps: int = 5) -> str:
+    """Device time per kernel over `steps` calls (torch.profiler), and the busy time per step."""
+    prof, wall, busy = _profiled(lambda: [step() for _ in range(steps)], device, steps)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+    return (f"device busy time per step: {busy:.3f} ms of {wall:.3f} ms wall (kernels and "
+            f"copies, profiler on)\n{table}")
+
+
+def profile_round(run: Callable[[int], object], device: torch.device, steps: int = 5) -> str:
+    """Where a round's step goes: wall vs device-busy time, then host time by labelled phase."""
+    prof, wall, busy = _profiled(lambda: run(steps), device, steps)
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / steps / 1e3
-    table = events.table(sort_by="self_device_time_total", row_limit=30)
-    return f"device busy time per step: {busy:.3f} ms (sum of kernel times)\n{table}"
+    phases = sorted((e for e in events if e.key.startswith(("round.", "plain.", "secure."))),
+                    key=lambda e: -e.cpu_time_total)
+    lines = [f"wall {wall:.3f} ms/step, device busy {busy:.3f} ms/step, device idle "
+             f"{wall - busy:.3f} ms/step (profiler on)", "host time per step by phase:"]
+    lines += [f"  {e.key:<28} {e.cpu_time_total / steps / 1e3:8.3f} ms" for e in phases]
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return "\n".join(lines) + "\n" + events.table(sort_by=sort, row_limit=20)
 
 
 STEP_VARIANTS = {
@@ -340,25 +371,32 @@ class SecureRound:
 
     def total(self, grads: list[torch.Tensor], step: int) -> torch.Tensor:
         """Sum of the clients' gradients through masking, as the server decodes it."""
-        secrets = [self.step_keys(c, step) for c in range(self.n)]  # overlaps device work
-        uploads = [masking.masked_upload(g, self.codec, client_id=c, self_seed=s.self_seed,
-                                         pair_step_seeds=s.pair_seeds,
-                                         rounding_key=s.rounding_key, check_finite=False,
-                                         fused=self.fused)
-                   for c, (g, s) in enumerate(zip(grads, secrets, strict=True))]
-        require_finite(grads)  # the step's one sync: nothing leaves a client before it
-        for pinned, upload in zip(self.pinned, uploads, strict=True):
-            pinned.copy_(upload, non_blocking=True)  # the bytes each client sends
-        total = masking.ring_sum(uploads, self.codec)
-        recovered = []
-        for s in secrets:  # the server rebuilds each self seed from t shares
-            some = dict(list(s.shares.items())[:self.threshold])
-            recovered.append(shamir.combine(some, threshold=self.threshold))
-        if recovered != [s.self_seed for s in secrets]:
-            raise RuntimeError("Shamir recombination did not return the self seeds")
-        unmasked = masking.mask_vector(total, self.codec, self_seed=None,
-                                       pair_seeds={s: -1 for s in recovered})
-        return masking.decode_sum(unmasked, self.codec, n_summed=self.n).to(torch.float32)
+        with phase("secure.host_keys"):  # overlaps device work
+            secrets = [self.step_keys(c, step) for c in range(self.n)]
+        with phase("secure.uploads"):
+            uploads = [masking.masked_upload(g, self.codec, client_id=c,
+                                             self_seed=s.self_seed, pair_step_seeds=s.pair_seeds,
+                                             rounding_key=s.rounding_key, check_finite=False,
+                                             fused=self.fused)
+                       for c, (g, s) in enumerate(zip(grads, secrets, strict=True))]
+        with phase("secure.finite_check_sync"):
+            require_finite(grads)  # the step's one sync: nothing leaves a client before it
+        with phase("secure.send_copies"):
+            for pinned, upload in zip(self.pinned, uploads, strict=True):
+                pinned.copy_(upload, non_blocking=True)  # the bytes each client sends
+        with phase("secure.server_sum"):
+            total = masking.ring_sum(uploads, self.codec)
+        with phase("secure.server_shamir"):
+            recovered = []
+            for s in secrets:  # the server rebuilds each self seed from t shares
+                some = dict(list(s.shares.items())[:self.threshold])
+                recovered.append(shamir.combine(some, threshold=self.threshold))
+            if recovered != [s.self_seed for s in secrets]:
+                raise RuntimeError("Shamir recombination did not return the self seeds")
+        with phase("secure.server_unmask_decode"):
+            unmasked = masking.mask_vector(total, self.codec, self_seed=None,
+                                           pair_seeds={s: -1 for s in recovered})
+            return masking.decode_sum(unmasked, self.codec, n_summed=self.n).to(torch.float32)
 
     def check(self, grads: list[torch.Tensor], step: int) -> dict:
         """Secure sum vs the plain sum of the clipped gradients: within n units of 2^-f."""
@@ -393,10 +431,13 @@ class PlainRound:
                        for _ in range(n)] if send else []
 
     def total(self, grads: list[torch.Tensor], step: int) -> torch.Tensor:
-        require_finite(grads)  # the same one sync as the secure path
-        for pinned, grad in zip(self.pinned, grads, strict=False):
-            pinned.copy_(grad, non_blocking=True)
-        return torch.stack(grads).sum(0)
+        with phase("plain.finite_check_sync"):
+            require_finite(grads)  # the same one sync as the secure path
+        with phase("plain.send_copies"):
+            for pinned, grad in zip(self.pinned, grads, strict=False):
+                pinned.copy_(grad, non_blocking=True)
+        with phase("plain.server_sum"):
+            return torch.stack(grads).sum(0)
 
 
 def dream_round(steps: list, x0: torch.Tensor, n_steps: int, *,
@@ -405,10 +446,12 @@ def dream_round(steps: list, x0: torch.Tensor, n_steps: int, *,
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=0.05)
     for step in range(1, n_steps + 1):
-        grads = dream_gradients(steps, x.detach(), overlap=overlap)
+        with phase("round.gradients"):
+            grads = dream_gradients(steps, x.detach(), overlap=overlap)
         total = aggregator.total([g.reshape(-1) for g in grads], step).reshape(x.shape)
-        x.grad = total / len(steps)
-        opt.step()
+        with phase("round.adam"):
+            x.grad = total / len(steps)
+            opt.step()
     return x.detach()
 
 
@@ -458,6 +501,12 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
     # each client alone: their sum against the plain round shows whether the GPU idles between
     # clients (the round also has the sum, the NaN check and the Adam step)
     alone = sum(timed_ms(lambda s=s: s(x0), device, iters=args.iters) for s in steps)
+    if args.profile:
+        args.round_profile_text = "\n\n".join(
+            f"## {name}\n" + profile_round(
+                lambda k, a=aggregator: dream_round(steps, x0, k, aggregator=a,
+                                                    overlap=args.overlap), device)
+            for name, aggregator in variants.items())
     overlap = args.overlap and not any(s.config.cuda_graphs for s in steps)
     return [{"aggregation": name, "models": args.round_models, "batch": args.batch,
              "steps": args.round_steps, "repeats": args.round_repeats, "overlap": overlap,
@@ -561,6 +610,8 @@ def write_result(result: dict, args: argparse.Namespace) -> None:
     (args.out / "device.md").write_text(_markdown(result))
     if getattr(args, "profile_text", None):
         (args.out / "profile.txt").write_text(args.profile_text + "\n")
+    if getattr(args, "round_profile_text", None):
+        (args.out / "profile-round.txt").write_text(args.round_profile_text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -587,7 +638,9 @@ def main(argv: list[str] | None = None) -> int:
                         type=lambda text: tuple(v for v in text.split(",") if v),
                         help=f"extra optimised steps to time: {','.join(STEP_VARIANTS)}")
     parser.add_argument("--profile", action="store_true",
-                        help="also write profile.txt: device time per kernel of the fast step")
+                        help="also write profile.txt (device time per kernel of the fast step) "
+                        "and profile-round.txt (wall vs device-busy time of each round variant, "
+                        "host time by phase)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default benchmarks/results/device (--quick: a temporary folder)")
     args = parser.parse_args(argv)

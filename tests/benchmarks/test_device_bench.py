@@ -42,3 +42,17 @@ def test_unknown_step_variants_are_refused(capsys):
         device.main(["--quick", "--step-variants", "warp-drive"])
     assert exit_info.value.code == 2
     assert "--step-variants" in capsys.readouterr().err
+
+
+def test_round_profile_splits_each_variant_by_phase(tmp_path):
+    result = run(tmp_path, "--sections", "round", "--profile")
+    names = [r["aggregation"] for r in result["round"]]
+    assert names[:3] == ["plain", "plain, nothing leaves the device", "secure"]
+    text = (tmp_path / "profile-round.txt").read_text()
+    for name in names:
+        assert f"## {name}\n" in text
+    for label in ("round.gradients", "plain.send_copies", "secure.server_shamir",
+                  "secure.server_unmask_decode"):
+        assert label in text
+    secure = next(r for r in result["round"] if r["aggregation"] == "secure")
+    assert secure["max_abs_error"] <= secure["bound"]
