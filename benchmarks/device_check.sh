@@ -18,7 +18,7 @@ echo "benchmark rc=$? in $(( $(date +%s) - start )) s"
 grep -vE "^\s*$" "$out/bench.log" | tail -60
 if [ "${TEST_S:-150}" -gt 0 ]; then
     start=$(date +%s)
-    timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+    timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" \
         tests/core/test_gpu_chacha20.py tests/core/test_gpu_masking.py \
         tests/core/test_fast_dream.py tests/core/test_gpu_interop.py > "$out/tests.log" 2>&1
     echo "gpu tests rc=$? in $(( $(date +%s) - start )) s"

@@ -88,6 +88,7 @@ def test_unknown_backend_is_refused():
         chacha20.keystream_words([bytes(32)], 8, backend="cuda-magic")
 
 
+@pytest.mark.triton
 @pytest.mark.skipif("triton" not in chacha20.available_backends("cpu"),
                     reason="needs triton with TRITON_INTERPRET=1")
 def test_triton_kernel_in_the_interpreter_equals_cryptography():

@@ -163,6 +163,7 @@ def test_a_codec_with_another_prg_is_refused():
 TRITON_HERE = "triton" in available_backends("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not TRITON_HERE, reason="needs triton on CUDA, or TRITON_INTERPRET=1 here")
 @pytest.mark.parametrize("ring_bits", [16, 24, 32])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -181,11 +182,14 @@ def test_fused_kernel_equals_the_unfused_upload(ring_bits, dtype):
         assert fused.dtype == unfused.dtype and torch.equal(fused.cpu(), unfused.cpu())
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not TRITON_HERE, reason="needs triton on CUDA, or TRITON_INTERPRET=1 here")
 def test_fused_flag_falls_back_where_the_kernel_does_not_apply():
     codec = FixedPointCodec.for_clients(2, clip=1.0, ring_bits=40, rounding="stochastic",
                                         prg="chacha20")  # a 40-bit ring needs 64-bit lanes
-    x = torch.from_numpy(awkward_vector(100, 3, 1.0))
+    # on the device triton runs on: CUDA, or the CPU under TRITON_INTERPRET=1
+    x = torch.from_numpy(awkward_vector(100, 3, 1.0)).to(
+        "cuda" if torch.cuda.is_available() else "cpu")
     args = dict(client_id=0, self_seed=bytes(32), pair_step_seeds={1: bytes(range(32))},
                 rounding_key=bytes(32))
     assert torch.equal(masking.masked_upload(x, codec, backend="triton", fused=True, **args),
