@@ -343,8 +343,9 @@ class SecureRound:
     """
 
     def __init__(self, n: int, m: int, *, clip: float, device: torch.device,
-                 fused: bool = True) -> None:
+                 fused: bool = True, fused_server: bool | None = None) -> None:
         self.n, self.m, self.device, self.fused = n, m, device, fused
+        self.fused_server = fused if fused_server is None else fused_server
         self.threshold = n // 2 + 1
         self.codec = FixedPointCodec.for_clients(n, clip=clip, ring_bits=32,
                                                  rounding="stochastic", prg="chacha20")
@@ -384,8 +385,6 @@ class SecureRound:
         with phase("secure.send_copies"):
             for pinned, upload in zip(self.pinned, uploads, strict=True):
                 pinned.copy_(upload, non_blocking=True)  # the bytes each client sends
-        with phase("secure.server_sum"):
-            total = masking.ring_sum(uploads, self.codec)
         with phase("secure.server_shamir"):
             recovered = []
             for s in secrets:  # the server rebuilds each self seed from t shares
@@ -393,10 +392,10 @@ class SecureRound:
                 recovered.append(shamir.combine(some, threshold=self.threshold))
             if recovered != [s.self_seed for s in secrets]:
                 raise RuntimeError("Shamir recombination did not return the self seeds")
-        with phase("secure.server_unmask_decode"):
-            unmasked = masking.mask_vector(total, self.codec, self_seed=None,
-                                           pair_seeds={s: -1 for s in recovered})
-            return masking.decode_sum(unmasked, self.codec, n_summed=self.n).to(torch.float32)
+        with phase("secure.server_unmask_sum"):  # ring sum, self-mask removal, decoding
+            return masking.unmask_sum(uploads, self.codec, n_summed=self.n,
+                                      mask_seeds={s: -1 for s in recovered},
+                                      fused=self.fused_server)
 
     def check(self, grads: list[torch.Tensor], step: int) -> dict:
         """Secure sum vs the plain sum of the clipped gradients: within n units of 2^-f."""
@@ -473,6 +472,8 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
         "plain, nothing leaves the device": PlainRound(n, m, device=device, send=False),
         "secure": SecureRound(n, m, clip=args.clip, device=device, fused=True)}
     if "triton" in chacha20.available_backends(device):  # elsewhere "secure" is unfused already
+        variants["secure, fused upload only"] = SecureRound(
+            n, m, clip=args.clip, device=device, fused=True, fused_server=False)
         variants["secure, unfused kernels"] = SecureRound(n, m, clip=args.clip, device=device,
                                                           fused=False)
     start, failed = time.perf_counter(), {}

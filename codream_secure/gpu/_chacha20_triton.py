@@ -202,6 +202,108 @@ def _masked_upload_kernel(x_ptr, key_ptr, nonce_ptr, sign_ptr, out_ptr, n, scale
     _store(out_ptr, o + 15, n, a15, RING_BITS)
 
 
+@triton.jit
+def _row_sum(u_ptr, offs, n, m, N_ROWS: tl.constexpr):
+    """Sum over the N_ROWS uploads (rows of m int32 values) at offs, as uint32 (wraps)."""
+    acc = tl.zeros(offs.shape, tl.uint32)
+    for r in tl.static_range(N_ROWS):
+        acc += tl.load(u_ptr + r * m + offs, mask=offs < n, other=0).to(tl.uint32, bitcast=True)
+    return acc
+
+
+@triton.jit
+def _decode_store(out_ptr, offs, n, acc, inv_scale, RING_BITS: tl.constexpr):
+    """Signed reading of the ring value (sign-extended from RING_BITS) times 2^-f, float32."""
+    if RING_BITS < 32:
+        acc = acc << (32 - RING_BITS)
+    signed = acc.to(tl.int32, bitcast=True)
+    if RING_BITS < 32:
+        signed = signed >> (32 - RING_BITS)  # arithmetic shift on int32: sign extension
+    tl.store(out_ptr + offs, signed.to(tl.float32) * inv_scale, mask=offs < n)
+
+
+@triton.jit
+def _unmask_sum_kernel(u_ptr, key_ptr, nonce_ptr, sign_ptr, out_ptr, n, m, inv_scale,
+                       N_ROWS: tl.constexpr, N_MASKS: tl.constexpr, RING_BITS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """decode(sum_r u_r + sum_k sign_k * PRG(key_k)) for BLOCK keystream blocks, as float32.
+
+    The server's side: the ring sum of the uploads, the removal of the masks it rebuilt (self
+    masks of survivors, pair masks of dropped clients), and the decoding, in one pass.
+    """
+    blocks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    index = blocks.to(tl.uint32)
+    o = blocks.to(tl.int64) * 16
+    a0 = _row_sum(u_ptr, o + 0, n, m, N_ROWS)
+    a1 = _row_sum(u_ptr, o + 1, n, m, N_ROWS)
+    a2 = _row_sum(u_ptr, o + 2, n, m, N_ROWS)
+    a3 = _row_sum(u_ptr, o + 3, n, m, N_ROWS)
+    a4 = _row_sum(u_ptr, o + 4, n, m, N_ROWS)
+    a5 = _row_sum(u_ptr, o + 5, n, m, N_ROWS)
+    a6 = _row_sum(u_ptr, o + 6, n, m, N_ROWS)
+    a7 = _row_sum(u_ptr, o + 7, n, m, N_ROWS)
+    a8 = _row_sum(u_ptr, o + 8, n, m, N_ROWS)
+    a9 = _row_sum(u_ptr, o + 9, n, m, N_ROWS)
+    a10 = _row_sum(u_ptr, o + 10, n, m, N_ROWS)
+    a11 = _row_sum(u_ptr, o + 11, n, m, N_ROWS)
+    a12 = _row_sum(u_ptr, o + 12, n, m, N_ROWS)
+    a13 = _row_sum(u_ptr, o + 13, n, m, N_ROWS)
+    a14 = _row_sum(u_ptr, o + 14, n, m, N_ROWS)
+    a15 = _row_sum(u_ptr, o + 15, n, m, N_ROWS)
+    for k in tl.static_range(N_MASKS):
+        sign = tl.load(sign_ptr + k).to(tl.uint32, bitcast=True)
+        w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _key_block(
+            key_ptr + k * 8, nonce_ptr + k * 4, index)
+        a0 += w0 * sign
+        a1 += w1 * sign
+        a2 += w2 * sign
+        a3 += w3 * sign
+        a4 += w4 * sign
+        a5 += w5 * sign
+        a6 += w6 * sign
+        a7 += w7 * sign
+        a8 += w8 * sign
+        a9 += w9 * sign
+        a10 += w10 * sign
+        a11 += w11 * sign
+        a12 += w12 * sign
+        a13 += w13 * sign
+        a14 += w14 * sign
+        a15 += w15 * sign
+    _decode_store(out_ptr, o + 0, n, a0, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 1, n, a1, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 2, n, a2, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 3, n, a3, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 4, n, a4, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 5, n, a5, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 6, n, a6, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 7, n, a7, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 8, n, a8, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 9, n, a9, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 10, n, a10, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 11, n, a11, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 12, n, a12, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 13, n, a13, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 14, n, a14, inv_scale, RING_BITS)
+    _decode_store(out_ptr, o + 15, n, a15, inv_scale, RING_BITS)
+
+
+def fused_unmask_sum(uploads: torch.Tensor, key_words: torch.Tensor, nonce_words: torch.Tensor,
+                     signs: torch.Tensor, *, inv_scale: float, ring_bits: int) -> torch.Tensor:
+    """One launch: float32 decoding of the ring sum of `uploads` (rows) plus the signed masks.
+
+    The caller checked the counter range, the dtypes (int32 rows) and ring_bits <= 32.
+    """
+    rows, n = uploads.shape
+    out = torch.empty(n, dtype=torch.float32, device=uploads.device)
+    grid = (triton.cdiv(-(-n // 16), _FUSED_BLOCK),)
+    _unmask_sum_kernel[grid](uploads.contiguous(), key_words.contiguous(),
+                             nonce_words.contiguous(), signs.contiguous(), out, n, n, inv_scale,
+                             N_ROWS=rows, N_MASKS=key_words.shape[0], RING_BITS=ring_bits,
+                             BLOCK=_FUSED_BLOCK)
+    return out
+
+
 def fused_masked_upload(x: torch.Tensor, key_words: torch.Tensor, nonce_words: torch.Tensor,
                         signs: torch.Tensor, *, scale: float, limit: float,
                         ring_bits: int) -> torch.Tensor:

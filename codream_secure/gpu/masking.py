@@ -41,6 +41,7 @@ __all__ = [
     "ring_dtype",
     "ring_sum",
     "to_numpy_ring",
+    "unmask_sum",
 ]
 
 
@@ -236,10 +237,8 @@ def _fused_upload(flat: torch.Tensor, codec: FixedPointCodec, keys: list[bytes],
     blocks = -(-flat.numel() // chacha20.BLOCK_WORDS)
     key_words, nonce_words = chacha20.key_tensors(
         keys, [bytes(chacha20.NONCE_BYTES)] * len(keys), blocks, flat.device)
-    sign_tensor = torch.tensor(signs, dtype=torch.int32)
-    if flat.is_cuda:
-        sign_tensor = sign_tensor.pin_memory().to(flat.device, non_blocking=True)
-    return fused_masked_upload(flat.to(torch.float32), key_words, nonce_words, sign_tensor,
+    return fused_masked_upload(flat.to(torch.float32), key_words, nonce_words,
+                               _device_signs(signs, flat.device),
                                scale=math.ldexp(1.0, codec.scale_bits),
                                limit=math.ldexp(codec.clip, codec.scale_bits),
                                ring_bits=codec.ring_bits)
@@ -265,6 +264,47 @@ def decode_sum(total: torch.Tensor, codec: FixedPointCodec, *, n_summed: int) ->
     width = 32 if k <= 32 else 64
     signed = total if k == width else (total << (width - k)) >> (width - k)  # sign-extend
     return signed.to(torch.float64) * math.ldexp(1.0, -codec.scale_bits)
+
+
+def unmask_sum(uploads: Sequence[torch.Tensor], codec: FixedPointCodec, *,
+               mask_seeds: Mapping[bytes, int], n_summed: int, backend: str = "auto",
+               fused: bool = True) -> torch.Tensor:
+    """The server's result on the device: decode(ring sum + sum sign * PRG(seed)), float32.
+
+    `mask_seeds` maps each mask the server rebuilt to its sign: -1 for a survivor's self mask,
+    +1/-1 for a dropped client's pair masks (minus what its partners added). Equals
+    decode_sum(mask_vector(ring_sum(uploads), ...)) rounded once to float32. Where the fused
+    kernel applies (Triton, ring <= 32 bits, 1 to MAX_FUSED_MASKS masks) it is one launch.
+    """
+    if not uploads or any(u.dtype != ring_dtype(codec) or u.shape != uploads[0].shape
+                          for u in uploads):
+        raise ConfigError(f"unmask_sum needs equally shaped {ring_dtype(codec)} ring vectors")
+    _require_chacha(codec)
+    codec.check_budget(n_summed)
+    seeds, signs = _signed_seeds(None, mask_seeds)
+    device = uploads[0].device
+    if (fused and codec.ring_bits <= 32 and 0 < len(seeds) <= MAX_FUSED_MASKS
+            and chacha20.resolve_backend(backend, device) == "triton"):
+        from codream_secure.gpu._chacha20_triton import fused_unmask_sum
+
+        stacked = torch.stack([u.reshape(-1) for u in uploads])
+        blocks = -(-stacked.shape[1] // chacha20.BLOCK_WORDS)
+        key_words, nonce_words = chacha20.key_tensors(
+            seeds, [bytes(chacha20.NONCE_BYTES)] * len(seeds), blocks, device)
+        return fused_unmask_sum(stacked, key_words, nonce_words, _device_signs(signs, device),
+                                inv_scale=math.ldexp(1.0, -codec.scale_bits),
+                                ring_bits=codec.ring_bits)
+    total = mask_vector(ring_sum(uploads, codec), codec, self_seed=None, pair_seeds=mask_seeds,
+                        backend=backend)
+    return decode_sum(total, codec, n_summed=n_summed).to(torch.float32)
+
+
+def _device_signs(signs: list[int], device: torch.device) -> torch.Tensor:
+    """+1/-1 as int32 on `device`, copied without synchronising the stream."""
+    tensor = torch.tensor(signs, dtype=torch.int32)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def to_numpy_ring(vector: torch.Tensor, codec: FixedPointCodec) -> np.ndarray:

@@ -52,7 +52,7 @@ def test_round_profile_splits_each_variant_by_phase(tmp_path):
     for name in names:
         assert f"## {name}\n" in text
     for label in ("round.gradients", "plain.send_copies", "secure.server_shamir",
-                  "secure.server_unmask_decode"):
+                  "secure.server_unmask_sum"):
         assert label in text
     secure = next(r for r in result["round"] if r["aggregation"] == "secure")
     assert secure["max_abs_error"] <= secure["bound"]

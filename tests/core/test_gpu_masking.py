@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import types
 
@@ -119,6 +120,11 @@ def test_masked_upload_equals_the_secagg_client_and_the_server_unmasks_it(
     assert np.array_equal(masking.to_numpy_ring(unmasked, codec), outcome.ring_total)
     decoded = masking.decode_sum(unmasked, codec, n_summed=n)
     assert np.array_equal(decoded.numpy(), codec.decode_sum(outcome.ring_total, n_summed=n))
+    # the server's whole side in one call: sum, self-mask removal, decoding (float32)
+    server_side = masking.unmask_sum(list(uploads.values()), codec, n_summed=n,
+                                     mask_seeds={s: -1 for s in self_seeds[-n:]})
+    want = codec.decode_sum(outcome.ring_total, n_summed=n).astype(np.float32)
+    assert server_side.dtype == torch.float32 and np.array_equal(server_side.numpy(), want)
 
 
 def test_noise_is_added_before_the_masks_modulo_the_ring():
@@ -200,3 +206,31 @@ def test_fused_flag_falls_back_where_the_kernel_does_not_apply():
     args.update(pair_step_seeds=many)
     assert torch.equal(masking.masked_upload(x, codec, backend="triton", fused=True, **args),
                        masking.masked_upload(x, codec, backend="torch", **args))
+
+
+def test_unmask_sum_refuses_mismatched_uploads():
+    codec = FixedPointCodec.for_clients(3, clip=1.0, ring_bits=32, prg="chacha20")
+    good = torch.zeros(8, dtype=torch.int32)
+    for uploads in ([], [good, torch.zeros(9, dtype=torch.int32)], [good, good.float()]):
+        with pytest.raises(ConfigError, match="ring vectors"):
+            masking.unmask_sum(uploads, codec, mask_seeds={bytes(32): -1}, n_summed=2)
+    with pytest.raises(ConfigError, match="\\+1 or -1"):
+        masking.unmask_sum([good], codec, mask_seeds={bytes(32): 2}, n_summed=1)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not TRITON_HERE, reason="needs triton on CUDA, or TRITON_INTERPRET=1 here")
+@pytest.mark.parametrize("ring_bits", [16, 24, 32])
+def test_fused_unmask_sum_equals_the_unfused_server_side(ring_bits):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    codec = FixedPointCodec.for_clients(4, clip=2.0, ring_bits=ring_bits, rounding="stochastic",
+                                        prg="chacha20")
+    m = 2 * 1024 + 37  # several programs and a partial block
+    rng = np.random.default_rng(ring_bits)
+    uploads = [torch.from_numpy(rng.integers(0, 1 << ring_bits, m).astype(np.uint32)
+                                .view(np.int32)).to(device) for _ in range(4)]
+    seeds = {os.urandom(32): -1, os.urandom(32): -1, os.urandom(32): 1}  # a dropout's pair mask
+    fused = masking.unmask_sum(uploads, codec, mask_seeds=seeds, n_summed=4, backend="triton")
+    unfused = masking.unmask_sum(uploads, codec, mask_seeds=seeds, n_summed=4, backend="torch")
+    assert fused.dtype == torch.float32 and torch.equal(fused.cpu(), unfused.cpu())
+    assert bool((fused.abs() <= math.ldexp(1.0, ring_bits - 1 - codec.scale_bits)).all())
