@@ -134,6 +134,38 @@ def _store(out_ptr, offs, n, acc, RING_BITS: tl.constexpr):
 
 
 @triton.jit
+def _add_signed_masks(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+                      key_ptr, nonce_ptr, sign_ptr, index, FIRST: tl.constexpr,
+                      N_MASKS: tl.constexpr):
+    """a_j + sum_k sign_k * word j of key k's blocks `index`, for keys FIRST..FIRST+N_MASKS-1.
+
+    Unrolled at compile time (Triton's interpreter has no run-time loop bound). A sign of -1 is
+    0xFFFFFFFF as uint32: w * sign wraps to -w modulo 2^32.
+    """
+    for k in tl.static_range(FIRST, FIRST + N_MASKS):
+        sign = tl.load(sign_ptr + k - FIRST).to(tl.uint32, bitcast=True)
+        w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _key_block(
+            key_ptr + k * 8, nonce_ptr + k * 4, index)
+        a0 += w0 * sign
+        a1 += w1 * sign
+        a2 += w2 * sign
+        a3 += w3 * sign
+        a4 += w4 * sign
+        a5 += w5 * sign
+        a6 += w6 * sign
+        a7 += w7 * sign
+        a8 += w8 * sign
+        a9 += w9 * sign
+        a10 += w10 * sign
+        a11 += w11 * sign
+        a12 += w12 * sign
+        a13 += w13 * sign
+        a14 += w14 * sign
+        a15 += w15 * sign
+    return a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
+
+
+@triton.jit
 def _masked_upload_kernel(x_ptr, key_ptr, nonce_ptr, sign_ptr, out_ptr, n, scale, limit,
                           N_MASKS: tl.constexpr, RING_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """encode(x) + sum_k sign_k * PRG(key_k) for BLOCK keystream blocks (16 values each).
@@ -163,27 +195,9 @@ def _masked_upload_kernel(x_ptr, key_ptr, nonce_ptr, sign_ptr, out_ptr, n, scale
     a13 = _encode(x_ptr, o + 13, n, d13, scale, limit)
     a14 = _encode(x_ptr, o + 14, n, d14, scale, limit)
     a15 = _encode(x_ptr, o + 15, n, d15, scale, limit)
-    for k in tl.static_range(1, N_MASKS + 1):
-        # sign -1 is 0xFFFFFFFF as uint32: w * sign wraps to -w modulo 2^32
-        sign = tl.load(sign_ptr + k - 1).to(tl.uint32, bitcast=True)
-        w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _key_block(
-            key_ptr + k * 8, nonce_ptr + k * 4, index)
-        a0 += w0 * sign
-        a1 += w1 * sign
-        a2 += w2 * sign
-        a3 += w3 * sign
-        a4 += w4 * sign
-        a5 += w5 * sign
-        a6 += w6 * sign
-        a7 += w7 * sign
-        a8 += w8 * sign
-        a9 += w9 * sign
-        a10 += w10 * sign
-        a11 += w11 * sign
-        a12 += w12 * sign
-        a13 += w13 * sign
-        a14 += w14 * sign
-        a15 += w15 * sign
+    a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = _add_signed_masks(
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+        key_ptr, nonce_ptr, sign_ptr, index, 1, N_MASKS)
     _store(out_ptr, o + 0, n, a0, RING_BITS)
     _store(out_ptr, o + 1, n, a1, RING_BITS)
     _store(out_ptr, o + 2, n, a2, RING_BITS)
@@ -250,26 +264,9 @@ def _unmask_sum_kernel(u_ptr, key_ptr, nonce_ptr, sign_ptr, out_ptr, n, m, inv_s
     a13 = _row_sum(u_ptr, o + 13, n, m, N_ROWS)
     a14 = _row_sum(u_ptr, o + 14, n, m, N_ROWS)
     a15 = _row_sum(u_ptr, o + 15, n, m, N_ROWS)
-    for k in tl.static_range(N_MASKS):
-        sign = tl.load(sign_ptr + k).to(tl.uint32, bitcast=True)
-        w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _key_block(
-            key_ptr + k * 8, nonce_ptr + k * 4, index)
-        a0 += w0 * sign
-        a1 += w1 * sign
-        a2 += w2 * sign
-        a3 += w3 * sign
-        a4 += w4 * sign
-        a5 += w5 * sign
-        a6 += w6 * sign
-        a7 += w7 * sign
-        a8 += w8 * sign
-        a9 += w9 * sign
-        a10 += w10 * sign
-        a11 += w11 * sign
-        a12 += w12 * sign
-        a13 += w13 * sign
-        a14 += w14 * sign
-        a15 += w15 * sign
+    a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = _add_signed_masks(
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+        key_ptr, nonce_ptr, sign_ptr, index, 0, N_MASKS)
     _decode_store(out_ptr, o + 0, n, a0, inv_scale, RING_BITS)
     _decode_store(out_ptr, o + 1, n, a1, inv_scale, RING_BITS)
     _decode_store(out_ptr, o + 2, n, a2, inv_scale, RING_BITS)
