@@ -615,23 +615,31 @@ def write_result(result: dict, args: argparse.Namespace) -> None:
         (args.out / "profile-round.txt").write_text(args.round_profile_text + "\n")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a CPU smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--batch", type=positive_int, default=256)
+    parser.add_argument("--iters", type=positive_int, default=20)
     parser.add_argument("--round-models", default="resnet18,vgg11,wrn16_1,resnet20")
-    parser.add_argument("--round-steps", type=int, default=20)
-    parser.add_argument("--round-repeats", type=int, default=5,
+    parser.add_argument("--round-steps", type=positive_int, default=20)
+    parser.add_argument("--round-repeats", type=positive_int, default=5,
                         help="interleaved repeats of every round variant (the median is kept)")
     parser.add_argument("--batched-model", default="resnet20")
-    parser.add_argument("--batched-clients", type=int, default=4)
+    parser.add_argument("--batched-clients", type=positive_int, default=4)
     parser.add_argument("--clip", type=float, default=8.0, help="the default grad_clip")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="run heterogeneous clients one after another (no CUDA streams)")
-    parser.add_argument("--keystream-words", type=int, default=1 << 26)
+    parser.add_argument("--keystream-words", type=positive_int, default=1 << 26)
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         type=lambda text: tuple(text.split(",")),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -657,7 +665,12 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.round_models = "resnet8", "resnet8,smallcnn,wrn16_1,mobilenet"
         args.batched_model = "resnet8"
         args.keystream_words = 1 << 16
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     t0 = time.perf_counter()
     ceiling = matmul_ceiling(device, 8192 if device.type == "cuda" else 256, 20 if not args.quick

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import device
 
@@ -37,11 +38,18 @@ def test_a_failed_section_is_reported_and_the_others_kept(tmp_path, monkeypatch)
     assert "no kernel for you" in (tmp_path / "device.md").read_text()
 
 
-def test_unknown_step_variants_are_refused(capsys):
+@pytest.mark.parametrize(("argv", "names"), [
+    (["--step-variants", "warp-drive"], "--step-variants"),
+    (["--sections", "step,teleport"], "--sections"),
+    (["--round-steps", "0"], "--round-steps"),
+    (["--batch", "many"], "--batch"),
+    (["--device", "abacus"], "--device"),
+] + ([(["--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else []))
+def test_bad_arguments_exit_2_naming_the_flag(capsys, argv, names):
     with pytest.raises(SystemExit) as exit_info:
-        device.main(["--quick", "--step-variants", "warp-drive"])
+        device.main(["--quick", *argv])
     assert exit_info.value.code == 2
-    assert "--step-variants" in capsys.readouterr().err
+    assert names in capsys.readouterr().err
 
 
 def test_round_profile_splits_each_variant_by_phase(tmp_path):
