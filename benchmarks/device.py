@@ -199,10 +199,19 @@ STEP_VARIANTS = {
     "no-bn-term": {"use_bn_statistics": False},
     # BatchNorm statistics by a Welford var_mean (the default before one-pass sums)
     "var-mean": {"bn_moments": "var_mean"},
+    # inductor tunes each generated kernel's launch configuration by coordinate descent
+    "coordesc": {"compile_options": {"coordinate_descent_tuning": True}},
+    # ... and benchmarks more configurations for pointwise and reduction kernels
+    "autotune-pointwise": {"compile_options": {"coordinate_descent_tuning": True,
+                                               "max_autotune_pointwise": True}},
+    # n-dimensional tiles for reductions (the BN statistics reduce the outer dims of NHWC)
+    "tile-reductions": {"compile_options": {"triton.tile_reductions": True,
+                                            "triton.prefer_nd_tiling": True}},
+    # Triton templates benchmarked against cuDNN for every convolution (minutes to compile)
+    "max-autotune": {"compile_options": {"max_autotune": True}},
 }
-# Inductor settings patched around a variant's compile (coordinate-descent tuning, max-autotune)
-# are not offered: Dynamo reused the already compiled graph for them (a 0.04 s "compile" on the
-# H100), so they timed the default graph again.
+# Inductor settings go in as torch.compile options: patched around the call instead, Dynamo
+# reused the default compiled graph for them (session 2, run 1: a 0.04 s "compile").
 
 
 def build_variant(name: str, model: torch.nn.Module, x: torch.Tensor,

@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 2
 start=$(date +%s)
 timeout "${BENCH_S:-400}" python3 -m benchmarks.device --profile --out "$out" \
-    ${BENCH_ARGS:---step-variants var-mean,no-bn-term} \
+    ${BENCH_ARGS:---step-variants var-mean,no-bn-term,coordesc,tile-reductions,autotune-pointwise} \
     > "$out/bench.log" 2>&1
 echo "benchmark rc=$? in $(( $(date +%s) - start )) s"
 grep -vE "^\s*$" "$out/bench.log" | tail -60

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._inductor import list_mode_options
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -122,12 +123,16 @@ class _Config:
 
     def __init__(self, device: torch.device, precision: str, channels_last: bool,
                  compile_model: bool, cudnn_benchmark: bool, fullgraph: bool,
-                 compile_backend: str) -> None:
+                 compile_backend: str, compile_options: Mapping[str, object] | None = None
+                 ) -> None:
         if precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if compile_options and compile_backend != "inductor":
+            raise ConfigError("compile_options are inductor settings: they need "
+                              "compile_backend='inductor'")
         self.device, self.precision = device, precision
         self.channels_last, self.compile, self.fullgraph = channels_last, compile_model, fullgraph
-        self.backend = compile_backend
+        self.backend, self.options = compile_backend, dict(compile_options or {})
         self.cuda_graphs = compile_model and device.type == "cuda" and compile_backend == "inductor"
         if cudnn_benchmark and device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -140,8 +145,19 @@ class _Config:
     def wrap(self, fn):  # type: ignore[no-untyped-def]
         if not self.compile:
             return fn
-        mode = "reduce-overhead" if self.cuda_graphs else None
-        return torch.compile(fn, mode=mode, fullgraph=self.fullgraph, backend=self.backend)
+        if not self.options:
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            return torch.compile(fn, mode=mode, fullgraph=self.fullgraph, backend=self.backend)
+        # Options, not a patched global config: Dynamo reuses a compiled graph for any backend
+        # with equal options, so settings patched around the call would never take effect.
+        options = {**(list_mode_options("reduce-overhead") if self.cuda_graphs else {}),
+                   **self.options}
+        try:
+            return torch.compile(fn, fullgraph=self.fullgraph, backend=self.backend,
+                                 options=options)
+        except RuntimeError as exc:
+            raise ConfigError(f"compile_options: {str(exc).split(', known options')[0]}"
+                              ) from None
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format
@@ -166,10 +182,11 @@ class FastDreamStep:
                  use_bn_statistics: bool = True, precision: Precision = "fp32",
                  channels_last: bool = False, compile_model: bool = False,
                  cudnn_benchmark: bool = True, fullgraph: bool = True,
-                 compile_backend: str = "inductor", bn_moments: BnMoments = "var_mean") -> None:
+                 compile_backend: str = "inductor", bn_moments: BnMoments = "var_mean",
+                 compile_options: Mapping[str, object] | None = None) -> None:
         self.model, self.weights = model, weights or DreamLossWeights()
         self.config = _Config(_model_device(model), precision, channels_last, compile_model,
-                              cudnn_benchmark, fullgraph, compile_backend)
+                              cudnn_benchmark, fullgraph, compile_backend, compile_options)
         if channels_last:
             model.to(memory_format=torch.channels_last)  # same values, NHWC strides, in place
         self._tape: list[torch.Tensor] | None = [] if use_bn_statistics else None
@@ -233,14 +250,16 @@ class BatchedDreamStep:
                  use_bn_statistics: bool = True, precision: Precision = "fp32",
                  channels_last: bool = False, compile_model: bool = False,
                  cudnn_benchmark: bool = True, fullgraph: bool = True,
-                 compile_backend: str = "inductor", bn_moments: BnMoments = "var_mean") -> None:
+                 compile_backend: str = "inductor", bn_moments: BnMoments = "var_mean",
+                 compile_options: Mapping[str, object] | None = None) -> None:
         self.models = list(models)
         if not self.models:
             raise ConfigError("BatchedDreamStep needs at least one model")
         _check_same_architecture(self.models)
         self.weights = weights or DreamLossWeights()
         self.config = _Config(_model_device(self.models[0]), precision, channels_last,
-                              compile_model, cudnn_benchmark, fullgraph, compile_backend)
+                              compile_model, cudnn_benchmark, fullgraph, compile_backend,
+                              compile_options)
         self._tape: list[torch.Tensor] | None = [] if use_bn_statistics else None
         self._skeleton = _skeleton(self.models[0], self._tape, bn_moments)
         self._stacked: dict[str, torch.Tensor] | None = None

@@ -90,6 +90,32 @@ def test_unknown_bn_moments_are_refused():
         FastDreamStep(model("resnet8", 1), W, bn_moments="welford")  # type: ignore[arg-type]
 
 
+def test_compile_options_reach_torch_compile_with_cuda_graphs(monkeypatch):
+    # inductor settings must travel as options: a patched global config is ignored when Dynamo
+    # reuses a graph compiled with equal options (seen on an H100). No CUDA needed: the step's
+    # settings are built here and torch.compile is replaced by a recorder.
+    from codream_secure.gpu import fast_dream
+
+    calls = []
+    monkeypatch.setattr(fast_dream.torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    config = fast_dream._Config(torch.device("cuda"), "bf16", True, True, False, True,
+                                "inductor", {"coordinate_descent_tuning": True})
+    config.wrap(len)
+    assert calls == [{"fullgraph": True, "backend": "inductor",
+                      "options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}]
+    fast_dream._Config(torch.device("cuda"), "bf16", True, True, False, True, "inductor").wrap(len)
+    assert calls[1] == {"mode": "reduce-overhead", "fullgraph": True, "backend": "inductor"}
+
+
+def test_bad_compile_options_are_refused():
+    m = model("resnet8", 1)
+    with pytest.raises(ConfigError, match="no_such_setting"):
+        FastDreamStep(m, W, compile_model=True, compile_options={"no_such_setting": 1})
+    with pytest.raises(ConfigError, match="inductor"):
+        FastDreamStep(m, W, compile_model=True, compile_backend="aot_eager",
+                      compile_options={"coordinate_descent_tuning": True})
+
+
 def test_the_step_follows_the_live_parameters():
     m, x = model("smallcnn", 3), dreams(2)
     step = FastDreamStep(m, W)
