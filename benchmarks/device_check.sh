@@ -5,8 +5,8 @@
 # Usage: bash benchmarks/device_check.sh [OUT_DIR]
 # Logs and results go to OUT_DIR (default benchmarks/results/device); the variants' run to
 # OUT_DIR/variants. Where the machine lacks `cryptography`, put its wheels on PYTHONPATH first
-# (docs/gpu.md). Time limits per stage, in seconds (0 skips a stage): BENCH_S (default 400),
-# VARIANTS_S (240), TEST_S (150), SIM_S (90). BENCH_ARGS and VARIANTS replace the benchmark's
+# (docs/gpu.md). Time limits per stage, in seconds (0 skips a stage): BENCH_S (default 300),
+# VARIANTS_S (160), TEST_S (100), SIM_S (35). BENCH_ARGS and VARIANTS replace the benchmark's
 # arguments and the variants' list.
 set -o pipefail
 out=${1:-benchmarks/results/device}
@@ -24,14 +24,14 @@ stage() {  # stage NAME LIMIT LOG COMMAND...: run COMMAND with a time limit, the
     grep -vE "^\s*$" "$log" | tail -40
 }
 
-stage benchmark "${BENCH_S:-400}" "$out/bench.log" python3 -m benchmarks.device --profile \
+stage benchmark "${BENCH_S:-300}" "$out/bench.log" python3 -m benchmarks.device --profile \
     --out "$out" ${BENCH_ARGS:---step-variants var-mean,no-bn-term}
-stage variants "${VARIANTS_S:-240}" "$out/variants.log" python3 -m benchmarks.device \
+stage variants "${VARIANTS_S:-160}" "$out/variants.log" python3 -m benchmarks.device \
     --sections step --out "$out/variants" \
     --step-variants "${VARIANTS:-coordesc,tile-reductions,autotune-pointwise}"
-stage "gpu and triton tests" "${TEST_S:-150}" "$out/tests.log" python3 -m pytest -q \
+stage "gpu and triton tests" "${TEST_S:-100}" "$out/tests.log" python3 -m pytest -q \
     -p no:cacheprovider -m "gpu or triton" tests/core/test_gpu_chacha20.py \
     tests/core/test_gpu_masking.py tests/core/test_fast_dream.py tests/core/test_gpu_interop.py
-stage "simulate (device masking)" "${SIM_S:-90}" "$out/sim.log" python3 -c \
+stage "simulate (device masking)" "${SIM_S:-35}" "$out/sim.log" python3 -c \
     "from codream_secure.cli import main; main()" simulate --device cuda --masking device \
     --rounds 1 --dream-steps 10 --out "$out/sim"
