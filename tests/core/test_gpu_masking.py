@@ -9,6 +9,8 @@ import types
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from codream_secure.dreams import NonFiniteGradientError
 from codream_secure.errors import ConfigError
@@ -17,6 +19,7 @@ from codream_secure.gpu.chacha20 import available_backends
 from protocols.codec import FixedPointCodec
 from protocols.graph import complete_graph
 from protocols.network import InProcessNetwork
+from protocols.primitives import prg
 from protocols.secagg import client as client_module
 from protocols.secagg import keys
 from protocols.secagg.client import SecAggClient
@@ -234,3 +237,25 @@ def test_fused_unmask_sum_equals_the_unfused_server_side(ring_bits):
     unfused = masking.unmask_sum(uploads, codec, mask_seeds=seeds, n_summed=4, backend="torch")
     assert fused.dtype == torch.float32 and torch.equal(fused.cpu(), unfused.cpu())
     assert bool((fused.abs() <= math.ldexp(1.0, ring_bits - 1 - codec.scale_bits)).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n=st.integers(1, 5), m=st.integers(1, 300),
+       ring_bits=st.sampled_from([8, 16, 24, 31, 32, 40, 64]))
+def test_unmask_sum_equals_the_numpy_server_arithmetic(data, n, m, ring_bits):
+    # the server's side against the protocol's numpy reference: ring sum of the uploads, plus
+    # sign * uniform_ring(seed, chacha20) for each rebuilt mask, decoded by the codec (float32)
+    codec = FixedPointCodec.for_clients(n, clip=1.0, ring_bits=ring_bits, prg="chacha20")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    uploads = [rng.integers(0, 2**ring_bits, m, dtype=np.uint64).astype(codec.dtype)
+               for _ in range(n)]
+    signs = data.draw(st.lists(st.sampled_from([1, -1]), min_size=1, max_size=6))
+    seeds = {rng.bytes(32): sign for sign in signs}
+    want = codec.sum(uploads)
+    for seed, sign in seeds.items():
+        mask = prg.uniform_ring(seed, m, ring_bits=ring_bits, algorithm="chacha20")
+        want = codec.add(want, mask) if sign > 0 else codec.sub(want, mask)
+    decoded = codec.decode_sum(want, n_summed=n).astype(np.float32)
+    device = [torch.from_numpy(u.view(np.int32 if ring_bits <= 32 else np.int64)) for u in uploads]
+    got = masking.unmask_sum(device, codec, mask_seeds=seeds, n_summed=n, backend="torch")
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy(), decoded)
