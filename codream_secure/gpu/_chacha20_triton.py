@@ -139,10 +139,11 @@ def _add_signed_masks(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13
                       N_MASKS: tl.constexpr):
     """a_j + sum_k sign_k * word j of key k's blocks `index`, for keys FIRST..FIRST+N_MASKS-1.
 
-    Unrolled at compile time (Triton's interpreter has no run-time loop bound). A sign of -1 is
-    0xFFFFFFFF as uint32: w * sign wraps to -w modulo 2^32.
+    A sign of -1 is 0xFFFFFFFF as uint32: w * sign wraps to -w modulo 2^32.
     """
-    for k in tl.static_range(FIRST, FIRST + N_MASKS):
+    # a loop, not tl.static_range: unrolled, ptxas hoisted every mask's key words and spilled
+    # for 16 masks (tests/core/test_triton_compile.py checks sm_90 builds spill nothing)
+    for k in range(FIRST, FIRST + N_MASKS):
         sign = tl.load(sign_ptr + k - FIRST).to(tl.uint32, bitcast=True)
         w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _key_block(
             key_ptr + k * 8, nonce_ptr + k * 4, index)

@@ -45,8 +45,8 @@ __all__ = [
 ]
 
 
-# The fused kernel unrolls one ChaCha20 block per mask at compile time (Triton's interpreter,
-# which the CPU tests use, has no run-time loop bound): more masks fall back to the unfused path.
+# The fused kernels are compiled once per mask count; counts above this (SecAgg+ neighbourhoods
+# beyond 16) take the unfused path, which no GPU has timed against the fused one at such sizes.
 MAX_FUSED_MASKS = 16
 
 
