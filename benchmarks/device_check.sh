@@ -31,7 +31,8 @@ stage variants "${VARIANTS_S:-160}" "$out/variants.log" python3 -m benchmarks.de
     --step-variants "${VARIANTS:-coordesc,tile-reductions,autotune-pointwise}"
 stage "gpu and triton tests" "${TEST_S:-100}" "$out/tests.log" python3 -m pytest -q \
     -p no:cacheprovider -m "gpu or triton" tests/core/test_gpu_chacha20.py \
-    tests/core/test_gpu_masking.py tests/core/test_fast_dream.py tests/core/test_gpu_interop.py
+    tests/core/test_gpu_masking.py tests/core/test_fast_dream.py tests/core/test_gpu_interop.py \
+    tests/core/test_triton_compile.py
 stage "simulate (device masking)" "${SIM_S:-35}" "$out/sim.log" python3 -c \
     "from codream_secure.cli import main; main()" simulate --device cuda --masking device \
     --rounds 1 --dream-steps 10 --out "$out/sim"
