@@ -10,7 +10,11 @@ import triton
 import triton.language as tl
 
 _BLOCK = 128  # keystream blocks per program instance (8 KiB of output)
-_FUSED_BLOCK = 64  # blocks per program of the fused upload kernel (1,024 values)
+_FUSED_BLOCK = 64  # blocks per program of the fused kernels (1,024 values)
+# One thread per block: Triton lays a BLOCK-long vector over num_warps * 32 threads, and more
+# threads than elements compute each element twice (the fused kernels did, with the default 4).
+_WARPS = _BLOCK // 32
+_FUSED_WARPS = _FUSED_BLOCK // 32
 
 
 @triton.jit
@@ -298,7 +302,7 @@ def fused_unmask_sum(uploads: torch.Tensor, key_words: torch.Tensor, nonce_words
     _unmask_sum_kernel[grid](uploads.contiguous(), key_words.contiguous(),
                              nonce_words.contiguous(), signs.contiguous(), out, n, n, inv_scale,
                              N_ROWS=rows, N_MASKS=key_words.shape[0], RING_BITS=ring_bits,
-                             BLOCK=_FUSED_BLOCK)
+                             BLOCK=_FUSED_BLOCK, num_warps=_FUSED_WARPS)
     return out
 
 
@@ -317,7 +321,7 @@ def fused_masked_upload(x: torch.Tensor, key_words: torch.Tensor, nonce_words: t
     _masked_upload_kernel[grid](x.contiguous(), key_words.contiguous(), nonce_words.contiguous(),
                                 signs.contiguous(), out, n, scale, limit,
                                 N_MASKS=key_words.shape[0] - 1, RING_BITS=ring_bits,
-                                BLOCK=_FUSED_BLOCK)
+                                BLOCK=_FUSED_BLOCK, num_warps=_FUSED_WARPS)
     return out
 
 
@@ -329,5 +333,5 @@ def keystream_blocks(key_words: torch.Tensor, nonce_words: torch.Tensor,
     out = torch.empty(total * 16, dtype=torch.int32, device=key_words.device)
     grid = (triton.cdiv(total, _BLOCK),)
     _chacha20_kernel[grid](key_words.contiguous(), nonce_words.contiguous(), out, total, blocks,
-                           BLOCK=_BLOCK)
+                           BLOCK=_BLOCK, num_warps=_WARPS)
     return out.reshape(k, blocks * 16)

@@ -1,4 +1,4 @@
-"""The Triton kernels compile for an H100 (sm_90) without a GPU, and ptxas spills no registers.
+"""The Triton kernels compile for an H100 (sm_90) without a GPU: no spills, no duplicated work.
 
 Runs wherever triton is importable (it is not a project dependency): on a CUDA machine, or here
 with triton on PYTHONPATH. Compiling ahead of time needs no device: Triton's front end, its MLIR
@@ -28,6 +28,15 @@ H100 = GPUTarget("cuda", 90, 32)
 KEYS = {"key_ptr": "*i32", "nonce_ptr": "*i32", "sign_ptr": "*i32"}
 
 
+def threads_per_element(ttgir: str, block: int) -> float:
+    """How many threads hold each element of the kernel's BLOCK-long vectors (1: none twice)."""
+    layout = re.search(r"#blocked = #ttg.blocked<\{sizePerThread = \[(\d+)\], threadsPerWarp = "
+                       r"\[(\d+)\], warpsPerCTA = \[(\d+)\]", ttgir)
+    assert layout, ttgir[:500]
+    per_thread, lanes, warps = map(int, layout.groups())
+    return lanes * warps / (block / per_thread)
+
+
 def ptxas_usage(ptx: str) -> tuple[int, int]:
     """(registers per thread, spill-store bytes) as `ptxas -v` reports them for sm_90a."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -39,8 +48,11 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1))
 
 
-def compile_for_h100(fn, signature: dict, constexprs: dict) -> tuple[int, int]:
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=H100)
+def compile_for_h100(fn, signature: dict, constexprs: dict, num_warps: int) -> tuple[int, int]:
+    """(registers, spill bytes) of fn built as the launcher builds it; no element computed twice."""
+    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=H100,
+                              options={"num_warps": num_warps})
+    assert threads_per_element(compiled.asm["ttgir"], constexprs["BLOCK"]) == 1
     return ptxas_usage(compiled.asm["ptx"])
 
 
@@ -48,7 +60,8 @@ def test_keystream_kernel_compiles_without_spills():
     registers, spills = compile_for_h100(
         kernels._chacha20_kernel,
         {"key_ptr": "*i32", "nonce_ptr": "*i32", "out_ptr": "*i32", "total_blocks": "i32",
-         "blocks_per_key": "i32", "BLOCK": "constexpr"}, {"BLOCK": kernels._BLOCK})
+         "blocks_per_key": "i32", "BLOCK": "constexpr"}, {"BLOCK": kernels._BLOCK},
+        kernels._WARPS)
     assert spills == 0 and registers <= 64
 
 
@@ -63,12 +76,14 @@ def test_fused_kernels_compile_without_spills(n_masks, ring_bits):
         kernels._masked_upload_kernel,
         {"x_ptr": "*fp32", **KEYS, "out_ptr": "*i32", "n": "i32", "scale": "fp32",
          "limit": "fp32", "N_MASKS": "constexpr", "RING_BITS": "constexpr", "BLOCK": "constexpr"},
-        {"N_MASKS": n_masks, "RING_BITS": ring_bits, "BLOCK": kernels._FUSED_BLOCK})
+        {"N_MASKS": n_masks, "RING_BITS": ring_bits, "BLOCK": kernels._FUSED_BLOCK},
+        kernels._FUSED_WARPS)
     unmask = compile_for_h100(
         kernels._unmask_sum_kernel,
         {"u_ptr": "*i32", **KEYS, "out_ptr": "*fp32", "n": "i32", "m": "i32",
          "inv_scale": "fp32", "N_ROWS": "constexpr", "N_MASKS": "constexpr",
          "RING_BITS": "constexpr", "BLOCK": "constexpr"},
-        {"N_ROWS": 4, "N_MASKS": n_masks, "RING_BITS": ring_bits, "BLOCK": kernels._FUSED_BLOCK})
+        {"N_ROWS": 4, "N_MASKS": n_masks, "RING_BITS": ring_bits, "BLOCK": kernels._FUSED_BLOCK},
+        kernels._FUSED_WARPS)
     for registers, spills in (upload, unmask):
         assert spills == 0 and registers <= 255
