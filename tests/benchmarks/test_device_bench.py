@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks import device
+from benchmarks.device import step as device_step
 
 
 def run(tmp_path, *argv):
@@ -31,7 +32,7 @@ def test_a_failed_section_is_reported_and_the_others_kept(tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for you")
 
-    monkeypatch.setattr(device, "batched_rows", broken)
+    monkeypatch.setattr(device_step, "batched_rows", broken)
     result = run(tmp_path, "--sections", "batched,keystream")
     assert result["errors"] == {"batched": "RuntimeError: no kernel for you"}
     assert result["batched"] == [] and len(result["keystream"]) >= 2

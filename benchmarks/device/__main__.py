@@ -1,0 +1,5 @@
+"""`python -m benchmarks.device`."""
+
+from benchmarks.device.cli import main
+
+raise SystemExit(main())

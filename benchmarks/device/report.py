@@ -1,0 +1,77 @@
+"""device.json / device.md and the progress lines of the device benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _markdown(result: dict) -> str:
+    lines = [f"# Device benchmark ({result['device']}, {result['date']})", "",
+             f"Command: `{result['command']}`", "", "## Dream step", "",
+             "| variant | ms/step | GFLOP/step | TFLOP/s | x fp32 eager | x official code "
+             "| rel. error | cosine |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["dream_step"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:200]} | | | | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {r['ms']:.2f} | {r['gflop']:.2f} | {r['tflops']:.3f} "
+                     f"| {r['speedup']:.1f} | {r['speedup_vs_official']:.1f} "
+                     f"| {r['rel_err']:.2e} | {r['cosine']:.4f} |")
+    c = result["matmul_ceiling"]
+    lines += ["", f"Measured matmul ceiling: {c['tflops']:.3f} TFLOP/s ({c['dtype']}, n={c['n']})",
+              "", "## Dream round, secure vs plain", "",
+              "| aggregation | models | batch | steps | ms/step | x plain | x plain kept on device "
+              "| max error (bound) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["round"]:
+        if "error" in r:
+            lines.append(f"| {r['aggregation']} | {r['models']} | failed: {r['error'][:200]} "
+                         "| | | | | |")
+            continue
+        check = (f"{r['max_abs_error']:.2e} ({r['bound']:.2e})" if "bound" in r else "-")
+        lines.append(f"| {r['aggregation']} | {r['models']} | {r['batch']} | {r['steps']} | "
+                     f"{r['ms_per_step']:.2f} | {r['ratio']:.3f} | "
+                     f"{r['ratio_vs_device_resident_plain']:.3f} | {check} |")
+    if result["round"]:
+        lines += ["", f"Each client's step alone, summed: "
+                  f"{result['round'][0]['clients_alone_ms']:.2f} ms"]
+    lines += ["", "## Same-architecture clients", "",
+              "| variant | model | clients | batch | ms per round step | min cosine |",
+              "|---|---|---|---|---|---|"]
+    for r in result.get("batched", []):
+        lines.append(f"| {r['variant']} | {r['model']} | {r['clients']} | {r['batch']} | "
+                     f"{r['ms_per_round_step']:.2f} | {r['min_cosine_between_paths']:.4f} |")
+    lines += ["", "## Keystream", "", "| where | GB/s | words |", "|---|---|---|"]
+    for r in result["keystream"]:
+        lines.append(f"| {r['where']} | {r['gbps']:.2f} | {r['n_words']} |")
+    if result.get("errors"):
+        lines += ["", "## Failed sections", ""]
+        lines += [f"- {name}: {error}" for name, error in result["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def print_section(section: str, result: dict, elapsed: float) -> None:
+    """Progress lines of a finished section (the step section prints its rows as it goes)."""
+    if section == "round" and result["round"]:
+        print("round: " + ", ".join(f"{r['aggregation']} {r['ms_per_step']:.2f} ms/step "
+                                    f"(x{r['ratio']:.3f})" if "ms_per_step" in r
+                                    else f"{r['aggregation']} {r['error']}"
+                                    for r in result["round"]))
+    elif section == "batched":
+        for r in result["batched"]:
+            print(f"{r['variant']}: {r['ms_per_round_step']:.2f} ms per round step")
+    print(f"  ({elapsed:.0f} s)")
+
+
+def write_result(result: dict, args: argparse.Namespace) -> None:
+    """device.json, device.md and (with --profile) profile.txt under args.out."""
+    (args.out / "device.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "device.md").write_text(_markdown(result))
+    if getattr(args, "profile_text", None):
+        (args.out / "profile.txt").write_text(args.profile_text + "\n")
+    if getattr(args, "round_profile_text", None):
+        (args.out / "profile-round.txt").write_text(args.round_profile_text + "\n")
+
+

@@ -1,0 +1,221 @@
+"""The round section: an n-client heterogeneous dream round, plain vs secure aggregation."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.device.step import W
+from benchmarks.device.timing import _sync, phase, profile_round, timed_ms
+from codream_secure.dreams import NonFiniteGradientError
+from codream_secure.gpu import chacha20, masking
+from codream_secure.gpu.fast_dream import FastDreamStep, dream_gradients
+from codream_secure.models import build_model
+from protocols.codec import FixedPointCodec
+from protocols.primitives import envelope, kdf, shamir
+from protocols.secagg import keys
+
+
+@dataclass
+class StepKeys:
+    """One client's host-side secrets of one step: what the protocol derives and seals."""
+
+    pair_seeds: dict[int, bytes]
+    rounding_key: bytes
+    self_seed: bytes
+    shares: dict[int, bytes]
+    sealed: list[bytes]
+
+
+class SecureRound:
+    """Per-step secure aggregation of n device gradients with the protocol's key schedule.
+
+    The host part of a step (HKDF pair and rounding keys, the self seed, its Shamir shares and
+    their AES-GCM envelopes) depends on the step number only, so `total` does it first, while the
+    device still computes the gradients it was handed; the device then encodes and masks, and one
+    synchronisation per step checks every gradient is finite before any upload is copied out.
+    """
+
+    def __init__(self, n: int, m: int, *, clip: float, device: torch.device,
+                 fused: bool = True, fused_server: bool | None = None) -> None:
+        self.n, self.m, self.device, self.fused = n, m, device, fused
+        self.fused_server = fused if fused_server is None else fused_server
+        self.threshold = n // 2 + 1
+        self.codec = FixedPointCodec.for_clients(n, clip=clip, ring_bits=32,
+                                                 rounding="stochastic", prg="chacha20")
+        self.sid = os.urandom(16)
+        self.masters = {(a, b): os.urandom(32) for a in range(n) for b in range(a + 1, n)}
+        self.envelope_keys = {(a, b): os.urandom(32) for a in range(n) for b in range(n)}
+        self.pinned = [torch.empty(m, dtype=torch.int32, pin_memory=device.type == "cuda")
+                       for _ in range(n)]
+
+    def step_keys(self, client: int, step: int) -> StepKeys:
+        """The host work of one client at one step (no device work, no synchronisation)."""
+        pair_seeds = {p: keys.pair_step_seed(self.masters[min(client, p), max(client, p)],
+                                             session_id=self.sid, step=step)
+                      for p in range(self.n) if p != client}
+        rounding_key = kdf.derive_key(self.sid, session_id=b"rounding",
+                                      purpose="stochastic-rounding", context=(step, client))
+        self_seed = os.urandom(32)
+        shares = shamir.split(self_seed, threshold=self.threshold,
+                              share_ids=[p + 1 for p in range(self.n) if p != client])
+        sealed = [envelope.seal(self.envelope_keys[client, p], shares[p + 1],
+                                nonce=keys.envelope_nonce(step), associated_data=b"")
+                  for p in range(self.n) if p != client]
+        return StepKeys(pair_seeds, rounding_key, self_seed, shares, sealed)
+
+    def total(self, grads: list[torch.Tensor], step: int) -> torch.Tensor:
+        """Sum of the clients' gradients through masking, as the server decodes it."""
+        with phase("secure.host_keys"):  # overlaps device work
+            secrets = [self.step_keys(c, step) for c in range(self.n)]
+        with phase("secure.uploads"):
+            uploads = [masking.masked_upload(g, self.codec, client_id=c,
+                                             self_seed=s.self_seed, pair_step_seeds=s.pair_seeds,
+                                             rounding_key=s.rounding_key, check_finite=False,
+                                             fused=self.fused)
+                       for c, (g, s) in enumerate(zip(grads, secrets, strict=True))]
+        with phase("secure.finite_check_sync"):
+            require_finite(grads)  # the step's one sync: nothing leaves a client before it
+        with phase("secure.send_copies"):
+            for pinned, upload in zip(self.pinned, uploads, strict=True):
+                pinned.copy_(upload, non_blocking=True)  # the bytes each client sends
+        with phase("secure.server_shamir"):
+            recovered = []
+            for s in secrets:  # the server rebuilds each self seed from t shares
+                some = dict(list(s.shares.items())[:self.threshold])
+                recovered.append(shamir.combine(some, threshold=self.threshold))
+            if recovered != [s.self_seed for s in secrets]:
+                raise RuntimeError("Shamir recombination did not return the self seeds")
+        with phase("secure.server_unmask_sum"):  # ring sum, self-mask removal, decoding
+            return masking.unmask_sum(uploads, self.codec, n_summed=self.n,
+                                      mask_seeds={s: -1 for s in recovered},
+                                      fused=self.fused_server)
+
+    def check(self, grads: list[torch.Tensor], step: int) -> dict:
+        """Secure sum vs the plain sum of the clipped gradients: within n units of 2^-f."""
+        flat = [g.reshape(-1) for g in grads]
+        got = self.total(flat, step).double()
+        clip = self.codec.clip
+        want = torch.stack([g.double().clamp(-clip, clip) for g in flat]).sum(0)
+        bound = self.n * math.ldexp(1.0, -self.codec.scale_bits)  # stochastic rounding: < 1 unit
+        err = float((got - want).abs().max())
+        clipped = int(sum(int((g.abs() > clip).sum()) for g in flat))
+        if not err <= bound * 1.001 + 1e-6 * float(want.abs().max()):
+            raise AssertionError(f"secure sum differs from the plain sum by {err:.3g} "
+                                 f"(bound {bound:.3g})")
+        return {"max_abs_error": err, "bound": bound, "clipped_values": clipped}
+
+
+def require_finite(grads: list[torch.Tensor]) -> None:
+    """One device sync for all clients: refuse a NaN/inf gradient before anything is sent."""
+    if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        raise NonFiniteGradientError("a client's dream gradient holds NaN or inf")
+
+
+class PlainRound:
+    """Plain aggregation: the server sums the clients' float32 gradients.
+
+    With `send`, each gradient is first copied to pinned host memory, as SecureRound copies each
+    masked upload: the bytes a client sends, the same size in both (m 32-bit words).
+    """
+
+    def __init__(self, n: int, m: int, *, device: torch.device, send: bool) -> None:
+        self.pinned = [torch.empty(m, dtype=torch.float32, pin_memory=device.type == "cuda")
+                       for _ in range(n)] if send else []
+
+    def total(self, grads: list[torch.Tensor], step: int) -> torch.Tensor:
+        with phase("plain.finite_check_sync"):
+            require_finite(grads)  # the same one sync as the secure path
+        with phase("plain.send_copies"):
+            for pinned, grad in zip(self.pinned, grads, strict=False):
+                pinned.copy_(grad, non_blocking=True)
+        with phase("plain.server_sum"):
+            return torch.stack(grads).sum(0)
+
+
+def dream_round(steps: list, x0: torch.Tensor, n_steps: int, *,
+                aggregator: PlainRound | SecureRound, overlap: bool) -> torch.Tensor:
+    """n_steps of dream synthesis: gradients, their (secure) sum, one Adam step on x."""
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.05)
+    for step in range(1, n_steps + 1):
+        with phase("round.gradients"):
+            grads = dream_gradients(steps, x.detach(), overlap=overlap)
+        total = aggregator.total([g.reshape(-1) for g in grads], step).reshape(x.shape)
+        with phase("round.adam"):
+            x.grad = total / len(steps)
+            opt.step()
+    return x.detach()
+
+
+def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) -> list[dict]:
+    """Secure vs plain time of an n-client heterogeneous dream round, interleaved."""
+    names = args.round_models.split(",")
+    steps = []
+    for i, name in enumerate(names):
+        if name == args.model and isinstance(reuse, FastDreamStep) and i == 0:
+            steps.append(reuse)  # same shapes: its compiled graph is reused
+            continue
+        torch.manual_seed(i)
+        model = build_model(name, input_shape=args.shape, num_classes=10).to(device).eval()
+        steps.append(FastDreamStep.optimised(model, W))
+    x0 = torch.randn(args.batch, *args.shape, device=device)
+    n, m = len(steps), x0.numel()
+    variants: dict[str, PlainRound | SecureRound] = {
+        "plain": PlainRound(n, m, device=device, send=True),
+        "plain, nothing leaves the device": PlainRound(n, m, device=device, send=False),
+        "secure": SecureRound(n, m, clip=args.clip, device=device, fused=True)}
+    if "triton" in chacha20.available_backends(device):  # elsewhere "secure" is unfused already
+        variants["secure, fused upload only"] = SecureRound(
+            n, m, clip=args.clip, device=device, fused=True, fused_server=False)
+        variants["secure, unfused kernels"] = SecureRound(n, m, clip=args.clip, device=device,
+                                                          fused=False)
+    start, failed = time.perf_counter(), {}
+    for name, aggregator in list(variants.items()):  # compile and warm up
+        try:
+            dream_round(steps, x0, 2, aggregator=aggregator, overlap=args.overlap)
+        except Exception as exc:  # e.g. a kernel that does not compile here
+            if name == "plain":
+                raise
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            del variants[name]
+    warm = time.perf_counter() - start
+    grads = dream_gradients(steps, x0, overlap=args.overlap)
+    checks = {name: agg.check(grads, step=0) for name, agg in variants.items()
+              if isinstance(agg, SecureRound)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.round_repeats):
+        for name, aggregator in variants.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            dream_round(steps, x0, args.round_steps, aggregator=aggregator, overlap=args.overlap)
+            _sync(device)
+            times[name].append(1e3 * (time.perf_counter() - t0) / args.round_steps)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    resident = median.get("plain, nothing leaves the device", math.nan)
+    # each client alone: their sum against the plain round shows whether the GPU idles between
+    # clients (the round also has the sum, the NaN check and the Adam step)
+    alone = sum(timed_ms(lambda s=s: s(x0), device, iters=args.iters) for s in steps)
+    if args.profile:
+        args.round_profile_text = "\n\n".join(
+            f"## {name}\n" + profile_round(
+                lambda k, a=aggregator: dream_round(steps, x0, k, aggregator=a,
+                                                    overlap=args.overlap), device)
+            for name, aggregator in variants.items())
+    overlap = args.overlap and not any(s.config.cuda_graphs for s in steps)
+    return [{"aggregation": name, "models": args.round_models, "batch": args.batch,
+             "steps": args.round_steps, "repeats": args.round_repeats, "overlap": overlap,
+             "ms_per_step": median[name], "ratio": median[name] / median["plain"],
+             "ratio_vs_device_resident_plain": median[name] / resident, "warmup_s": warm,
+             "clients_alone_ms": alone, "all_ms_per_step": times[name],
+             **checks.get(name, {})} for name in variants] + [
+        {"aggregation": name, "models": args.round_models, "error": error}
+        for name, error in failed.items()]
+
+
