@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from benchmarks.device.timing import _sync, timed_ms
+from benchmarks.device.timing import sync, timed_ms
 from codream_secure.gpu import chacha20
 from protocols.primitives import prg
 
@@ -21,7 +21,7 @@ def keystream_rates(device: torch.device, n_words: int, *, skip: tuple[str, ...]
         start = time.perf_counter()
         try:
             fn()
-            _sync(device)
+            sync(device)
         except Exception as exc:  # e.g. a kernel that does not compile here
             rows.append({"where": f"{device.type} torch/{backend}", "gbps": float("nan"),
                          "error": f"{type(exc).__name__}: {exc}"})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.device.step import W
-from benchmarks.device.timing import _sync, phase, profile_round, timed_ms
+from benchmarks.device.timing import phase, profile_round, sync, timed_ms
 from codream_secure.dreams import NonFiniteGradientError
 from codream_secure.gpu import chacha20, masking
 from codream_secure.gpu.fast_dream import FastDreamStep, dream_gradients
@@ -192,10 +192,10 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.round_repeats):
         for name, aggregator in variants.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             dream_round(steps, x0, args.round_steps, aggregator=aggregator, overlap=args.overlap)
-            _sync(device)
+            sync(device)
             times[name].append(1e3 * (time.perf_counter() - t0) / args.round_steps)
     median = {name: statistics.median(t) for name, t in times.items()}
     resident = median.get("plain, nothing leaves the device", math.nan)

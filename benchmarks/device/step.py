@@ -10,10 +10,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.device.timing import (
-    _sync,
     agreement,
     interleaved_ms,
     profile_table,
+    sync,
     timed_ms,
 )
 from codream_secure.dreams import (
@@ -121,7 +121,7 @@ def build_variant(name: str, model: torch.nn.Module, x: torch.Tensor,
     step = FastDreamStep.optimised(model, W, **STEP_VARIANTS[name])
     step(x)
     step(x)  # compile, then record the CUDA graph
-    _sync(device)
+    sync(device)
     return step, time.perf_counter() - start
 
 
@@ -169,7 +169,7 @@ def dream_step(args: argparse.Namespace, device: torch.device) -> tuple[list[dic
     start = time.perf_counter()
     fast = FastDreamStep.optimised(model, W)
     fast(x)
-    _sync(device)
+    sync(device)
     c = fast.config
     label = f"{c.precision}, channels_last={c.channels_last}, compile={c.compile}"
     if c.cuda_graphs:
@@ -206,7 +206,7 @@ def batched_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     one_by_one = dream_gradients(singles, x)
     together = batched(x)
     batched(x)
-    _sync(device)
+    sync(device)
     warm = time.perf_counter() - start
     agree = min(agreement(together[k], g)["cosine"] for k, g in enumerate(one_by_one))
     rows = []

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -20,11 +20,11 @@ def timed_ms(fn: Callable[[], object], device: torch.device, *, iters: int,
     """Median over `repeats` of the mean wall time of `iters` back-to-back calls (ms)."""
     samples = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(iters):
             fn()
-        _sync(device)
+        sync(device)
         samples.append(1e3 * (time.perf_counter() - start) / iters)
     return statistics.median(samples)
 
@@ -57,11 +57,11 @@ def _profiled(run: Callable[[], object], device: torch.device, steps: int) -> tu
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         run()
-        _sync(device)
+        sync(device)
     wall = 1e3 * (time.perf_counter() - start) / steps
     # kernels and copies only: CPU-side ranges (a compiled graph's call) also carry device time
     busy = sum(e.time_range.elapsed_us() for e in prof.events()
