@@ -146,8 +146,8 @@ def _add_signed_masks(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13
     A sign of -1 is 0xFFFFFFFF as uint32: w * sign wraps to -w modulo 2^32.
     """
     # a loop, not tl.static_range: unrolled, ptxas hoisted every mask's key words and spilled
-    # for 16 masks (tests/core/test_triton_compile.py checks sm_90 builds spill nothing)
-    for k in range(FIRST, FIRST + N_MASKS):
+    # for 16 masks (tests/core/test_triton_compile.py checks that sm_90 builds spill nothing)
+    for k in tl.range(FIRST, FIRST + N_MASKS, loop_unroll_factor=1):
         sign = tl.load(sign_ptr + k - FIRST).to(tl.uint32, bitcast=True)
         w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15 = _key_block(
             key_ptr + k * 8, nonce_ptr + k * 4, index)
@@ -222,12 +222,35 @@ def _masked_upload_kernel(x_ptr, key_ptr, nonce_ptr, sign_ptr, out_ptr, n, scale
 
 
 @triton.jit
-def _row_sum(u_ptr, offs, n, m, N_ROWS: tl.constexpr):
-    """Sum over the N_ROWS uploads (rows of m int32 values) at offs, as uint32 (wraps)."""
-    acc = tl.zeros(offs.shape, tl.uint32)
-    for r in tl.static_range(N_ROWS):
-        acc += tl.load(u_ptr + r * m + offs, mask=offs < n, other=0).to(tl.uint32, bitcast=True)
-    return acc
+def _ring_word(row_ptr, offs, n):
+    """One upload's values at offs as uint32 (0 past n)."""
+    return tl.load(row_ptr + offs, mask=offs < n, other=0).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _add_rows(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+              u_ptr, o, n, m, N_ROWS: tl.constexpr):
+    """a_j + sum over the N_ROWS uploads (rows of m int32 values) of value o + j (wraps)."""
+    # one row per iteration, never unrolled: unrolled, ptxas spilled from 16 rows on
+    for r in tl.range(0, N_ROWS, loop_unroll_factor=1):
+        row = u_ptr + r * m
+        a0 += _ring_word(row, o + 0, n)
+        a1 += _ring_word(row, o + 1, n)
+        a2 += _ring_word(row, o + 2, n)
+        a3 += _ring_word(row, o + 3, n)
+        a4 += _ring_word(row, o + 4, n)
+        a5 += _ring_word(row, o + 5, n)
+        a6 += _ring_word(row, o + 6, n)
+        a7 += _ring_word(row, o + 7, n)
+        a8 += _ring_word(row, o + 8, n)
+        a9 += _ring_word(row, o + 9, n)
+        a10 += _ring_word(row, o + 10, n)
+        a11 += _ring_word(row, o + 11, n)
+        a12 += _ring_word(row, o + 12, n)
+        a13 += _ring_word(row, o + 13, n)
+        a14 += _ring_word(row, o + 14, n)
+        a15 += _ring_word(row, o + 15, n)
+    return a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
 
 
 @triton.jit
@@ -253,22 +276,10 @@ def _unmask_sum_kernel(u_ptr, key_ptr, nonce_ptr, sign_ptr, out_ptr, n, m, inv_s
     blocks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     index = blocks.to(tl.uint32)
     o = blocks.to(tl.int64) * 16
-    a0 = _row_sum(u_ptr, o + 0, n, m, N_ROWS)
-    a1 = _row_sum(u_ptr, o + 1, n, m, N_ROWS)
-    a2 = _row_sum(u_ptr, o + 2, n, m, N_ROWS)
-    a3 = _row_sum(u_ptr, o + 3, n, m, N_ROWS)
-    a4 = _row_sum(u_ptr, o + 4, n, m, N_ROWS)
-    a5 = _row_sum(u_ptr, o + 5, n, m, N_ROWS)
-    a6 = _row_sum(u_ptr, o + 6, n, m, N_ROWS)
-    a7 = _row_sum(u_ptr, o + 7, n, m, N_ROWS)
-    a8 = _row_sum(u_ptr, o + 8, n, m, N_ROWS)
-    a9 = _row_sum(u_ptr, o + 9, n, m, N_ROWS)
-    a10 = _row_sum(u_ptr, o + 10, n, m, N_ROWS)
-    a11 = _row_sum(u_ptr, o + 11, n, m, N_ROWS)
-    a12 = _row_sum(u_ptr, o + 12, n, m, N_ROWS)
-    a13 = _row_sum(u_ptr, o + 13, n, m, N_ROWS)
-    a14 = _row_sum(u_ptr, o + 14, n, m, N_ROWS)
-    a15 = _row_sum(u_ptr, o + 15, n, m, N_ROWS)
+    zero = tl.zeros(index.shape, tl.uint32)
+    a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = _add_rows(
+        zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero,
+        zero, zero, u_ptr, o, n, m, N_ROWS)
     a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = _add_signed_masks(
         a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
         key_ptr, nonce_ptr, sign_ptr, index, 0, N_MASKS)

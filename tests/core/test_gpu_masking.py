@@ -223,18 +223,18 @@ def test_unmask_sum_refuses_mismatched_uploads():
 
 @pytest.mark.triton
 @pytest.mark.skipif(not TRITON_HERE, reason="needs triton on CUDA, or TRITON_INTERPRET=1 here")
-@pytest.mark.parametrize("ring_bits", [16, 24, 32])
-def test_fused_unmask_sum_equals_the_unfused_server_side(ring_bits):
+@pytest.mark.parametrize(("ring_bits", "n"), [(16, 4), (24, 4), (32, 4), (32, 17)])
+def test_fused_unmask_sum_equals_the_unfused_server_side(ring_bits, n):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    codec = FixedPointCodec.for_clients(4, clip=2.0, ring_bits=ring_bits, rounding="stochastic",
+    codec = FixedPointCodec.for_clients(n, clip=2.0, ring_bits=ring_bits, rounding="stochastic",
                                         prg="chacha20")
     m = 2 * 1024 + 37  # several programs and a partial block
     rng = np.random.default_rng(ring_bits)
     uploads = [torch.from_numpy(rng.integers(0, 1 << ring_bits, m).astype(np.uint32)
-                                .view(np.int32)).to(device) for _ in range(4)]
+                                .view(np.int32)).to(device) for _ in range(n)]
     seeds = {os.urandom(32): -1, os.urandom(32): -1, os.urandom(32): 1}  # a dropout's pair mask
-    fused = masking.unmask_sum(uploads, codec, mask_seeds=seeds, n_summed=4, backend="triton")
-    unfused = masking.unmask_sum(uploads, codec, mask_seeds=seeds, n_summed=4, backend="torch")
+    fused = masking.unmask_sum(uploads, codec, mask_seeds=seeds, n_summed=n, backend="triton")
+    unfused = masking.unmask_sum(uploads, codec, mask_seeds=seeds, n_summed=n, backend="torch")
     assert fused.dtype == torch.float32 and torch.equal(fused.cpu(), unfused.cpu())
     assert bool((fused.abs() <= math.ldexp(1.0, ring_bits - 1 - codec.scale_bits)).all())
 

@@ -65,13 +65,14 @@ def test_keystream_kernel_compiles_without_spills():
     assert spills == 0 and registers <= 64
 
 
-# Observed with triton 3.6.0: 56 (upload) and 64 (unmask) registers for 4-16 masks once the mask
-# loop is a loop (LLVM still unrolls 2 iterations: 129); unrolled at compile time it took 167-194
-# registers for 4 masks and spilled about 1 KiB per thread for 16. Spills are what cost: every
-# spilled value goes through local memory once per ChaCha20 round.
-@pytest.mark.parametrize("n_masks", [2, 4, 16])
+# Observed with triton 3.6.0: 63 registers for 4-16 masks and 2-64 uploads once the mask and
+# row loops are loops (up to 120 for 1-2 masks, which still get unrolled); unrolled at compile
+# time the upload kernel took 167 registers for 4 masks and spilled about 1 KiB per thread for
+# 16, the unmask kernel spilled from 16 uploads on (6.7 KiB at 64). Spills are what cost: each
+# spilled value goes through local memory, once per ChaCha20 round for the mask loop.
+@pytest.mark.parametrize(("n_masks", "n_rows"), [(2, 4), (4, 4), (16, 4), (4, 16), (16, 64)])
 @pytest.mark.parametrize("ring_bits", [16, 32])
-def test_fused_kernels_compile_without_spills(n_masks, ring_bits):
+def test_fused_kernels_compile_without_spills(n_masks, n_rows, ring_bits):
     upload = compile_for_h100(
         kernels._masked_upload_kernel,
         {"x_ptr": "*fp32", **KEYS, "out_ptr": "*i32", "n": "i32", "scale": "fp32",
@@ -83,7 +84,8 @@ def test_fused_kernels_compile_without_spills(n_masks, ring_bits):
         {"u_ptr": "*i32", **KEYS, "out_ptr": "*fp32", "n": "i32", "m": "i32",
          "inv_scale": "fp32", "N_ROWS": "constexpr", "N_MASKS": "constexpr",
          "RING_BITS": "constexpr", "BLOCK": "constexpr"},
-        {"N_ROWS": 4, "N_MASKS": n_masks, "RING_BITS": ring_bits, "BLOCK": kernels._FUSED_BLOCK},
+        {"N_ROWS": n_rows, "N_MASKS": n_masks, "RING_BITS": ring_bits,
+         "BLOCK": kernels._FUSED_BLOCK},
         kernels._FUSED_WARPS)
     for registers, spills in (upload, unmask):
         assert spills == 0 and registers <= 255
