@@ -25,7 +25,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._inductor import list_mode_options
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -148,6 +147,8 @@ class _Config:
         if not self.options:
             mode = "reduce-overhead" if self.cuda_graphs else None
             return torch.compile(fn, mode=mode, fullgraph=self.fullgraph, backend=self.backend)
+        from torch._inductor import list_mode_options
+
         # Options, not a patched global config: Dynamo reuses a compiled graph for any backend
         # with equal options, so settings patched around the call would never take effect.
         options = {**(list_mode_options("reduce-overhead") if self.cuda_graphs else {}),
