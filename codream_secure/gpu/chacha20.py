@@ -27,6 +27,7 @@ from codream_secure.errors import ConfigError
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "host_to_device",
     "key_tensors",
     "keystream_bytes",
     "keystream_words",
@@ -81,7 +82,7 @@ def _key_nonce_words(keys: Sequence[bytes], nonces: Sequence[bytes]) -> tuple[np
     return key_words.view("<i4").astype(np.int32), nonce_words.view("<i4").astype(np.int32)
 
 
-def _to_device(words: np.ndarray, device: torch.device) -> torch.Tensor:
+def host_to_device(words: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host words on `device` without waiting for the device's queue to drain.
 
     A plain copy from pageable memory synchronises the stream, which would stall the host behind
@@ -162,7 +163,7 @@ def key_tensors(keys: Sequence[bytes], nonces: Sequence[bytes], blocks: int,
     """
     key_np, nonce_np = _key_nonce_words(keys, nonces)
     _check_counter(nonce_np, blocks)
-    return _to_device(key_np, device), _to_device(nonce_np, device)
+    return host_to_device(key_np, device), host_to_device(nonce_np, device)
 
 
 def keystream_words(

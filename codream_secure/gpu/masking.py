@@ -238,7 +238,7 @@ def _fused_upload(flat: torch.Tensor, codec: FixedPointCodec, keys: list[bytes],
     key_words, nonce_words = chacha20.key_tensors(
         keys, [bytes(chacha20.NONCE_BYTES)] * len(keys), blocks, flat.device)
     return fused_masked_upload(flat.to(torch.float32), key_words, nonce_words,
-                               _device_signs(signs, flat.device),
+                               chacha20.host_to_device(np.array(signs, np.int32), flat.device),
                                scale=math.ldexp(1.0, codec.scale_bits),
                                limit=math.ldexp(codec.clip, codec.scale_bits),
                                ring_bits=codec.ring_bits)
@@ -291,20 +291,13 @@ def unmask_sum(uploads: Sequence[torch.Tensor], codec: FixedPointCodec, *,
         blocks = -(-stacked.shape[1] // chacha20.BLOCK_WORDS)
         key_words, nonce_words = chacha20.key_tensors(
             seeds, [bytes(chacha20.NONCE_BYTES)] * len(seeds), blocks, device)
-        return fused_unmask_sum(stacked, key_words, nonce_words, _device_signs(signs, device),
+        sign_words = chacha20.host_to_device(np.array(signs, np.int32), device)
+        return fused_unmask_sum(stacked, key_words, nonce_words, sign_words,
                                 inv_scale=math.ldexp(1.0, -codec.scale_bits),
                                 ring_bits=codec.ring_bits)
     total = mask_vector(ring_sum(uploads, codec), codec, self_seed=None, pair_seeds=mask_seeds,
                         backend=backend)
     return decode_sum(total, codec, n_summed=n_summed).to(torch.float32)
-
-
-def _device_signs(signs: list[int], device: torch.device) -> torch.Tensor:
-    """+1/-1 as int32 on `device`, copied without synchronising the stream."""
-    tensor = torch.tensor(signs, dtype=torch.int32)
-    if device.type == "cuda":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
 
 
 def to_numpy_ring(vector: torch.Tensor, codec: FixedPointCodec) -> np.ndarray:

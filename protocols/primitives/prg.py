@@ -20,6 +20,7 @@ __all__ = ["ALGORITHMS", "KEY_BYTES", "NONCE_BYTES", "keystream_bytes", "uniform
 
 KEY_BYTES = 32
 NONCE_BYTES = 16
+# append only: an algorithm's index is its wire code in SessionOffer
 ALGORITHMS = ("aes-256-ctr", "chacha20")
 CHACHA20_BLOCK_BYTES = 64
 MIN_RING_BITS, MAX_RING_BITS = 8, 64

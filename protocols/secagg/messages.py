@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import MalformedMessageError
+from ..primitives.prg import ALGORITHMS
 from ..wire import Reader, Writer, message_type
 
 SESSION_ID_BYTES = 16
@@ -17,7 +18,7 @@ SEED_BYTES = 32
 GRAPH_SEED_BYTES = 32
 ROUNDING_MODES = ("stochastic", "nearest")
 ROUNDING_CODES = {mode: code for code, mode in enumerate(ROUNDING_MODES)}
-PRG_NAMES = ("aes-256-ctr", "chacha20")  # the keystream masks and dither are expanded with
+PRG_NAMES = ALGORITHMS  # the keystream of masks and dither; its wire code is the index
 PRG_CODES = {name: code for code, name in enumerate(PRG_NAMES)}
 
 
