@@ -156,10 +156,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "device": (click.Choice(DEVICES), "Where torch computes; 'auto' picks CUDA when available."),
     "precision": (click.Choice(PRECISIONS), "fp32 (exact, what the CPU uses) or bf16: autocast "
                   "for dream steps, local training and distillation, and on CUDA also "
-                  "channels_last and torch.compile with CUDA graphs for the dream step "
-                  "(docs/gpu.md). Secure sums are unaffected: gradients are summed in fp32. "
-                  "On the default digits setup bf16 cost CoDream 1.7 points of accuracy on "
-                  "average over 3 seeds."),
+                  "channels_last and torch.compile: with CUDA graphs for the dream step, with "
+                  "a fused optimiser for local training and distillation (docs/gpu.md). "
+                  "Secure sums are unaffected: gradients are summed in fp32. On the default "
+                  "digits setup bf16 cost CoDream 1.7 points of accuracy on average over 3 "
+                  "seeds."),
     "masking": (click.Choice(MASKINGS), "Where a SecAgg client quantises and masks its dream "
                 "gradient: 'host' (numpy, AES-256-CTR masks), 'device' (on the gradient's "
                 "device, ChaCha20 masks, bit-identical to a host client using ChaCha20; the "

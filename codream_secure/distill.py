@@ -15,6 +15,7 @@ from torch import nn
 
 from codream_secure.dreams import model_mode
 from codream_secure.errors import ConfigError
+from codream_secure.train_step import BatchStep, FastPath
 
 __all__ = ["distill", "evaluate", "kd_loss", "soft_labels", "train_local"]
 
@@ -41,14 +42,16 @@ def _check_kind(kind: str) -> None:
         raise ConfigError(f"kind must be 'probs' or 'logits', got {kind!r}")
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled index batches; a trailing batch of one joins the previous one (BatchNorm)."""
-    batches = list(
-        torch.randperm(n, generator=generator, device=generator.device).split(batch_size)
-    )
-    if len(batches) > 1 and batches[-1].numel() == 1:
-        batches[-2:] = [torch.cat(batches[-2:])]
-    return batches
+def _batches(n: int, batch_size: int, generator: torch.Generator,
+             device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Shuffled index batches on `device`; a trailing batch of one joins the previous one
+    (BatchNorm). One copy per epoch: a copy per step from host memory would make the host wait
+    for the device's previous step."""
+    sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    if len(sizes) > 1 and sizes[-1] == 1:
+        sizes[-2:] = [sizes[-2] + 1]
+    perm = torch.randperm(n, generator=generator, device=generator.device)
+    return perm.to(device).split(sizes)
 
 
 Precision = Literal["fp32", "bf16"]
@@ -62,16 +65,42 @@ def _autocast(device: torch.device, precision: Precision):
                           enabled=precision == "bf16")
 
 
-def _make_optimizer(
-    model: nn.Module, kind: str, lr: float, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    if kind == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-        )
-    if kind == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
+def _fit(step: BatchStep, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+         targets: tuple[torch.Tensor, ...], constants: tuple, *, epochs: int,
+         generator: torch.Generator) -> tuple[list[float], float, int]:
+    """Shuffled mini-batch epochs of step(x_b, *targets_b, *constants): per-epoch mean losses,
+    the last epoch's count share (accuracy or agreement) and the step count.
+
+    Losses and counts accumulate on the device, so a step never waits for the host.
+    """
+    x = step.inputs(x)
+    epoch_losses: list[float] = []
+    share = float("nan")
+    steps = 0
+    with model_mode(step.model, training=True):
+        for _ in range(epochs):
+            loss_sum = torch.zeros((), device=x.device)
+            count = torch.zeros((), device=x.device, dtype=torch.long)
+            for idx in _batches(x.shape[0], step.batch_size, generator, x.device):
+                loss, hits = step(x[idx], *(t[idx] for t in targets), *constants)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += loss.detach() * idx.numel()
+                count += hits
+            epoch_losses.append(float(loss_sum) / x.shape[0])
+            share = int(count) / x.shape[0]
+    return epoch_losses, share, steps
+
+
+def _ce_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: Precision
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of one batch and its number of correct predictions."""
+    with _autocast(x.device, precision):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    return loss, (logits.detach().argmax(dim=1) == y).sum()
 
 
 def train_local(
@@ -86,11 +115,13 @@ def train_local(
     batch_size: int = 64,
     generator: torch.Generator,
     precision: Precision = "fp32",
+    fast: FastPath | None = None,
 ) -> dict[str, Any]:
     """Cross-entropy SGD on (x, y) with a fresh optimiser; the model's modes are restored after.
 
-    precision="bf16" runs forward passes under bf16 autocast (the GPU fast path); losses and
-    counts accumulate on the device, so a step never waits for the host.
+    precision="bf16" runs forward passes under bf16 autocast. fast (train_step.FastPath)
+    compiles each full batch's forward and loss, with a fused optimiser and channels_last if
+    it says so; None runs eagerly (the CPU default).
 
     Returns the last epoch's mean loss and running accuracy, the per-epoch losses and the step
     count.
@@ -98,36 +129,20 @@ def train_local(
     _check_epochs(epochs)
     _check_batch_size(batch_size)
     _check_positive("learning rate", lr)
+    _autocast(x.device, precision)
     if x.shape[0] != y.shape[0] or y.dim() != 1 or x.shape[0] == 0:
         raise ConfigError(
             f"need a non-empty batch of inputs and 1-D labels, got {tuple(x.shape)} and "
             f"{tuple(y.shape)}"
         )
-    optimizer = _make_optimizer(model, "sgd", lr, momentum, weight_decay)
-    epoch_losses: list[float] = []
-    accuracy = float("nan")
-    steps = 0
-    with model_mode(model, training=True):
-        for _ in range(epochs):
-            loss_sum = torch.zeros((), device=x.device)
-            correct = torch.zeros((), device=x.device, dtype=torch.long)
-            for idx in _batches(x.shape[0], batch_size, generator):
-                idx = idx.to(x.device)
-                with _autocast(x.device, precision):
-                    logits = model(x[idx])
-                loss = F.cross_entropy(logits.float(), y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                loss_sum += loss.detach() * idx.numel()
-                correct += (logits.detach().argmax(dim=1) == y[idx]).sum()
-            epoch_losses.append(float(loss_sum) / x.shape[0])
-            accuracy = int(correct) / x.shape[0]
+    step = BatchStep(_ce_terms, model, batch_size, fast)
+    optimizer = step.optimizer("sgd", lr, momentum, weight_decay)
+    losses, accuracy, steps = _fit(step, optimizer, x, (y,), (precision,), epochs=epochs,
+                                   generator=generator)
     return {
-        "loss": epoch_losses[-1] if epoch_losses else float("nan"),
+        "loss": losses[-1] if losses else float("nan"),
         "accuracy": accuracy,
-        "epoch_losses": epoch_losses,
+        "epoch_losses": losses,
         "steps": steps,
     }
 
@@ -145,6 +160,15 @@ def _tempered_teacher_log_probs(
     if (probs.sum(dim=1) <= 0).any():
         raise ConfigError("every teacher probability row needs some positive mass")
     return F.log_softmax(torch.log(probs) / temperature, dim=1)
+
+
+def _kd_from_log_probs(student_logits: torch.Tensor, log_p: torch.Tensor, temperature: float
+                       ) -> torch.Tensor:
+    log_q = F.log_softmax(student_logits / temperature, dim=1)
+    p = log_p.exp()
+    # Terms with p = 0 contribute 0 (0 * log 0 = 0); where() keeps -inf out of the sum.
+    pointwise = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(log_q))
+    return temperature**2 * pointwise.sum() / student_logits.shape[0]
 
 
 def kd_loss(
@@ -166,12 +190,17 @@ def kd_loss(
             f"student and teacher need equal N x classes shapes, got {tuple(student_logits.shape)} "
             f"and {tuple(teacher.shape)}"
         )
-    log_q = F.log_softmax(student_logits / temperature, dim=1)
     log_p = _tempered_teacher_log_probs(teacher.detach(), temperature, teacher_kind)
-    p = log_p.exp()
-    # Terms with p = 0 contribute 0 (0 * log 0 = 0); where() keeps -inf out of the sum.
-    pointwise = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(log_q))
-    return temperature**2 * pointwise.sum() / student_logits.shape[0]
+    return _kd_from_log_probs(student_logits, log_p, temperature)
+
+
+def _kd_terms(model: nn.Module, x: torch.Tensor, log_p: torch.Tensor, classes: torch.Tensor,
+              temperature: float, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """kd_loss of one batch against tempered teacher log-probabilities, and the argmax matches."""
+    with _autocast(x.device, precision):
+        logits = model(x)
+    loss = _kd_from_log_probs(logits.float(), log_p, temperature)
+    return loss, (logits.detach().argmax(dim=1) == classes).sum()
 
 
 def distill(
@@ -189,10 +218,12 @@ def distill(
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     precision: Precision = "fp32",
+    fast: FastPath | None = None,
 ) -> dict[str, Any]:
     """Train the model (train mode) to match teacher outputs on dreams x with kd_loss.
 
-    precision="bf16": forward passes under bf16 autocast, as in train_local.
+    precision and fast as in train_local. The teacher is checked and tempered once, before the
+    first step.
 
     Returns the last epoch's mean loss, the share of samples whose argmax matched the teacher's
     during that epoch, the per-epoch losses and the step count.
@@ -202,40 +233,26 @@ def distill(
     _check_positive("learning rate", lr)
     _check_positive("temperature", temperature)
     _check_kind(teacher_kind)
-    if x.shape[0] != teacher.shape[0] or x.shape[0] == 0:
+    _autocast(x.device, precision)
+    if x.shape[0] != teacher.shape[0] or x.shape[0] == 0 or teacher.dim() != 2:
         raise ConfigError(
             f"need a non-empty batch of dreams and one teacher row each, got {tuple(x.shape)} "
             f"and {tuple(teacher.shape)}"
         )
-    opt = _make_optimizer(model, optimizer, lr, momentum, weight_decay)
-    teacher_classes = teacher.argmax(dim=1)
-    epoch_losses: list[float] = []
-    agreement = float("nan")
-    steps = 0
-    with model_mode(model, training=True):
-        for _ in range(epochs):
-            loss_sum = torch.zeros((), device=x.device)
-            agree = torch.zeros((), device=x.device, dtype=torch.long)
-            for idx in _batches(x.shape[0], batch_size, generator):
-                idx = idx.to(x.device)
-                with _autocast(x.device, precision):
-                    logits = model(x[idx])
-                loss = kd_loss(
-                    logits.float(), teacher[idx], temperature=temperature,
-                    teacher_kind=teacher_kind,
-                )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                loss_sum += loss.detach() * idx.numel()
-                agree += (logits.detach().argmax(dim=1) == teacher_classes[idx]).sum()
-            epoch_losses.append(float(loss_sum) / x.shape[0])
-            agreement = int(agree) / x.shape[0]
+    with torch.no_grad(), model_mode(model, training=False):
+        classes = model(x[:1]).shape[1]  # checked here: a compiled step cannot raise cleanly
+    if classes != teacher.shape[1]:
+        raise ConfigError(f"the model gives {classes} classes, the teacher {teacher.shape[1]}")
+    step = BatchStep(_kd_terms, model, batch_size, fast)
+    opt = step.optimizer(optimizer, lr, momentum, weight_decay)
+    log_p = _tempered_teacher_log_probs(teacher.detach(), temperature, teacher_kind)
+    targets = (log_p, teacher.argmax(dim=1))
+    losses, agreement, steps = _fit(step, opt, x, targets, (temperature, precision),
+                                    epochs=epochs, generator=generator)
     return {
-        "loss": epoch_losses[-1] if epoch_losses else float("nan"),
+        "loss": losses[-1] if losses else float("nan"),
         "agreement": agreement,
-        "epoch_losses": epoch_losses,
+        "epoch_losses": losses,
         "steps": steps,
     }
 

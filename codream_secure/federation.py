@@ -31,6 +31,7 @@ from .dreams import (
 )
 from .errors import ConfigError
 from .results import ClientData, MethodResult
+from .train_step import FastPath
 
 if TYPE_CHECKING:  # opacus loads only for runs with DP
     from .privacy import PrivacyLedger
@@ -266,6 +267,8 @@ class CoDreamFederation:
         self.last_dreams: torch.Tensor | None = None
         self.broadcast_down = np.zeros(len(clients), np.int64)
         self._fast_steps: list[tuple[list[int], object]] | None = None
+        # local training and distillation: compiled with bf16 on CUDA, eager elsewhere
+        self.train_path = FastPath.optimised(device, settings.precision)
 
     @property
     def n(self) -> int:
@@ -293,7 +296,7 @@ class CoDreamFederation:
                     self.trainers[k].train(model, data.x_train, data.y_train, epochs=epochs)
                 continue
             train_local(model, data.x_train, data.y_train, epochs=epochs, lr=self.s.local_lr,
-                        precision=self.s.precision,
+                        precision=self.s.precision, fast=self.train_path,
                         batch_size=self.s.batch_size,
                         generator=generator(self.s.seed, "local", round_index, k))
 
@@ -441,12 +444,12 @@ class CoDreamFederation:
                         lr=self.s.distill_lr, batch_size=self.s.batch_size,
                         temperature=self.s.kd_temperature, teacher_kind=self.s.soft_labels,
                         generator=generator(self.s.seed, "distill", round_index, k),
-                        precision=self.s.precision)
+                        precision=self.s.precision, fast=self.train_path)
             distill(self.server_model, bx, by, epochs=self.s.distill_epochs, lr=self.s.distill_lr,
                     batch_size=self.s.batch_size, temperature=self.s.kd_temperature,
                     teacher_kind=self.s.soft_labels,
                     generator=generator(self.s.seed, "distill", round_index, "server"),
-                    precision=self.s.precision)
+                    precision=self.s.precision, fast=self.train_path)
             seconds["distill"] = time.perf_counter() - start
         val, test = self._evaluate()
         self.result.record(val, test)
