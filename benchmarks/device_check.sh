@@ -1,12 +1,14 @@
 #!/bin/bash
 # Everything issue 6 measures, in one call on a CUDA machine: the device benchmark with its
 # profiles, the inductor-setting step variants in a second run (slow compiles must not starve
-# the rest), the GPU and Triton tests, then a short `simulate` with device-side masking.
+# the rest), the GPU and Triton tests, the local-training and distillation steps (a third run),
+# then a short `simulate` with device-side masking.
 # Usage: bash benchmarks/device_check.sh [OUT_DIR]
 # Logs and results go to OUT_DIR (default benchmarks/results/device); the variants' run to
-# OUT_DIR/variants. Where the machine lacks `cryptography`, put its wheels on PYTHONPATH first
-# (docs/gpu.md). Time limits per stage, in seconds (0 skips a stage): BENCH_S (default 300),
-# VARIANTS_S (160), TEST_S (100), SIM_S (35). BENCH_ARGS and VARIANTS replace the benchmark's
+# OUT_DIR/variants, the training steps' to OUT_DIR/train. Where the machine lacks
+# `cryptography`, put its wheels on PYTHONPATH first (docs/gpu.md). Time limits per stage, in
+# seconds (0 skips a stage): BENCH_S (default 240), VARIANTS_S (120), TEST_S (110), TRAIN_S
+# (90), SIM_S (30): at most 590 s in all. BENCH_ARGS and VARIANTS replace the benchmark's
 # arguments and the variants' list.
 set -o pipefail
 out=${1:-benchmarks/results/device}
@@ -24,15 +26,18 @@ stage() {  # stage NAME LIMIT LOG COMMAND...: run COMMAND with a time limit, the
     grep -vE "^\s*$" "$log" | tail -40
 }
 
-stage benchmark "${BENCH_S:-300}" "$out/bench.log" python3 -m benchmarks.device --profile \
-    --out "$out" ${BENCH_ARGS:---step-variants var-mean,no-bn-term}
-stage variants "${VARIANTS_S:-160}" "$out/variants.log" python3 -m benchmarks.device \
+stage benchmark "${BENCH_S:-240}" "$out/bench.log" python3 -m benchmarks.device --profile \
+    --out "$out" ${BENCH_ARGS:---sections step,keystream,round,batched \
+    --step-variants var-mean,no-bn-term}
+stage variants "${VARIANTS_S:-120}" "$out/variants.log" python3 -m benchmarks.device \
     --sections step --out "$out/variants" \
     --step-variants "${VARIANTS:-coordesc,tile-reductions,autotune-pointwise}"
-stage "gpu and triton tests" "${TEST_S:-100}" "$out/tests.log" python3 -m pytest -q \
+stage "gpu and triton tests" "${TEST_S:-110}" "$out/tests.log" python3 -m pytest -q \
     -p no:cacheprovider -m "gpu or triton" tests/core/test_gpu_chacha20.py \
     tests/core/test_gpu_masking.py tests/core/test_fast_dream.py tests/core/test_gpu_interop.py \
-    tests/core/test_triton_compile.py
-stage "simulate (device masking)" "${SIM_S:-35}" "$out/sim.log" python3 -c \
+    tests/core/test_triton_compile.py tests/core/test_train_step.py
+stage "training steps" "${TRAIN_S:-90}" "$out/train.log" python3 -m benchmarks.device \
+    --sections train --iters 10 --out "$out/train"
+stage "simulate (device masking)" "${SIM_S:-30}" "$out/sim.log" python3 -c \
     "from codream_secure.cli import main; main()" simulate --device cuda --masking device \
     --rounds 1 --dream-steps 10 --out "$out/sim"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.device import keystream, rounds, step
+from benchmarks.device import keystream, rounds, step, training
 from benchmarks.device.report import _markdown, print_section, write_result
 from benchmarks.device.timing import matmul_ceiling
 
-SECTIONS = ("step", "keystream", "round", "batched")
+SECTIONS = ("step", "keystream", "round", "batched", "train")
 
 
 def positive_int(text: str) -> int:
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.device",
         description="Device benchmark: fp32 eager vs optimised dream step, secure vs plain "
-                    "dream round, ChaCha20 keystream rates (docs/gpu.md).")
+                    "dream round, ChaCha20 keystream rates, local training and distillation "
+                    "steps eager vs the fast path (docs/gpu.md).")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a CPU smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="resnet18")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             " --step-variants " + ",".join(args.step_variants) if args.step_variants else ""),
         "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": 0.0,
         "matmul_ceiling": ceiling, "dream_step": [], "round": [], "batched": [],
-        "keystream": [], "errors": {},
+        "keystream": [], "training": [], "errors": {},
     }
     fast = None
 
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 "round": ("round", lambda: rounds.round_rows(args, device, fast)),
                 "batched": ("batched", lambda: step.batched_rows(args, device)),
                 "keystream": ("keystream", lambda: keystream.keystream_rates(
-                    device, args.keystream_words, skip=skip))}
+                    device, args.keystream_words, skip=skip)),
+                "train": ("training", lambda: training.training_rows(args, device))}
     for section in (s for s in SECTIONS if s in args.sections):
         key, run = sections[section]
         try:

@@ -46,6 +46,18 @@ def _markdown(result: dict) -> str:
     lines += ["", "## Keystream", "", "| where | GB/s | words |", "|---|---|---|"]
     for r in result["keystream"]:
         lines.append(f"| {r['where']} | {r['gbps']:.2f} | {r['n_words']} |")
+    lines += ["", "## Local training and distillation steps", "",
+              "| job | variant | model | batch | ms/step | TFLOP/s | x fp32 eager "
+              "| first-epoch loss |", "|---|---|---|---|---|---|---|---|"]
+    for r in result.get("training", []):
+        if "error" in r:
+            lines.append(f"| {r['job']} | {r['variant']} | failed: {r['error'][:200]} "
+                         "| | | | | |")
+            continue
+        speedup = f"{r['speedup']:.2f}" if r["speedup"] else "-"
+        lines.append(f"| {r['job']} | {r['variant']} | {r['model']} | {r['batch']} | "
+                     f"{r['ms']:.2f} | {r['tflops']:.2f} | {speedup} | "
+                     f"{r['first_epoch_loss']:.4f} |")
     if result.get("errors"):
         lines += ["", "## Failed sections", ""]
         lines += [f"- {name}: {error}" for name, error in result["errors"].items()]

@@ -65,3 +65,18 @@ def test_round_profile_splits_each_variant_by_phase(tmp_path):
         assert label in text
     secure = next(r for r in result["round"] if r["aggregation"] == "secure")
     assert secure["max_abs_error"] <= secure["bound"]
+
+
+def test_training_rows_time_each_job_eager_and_traced_from_one_initial_model(tmp_path):
+    result = run(tmp_path, "--sections", "train")
+    rows = {(r["job"], r["variant"]): r for r in result["training"]}
+    assert set(rows) == {(job, variant) for job in ("local training", "distillation")
+                         for variant in ("fp32 eager", "fp32 traced (aot_eager)")}
+    for job in ("local training", "distillation"):
+        eager, traced = rows[(job, "fp32 eager")], rows[(job, "fp32 traced (aot_eager)")]
+        # one initial model, the same batches: the traced step trains what the eager one does
+        assert traced["first_epoch_loss"] == pytest.approx(eager["first_epoch_loss"], rel=1e-5)
+        assert eager["speedup"] == pytest.approx(1.0)
+        assert traced["speedup"] == pytest.approx(eager["ms"] / traced["ms"])
+        assert traced["gflop"] > 0 and traced["tflops"] > 0
+    assert "| distillation | fp32 traced (aot_eager) |" in (tmp_path / "device.md").read_text()
