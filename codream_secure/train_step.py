@@ -26,7 +26,10 @@ BACKENDS = ("inductor", "aot_eager", "eager")
 
 @dataclass(frozen=True)
 class FastPath:
-    """How train_local and distill speed up a step (precision is set separately)."""
+    """How train_local and distill speed up a step (precision is set separately).
+
+    On CUDA any fast path also turns on cudnn.benchmark, as the dream step does.
+    """
 
     compile_backend: str = "inductor"
     cuda_graphs: bool = False  # mode="reduce-overhead"; needs CUDA and inductor
@@ -82,6 +85,8 @@ class BatchStep:
         self._compiled = None if fast is None else _compiled(
             terms, fast.compile_backend, fast.cuda_graphs)
         self._cuda_graphs = fast is not None and fast.cuda_graphs and _on_cuda(model)
+        if fast is not None and _on_cuda(model):  # as FastDreamStep: static shapes, so tune once
+            torch.backends.cudnn.benchmark = True
         if fast is not None and fast.channels_last:
             model.to(memory_format=torch.channels_last)  # same values, NHWC strides, in place
 
