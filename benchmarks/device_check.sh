@@ -8,7 +8,7 @@
 # OUT_DIR/variants, the training steps' to OUT_DIR/train. Where the machine lacks
 # `cryptography`, put its wheels on PYTHONPATH first (docs/gpu.md). Time limits per stage, in
 # seconds (0 skips a stage): BENCH_S (default 240), VARIANTS_S (120), TEST_S (110), TRAIN_S
-# (90), SIM_S (30): at most 590 s in all. BENCH_ARGS and VARIANTS replace the benchmark's
+# (95), SIM_S (25): at most 590 s in all. BENCH_ARGS and VARIANTS replace the benchmark's
 # arguments and the variants' list.
 set -o pipefail
 out=${1:-benchmarks/results/device}
@@ -36,8 +36,8 @@ stage "gpu and triton tests" "${TEST_S:-110}" "$out/tests.log" python3 -m pytest
     -p no:cacheprovider -m "gpu or triton" tests/core/test_gpu_chacha20.py \
     tests/core/test_gpu_masking.py tests/core/test_fast_dream.py tests/core/test_gpu_interop.py \
     tests/core/test_triton_compile.py tests/core/test_train_step.py
-stage "training steps" "${TRAIN_S:-90}" "$out/train.log" python3 -m benchmarks.device \
+stage "training steps" "${TRAIN_S:-95}" "$out/train.log" python3 -m benchmarks.device \
     --sections train --iters 10 --out "$out/train"
-stage "simulate (device masking)" "${SIM_S:-30}" "$out/sim.log" python3 -c \
+stage "simulate (device masking)" "${SIM_S:-25}" "$out/sim.log" python3 -c \
     "from codream_secure.cli import main; main()" simulate --device cuda --masking device \
     --rounds 1 --dream-steps 10 --out "$out/sim"
