@@ -7,8 +7,9 @@
 # Logs and results go to OUT_DIR (default benchmarks/results/device); the variants' run to
 # OUT_DIR/variants, the training steps' to OUT_DIR/train. Where the machine lacks
 # `cryptography`, put its wheels on PYTHONPATH first (docs/gpu.md). Time limits per stage, in
-# seconds (0 skips a stage): BENCH_S (default 240), VARIANTS_S (120), TEST_S (110), TRAIN_S
-# (95), SIM_S (25): at most 590 s in all. BENCH_ARGS and VARIANTS replace the benchmark's
+# seconds (0 skips a stage): BENCH_S (default 240), VARIANTS_S (110), TEST_S (120), TRAIN_S
+# (95), SIM_S (25): at most 590 s in all. Tests run verbosely, so a stage cut short by its limit
+# still shows which tests passed, and list their durations. BENCH_ARGS and VARIANTS replace the benchmark's
 # arguments and the variants' list.
 set -o pipefail
 out=${1:-benchmarks/results/device}
@@ -29,11 +30,11 @@ stage() {  # stage NAME LIMIT LOG COMMAND...: run COMMAND with a time limit, the
 stage benchmark "${BENCH_S:-240}" "$out/bench.log" python3 -m benchmarks.device --profile \
     --out "$out" ${BENCH_ARGS:---sections step,keystream,round,batched \
     --step-variants var-mean,no-bn-term}
-stage variants "${VARIANTS_S:-120}" "$out/variants.log" python3 -m benchmarks.device \
+stage variants "${VARIANTS_S:-110}" "$out/variants.log" python3 -m benchmarks.device \
     --sections step --out "$out/variants" \
     --step-variants "${VARIANTS:-coordesc,tile-reductions,autotune-pointwise}"
-stage "gpu and triton tests" "${TEST_S:-110}" "$out/tests.log" python3 -m pytest -q \
-    -p no:cacheprovider -m "gpu or triton" tests/core/test_gpu_chacha20.py \
+stage "gpu and triton tests" "${TEST_S:-120}" "$out/tests.log" python3 -m pytest -v \
+    --durations=20 -p no:cacheprovider -m "gpu or triton" tests/core/test_gpu_chacha20.py \
     tests/core/test_gpu_masking.py tests/core/test_fast_dream.py tests/core/test_gpu_interop.py \
     tests/core/test_triton_compile.py tests/core/test_train_step.py
 stage "training steps" "${TRAIN_S:-95}" "$out/train.log" python3 -m benchmarks.device \
