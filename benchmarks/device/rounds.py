@@ -16,6 +16,7 @@ from benchmarks.device.timing import phase, profile_round, sync, timed_ms
 from codream_secure.dreams import NonFiniteGradientError
 from codream_secure.gpu import chacha20, masking
 from codream_secure.gpu.fast_dream import FastDreamStep, dream_gradients
+from codream_secure.gpu.send import UploadSender
 from codream_secure.models import build_model
 from protocols.codec import FixedPointCodec
 from protocols.primitives import envelope, kdf, shamir
@@ -43,7 +44,8 @@ class SecureRound:
     """
 
     def __init__(self, n: int, m: int, *, clip: float, device: torch.device,
-                 fused: bool = True, fused_server: bool | None = None) -> None:
+                 fused: bool = True, fused_server: bool | None = None,
+                 side_stream: bool = True) -> None:
         self.n, self.m, self.device, self.fused = n, m, device, fused
         self.fused_server = fused if fused_server is None else fused_server
         self.threshold = n // 2 + 1
@@ -52,8 +54,7 @@ class SecureRound:
         self.sid = os.urandom(16)
         self.masters = {(a, b): os.urandom(32) for a in range(n) for b in range(a + 1, n)}
         self.envelope_keys = {(a, b): os.urandom(32) for a in range(n) for b in range(n)}
-        self.pinned = [torch.empty(m, dtype=torch.int32, pin_memory=device.type == "cuda")
-                       for _ in range(n)]
+        self.sender = UploadSender(n, m, torch.int32, device, side_stream=side_stream)
 
     def step_keys(self, client: int, step: int) -> StepKeys:
         """The host work of one client at one step (no device work, no synchronisation)."""
@@ -82,9 +83,8 @@ class SecureRound:
                        for c, (g, s) in enumerate(zip(grads, secrets, strict=True))]
         with phase("secure.finite_check_sync"):
             require_finite(grads)  # the step's one sync: nothing leaves a client before it
-        with phase("secure.send_copies"):
-            for pinned, upload in zip(self.pinned, uploads, strict=True):
-                pinned.copy_(upload, non_blocking=True)  # the bytes each client sends
+        with phase("secure.send_copies"):  # the bytes each client sends
+            self.sender.send(uploads)
         with phase("secure.server_shamir"):
             recovered = []
             for s in secrets:  # the server rebuilds each self seed from t shares
@@ -121,20 +121,19 @@ def require_finite(grads: list[torch.Tensor]) -> None:
 class PlainRound:
     """Plain aggregation: the server sums the clients' float32 gradients.
 
-    With `send`, each gradient is first copied to pinned host memory, as SecureRound copies each
+    With `send`, each gradient is also copied to pinned host memory, as SecureRound copies each
     masked upload: the bytes a client sends, the same size in both (m 32-bit words).
     """
 
     def __init__(self, n: int, m: int, *, device: torch.device, send: bool) -> None:
-        self.pinned = [torch.empty(m, dtype=torch.float32, pin_memory=device.type == "cuda")
-                       for _ in range(n)] if send else []
+        self.sender = UploadSender(n, m, torch.float32, device) if send else None
 
     def total(self, grads: list[torch.Tensor], step: int) -> torch.Tensor:
         with phase("plain.finite_check_sync"):
             require_finite(grads)  # the same one sync as the secure path
         with phase("plain.send_copies"):
-            for pinned, grad in zip(self.pinned, grads, strict=False):
-                pinned.copy_(grad, non_blocking=True)
+            if self.sender is not None:
+                self.sender.send(grads)
         with phase("plain.server_sum"):
             return torch.stack(grads).sum(0)
 
@@ -171,6 +170,9 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
         "plain": PlainRound(n, m, device=device, send=True),
         "plain, nothing leaves the device": PlainRound(n, m, device=device, send=False),
         "secure": SecureRound(n, m, clip=args.clip, device=device, fused=True)}
+    if device.type == "cuda":  # what sending on a side stream saves (session 2 sent this way)
+        variants["secure, sends on the compute stream"] = SecureRound(
+            n, m, clip=args.clip, device=device, fused=True, side_stream=False)
     if "triton" in chacha20.available_backends(device):  # elsewhere "secure" is unfused already
         variants["secure, fused upload only"] = SecureRound(
             n, m, clip=args.clip, device=device, fused=True, fused_server=False)
