@@ -49,12 +49,13 @@ class UploadSender:
                 buffer.copy_(upload)
             return
         compute = torch.cuda.current_stream(self.device)
-        stream = self.stream or compute
-        stream.wait_stream(compute)  # the uploads are written on the compute stream
+        stream = compute if self.stream is None else self.stream
+        if self.stream is not None:
+            stream.wait_stream(compute)  # the uploads are written on the compute stream
         with torch.cuda.stream(stream):
             for buffer, upload in zip(self.buffers, uploads, strict=True):
                 buffer.copy_(upload, non_blocking=True)
-                if stream is not compute:  # keep the allocator from reusing it before the copy
+                if self.stream is not None:  # keep the allocator from reusing it before the copy
                     upload.record_stream(stream)
         self._done = torch.cuda.Event()
         self._done.record(stream)
