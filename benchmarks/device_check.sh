@@ -28,8 +28,7 @@ stage() {  # stage NAME LIMIT LOG COMMAND...: run COMMAND with a time limit, the
 }
 
 stage benchmark "${BENCH_S:-240}" "$out/bench.log" python3 -m benchmarks.device --profile \
-    --out "$out" ${BENCH_ARGS:---sections step,keystream,round,batched \
-    --step-variants var-mean,no-bn-term}
+    --out "$out" ${BENCH_ARGS:---step-variants var-mean,no-bn-term}
 stage variants "${VARIANTS_S:-110}" "$out/variants.log" python3 -m benchmarks.device \
     --sections step --out "$out/variants" \
     --step-variants "${VARIANTS:-coordesc,tile-reductions,autotune-pointwise}"
