@@ -4,8 +4,7 @@
 the loss function eagerly (the CPU default, bitwise reproducible). With one, full batches go
 through torch.compile(fullgraph=True, dynamic=False): one graph per architecture and batch size,
 shared by every model of that architecture. A trailing batch of another size runs the same
-function eagerly, so an epoch never compiles twice and Dynamo's per-function recompile limit (8)
-is spent on architectures, not on shapes.
+function eagerly, so an epoch never compiles twice.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from codream_secure.compiling import architecture, with_own_code
 from codream_secure.errors import ConfigError
 
 __all__ = ["BatchStep", "FastPath", "make_optimizer"]
@@ -69,10 +69,13 @@ def make_optimizer(model: nn.Module, kind: str, lr: float, momentum: float,
 
 
 @functools.cache
-def _compiled(terms: Callable, backend: str, cuda_graphs: bool) -> Callable:
-    # one wrapper per (function, settings): Dynamo's cache lives on the function's code object
+def _compiled(terms: Callable, backend: str, cuda_graphs: bool, arch: tuple) -> Callable:
+    # one wrapper, with a code object of its own, per (function, settings, architecture):
+    # models of one architecture share its graph, and no Dynamo cache nears its recompile
+    # limit however many architectures a process trains (compiling.py)
     mode = "reduce-overhead" if cuda_graphs else None
-    return torch.compile(terms, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    return torch.compile(with_own_code(terms), fullgraph=True, dynamic=False, backend=backend,
+                         mode=mode)
 
 
 class BatchStep:
@@ -83,7 +86,7 @@ class BatchStep:
                  model: nn.Module, batch_size: int, fast: FastPath | None) -> None:
         self.terms, self.model, self.batch_size, self.fast = terms, model, batch_size, fast
         self._compiled = None if fast is None else _compiled(
-            terms, fast.compile_backend, fast.cuda_graphs)
+            terms, fast.compile_backend, fast.cuda_graphs, architecture(model))
         self._cuda_graphs = fast is not None and fast.cuda_graphs and _on_cuda(model)
         if fast is not None and _on_cuda(model):  # as FastDreamStep: static shapes, so tune once
             torch.backends.cudnn.benchmark = True

@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from codream_secure.compiling import architecture, with_own_code
 from codream_secure.dreams import DreamLossWeights, prediction_entropy, total_variation
 from codream_secure.errors import ConfigError
 
@@ -122,8 +123,8 @@ class _Config:
 
     def __init__(self, device: torch.device, precision: str, channels_last: bool,
                  compile_model: bool, cudnn_benchmark: bool, fullgraph: bool,
-                 compile_backend: str, compile_options: Mapping[str, object] | None = None
-                 ) -> None:
+                 compile_backend: str, compile_options: Mapping[str, object] | None = None,
+                 cuda_graphs: bool = True) -> None:
         if precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if compile_options and compile_backend != "inductor":
@@ -132,7 +133,8 @@ class _Config:
         self.device, self.precision = device, precision
         self.channels_last, self.compile, self.fullgraph = channels_last, compile_model, fullgraph
         self.backend, self.options = compile_backend, dict(compile_options or {})
-        self.cuda_graphs = compile_model and device.type == "cuda" and compile_backend == "inductor"
+        self.cuda_graphs = (cuda_graphs and compile_model and device.type == "cuda"
+                            and compile_backend == "inductor")
         if cudnn_benchmark and device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -144,6 +146,7 @@ class _Config:
     def wrap(self, fn):  # type: ignore[no-untyped-def]
         if not self.compile:
             return fn
+        fn = with_own_code(fn)  # one Dynamo cache per step (compiling.py says why)
         if not self.options:
             mode = "reduce-overhead" if self.cuda_graphs else None
             return torch.compile(fn, mode=mode, fullgraph=self.fullgraph, backend=self.backend)
@@ -184,10 +187,13 @@ class FastDreamStep:
                  channels_last: bool = False, compile_model: bool = False,
                  cudnn_benchmark: bool = True, fullgraph: bool = True,
                  compile_backend: str = "inductor", bn_moments: BnMoments = "var_mean",
-                 compile_options: Mapping[str, object] | None = None) -> None:
+                 compile_options: Mapping[str, object] | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.model, self.weights = model, weights or DreamLossWeights()
+        # cuda_graphs=False compiles without graphs of its own, for capture into a larger one
         self.config = _Config(_model_device(model), precision, channels_last, compile_model,
-                              cudnn_benchmark, fullgraph, compile_backend, compile_options)
+                              cudnn_benchmark, fullgraph, compile_backend, compile_options,
+                              cuda_graphs)
         if channels_last:
             model.to(memory_format=torch.channels_last)  # same values, NHWC strides, in place
         self._tape: list[torch.Tensor] | None = [] if use_bn_statistics else None
@@ -301,16 +307,10 @@ class BatchedDreamStep:
         return grad.to(torch.float32).clone(memory_format=torch.contiguous_format)
 
 
-def _architecture(model: nn.Module) -> tuple:
-    """What vmap needs equal: class, module tree, and every tensor's name, shape, dtype, device."""
-    tensors = tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in _state(model).items())
-    return type(model), str(model), tensors
-
-
 def _check_same_architecture(models: Sequence[nn.Module]) -> None:
-    reference = _architecture(models[0])
+    reference = architecture(models[0])
     for i, model in enumerate(models[1:], start=1):
-        if _architecture(model) != reference:
+        if architecture(model) != reference:
             raise ConfigError(f"model {i} does not share model 0's architecture; use "
                               "dream_gradients for heterogeneous clients")
 
@@ -319,7 +319,7 @@ def group_by_architecture(models: Sequence[nn.Module]) -> list[list[int]]:
     """Indices of `models` grouped by architecture, groups in order of first appearance."""
     groups: dict[tuple, list[int]] = {}
     for i, model in enumerate(models):
-        groups.setdefault(_architecture(model), []).append(i)
+        groups.setdefault(architecture(model), []).append(i)
     return list(groups.values())
 
 

@@ -100,10 +100,11 @@ def test_compile_options_reach_torch_compile_with_cuda_graphs(monkeypatch):
     monkeypatch.setattr(fast_dream.torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     config = fast_dream._Config(torch.device("cuda"), "bf16", True, True, False, True,
                                 "inductor", {"coordinate_descent_tuning": True})
-    config.wrap(len)
+    config.wrap(lambda x: x)
     assert calls == [{"fullgraph": True, "backend": "inductor",
                       "options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}]
-    fast_dream._Config(torch.device("cuda"), "bf16", True, True, False, True, "inductor").wrap(len)
+    fast_dream._Config(torch.device("cuda"), "bf16", True, True, False, True,
+                       "inductor").wrap(lambda x: x)
     assert calls[1] == {"mode": "reduce-overhead", "fullgraph": True, "backend": "inductor"}
 
 
@@ -262,3 +263,21 @@ def test_optimised_batched_cuda_step_matches_per_client_references():
         # bf16 moves grad_x by up to ~20% relative on random models (see docs/gpu.md)
         assert torch.nn.functional.cosine_similarity(first[k].flatten(), expected.flatten(),
                                                      dim=0) > 0.95
+
+
+def test_more_compiled_steps_than_dynamos_recompile_limit():
+    # Dynamo caches per code object and, with fullgraph=True, fails hard past 8 graphs: steps
+    # sharing _loss_fn's code did once enough architectures or shapes were compiled in one
+    # process. Each step now has its own code object. Without automatic dynamic shapes every
+    # input size is a graph of its own, which stands in for architectures here (faster).
+    limit = torch._dynamo.config.recompile_limit
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.BatchNorm2d(2),
+                            torch.nn.Flatten(1), torch.nn.Identity())
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        for size in range(4, 4 + limit + 1):
+            x = torch.randn(2, 3, size, size)
+            m[-1] = torch.nn.Linear(2 * (size - 2) ** 2, 4)
+            m.eval()
+            step = FastDreamStep(m, W, compile_model=True, compile_backend="aot_eager")
+            assert rel(step(x), dream_gradient(m, x, W)) < 1e-5

@@ -103,6 +103,19 @@ def test_one_graph_per_architecture_and_none_for_the_trailing_batch():
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_training_more_shapes_than_dynamos_recompile_limit():
+    # each architecture gets a compiled function with a code object of its own, so Dynamo's
+    # per-code-object limit (8, a hard error under fullgraph=True) is never shared out
+    limit = torch._dynamo.config.recompile_limit
+    for size in range(4, 4 + limit + 1):
+        torch.manual_seed(0)
+        m = build_model("smallcnn", input_shape=(1, size, size), num_classes=10)
+        x = torch.randn(8, 1, size, size)
+        out = train_local(m, x, torch.arange(8) % 10, epochs=1, batch_size=8, generator=gen(),
+                          fast=TRACED)
+        assert out["steps"] == 1
+
+
 def test_fused_optimiser_and_channels_last_train_the_same_model():
     eager, fast = model("resnet8"), model("resnet8")
     train(eager, None)
