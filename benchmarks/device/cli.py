@@ -15,9 +15,10 @@ from benchmarks.device import keystream, rounds, step, training
 from benchmarks.device.report import _markdown, print_section, write_result
 from benchmarks.device.timing import matmul_ceiling
 
-SECTIONS = ("step", "keystream", "round", "batched", "train")
+SECTIONS = ("step", "keystream", "round", "batched", "graphed", "train")
 # the table in under 5 minutes: the training steps (three more compiles) are asked for
-DEFAULT_SECTIONS = ("step", "keystream", "round", "batched")
+DEFAULT_SECTIONS = ("step", "keystream", "round", "batched", "graphed")
+CUDA_ONLY = {"graphed": "one CUDA graph for all clients needs CUDA"}
 
 
 def positive_int(text: str) -> int:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             " --step-variants " + ",".join(args.step_variants) if args.step_variants else ""),
         "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": 0.0,
         "matmul_ceiling": ceiling, "dream_step": [], "round": [], "batched": [],
-        "keystream": [], "training": [], "errors": {},
+        "keystream": [], "round_graphed": [], "training": [], "errors": {}, "skipped": {},
     }
     fast = None
 
@@ -114,9 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                 "batched": ("batched", lambda: step.batched_rows(args, device)),
                 "keystream": ("keystream", lambda: keystream.keystream_rates(
                     device, args.keystream_words, skip=skip)),
+                "graphed": ("round_graphed", lambda: rounds.graphed_rows(args, device)),
                 "train": ("training", lambda: training.training_rows(args, device))}
     for section in (s for s in SECTIONS if s in args.sections):
         key, run = sections[section]
+        if section in CUDA_ONLY and device.type != "cuda":
+            result["skipped"][section] = CUDA_ONLY[section]
+            print(f"{section}: skipped ({CUDA_ONLY[section]})")
+            continue
         try:
             result[key] = run()
         except Exception as exc:  # one failed section must not lose the others

@@ -6,6 +6,22 @@ import argparse
 import json
 
 
+def _round_lines(rows: list[dict]) -> list[str]:
+    """A round table: ms/step, the ratios to both plain rows, the secure-sum check."""
+    lines = ["| aggregation | models | batch | steps | ms/step | x plain | x plain kept on device "
+             "| max error (bound) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['aggregation']} | {r['models']} | failed: {r['error'][:200]} "
+                         "| | | | | |")
+            continue
+        check = (f"{r['max_abs_error']:.2e} ({r['bound']:.2e})" if "bound" in r else "-")
+        lines.append(f"| {r['aggregation']} | {r['models']} | {r['batch']} | {r['steps']} | "
+                     f"{r['ms_per_step']:.2f} | {r['ratio']:.3f} | "
+                     f"{r['ratio_vs_device_resident_plain']:.3f} | {check} |")
+    return lines
+
+
 def _markdown(result: dict) -> str:
     lines = [f"# Device benchmark ({result['device']}, {result['date']})", "",
              f"Command: `{result['command']}`", "", "## Dream step", "",
@@ -21,22 +37,18 @@ def _markdown(result: dict) -> str:
                      f"| {r['rel_err']:.2e} | {r['cosine']:.4f} |")
     c = result["matmul_ceiling"]
     lines += ["", f"Measured matmul ceiling: {c['tflops']:.3f} TFLOP/s ({c['dtype']}, n={c['n']})",
-              "", "## Dream round, secure vs plain", "",
-              "| aggregation | models | batch | steps | ms/step | x plain | x plain kept on device "
-              "| max error (bound) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in result["round"]:
-        if "error" in r:
-            lines.append(f"| {r['aggregation']} | {r['models']} | failed: {r['error'][:200]} "
-                         "| | | | | |")
-            continue
-        check = (f"{r['max_abs_error']:.2e} ({r['bound']:.2e})" if "bound" in r else "-")
-        lines.append(f"| {r['aggregation']} | {r['models']} | {r['batch']} | {r['steps']} | "
-                     f"{r['ms_per_step']:.2f} | {r['ratio']:.3f} | "
-                     f"{r['ratio_vs_device_resident_plain']:.3f} | {check} |")
-    if result["round"]:
+              "", "## Dream round, secure vs plain (one CUDA graph per client)", ""]
+    lines += _round_lines(result["round"])
+    if result["round"] and "clients_alone_ms" in result["round"][0]:
         lines += ["", f"Each client's step alone, summed: "
                   f"{result['round'][0]['clients_alone_ms']:.2f} ms"]
+    if result.get("round_graphed"):
+        lines += ["", "## Dream round, one CUDA graph for all clients (gpu.graphed)", ""]
+        lines += _round_lines(result["round_graphed"])
+        replay = next((r["one_replay_ms"] for r in result["round_graphed"]
+                       if "one_replay_ms" in r), None)
+        if replay is not None:
+            lines += ["", f"One replay (every client's gradient): {replay:.2f} ms"]
     lines += ["", "## Same-architecture clients", "",
               "| variant | model | clients | batch | ms per round step | min cosine |",
               "|---|---|---|---|---|---|"]
@@ -61,16 +73,20 @@ def _markdown(result: dict) -> str:
     if result.get("errors"):
         lines += ["", "## Failed sections", ""]
         lines += [f"- {name}: {error}" for name, error in result["errors"].items()]
+    if result.get("skipped"):
+        lines += ["", "## Skipped sections", ""]
+        lines += [f"- {name}: {why}" for name, why in result["skipped"].items()]
     return "\n".join(lines) + "\n"
 
 
 def print_section(section: str, result: dict, elapsed: float) -> None:
     """Progress lines of a finished section (the step section prints its rows as it goes)."""
-    if section == "round" and result["round"]:
-        print("round: " + ", ".join(f"{r['aggregation']} {r['ms_per_step']:.2f} ms/step "
-                                    f"(x{r['ratio']:.3f})" if "ms_per_step" in r
-                                    else f"{r['aggregation']} {r['error']}"
-                                    for r in result["round"]))
+    key = {"round": "round", "graphed": "round_graphed"}.get(section)
+    if key and result[key]:
+        print(f"{section}: " + ", ".join(f"{r['aggregation']} {r['ms_per_step']:.2f} ms/step "
+                                         f"(x{r['ratio']:.3f})" if "ms_per_step" in r
+                                         else f"{r['aggregation']} {r['error']}"
+                                         for r in result[key]))
     elif section == "batched":
         for r in result["batched"]:
             print(f"{r['variant']}: {r['ms_per_round_step']:.2f} ms per round step")
@@ -85,5 +101,7 @@ def write_result(result: dict, args: argparse.Namespace) -> None:
         (args.out / "profile.txt").write_text(args.profile_text + "\n")
     if getattr(args, "round_profile_text", None):
         (args.out / "profile-round.txt").write_text(args.round_profile_text + "\n")
+    if getattr(args, "graphed_profile_text", None):
+        (args.out / "profile-graphed.txt").write_text(args.graphed_profile_text + "\n")
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -138,38 +139,39 @@ class PlainRound:
             return torch.stack(grads).sum(0)
 
 
-def dream_round(steps: list, x0: torch.Tensor, n_steps: int, *,
-                aggregator: PlainRound | SecureRound, overlap: bool) -> torch.Tensor:
+def dream_round(gradients: Callable[[torch.Tensor], list[torch.Tensor]], x0: torch.Tensor,
+                n_steps: int, *, aggregator: PlainRound | SecureRound) -> torch.Tensor:
     """n_steps of dream synthesis: gradients, their (secure) sum, one Adam step on x."""
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=0.05)
     for step in range(1, n_steps + 1):
         with phase("round.gradients"):
-            grads = dream_gradients(steps, x.detach(), overlap=overlap)
+            grads = gradients(x.detach())
         total = aggregator.total([g.reshape(-1) for g in grads], step).reshape(x.shape)
         with phase("round.adam"):
-            x.grad = total / len(steps)
+            x.grad = total / len(grads)
             opt.step()
     return x.detach()
 
 
-def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) -> list[dict]:
-    """Secure vs plain time of an n-client heterogeneous dream round, interleaved."""
-    names = args.round_models.split(",")
-    steps = []
-    for i, name in enumerate(names):
-        if name == args.model and isinstance(reuse, FastDreamStep) and i == 0:
-            steps.append(reuse)  # same shapes: its compiled graph is reused
-            continue
+def round_models(args: argparse.Namespace, device: torch.device) -> list[torch.nn.Module]:
+    """The round's clients (args.round_models), seeded by position, in eval mode."""
+    models = []
+    for i, name in enumerate(args.round_models.split(",")):
         torch.manual_seed(i)
-        model = build_model(name, input_shape=args.shape, num_classes=10).to(device).eval()
-        steps.append(FastDreamStep.optimised(model, W))
-    x0 = torch.randn(args.batch, *args.shape, device=device)
-    n, m = len(steps), x0.numel()
+        models.append(build_model(name, input_shape=args.shape, num_classes=10).to(device).eval())
+    return models
+
+
+def aggregators(n: int, m: int, args: argparse.Namespace, device: torch.device, *,
+                every_kernel_variant: bool) -> dict[str, PlainRound | SecureRound]:
+    """Plain (sending, and kept on the device) and secure aggregation, plus ablations."""
     variants: dict[str, PlainRound | SecureRound] = {
         "plain": PlainRound(n, m, device=device, send=True),
         "plain, nothing leaves the device": PlainRound(n, m, device=device, send=False),
         "secure": SecureRound(n, m, clip=args.clip, device=device, fused=True)}
+    if not every_kernel_variant:
+        return variants
     if device.type == "cuda":  # what sending on a side stream saves (session 2 sent this way)
         variants["secure, sends on the compute stream"] = SecureRound(
             n, m, clip=args.clip, device=device, fused=True, side_stream=False)
@@ -178,17 +180,28 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
             n, m, clip=args.clip, device=device, fused=True, fused_server=False)
         variants["secure, unfused kernels"] = SecureRound(n, m, clip=args.clip, device=device,
                                                           fused=False)
+    return variants
+
+
+def time_round(gradients: Callable[[torch.Tensor], list[torch.Tensor]], x0: torch.Tensor,
+               variants: dict[str, PlainRound | SecureRound], args: argparse.Namespace,
+               device: torch.device) -> tuple[dict, dict, dict, dict, float]:
+    """Warm every variant up, check the secure sums, time them interleaved.
+
+    Returns (median ms/step, all samples, checks, failed variants, warm-up seconds); a variant
+    other than "plain" that fails to warm up is reported, not fatal.
+    """
     start, failed = time.perf_counter(), {}
     for name, aggregator in list(variants.items()):  # compile and warm up
         try:
-            dream_round(steps, x0, 2, aggregator=aggregator, overlap=args.overlap)
+            dream_round(gradients, x0, 2, aggregator=aggregator)
         except Exception as exc:  # e.g. a kernel that does not compile here
             if name == "plain":
                 raise
             failed[name] = f"{type(exc).__name__}: {exc}"
             del variants[name]
     warm = time.perf_counter() - start
-    grads = dream_gradients(steps, x0, overlap=args.overlap)
+    grads = [g.clone() for g in gradients(x0)]
     checks = {name: agg.check(grads, step=0) for name, agg in variants.items()
               if isinstance(agg, SecureRound)}
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -196,28 +209,74 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
         for name, aggregator in variants.items():
             sync(device)
             t0 = time.perf_counter()
-            dream_round(steps, x0, args.round_steps, aggregator=aggregator, overlap=args.overlap)
+            dream_round(gradients, x0, args.round_steps, aggregator=aggregator)
             sync(device)
             times[name].append(1e3 * (time.perf_counter() - t0) / args.round_steps)
     median = {name: statistics.median(t) for name, t in times.items()}
+    return median, times, checks, failed, warm
+
+
+def round_table(args: argparse.Namespace, median: dict, times: dict, checks: dict,
+                failed: dict, extra: dict) -> list[dict]:
+    """One row per variant: ms/step and the ratios to both plain rows; then the failures."""
     resident = median.get("plain, nothing leaves the device", math.nan)
+    return [{"aggregation": name, "models": args.round_models, "batch": args.batch,
+             "steps": args.round_steps, "repeats": args.round_repeats,
+             "ms_per_step": median[name], "ratio": median[name] / median["plain"],
+             "ratio_vs_device_resident_plain": median[name] / resident,
+             "all_ms_per_step": times[name], **extra, **checks.get(name, {})}
+            for name in median] + [
+        {"aggregation": name, "models": args.round_models, "error": error}
+        for name, error in failed.items()]
+
+
+def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) -> list[dict]:
+    """Secure vs plain time of an n-client heterogeneous dream round, one graph per client."""
+    steps = []
+    for i, model in enumerate(round_models(args, device)):
+        if (args.round_models.split(",")[0] == args.model and isinstance(reuse, FastDreamStep)
+                and i == 0):
+            steps.append(reuse)  # same model and shapes: its compiled graph is reused
+            continue
+        steps.append(FastDreamStep.optimised(model, W))
+    x0 = torch.randn(args.batch, *args.shape, device=device)
+
+    def gradients(x: torch.Tensor) -> list[torch.Tensor]:
+        return dream_gradients(steps, x, overlap=args.overlap)
+
+    variants = aggregators(len(steps), x0.numel(), args, device, every_kernel_variant=True)
+    median, times, checks, failed, warm = time_round(gradients, x0, variants, args, device)
     # each client alone: their sum against the plain round shows whether the GPU idles between
     # clients (the round also has the sum, the NaN check and the Adam step)
     alone = sum(timed_ms(lambda s=s: s(x0), device, iters=args.iters) for s in steps)
     if args.profile:
         args.round_profile_text = "\n\n".join(
             f"## {name}\n" + profile_round(
-                lambda k, a=aggregator: dream_round(steps, x0, k, aggregator=a,
-                                                    overlap=args.overlap), device)
+                lambda k, a=aggregator: dream_round(gradients, x0, k, aggregator=a), device)
             for name, aggregator in variants.items())
     overlap = args.overlap and not any(s.config.cuda_graphs for s in steps)
-    return [{"aggregation": name, "models": args.round_models, "batch": args.batch,
-             "steps": args.round_steps, "repeats": args.round_repeats, "overlap": overlap,
-             "ms_per_step": median[name], "ratio": median[name] / median["plain"],
-             "ratio_vs_device_resident_plain": median[name] / resident, "warmup_s": warm,
-             "clients_alone_ms": alone, "all_ms_per_step": times[name],
-             **checks.get(name, {})} for name in variants] + [
-        {"aggregation": name, "models": args.round_models, "error": error}
-        for name, error in failed.items()]
+    return round_table(args, median, times, checks, failed,
+                       {"overlap": overlap, "warmup_s": warm, "clients_alone_ms": alone})
 
 
+def graphed_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """The same round with every client's step captured in one CUDA graph (gpu.graphed)."""
+    from codream_secure.gpu.graphed import GraphedDreamGradients
+
+    x0 = torch.randn(args.batch, *args.shape, device=device)
+    start = time.perf_counter()
+    graphed = GraphedDreamGradients(round_models(args, device), x0.shape, W)
+    graphed(x0)  # compile, warm up, capture
+    sync(device)
+    capture = time.perf_counter() - start
+    variants = aggregators(len(graphed.steps), x0.numel(), args, device,
+                           every_kernel_variant=False)
+    median, times, checks, failed, warm = time_round(graphed, x0, variants, args, device)
+    replay = timed_ms(lambda: graphed(x0), device, iters=args.iters)
+    if args.profile:
+        args.graphed_profile_text = "\n\n".join(
+            f"## {name}, one graph\n" + profile_round(
+                lambda k, a=aggregator: dream_round(graphed, x0, k, aggregator=a), device)
+            for name, aggregator in variants.items())
+    return round_table(args, median, times, checks, failed,
+                       {"warmup_s": warm + capture, "one_replay_ms": replay})

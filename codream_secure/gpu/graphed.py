@@ -48,11 +48,11 @@ class GraphedDreamGradients:
         self.steps = [FastDreamStep(m, weights, **options) for m in models]
         self.static_x = torch.zeros(tuple(x_shape), device=self.device)
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._outputs: list[torch.Tensor] = []
+        self._flat: torch.Tensor | None = None  # every gradient, in the graph's memory
         self._captured: list[dict[str, torch.Tensor]] = []
 
     def _capture(self) -> None:
-        self._graph, self._outputs = None, []  # frees the previous graph's memory pool first
+        self._graph = self._flat = None  # frees the previous graph's memory pool first
         compute = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(compute)
@@ -63,8 +63,8 @@ class GraphedDreamGradients:
         compute.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outputs = [step(self.static_x) for step in self.steps]
-        self._graph, self._outputs = graph, outputs
+            flat = torch.cat([step(self.static_x).reshape(-1) for step in self.steps])
+        self._graph, self._flat = graph, flat
         self._captured = [step._state() for step in self.steps]
 
     def _stale(self) -> bool:
@@ -74,13 +74,18 @@ class GraphedDreamGradients:
             for step, captured in zip(self.steps, self._captured, strict=True))
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every model's grad_x at x, in tensors of the graph that the next call rewrites."""
+        """Every model's grad_x at x, in fresh tensors.
+
+        One copy (a single kernel) takes them out of the graph's memory, which the next replay
+        rewrites: a consumer on another stream (an upload copied out on a side stream) could
+        otherwise still be reading them.
+        """
         if tuple(x.shape) != tuple(self.static_x.shape):
             raise ConfigError(f"dreams of shape {tuple(x.shape)}, but the graph was built for "
                               f"{tuple(self.static_x.shape)}")
         if self._stale():
             self._capture()
         self.static_x.copy_(x)
-        assert self._graph is not None
+        assert self._graph is not None and self._flat is not None
         self._graph.replay()
-        return list(self._outputs)
+        return list(self._flat.clone().view(len(self.steps), *self.static_x.shape).unbind())

@@ -23,6 +23,8 @@ class UploadSender:
     computed, while the compute stream goes on; `wait()` returns the buffers once they hold the
     bytes. A send first waits for the previous send, so a buffer is never rewritten while read.
     Without a side stream the copies are queued on the compute stream (as before this class).
+    Nothing may rewrite an upload in place before its copy ends; freshly allocated uploads are
+    safe (their memory is held for the side stream), a CUDA graph's static outputs are not.
     """
 
     def __init__(self, n: int, m: int, dtype: torch.dtype, device: torch.device, *,

@@ -80,3 +80,30 @@ def test_training_rows_time_each_job_eager_and_traced_from_one_initial_model(tmp
         assert traced["speedup"] == pytest.approx(eager["ms"] / traced["ms"])
         assert traced["gflop"] > 0 and traced["tflops"] > 0
     assert "| distillation | fp32 traced (aot_eager) |" in (tmp_path / "device.md").read_text()
+
+
+def test_graphed_round_rows_on_a_cpu_stand_in(monkeypatch):
+    # GraphedDreamGradients needs CUDA; a stand-in with its interface (steps, a call returning
+    # every client's gradient) runs the section's timing, checks and table code here
+    import argparse
+
+    from benchmarks.device import rounds
+    from codream_secure.gpu import graphed
+    from codream_secure.gpu.fast_dream import FastDreamStep
+
+    class StandIn:
+        def __init__(self, models, x_shape, weights):
+            self.steps = [FastDreamStep(m, weights) for m in models]
+
+        def __call__(self, x):
+            return [step(x) for step in self.steps]
+
+    monkeypatch.setattr(graphed, "GraphedDreamGradients", StandIn)
+    args = argparse.Namespace(batch=4, shape=(3, 8, 8), round_models="resnet8,smallcnn,smallcnn",
+                              clip=8.0, round_repeats=1, round_steps=2, iters=1, profile=True)
+    rows = rounds.graphed_rows(args, torch.device("cpu"))
+    assert [r["aggregation"] for r in rows] == ["plain", "plain, nothing leaves the device",
+                                                "secure"]
+    secure = rows[2]
+    assert secure["max_abs_error"] <= secure["bound"] and rows[0]["ratio"] == 1.0
+    assert rows[0]["one_replay_ms"] > 0 and "## secure, one graph" in args.graphed_profile_text

@@ -53,11 +53,13 @@ def test_one_replay_gives_each_clients_gradient_and_follows_the_weights():
     graphed = GraphedDreamGradients(clients, (32, 3, 16, 16), W)
     x = torch.randn(32, 3, 16, 16, device="cuda")
 
+    # the same compiled kernels and cuDNN algorithms, each step on its own: ~1e-6 expected;
+    # 1e-3 allows a different cuDNN algorithm choice (an overwritten buffer gives O(1))
+    singles = [FastDreamStep(m, W, precision="bf16", channels_last=True, compile_model=True,
+                             bn_moments="sums", cuda_graphs=False) for m in clients]
+
     def reference() -> list[torch.Tensor]:
-        # the same compiled kernels and cuDNN algorithms, each step on its own: ~1e-6 expected;
-        # 1e-3 allows a different cuDNN algorithm choice (an overwritten buffer gives O(1))
-        return [FastDreamStep(m, W, precision="bf16", channels_last=True, compile_model=True,
-                              bn_moments="sums", cuda_graphs=False)(x) for m in clients]
+        return [step(x) for step in singles]
 
     for got, want in zip(graphed(x), reference(), strict=True):
         assert rel(got, want) < 1e-3
