@@ -37,7 +37,7 @@ def _markdown(result: dict) -> str:
                      f"| {r['rel_err']:.2e} | {r['cosine']:.4f} |")
     c = result["matmul_ceiling"]
     lines += ["", f"Measured matmul ceiling: {c['tflops']:.3f} TFLOP/s ({c['dtype']}, n={c['n']})",
-              "", "## Dream round, secure vs plain (one CUDA graph per client)", ""]
+              "", "## Dream round, secure vs plain (each client stepped on its own)", ""]
     lines += _round_lines(result["round"])
     if result["round"] and "clients_alone_ms" in result["round"][0]:
         lines += ["", f"Each client's step alone, summed: "
