@@ -113,6 +113,24 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
+def _layout(modules: Sequence[nn.Module]) -> tuple:
+    """Every submodule by name and identity, every parameter and buffer by name, identity,
+    memory, shape, strides and dtype: what detached views (and graphs reading them) rest on.
+
+    Walking each module's own dicts instead of named_parameters made the unchanged-layout check
+    1.6x faster for resnet18 (108 vs 178 us on our 2-core CPU, one run), host time every client
+    pays at every dream step.
+    """
+    out: list = []
+    for module in modules:
+        out.append(tuple(module._modules.items()))  # modules compare by identity
+        for tensors in (module._parameters, module._buffers):
+            out.extend((k, None) if t is None else
+                       (k, id(t), t.data_ptr(), t.shape, t.stride(), t.dtype)
+                       for k, t in tensors.items())
+    return tuple(out)
+
+
 def _versions(models: Sequence[nn.Module]) -> tuple[int, ...]:
     """In-place updates (optimiser steps, load_state_dict) bump a tensor's version counter."""
     return tuple(t._version for m in models for t in _state(m).values())
@@ -200,6 +218,7 @@ class FastDreamStep:
         self._skeleton = _skeleton(model, self._tape, bn_moments)
         self._loss = self.config.wrap(self._loss_fn)
         self._detached: dict[str, torch.Tensor] = {}
+        self._modules: list[nn.Module] = []
         self._layout: tuple = ()
 
     @classmethod
@@ -227,14 +246,14 @@ class FastDreamStep:
         the same view objects lets CUDA graphs read them in place as static inputs instead of
         copying every parameter into the graph before each replay.
         """
-        live = _state(self.model)
-        layout = tuple((k, v.data_ptr(), v.shape, v.stride(), v.dtype) for k, v in live.items())
-        if layout != self._layout:
-            self._detached = {k: v.detach() for k, v in live.items()}
-            if self.config.cuda_graphs:
-                for view in self._detached.values():
-                    torch._dynamo.mark_static_address(view)
-            self._layout = layout
+        if self._modules and _layout(self._modules) == self._layout:
+            return self._detached
+        self._detached = {k: v.detach() for k, v in _state(self.model).items()}
+        if self.config.cuda_graphs:
+            for view in self._detached.values():
+                torch._dynamo.mark_static_address(view)
+        self._modules = list(self.model.modules())
+        self._layout = _layout(self._modules)
         return self._detached
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,14 @@ def test_the_step_follows_the_live_parameters():
     replaced = step(x)
     assert rel(replaced, after) > 1e-3
     assert rel(replaced, dream_gradient(m, x, W)) < 1e-5
+    m.fc.weight.data = m.fc.weight.data * 3.0  # same object, new memory
+    moved = step(x)
+    assert rel(moved, replaced) > 1e-3
+    assert rel(moved, dream_gradient(m, x, W)) < 1e-5
+    m.fc = torch.nn.Linear(m.fc.in_features, m.fc.out_features)  # a new submodule
+    swapped = step(x)
+    assert rel(swapped, moved) > 1e-3
+    assert rel(swapped, dream_gradient(m, x, W)) < 1e-5
 
 
 def test_a_model_without_batchnorm_needs_the_bn_term_off():
