@@ -118,8 +118,8 @@ def _layout(modules: Sequence[nn.Module]) -> tuple:
     memory, shape, strides and dtype: what detached views (and graphs reading them) rest on.
 
     Walking each module's own dicts instead of named_parameters made the unchanged-layout check
-    1.6x faster for resnet18 (108 vs 178 us on our 2-core CPU, one run), host time every client
-    pays at every dream step.
+    1.6x faster for resnet18 (benchmarks/param_check_cost.py), host time every client pays at
+    every dream step.
     """
     out: list = []
     for module in modules:
