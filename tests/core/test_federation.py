@@ -230,3 +230,23 @@ def test_bf16_fast_path_batches_same_architecture_clients_and_skips_dropped_ones
                   models=("smallcnn", "resnet8"), dropout_clients=(3,)).report
     assert report["rounds"][1]["included_in_dreams"] == [0, 1, 2]
     assert 0.0 <= report["final"]["codream"]["mean_accuracy"] <= 1.0
+
+
+def test_a_run_with_compiled_local_training_and_distillation(tmp_path, monkeypatch):
+    # simulate takes the compiled training path only on CUDA with bf16; here the same wiring
+    # runs on the CPU with aot_eager (Dynamo + AOTAutograd, no inductor) and fp32, whose
+    # arithmetic is the eager loop's up to rounding
+    from torch._dynamo.utils import counters
+
+    from codream_secure import federation
+    from codream_secure.train_step import FastPath
+
+    eager = _run(tmp_path, "eager", baselines=(), batch_size=8).report
+    traced = FastPath(compile_backend="aot_eager", fused_optimizer=False)
+    monkeypatch.setattr(federation.FastPath, "optimised", staticmethod(lambda *a: traced))
+    counters.clear()
+    compiled = _run(tmp_path, "compiled", baselines=(), batch_size=8).report
+    assert counters["stats"]["unique_graphs"] >= 2  # local training and distillation
+    for got, want in zip(compiled["rounds"], eager["rounds"], strict=True):
+        # 120 test samples: a rounding difference may move a sample or two, not more
+        assert got["codream"]["test"] == pytest.approx(want["codream"]["test"], abs=0.02)
