@@ -57,10 +57,13 @@ def _batches(n: int, batch_size: int, generator: torch.Generator,
 Precision = Literal["fp32", "bf16"]
 
 
-def _autocast(device: torch.device, precision: Precision):
-    """bf16 autocast for the fast path; fp32 (the CPU default) autocasts nothing."""
+def _check_precision(precision: str) -> None:
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+
+
+def _autocast(device: torch.device, precision: Precision):
+    """bf16 autocast for the fast path; fp32 (the CPU default) autocasts nothing."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                           enabled=precision == "bf16")
 
@@ -129,7 +132,7 @@ def train_local(
     _check_epochs(epochs)
     _check_batch_size(batch_size)
     _check_positive("learning rate", lr)
-    _autocast(x.device, precision)
+    _check_precision(precision)
     if x.shape[0] != y.shape[0] or y.dim() != 1 or x.shape[0] == 0:
         raise ConfigError(
             f"need a non-empty batch of inputs and 1-D labels, got {tuple(x.shape)} and "
@@ -233,7 +236,7 @@ def distill(
     _check_positive("learning rate", lr)
     _check_positive("temperature", temperature)
     _check_kind(teacher_kind)
-    _autocast(x.device, precision)
+    _check_precision(precision)
     if x.shape[0] != teacher.shape[0] or x.shape[0] == 0 or teacher.dim() != 2:
         raise ConfigError(
             f"need a non-empty batch of dreams and one teacher row each, got {tuple(x.shape)} "

@@ -118,7 +118,6 @@ class _Link:
         return payload
 
 
-
 def _tampered(frame: bytes) -> bytes:
     flipped = bytearray(frame)
     flipped[len(flipped) // 2] ^= 0x01

@@ -351,8 +351,8 @@ def dream_gradients(steps: Sequence[FastDreamStep], x: torch.Tensor, *,
 
     Steps replaying CUDA graphs run one after another on the current stream: torch.compile's
     graphs share one memory pool per device, so replays on several streams would overwrite each
-    other's buffers (seen on an H100 as NaN gradients). One graph replay per client already
-    leaves no launch gaps to fill.
+    other's buffers (seen on an H100 as NaN gradients). gpu.graphed captures every client in one
+    graph instead, for the host gaps between replays.
     """
     if not (overlap and x.is_cuda) or any(step.config.cuda_graphs for step in steps):
         return [step(x) for step in steps]

@@ -1,10 +1,11 @@
 """Every client's dream gradient as one CUDA graph: the device runs the clients back to back.
 
 With one CUDA graph per client (FastDreamStep.optimised), the host prepares and launches each
-client's replay in turn, and a small client's step is shorter than that host work, so the device
-idles between clients (session 2 measured the plain round 2.8-5.2 ms/step slower than the
-clients' steps alone). Here each client's step is compiled without graphs of its own and all of
-them are captured into one graph, replayed with one launch per dream step.
+client's replay in turn; a small client's step is likely shorter than that host work, so the
+device would idle between clients (session 2 measured the plain round 2.8-5.2 ms/step slower
+than the clients' steps alone; where that time goes is not yet profiled). Here each client's
+step is compiled without graphs of its own and all of them are captured into one graph,
+replayed with one launch per dream step.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ __all__ = ["GraphedDreamGradients"]
 class GraphedDreamGradients:
     """grad_x of every model's dream loss at x (float32, NCHW), from one CUDA graph replay.
 
-    The steps are bf16, channels_last and compiled as FastDreamStep.optimised's, without their
-    own graphs. Warm-up calls (compilation, cuDNN's algorithm search) run before the capture on
+    The steps are FastDreamStep.optimised's (bf16, channels_last, compiled), without their own
+    graphs. Warm-up calls (compilation, cuDNN's algorithm search) run before the capture on
     a side stream, as capture forbids both. The graph reads the models' parameters in place, so
     optimiser steps and load_state_dict are seen; a parameter that moved to new memory (a
     replaced tensor, a memory-format change) makes the next call capture again.
@@ -43,9 +44,8 @@ class GraphedDreamGradients:
         if warmup < 1:
             raise ConfigError(f"warmup must be at least 1 call, got {warmup}")
         self.device, self.warmup = next(iter(devices)), warmup
-        options: dict = {"precision": "bf16", "channels_last": True, "compile_model": True,
-                         "bn_moments": "sums", **step_options, "cuda_graphs": False}
-        self.steps = [FastDreamStep(m, weights, **options) for m in models]
+        self.steps = [FastDreamStep.optimised(m, weights, **{**step_options, "cuda_graphs": False})
+                      for m in models]
         self.static_x = torch.zeros(tuple(x_shape), device=self.device)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._flat: torch.Tensor | None = None  # every gradient, in the graph's memory

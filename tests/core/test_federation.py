@@ -238,12 +238,14 @@ def test_a_run_with_compiled_local_training_and_distillation(tmp_path, monkeypat
     # arithmetic is the eager loop's up to rounding
     from torch._dynamo.utils import counters
 
-    from codream_secure import federation
+    from codream_secure import federation, train_step
     from codream_secure.train_step import FastPath
 
     eager = _run(tmp_path, "eager", baselines=(), batch_size=8).report
     traced = FastPath(compile_backend="aot_eager", fused_optimizer=False)
     monkeypatch.setattr(federation.FastPath, "optimised", staticmethod(lambda *a: traced))
+    torch._dynamo.reset()  # graphs another test compiled for these shapes would be reused
+    train_step._compiled.cache_clear()
     counters.clear()
     compiled = _run(tmp_path, "compiled", baselines=(), batch_size=8).report
     assert counters["stats"]["unique_graphs"] >= 2  # local training and distillation

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+from codream_secure import train_step
 from codream_secure.distill import distill, train_local
 from codream_secure.errors import ConfigError
 from codream_secure.models import build_model
@@ -95,6 +96,7 @@ def test_traced_step_trains_what_the_eager_step_trains(run):
 
 def test_one_graph_per_architecture_and_none_for_the_trailing_batch():
     torch._dynamo.reset()
+    train_step._compiled.cache_clear()
     counters.clear()
     for m in (model("smallcnn", 0), model("smallcnn", 1), model("resnet8", 0)):
         train(m, TRACED)
