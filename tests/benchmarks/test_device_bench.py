@@ -107,3 +107,25 @@ def test_graphed_round_rows_on_a_cpu_stand_in(monkeypatch):
     secure = rows[2]
     assert secure["max_abs_error"] <= secure["bound"] and rows[0]["ratio"] == 1.0
     assert rows[0]["one_replay_ms"] > 0 and "## secure, one graph" in args.graphed_profile_text
+
+
+def test_secure_round_check_bounds_float32_rounding_and_refuses_a_wrong_sum(monkeypatch):
+    # sums near 3 * clip sit where one float32 ulp (2^-19) far exceeds n * 2^-f (2^-24.4): the
+    # check must allow the decoded sum's one float32 rounding, and nothing more
+    import math
+
+    from benchmarks.device import rounds
+
+    secure = rounds.SecureRound(3, 4096, clip=8.0, device=torch.device("cpu"), fused=False,
+                                side_stream=False)
+    gen = torch.Generator().manual_seed(0)
+    grads = [7.5 + 0.4 * torch.rand(4096, generator=gen) for _ in range(3)]
+    report = secure.check(grads, step=0)
+    units = 3 * math.ldexp(1.0, -secure.codec.scale_bits)
+    assert units < report["max_abs_error"] <= report["bound"] <= units + math.ldexp(24.0, -24)
+
+    honest_total = secure.total
+    monkeypatch.setattr(secure, "total",
+                        lambda g, step: honest_total(g, step) + 4 * math.ldexp(1.0, -19))
+    with pytest.raises(AssertionError, match="differs from the plain sum"):
+        secure.check(grads, step=1)
