@@ -24,7 +24,7 @@ from .graph import (
 from .network import Dropout, FaultPlan, InProcessNetwork, Stage, Traffic
 from .primitives.kdf import derive_key
 from .secagg.client import Masker, RingNoise, SecAggClient
-from .secagg.server import SecAggServer, StepOutcome
+from .secagg.server import SecAggServer, StepOutcome, Unmasker
 
 PROTOCOLS = ("plain", "secagg", "secagg+", "paillier")
 
@@ -128,7 +128,8 @@ class SecAggSession:
     """A multi-step SecAgg/SecAgg+ session: one key setup, then one `step` per summed vector.
 
     `prg` picks the keystream of masks and dither ("aes-256-ctr" or "chacha20"); `maskers`
-    gives chosen clients a device masker (codream_secure.gpu.masking.protocol_masker).
+    gives chosen clients a device masker (codream_secure.gpu.masking.protocol_masker), and
+    `unmasker` the server a device unmasker (codream_secure.gpu.masking.protocol_unmasker).
     """
 
     def __init__(self, n_clients: int, vector_length: int, *, clip: float,
@@ -137,7 +138,8 @@ class SecAggSession:
                  expected_dropout: float = 0.1, corrupt_rate: float = 0.05,
                  rounding: str = "stochastic", faults: FaultPlan | None = None,
                  rounding_seed: bytes | None = None, noise: RingNoise | None = None,
-                 prg: str = "aes-256-ctr", maskers: Mapping[int, Masker] | None = None) -> None:
+                 prg: str = "aes-256-ctr", maskers: Mapping[int, Masker] | None = None,
+                 unmasker: Unmasker | None = None) -> None:
         if protocol not in ("secagg", "secagg+"):
             raise ParameterError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
         if n_clients < 2:
@@ -153,7 +155,7 @@ class SecAggSession:
         self.protocol, self.n_clients, self.vector_length = protocol, n_clients, vector_length
         self._pending: dict[int, np.ndarray] = {}
         self.server = SecAggServer(graph=graph, threshold=threshold, codec=self.codec,
-                                   vector_length=vector_length)
+                                   vector_length=vector_length, unmasker=unmasker)
         clients = {
             cid: SecAggClient(self._provider(cid), noise=noise,
                               masker=(maskers or {}).get(cid),

@@ -18,7 +18,7 @@ from .codec import FixedPointCodec
 from .errors import NonFiniteInputError, ParameterError, TooFewSurvivorsError
 from .network import Traffic
 from .secagg.client import Masker, RingNoise
-from .secagg.server import StepOutcome
+from .secagg.server import StepOutcome, Unmasker
 
 if TYPE_CHECKING:
     from .dp import DPSpec
@@ -120,11 +120,13 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
                  key_bits: int = 3072, keypair: object | None = None,
                  threshold: int | None = None, degree: int | None = None,
                  dp: DPSpec | None = None, prg: str = "aes-256-ctr",
-                 maskers: Mapping[int, Masker] | None = None) -> AggregationSession:
+                 maskers: Mapping[int, Masker] | None = None,
+                 unmasker: Unmasker | None = None) -> AggregationSession:
     """A fresh session of `protocol` for `n_clients` vectors of `vector_length` values.
 
-    `maskers` (SecAgg only) builds chosen clients' uploads elsewhere, e.g. on a GPU
-    (`protocols.api.SecAggSession`); the session's `prg` must be one the masker expands.
+    `maskers` (SecAgg only) builds chosen clients' uploads elsewhere, e.g. on a GPU, and
+    `unmasker` the server's unmasked sum (`protocols.api.SecAggSession`); the session's `prg`
+    must be one they expand.
 
     With `dp`, every client's vector is clipped to L2 norm dp.l2_clip (which then is also the
     per-coordinate clip) and every release is noised (`protocols.private`).
@@ -136,9 +138,10 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
         return _private_session(protocol, n_clients, vector_length, dp=dp, ring_bits=ring_bits,
                                 expected_dropout=expected_dropout, rounding_seed=rounding_seed,
                                 key_bits=key_bits, keypair=keypair, threshold=threshold,
-                                degree=degree, prg=prg, maskers=maskers)
-    if maskers and protocol not in ("secagg", "secagg+"):
-        raise ParameterError(f"maskers build pairwise-mask uploads; {protocol!r} has none")
+                                degree=degree, prg=prg, maskers=maskers, unmasker=unmasker)
+    if (maskers or unmasker) and protocol not in ("secagg", "secagg+"):
+        raise ParameterError(f"maskers and unmaskers handle pairwise-mask uploads; {protocol!r} "
+                             "has none")
     if protocol == "plain":
         return PlainSession(n_clients, vector_length, noise=noise)
     if protocol == "paillier":
@@ -148,7 +151,7 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
     return SecAggSession(n_clients, vector_length, clip=clip, protocol=protocol,
                          ring_bits=ring_bits, expected_dropout=max(expected_dropout, 0.05),
                          rounding_seed=rounding_seed, noise=noise, threshold=threshold,
-                         degree=degree, prg=prg, maskers=maskers)
+                         degree=degree, prg=prg, maskers=maskers, unmasker=unmasker)
 
 
 def _paillier_session(n_clients: int, vector_length: int, *, clip: float, ring_bits: int,

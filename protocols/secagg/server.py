@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 
 from ..codec import FixedPointCodec
-from ..errors import IntegrityError, ProtocolError, StageError, TooFewSurvivorsError
+from ..errors import (
+    IntegrityError,
+    ParameterError,
+    ProtocolError,
+    StageError,
+    TooFewSurvivorsError,
+)
 from ..graph import NeighbourGraph
 from ..primitives import prg, shamir
 from . import keys
@@ -40,6 +46,27 @@ class ServerStage(Enum):
     SHARES = "collecting-shares"
 
 
+Unmasker = Callable[[Sequence[np.ndarray], Sequence[tuple[bytes, int]], FixedPointCodec],
+                   np.ndarray]
+"""(uploads, [(seed, sign)], codec) -> sum(uploads) + sum sign * PRG(seed), reduced mod 2^k."""
+
+
+def host_unmask(uploads: Sequence[np.ndarray], signed_seeds: Sequence[tuple[bytes, int]],
+                codec: FixedPointCodec) -> np.ndarray:
+    """The server's ring sum of the uploads with the rebuilt masks added (sign +1) or removed."""
+    ring = codec.ring_bits
+    total = np.zeros(uploads[0].shape, dtype=codec.dtype)
+    for upload in uploads:
+        np.add(total, upload, out=total)
+    for seed, sign in signed_seeds:
+        mask = prg.uniform_ring(seed, total.size, ring_bits=ring, algorithm=codec.prg)
+        if sign > 0:
+            np.add(total, mask, out=total)
+        else:
+            np.subtract(total, mask, out=total)
+    return reduce_ring(total, ring)
+
+
 @dataclass(frozen=True, eq=False)
 class StepOutcome:
     """The result of one aggregation step: the decoded sum and who is in it."""
@@ -67,11 +94,13 @@ class SecAggServer:
 
     Replies are keyed by the sender id that the (authenticated) transport vouches for. A reply
     that fails to decode or validate excludes its sender, as a dropout would; the reason is kept
-    in `rejections`.
+    in `rejections`. `unmasker` does the vector work of the last stage elsewhere (e.g. on a GPU,
+    codream_secure.gpu.masking.protocol_unmasker); it must return what `host_unmask` returns.
     """
 
     def __init__(self, *, graph: NeighbourGraph, threshold: int, codec: FixedPointCodec,
-                 vector_length: int, session_id: bytes | None = None) -> None:
+                 vector_length: int, session_id: bytes | None = None,
+                 unmasker: Unmasker | None = None) -> None:
         validate_threshold(threshold, graph.degree, graph.n)
         codec.check_budget(graph.n)
         self.graph, self.threshold, self.codec = graph, threshold, codec
@@ -83,6 +112,7 @@ class SecAggServer:
         self.rejections: list[tuple[int, int, ProtocolError]] = []
         self.last_step = 0
         self._step: _ServerStep | None = None
+        self._unmask = host_unmask if unmasker is None else unmasker
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -275,8 +305,7 @@ class SecAggServer:
                 continue
             for owner, share in msg.shares.items():
                 collected[owner][holder + 1] = share
-        ring = self.codec.ring_bits
-        total = np.zeros(self.vector_length, dtype=self.codec.dtype)
+        signed_seeds: list[tuple[bytes, int]] = []
         for cid in sorted(st.survivors):
             try:
                 seed = shamir.combine(collected[cid], threshold=self.threshold)
@@ -285,18 +314,13 @@ class SecAggServer:
                     needed=self.threshold, remaining=error.remaining,
                     context=f"share holders of client {cid} at step {st.step}",
                 ) from None
-            np.add(total, st.inputs[cid].vector, out=total)
-            algorithm = self.codec.prg
-            np.subtract(total, prg.uniform_ring(seed, self.vector_length, ring_bits=ring,
-                                                algorithm=algorithm), out=total)
-            for peer in sorted(self.graph.neighbours(cid) & st.dropped & st.active):
-                mask = prg.uniform_ring(st.pair_seeds[(cid, peer)], self.vector_length,
-                                        ring_bits=ring, algorithm=algorithm)
-                if keys.pair_sign(cid, peer) > 0:
-                    np.subtract(total, mask, out=total)
-                else:
-                    np.add(total, mask, out=total)
-        total = reduce_ring(total, ring)
+            signed_seeds.append((seed, -1))  # the survivor's self mask
+            # a dropped peer's pair mask, which cid added with sign pair_sign(cid, peer)
+            signed_seeds += [(st.pair_seeds[(cid, peer)], -keys.pair_sign(cid, peer))
+                             for peer in sorted(self.graph.neighbours(cid) & st.dropped
+                                                & st.active)]
+        total = self._unmasked_total([st.inputs[c].vector for c in sorted(st.survivors)],
+                                     signed_seeds)
         outcome = StepOutcome(
             st.step, self.codec.decode_sum(total, n_summed=len(st.survivors)), total,
             frozenset(st.survivors), frozenset(st.dropped),
@@ -305,6 +329,14 @@ class SecAggServer:
         self._step = None
         self.stage = ServerStage.READY
         return outcome
+
+    def _unmasked_total(self, uploads: list[np.ndarray],
+                        signed_seeds: list[tuple[bytes, int]]) -> np.ndarray:
+        total = np.asarray(self._unmask(uploads, signed_seeds, self.codec))
+        if total.dtype != self.codec.dtype or total.shape != (self.vector_length,):
+            raise ParameterError(f"the unmasker returned {total.shape} {total.dtype}; the "
+                                 f"protocol needs ({self.vector_length},) {self.codec.dtype}")
+        return total
 
     def abandon_step(self) -> None:
         """Give up a failed step; its survivors stay active and the next step starts afresh.
