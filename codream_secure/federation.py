@@ -78,13 +78,19 @@ class AggregationChannel:
     def __init__(self, aggregator: str, n_clients: int, *, clip: float, ring_bits: int,
                  expected_dropout: float, purpose: str = "dream-gradient",
                  key_bits: int = 3072, dp: DPSpec | None = None,
-                 ledger: PrivacyLedger | None = None, masking: str = "host") -> None:
+                 ledger: PrivacyLedger | None = None, masking: str = "host",
+                 device: torch.device | None = None) -> None:
         if masking not in ("host", "device"):
             raise ConfigError(f"masking must be 'host' or 'device', got {masking!r}")
         self.purpose, self.dp, self.ledger = purpose, dp, ledger
         # device: each client's upload is quantised and masked where its tensor lives (ChaCha20
         # session PRG, bit-identical to a host client); vectors may then be torch tensors
         self.device_masking = masking == "device"
+        # ... and on a CUDA `device` the server sums and unmasks there too (bit-identical); on
+        # the CPU numpy's sums and `cryptography`'s keystream are the faster server
+        self.device_unmasking = (self.device_masking and device is not None
+                                 and device.type == "cuda")
+        self.device = device
         self.dp_clipped = 0  # client vectors scaled down to the DP L2 clip
         self.aggregator, self.n_clients, self.clip = aggregator, n_clients, clip
         self.ring_bits, self.expected_dropout, self.key_bits = ring_bits, expected_dropout, key_bits
@@ -122,9 +128,13 @@ class AggregationChannel:
     def _masking_options(self) -> dict:
         if not self.device_masking:
             return {}
-        from .gpu.masking import protocol_masker
+        from .gpu.masking import protocol_masker, protocol_unmasker
 
-        return {"prg": "chacha20", "maskers": {c: protocol_masker() for c in range(self.n_clients)}}
+        options = {"prg": "chacha20",
+                   "maskers": {c: protocol_masker() for c in range(self.n_clients)}}
+        if self.device_unmasking:
+            options["unmasker"] = protocol_unmasker(self.device)
+        return options
 
     def _account(self) -> None:
         assert self.session is not None

@@ -197,6 +197,8 @@ def _aggregator_section(agg: dict) -> list[str]:
         ["ring bits", _num(agg.get("ring_bits"))],
         ["masking (dream / labels)", " / ".join(
             _num((agg.get("masking") or {}).get(k)) for k in ("dream", "labels"))],
+        ["server unmasking (dream / labels)", " / ".join(
+            _num((agg.get("unmasking") or {}).get(k)) for k in ("dream", "labels"))],
         ["scale bits (dream / labels)",
          f"{_num(scale.get('dream'))} / {_num(scale.get('labels'))}"],
         ["error bound per step (dream / labels)",

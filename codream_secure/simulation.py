@@ -195,6 +195,8 @@ def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict
               "scale_bits": None, "error_bound_per_step": None,
               "masking": {"dream": "device" if grad.device_masking else "host",
                           "labels": "device" if labels.device_masking else "host"},
+              "unmasking": {"dream": "device" if grad.device_unmasking else "host",
+                            "labels": "device" if labels.device_unmasking else "host"},
               "measured": {
                   "max_abs_error_vs_plain":
                       max(s.max_abs_error for s in stats) if compared else None,
@@ -267,7 +269,7 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
                                    ring_bits=config.ring_bits, expected_dropout=config.dropout_rate,
                                    purpose=purpose, key_bits=config.paillier_bits, dp=spec,
                                    ledger=None if client_dp is None else client_dp.ledger,
-                                   masking=masking)
+                                   masking=masking, device=device)
                 for clip, purpose, spec, masking in (
                     (config.grad_clip, "dream-gradient", client_dp and client_dp.grad,
                      resolve_masking(config, device)),

@@ -38,6 +38,8 @@ __all__ = [
     "encode",
     "mask_vector",
     "masked_upload",
+    "protocol_masker",
+    "protocol_unmasker",
     "ring_dtype",
     "ring_sum",
     "to_numpy_ring",
@@ -139,9 +141,13 @@ def _signed_seeds(self_seed: bytes | None,
                   pair_seeds: Mapping[bytes, int]) -> tuple[list[bytes], list[int]]:
     seeds = ([] if self_seed is None else [self_seed]) + list(pair_seeds)
     signs = ([1] if self_seed is not None else []) + [pair_seeds[s] for s in pair_seeds]
+    _check_signs(signs)
+    return seeds, signs
+
+
+def _check_signs(signs: Sequence[int]) -> None:
     if any(s not in (1, -1) for s in signs):
         raise ConfigError("pair mask signs must be +1 or -1")
-    return seeds, signs
 
 
 def _add_masks(encoded: torch.Tensor, masks: torch.Tensor | None, signs: list[int],
@@ -304,6 +310,42 @@ def to_numpy_ring(vector: torch.Tensor, codec: FixedPointCodec) -> np.ndarray:
     """The protocol's uint32/uint64 numpy view of a device ring vector (copies to the host)."""
     host = vector.detach().cpu().numpy()
     return host.view(codec.dtype)
+
+
+def protocol_unmasker(device: torch.device | str, *, backend: str = "auto"):
+    """A SecAggServer unmasker: the uploads' ring sum and the rebuilt masks, computed on `device`.
+
+    Pass it as SecAggServer(..., unmasker=...) (or SecAggSession(unmasker=...)) in a session
+    whose PRG is ChaCha20; its ring total equals `protocols.secagg.server.host_unmask`'s bit for
+    bit. The uploads (the messages the server received) go to the device, every mask is one
+    batched keystream there, and only the ring total comes back; decoding stays the server's.
+    """
+    target = torch.device(device)
+
+    def unmask(uploads: Sequence[np.ndarray], signed_seeds: Sequence[tuple[bytes, int]],
+               codec: FixedPointCodec) -> np.ndarray:
+        _require_chacha(codec)
+        if any(np.asarray(u).dtype != codec.dtype for u in uploads):
+            raise ConfigError(f"the unmasker takes {codec.dtype} ring vectors")
+        vectors = [_received_on(np.asarray(u), ring_dtype(codec), target) for u in uploads]
+        total = ring_sum(vectors, codec)
+        if signed_seeds:
+            seeds, signs = [s for s, _ in signed_seeds], [sign for _, sign in signed_seeds]
+            _check_signs(signs)
+            masks = chacha20.uniform_ring(seeds, total.numel(), ring_bits=codec.ring_bits,
+                                          device=target, backend=backend)
+            total = _add_masks(total, masks, signs, codec)
+        return to_numpy_ring(total, codec)
+
+    return unmask
+
+
+def _received_on(vector: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A received ring vector on `device`: one host copy (messages are read-only buffers), into
+    pinned memory for CUDA so the upload to the device does not wait on its queue."""
+    staged = torch.empty(vector.shape, dtype=dtype, pin_memory=device.type == "cuda")
+    staged.numpy().view(vector.dtype)[...] = vector
+    return staged.to(device, non_blocking=True)
 
 
 def protocol_masker(*, backend: str = "auto", fused: bool = True):

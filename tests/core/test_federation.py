@@ -36,19 +36,26 @@ def test_secure_dream_gradient_sum_equals_plain_within_the_codec_bound(aggregato
     assert (secure.bytes_up > 4 * 8 * 64 * 3).all()  # masked vectors plus sealed shares
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("where", ["cpu", CUDA])
 @pytest.mark.parametrize("aggregator", ["secagg", "secagg+"])
-def test_device_masked_channel_sums_torch_tensors_like_the_host_channel(aggregator):
+def test_device_masked_channel_sums_torch_tensors_like_the_host_channel(aggregator, where):
     rng = np.random.default_rng(5)
     grads = {c: rng.normal(0, 0.3, 8 * 64).astype(np.float32) for c in range(4)}
     device = AggregationChannel(aggregator, 4, clip=8.0, ring_bits=32, expected_dropout=0.0,
-                                masking="device")
+                                masking="device", device=torch.device(where))
+    # the server unmasks on CUDA, on the host otherwise (numpy is the faster CPU server)
+    assert device.device_unmasking == (where == "cuda")
     host = AggregationChannel(aggregator, 4, clip=8.0, ring_bits=32, expected_dropout=0.0)
     device.open(8 * 64, seed=("test",))
     host.open(8 * 64, seed=("test",))
     assert device.session.codec.prg == "chacha20" and host.session.codec.prg == "aes-256-ctr"
     exact = np.sum(list(grads.values()), axis=0, dtype=np.float64)
     for step in range(3):
-        tensors = {c: torch.from_numpy(v) for c, v in grads.items()}
+        tensors = {c: torch.from_numpy(v).to(where) for c, v in grads.items()}
         d_total, d_in = device.sum(tensors, drop_after_upload=[3] if step == 1 else [])
         h_total, h_in = host.sum(grads, drop_after_upload=[3] if step == 1 else [])
         assert d_in == h_in
@@ -182,6 +189,7 @@ def test_tiny_run_with_device_masking_and_its_refusals(tmp_path):
     assert report["config"]["masking"] == "device"
     agg = report["aggregator"]
     assert agg["masking"] == {"dream": "device", "labels": "host"}
+    assert agg["unmasking"] == {"dream": "host", "labels": "host"}  # the CPU: numpy's server
     assert 0 < agg["measured"]["max_abs_error_vs_plain"] <= max(
         agg["error_bound_per_step"].values())
     assert report["rounds"][1]["included_in_dreams"] == [0, 1, 2]

@@ -5,13 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from codream_secure.errors import ConfigError
 from codream_secure.gpu.chacha20 import available_backends
-from codream_secure.gpu.masking import protocol_masker
+from codream_secure.gpu.masking import protocol_masker, protocol_unmasker
 from protocols.api import SecAggSession
+from protocols.codec import FixedPointCodec
 from protocols.errors import MalformedMessageError
 from protocols.secagg.messages import SessionOffer
+from protocols.secagg.server import host_unmask
 
 
 def _inputs(n: int, m: int) -> dict[int, np.ndarray]:
@@ -48,6 +52,54 @@ def test_mixed_device_and_numpy_clients_sum_exactly_like_numpy_clients(device, b
     np.testing.assert_allclose(a.total, exact, atol=mixed.error_bound(3))
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"),
+                                    pytest.param("cuda", id="cuda", marks=CUDA)])
+def test_a_device_unmasking_server_sums_exactly_like_the_numpy_server(device):
+    inputs = _inputs(4, 300)
+    on_device = _session({c: protocol_masker(backend="torch") for c in (1, 3)},
+                         unmasker=protocol_unmasker(device))
+    numpy_only = _session()
+    for step in range(3):  # step 1: client 2 drops after uploading, so its pair masks go too
+        dropped = [2] if step == 1 else []
+        tensors = {c: torch.from_numpy(v) if c in (1, 3) else v for c, v in inputs.items()}
+        a = on_device.step(tensors, drop_after_upload=dropped)
+        b = numpy_only.step(inputs, drop_after_upload=dropped)
+        assert a.included == b.included and a.dropped == b.dropped
+        np.testing.assert_array_equal(a.ring_total, b.ring_total)
+        np.testing.assert_array_equal(a.total, b.total)
+        inputs = {c: v for c, v in inputs.items() if c not in dropped}
+    assert a.included == frozenset({0, 1, 3})
+
+
+@settings(max_examples=25, deadline=None)
+@given(ring_bits=st.sampled_from([8, 20, 32, 40, 64]), n=st.integers(1, 4),
+       m=st.integers(1, 70), signs=st.lists(st.sampled_from([1, -1]), max_size=5),
+       seed=st.integers(0, 2**32 - 1))
+def test_the_device_unmasker_equals_host_unmask_bit_for_bit(ring_bits, n, m, signs, seed):
+    codec = FixedPointCodec.for_clients(4, clip=1.0, ring_bits=ring_bits, prg="chacha20")
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(codec.dtype)
+    uploads = [rng.integers(0, info.max, m, dtype=codec.dtype, endpoint=True) & codec.mask
+               for _ in range(n)]
+    signed_seeds = [(rng.bytes(32), sign) for sign in signs]
+    want = host_unmask(uploads, signed_seeds, codec)
+    got = protocol_unmasker("cpu", backend="torch")(uploads, signed_seeds, codec)
+    assert got.dtype == want.dtype and got.shape == (m,)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_the_device_unmasker_refuses_an_aes_session_and_foreign_vectors():
+    unmask = protocol_unmasker("cpu")
+    aes = FixedPointCodec.for_clients(4, clip=1.0, ring_bits=32)
+    chacha = FixedPointCodec.for_clients(4, clip=1.0, ring_bits=32, prg="chacha20")
+    with pytest.raises(ConfigError, match="prg='chacha20'"):
+        unmask([np.zeros(3, np.uint32)], [], aes)
+    with pytest.raises(ConfigError, match="uint32 ring vectors"):
+        unmask([np.zeros(3, np.int64)], [], chacha)
+    with pytest.raises(ConfigError, match="signs must be"):
+        unmask([np.zeros(3, np.uint32)], [(bytes(32), 2)], chacha)
+
+
 def test_chacha_and_aes_sessions_agree_on_the_sum():
     inputs = _inputs(4, 300)
     a = _session(prg="chacha20").step(inputs)
@@ -81,5 +133,6 @@ def test_offer_carries_the_prg_and_refuses_unknown_codes():
 def test_session_host_cost_benchmark_runs_and_is_consistent():
     from benchmarks.session_host_cost import host_cost
 
-    total, outside = host_cost(3, 100, 2)
-    assert 0 < outside <= total
+    for unmasker in ("host", "device"):
+        total, outside, server = host_cost(3, 100, 2, unmasker=unmasker)
+        assert 0 < server < outside <= total
