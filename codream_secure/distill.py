@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codream_secure.dreams import model_mode
+from codream_secure.dreams import Precision, check_precision, model_mode
 from codream_secure.errors import ConfigError
 from codream_secure.train_step import BatchStep, FastPath
 
@@ -52,14 +52,6 @@ def _batches(n: int, batch_size: int, generator: torch.Generator,
         sizes[-2:] = [sizes[-2] + 1]
     perm = torch.randperm(n, generator=generator, device=generator.device)
     return perm.to(device).split(sizes)
-
-
-Precision = Literal["fp32", "bf16"]
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
 def _autocast(device: torch.device, precision: Precision):
@@ -132,7 +124,7 @@ def train_local(
     _check_epochs(epochs)
     _check_batch_size(batch_size)
     _check_positive("learning rate", lr)
-    _check_precision(precision)
+    check_precision(precision)
     if x.shape[0] != y.shape[0] or y.dim() != 1 or x.shape[0] == 0:
         raise ConfigError(
             f"need a non-empty batch of inputs and 1-D labels, got {tuple(x.shape)} and "
@@ -236,7 +228,7 @@ def distill(
     _check_positive("learning rate", lr)
     _check_positive("temperature", temperature)
     _check_kind(teacher_kind)
-    _check_precision(precision)
+    check_precision(precision)
     if x.shape[0] != teacher.shape[0] or x.shape[0] == 0 or teacher.dim() != 2:
         raise ConfigError(
             f"need a non-empty batch of dreams and one teacher row each, got {tuple(x.shape)} "

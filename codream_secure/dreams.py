@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ __all__ = [
     "DreamLossWeights",
     "DreamSynthesizer",
     "NonFiniteGradientError",
+    "Precision",
+    "check_precision",
     "dream_gradient",
     "dream_loss",
     "model_mode",
@@ -32,6 +35,14 @@ __all__ = [
 ]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+Precision = Literal["fp32", "bf16"]
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a precision other than fp32 (the reference) and bf16 (the fast path)."""
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
 class NonFiniteGradientError(CoDreamError, FloatingPointError):

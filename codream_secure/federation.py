@@ -130,8 +130,10 @@ class AggregationChannel:
             return {}
         from .gpu.masking import protocol_masker, protocol_unmasker
 
-        options = {"prg": "chacha20",
-                   "maskers": {c: protocol_masker() for c in range(self.n_clients)}}
+        # `sum` refuses a non-finite vector for every client with one sync before the session
+        # sees it, so the maskers need not sync once each to check it again
+        masker = protocol_masker(check_finite=False)
+        options = {"prg": "chacha20", "maskers": {c: masker for c in range(self.n_clients)}}
         if self.device_unmasking:
             options["unmasker"] = protocol_unmasker(self.device)
         return options

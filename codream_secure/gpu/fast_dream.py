@@ -29,13 +29,18 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from codream_secure.compiling import architecture, with_own_code
-from codream_secure.dreams import DreamLossWeights, prediction_entropy, total_variation
+from codream_secure.dreams import (
+    DreamLossWeights,
+    Precision,
+    check_precision,
+    prediction_entropy,
+    total_variation,
+)
 from codream_secure.errors import ConfigError
 
 __all__ = ["BatchedDreamStep", "BnMoments", "FastDreamStep", "Precision", "dream_gradients",
            "group_by_architecture"]
 
-Precision = Literal["fp32", "bf16"]
 BnMoments = Literal["var_mean", "sums"]
 
 
@@ -143,8 +148,7 @@ class _Config:
                  compile_model: bool, cudnn_benchmark: bool, fullgraph: bool,
                  compile_backend: str, compile_options: Mapping[str, object] | None = None,
                  cuda_graphs: bool = True) -> None:
-        if precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        check_precision(precision)
         if compile_options and compile_backend != "inductor":
             raise ConfigError("compile_options are inductor settings: they need "
                               "compile_backend='inductor'")

@@ -348,12 +348,14 @@ def _received_on(vector: np.ndarray, dtype: torch.dtype, device: torch.device) -
     return staged.to(device, non_blocking=True)
 
 
-def protocol_masker(*, backend: str = "auto", fused: bool = True):
+def protocol_masker(*, backend: str = "auto", fused: bool = True, check_finite: bool = True):
     """A SecAggClient masker: the client derives the keys, the upload is built on x's device.
 
     Pass it as SecAggClient(..., masker=protocol_masker()) (or SecAggSession(maskers=...)) in a
     session whose PRG is ChaCha20; the upload equals the numpy client's bit for bit. It is built
     in one Triton launch where masked_upload can (bit-identical); `fused=False` never does.
+    `check_finite=False` skips the NaN/inf refusal (one device sync per upload) for a caller
+    that has already refused non-finite vectors, as `federation.AggregationChannel` does.
     """
 
     def mask(vector: object, codec: FixedPointCodec, secrets: StepSecrets) -> np.ndarray:
@@ -363,7 +365,7 @@ def protocol_masker(*, backend: str = "auto", fused: bool = True):
         upload = masked_upload(x, codec, client_id=secrets.client_id, self_seed=secrets.self_seed,
                                pair_step_seeds=secrets.pair_seeds,
                                rounding_key=secrets.rounding_key, noise=noise, backend=backend,
-                               fused=fused)
+                               fused=fused, check_finite=check_finite)
         return to_numpy_ring(upload, codec)
 
     return mask

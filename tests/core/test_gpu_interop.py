@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from codream_secure.dreams import NonFiniteGradientError
 from codream_secure.errors import ConfigError
 from codream_secure.gpu.chacha20 import available_backends
 from codream_secure.gpu.masking import protocol_masker, protocol_unmasker
@@ -98,6 +99,19 @@ def test_the_device_unmasker_refuses_an_aes_session_and_foreign_vectors():
         unmask([np.zeros(3, np.int64)], [], chacha)
     with pytest.raises(ConfigError, match="signs must be"):
         unmask([np.zeros(3, np.uint32)], [(bytes(32), 2)], chacha)
+
+
+def test_the_masker_refuses_nan_unless_its_caller_already_did():
+    inputs = {c: torch.from_numpy(v) for c, v in _inputs(4, 300).items()}
+    inputs[1][7] = float("nan")
+    checking = _session({c: protocol_masker(backend="torch") for c in range(4)})
+    with pytest.raises(NonFiniteGradientError, match="1 non-finite value"):
+        checking.step(inputs)
+    # check_finite=False trusts the caller (federation.AggregationChannel checks all clients
+    # with one sync): the NaN is encoded, not refused
+    trusting = _session({c: protocol_masker(backend="torch", check_finite=False)
+                         for c in range(4)})
+    assert trusting.step(inputs).included == frozenset(range(4))
 
 
 def test_chacha_and_aes_sessions_agree_on_the_sum():
