@@ -38,7 +38,8 @@ stage "gpu and triton tests" "${TEST_S:-110}" "$out/tests.log" python3 -m pytest
     --durations=20 -p no:cacheprovider -m "gpu or triton" tests/core/test_gpu_chacha20.py \
     tests/core/test_gpu_masking.py tests/core/test_gpu_interop.py \
     tests/core/test_triton_compile.py tests/core/test_fast_dream.py tests/core/test_gpu_send.py \
-    tests/core/test_gpu_graphed.py tests/core/test_train_step.py tests/core/test_federation.py
+    tests/core/test_gpu_graphed.py tests/core/test_train_step.py tests/core/test_federation.py \
+    tests/benchmarks/test_device_bench.py
 stage "training steps" "${TRAIN_S:-90}" "$out/train.log" python3 -m benchmarks.device \
     --sections train --iters 10 --out "$out/train"
 stage "simulate (device masking)" "${SIM_S:-20}" "$out/sim.log" python3 -c \

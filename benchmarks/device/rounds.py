@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.device.finite import FiniteCheck
 from benchmarks.device.step import W
-from benchmarks.device.timing import phase, profile_round, sync, timed_ms
-from codream_secure.dreams import NonFiniteGradientError
+from benchmarks.device.timing import phase, profile_round, sync, sync_audit, timed_ms
 from codream_secure.gpu import chacha20, masking
 from codream_secure.gpu.fast_dream import FastDreamStep, dream_gradients
 from codream_secure.gpu.send import UploadSender
@@ -22,6 +22,8 @@ from codream_secure.models import build_model
 from protocols.codec import FixedPointCodec
 from protocols.primitives import envelope, kdf, shamir
 from protocols.secagg import keys
+
+DEFERRED = ", NaN checked at the round's end"
 
 
 @dataclass
@@ -41,13 +43,15 @@ class SecureRound:
     The host part of a step (HKDF pair and rounding keys, the self seed, its Shamir shares and
     their AES-GCM envelopes) depends on the step number only, so `total` does it first, while the
     device still computes the gradients it was handed; the device then encodes and masks, and one
-    synchronisation per step checks every gradient is finite before any upload is copied out.
+    synchronisation per step checks every gradient is finite before any upload is copied out
+    (with `deferred_check`, none: the round's end checks every step's flags; see finite.py).
     """
 
     def __init__(self, n: int, m: int, *, clip: float, device: torch.device,
                  fused: bool = True, fused_server: bool | None = None,
-                 side_stream: bool = True) -> None:
+                 side_stream: bool = True, deferred_check: bool = False) -> None:
         self.n, self.m, self.device, self.fused = n, m, device, fused
+        self.finite = FiniteCheck(deferred=deferred_check)
         self.fused_server = fused if fused_server is None else fused_server
         self.threshold = n // 2 + 1
         self.codec = FixedPointCodec.for_clients(n, clip=clip, ring_bits=32,
@@ -76,6 +80,7 @@ class SecureRound:
         """Sum of the clients' gradients through masking, as the server decodes it."""
         with phase("secure.host_keys"):  # overlaps device work
             secrets = [self.step_keys(c, step) for c in range(self.n)]
+        grads = self.finite.screen(grads, step)
         with phase("secure.uploads"):
             uploads = [masking.masked_upload(g, self.codec, client_id=c,
                                              self_seed=s.self_seed, pair_step_seeds=s.pair_seeds,
@@ -83,7 +88,7 @@ class SecureRound:
                                              fused=self.fused)
                        for c, (g, s) in enumerate(zip(grads, secrets, strict=True))]
         with phase("secure.finite_check_sync"):
-            require_finite(grads)  # the step's one sync: nothing leaves a client before it
+            self.finite.gate(grads)  # the step's one sync: nothing leaves a client before it
         with phase("secure.send_copies"):  # the bytes each client sends
             self.sender.send(uploads)
         with phase("secure.server_shamir"):
@@ -102,6 +107,7 @@ class SecureRound:
         """Secure vs plain sum of the clipped gradients: n units of 2^-f plus float32 rounding."""
         flat = [g.reshape(-1) for g in grads]
         got = self.total(flat, step).double()
+        self.finish()
         clip = self.codec.clip
         want = torch.stack([g.double().clamp(-clip, clip) for g in flat]).sum(0)
         # Each client's stochastic rounding is off by < 1 unit of 2^-f; the decoded sum is rounded
@@ -117,31 +123,37 @@ class SecureRound:
                                  f"(bound {bound:.3g})")
         return {"max_abs_error": err, "bound": bound, "clipped_values": clipped}
 
-
-def require_finite(grads: list[torch.Tensor]) -> None:
-    """One device sync for all clients: refuse a NaN/inf gradient before anything is sent."""
-    if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-        raise NonFiniteGradientError("a client's dream gradient holds NaN or inf")
+    def finish(self) -> None:
+        """The round's end: a deferred finite check reads its flags here."""
+        self.finite.finish()
 
 
 class PlainRound:
     """Plain aggregation: the server sums the clients' float32 gradients.
 
     With `send`, each gradient is also copied to pinned host memory, as SecureRound copies each
-    masked upload: the bytes a client sends, the same size in both (m 32-bit words).
+    masked upload: the bytes a client sends, the same size in both (m 32-bit words). The finite
+    check is SecureRound's: every step, or deferred to the round's end.
     """
 
-    def __init__(self, n: int, m: int, *, device: torch.device, send: bool) -> None:
+    def __init__(self, n: int, m: int, *, device: torch.device, send: bool,
+                 deferred_check: bool = False) -> None:
         self.sender = UploadSender(n, m, torch.float32, device) if send else None
+        self.finite = FiniteCheck(deferred=deferred_check)
 
     def total(self, grads: list[torch.Tensor], step: int) -> torch.Tensor:
+        grads = self.finite.screen(grads, step)
         with phase("plain.finite_check_sync"):
-            require_finite(grads)  # the same one sync as the secure path
+            self.finite.gate(grads)  # the same one sync as the secure path
         with phase("plain.send_copies"):
             if self.sender is not None:
                 self.sender.send(grads)
         with phase("plain.server_sum"):
             return torch.stack(grads).sum(0)
+
+    def finish(self) -> None:
+        """The round's end: a deferred finite check reads its flags here."""
+        self.finite.finish()
 
 
 def dream_round(gradients: Callable[[torch.Tensor], list[torch.Tensor]], x0: torch.Tensor,
@@ -156,6 +168,7 @@ def dream_round(gradients: Callable[[torch.Tensor], list[torch.Tensor]], x0: tor
         with phase("round.adam"):
             x.grad = total / len(grads)
             opt.step()
+    aggregator.finish()
     return x.detach()
 
 
@@ -170,11 +183,15 @@ def round_models(args: argparse.Namespace, device: torch.device) -> list[torch.n
 
 def aggregators(n: int, m: int, args: argparse.Namespace, device: torch.device, *,
                 every_kernel_variant: bool) -> dict[str, PlainRound | SecureRound]:
-    """Plain (sending, and kept on the device) and secure aggregation, plus ablations."""
+    """Plain (sending, and kept on the device) and secure aggregation, each also with the finite
+    check deferred to the round's end (no sync per step), plus ablations."""
     variants: dict[str, PlainRound | SecureRound] = {
         "plain": PlainRound(n, m, device=device, send=True),
         "plain, nothing leaves the device": PlainRound(n, m, device=device, send=False),
-        "secure": SecureRound(n, m, clip=args.clip, device=device, fused=True)}
+        "secure": SecureRound(n, m, clip=args.clip, device=device, fused=True),
+        "plain" + DEFERRED: PlainRound(n, m, device=device, send=True, deferred_check=True),
+        "secure" + DEFERRED: SecureRound(n, m, clip=args.clip, device=device, fused=True,
+                                         deferred_check=True)}
     if not every_kernel_variant:
         return variants
     if device.type == "cuda":  # what sending on a side stream saves (session 2 sent this way)
@@ -221,13 +238,30 @@ def time_round(gradients: Callable[[torch.Tensor], list[torch.Tensor]], x0: torc
     return median, times, checks, failed, warm
 
 
+def _runs(gradients: Callable[[torch.Tensor], list[torch.Tensor]], x0: torch.Tensor,
+          variants: dict[str, PlainRound | SecureRound]) -> dict[str, Callable[[int], object]]:
+    """Each variant as a function of the number of steps to run (for the profilers)."""
+    return {name: (lambda k, a=aggregator: dream_round(gradients, x0, k, aggregator=a))
+            for name, aggregator in variants.items()}
+
+
 def round_table(args: argparse.Namespace, median: dict, times: dict, checks: dict,
                 failed: dict, extra: dict) -> list[dict]:
-    """One row per variant: ms/step and the ratios to both plain rows; then the failures."""
+    """One row per variant: ms/step and the ratios to the plain rows; then the failures.
+
+    `ratio_same_check` divides by the plain row whose finite check runs as this row's does
+    (every step, or deferred to the round's end): the secure-vs-plain figure of that design.
+    """
     resident = median.get("plain, nothing leaves the device", math.nan)
+
+    def same_check(name: str) -> float:
+        return median.get("plain" + DEFERRED, math.nan) if name.endswith(DEFERRED) \
+            else median["plain"]
+
     return [{"aggregation": name, "models": args.round_models, "batch": args.batch,
              "steps": args.round_steps, "repeats": args.round_repeats,
              "ms_per_step": median[name], "ratio": median[name] / median["plain"],
+             "ratio_same_check": median[name] / same_check(name),
              "ratio_vs_device_resident_plain": median[name] / resident,
              "all_ms_per_step": times[name], **extra, **checks.get(name, {})}
             for name in median] + [
@@ -256,9 +290,8 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
     alone = sum(timed_ms(lambda s=s: s(x0), device, iters=args.iters) for s in steps)
     if args.profile:
         args.round_profile_text = "\n\n".join(
-            f"## {name}\n" + profile_round(
-                lambda k, a=aggregator: dream_round(gradients, x0, k, aggregator=a), device)
-            for name, aggregator in variants.items())
+            f"## {name}\n" + profile_round(run, device) + "\n" + sync_audit(run, device)
+            for name, run in _runs(gradients, x0, variants).items())
     overlap = args.overlap and not any(s.config.cuda_graphs for s in steps)
     return round_table(args, median, times, checks, failed,
                        {"overlap": overlap, "warmup_s": warm, "clients_alone_ms": alone})
@@ -280,8 +313,7 @@ def graphed_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     replay = timed_ms(lambda: graphed(x0), device, iters=args.iters)
     if args.profile:
         args.graphed_profile_text = "\n\n".join(
-            f"## {name}, one graph\n" + profile_round(
-                lambda k, a=aggregator: dream_round(graphed, x0, k, aggregator=a), device)
-            for name, aggregator in variants.items())
+            f"## {name}, one graph\n" + profile_round(run, device) + "\n" + sync_audit(run, device)
+            for name, run in _runs(graphed, x0, variants).items())
     return round_table(args, median, times, checks, failed,
                        {"warmup_s": warm + capture, "one_replay_ms": replay})

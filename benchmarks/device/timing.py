@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -100,3 +102,30 @@ def interleaved_ms(steps: dict[str, Callable[[], object]], device: torch.device,
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+
+
+def sync_audit(run: Callable[[int], object], device: torch.device, steps: int = 4) -> str:
+    """Where a `steps`-step round makes the host wait: the calls torch's sync debug mode flags.
+
+    Flagged are implicit synchronisations (.item(), .cpu(), bool() of a device tensor, copies to
+    pageable memory, nonzero), by the Python line that made them; explicit ones
+    (torch.cuda.synchronize, Event.synchronize) are not. Needs CUDA.
+    """
+    if device.type != "cuda":
+        return "sync audit skipped: needs CUDA"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            run(1)  # compiled and warm: only the steady state counts
+            sync(device)
+            caught.clear()
+            torch.cuda.set_sync_debug_mode("warn")
+            run(steps)
+        except Exception as exc:  # a diagnostic: never cost the section its timed rows
+            return f"sync audit failed: {type(exc).__name__}: {exc}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{w.filename}:{w.lineno}" for w in caught
+                    if "synchroniz" in str(w.message))
+    lines = [f"{sum(where.values())} synchronising calls in {steps} steps (round end included)"]
+    return "\n".join(lines + [f"  {count:4d}  {line}" for line, count in where.most_common()])

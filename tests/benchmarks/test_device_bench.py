@@ -56,7 +56,13 @@ def test_bad_arguments_exit_2_naming_the_flag(capsys, argv, names):
 def test_round_profile_splits_each_variant_by_phase(tmp_path):
     result = run(tmp_path, "--sections", "round", "--profile")
     names = [r["aggregation"] for r in result["round"]]
-    assert names[:3] == ["plain", "plain, nothing leaves the device", "secure"]
+    assert names[:5] == ["plain", "plain, nothing leaves the device", "secure",
+                         "plain, NaN checked at the round's end",
+                         "secure, NaN checked at the round's end"]
+    deferred = result["round"][4]
+    assert deferred["ratio_same_check"] == pytest.approx(
+        deferred["ms_per_step"] / result["round"][3]["ms_per_step"])
+    assert "sync audit skipped: needs CUDA" in (tmp_path / "profile-round.txt").read_text()
     text = (tmp_path / "profile-round.txt").read_text()
     for name in names:
         assert f"## {name}\n" in text
@@ -103,7 +109,8 @@ def test_graphed_round_rows_on_a_cpu_stand_in(monkeypatch):
                               clip=8.0, round_repeats=1, round_steps=2, iters=1, profile=True)
     rows = rounds.graphed_rows(args, torch.device("cpu"))
     assert [r["aggregation"] for r in rows] == ["plain", "plain, nothing leaves the device",
-                                                "secure"]
+                                                "secure", "plain" + rounds.DEFERRED,
+                                                "secure" + rounds.DEFERRED]
     secure = rows[2]
     assert secure["max_abs_error"] <= secure["bound"] and rows[0]["ratio"] == 1.0
     assert rows[0]["one_replay_ms"] > 0 and "## secure, one graph" in args.graphed_profile_text
@@ -129,3 +136,93 @@ def test_secure_round_check_bounds_float32_rounding_and_refuses_a_wrong_sum(monk
                         lambda g, step: honest_total(g, step) + 4 * math.ldexp(1.0, -19))
     with pytest.raises(AssertionError, match="differs from the plain sum"):
         secure.check(grads, step=1)
+
+
+def _round_inputs(n=3, m=64, bad=None):
+    """Per-step gradients of n clients; `bad` = (client, step) gets a NaN and an inf."""
+    gen = torch.Generator().manual_seed(1)
+    base = [torch.randn(m, generator=gen) for _ in range(n)]
+
+    def gradients(x, step):
+        grads = [g + 0.01 * step for g in base]
+        if bad is not None and step == bad[1]:
+            grads[bad[0]] = grads[bad[0]].clone()
+            grads[bad[0]][[3, 9]] = torch.tensor([float("nan"), float("inf")])
+        return grads
+    return gradients
+
+
+@pytest.mark.parametrize("kind", ["plain", "secure"])
+def test_a_deferred_check_refuses_the_round_at_its_end_naming_client_and_step(kind):
+    from benchmarks.device import rounds
+    from codream_secure.dreams import NonFiniteGradientError
+
+    def make(deferred):
+        if kind == "plain":
+            return rounds.PlainRound(3, 64, device=torch.device("cpu"), send=True,
+                                     deferred_check=deferred)
+        return rounds.SecureRound(3, 64, clip=8.0, device=torch.device("cpu"), fused=False,
+                                  side_stream=False, deferred_check=deferred)
+
+    gradients = _round_inputs(bad=(2, 3))
+    every_step, deferred = make(False), make(True)
+    with pytest.raises(NonFiniteGradientError):
+        every_step.total(gradients(None, 3), step=3)  # refused at once
+    totals = [deferred.total(gradients(None, step), step=step) for step in range(1, 6)]
+    assert all(bool(torch.isfinite(t).all()) for t in totals)  # zeroed, never NaN or garbage
+    # the zeroed values entered the sum as 0 (within the codec's rounding for the secure sum)
+    zeroed = gradients(None, 3)
+    zeroed[2] = torch.nan_to_num(zeroed[2], nan=0.0, posinf=0.0, neginf=0.0)
+    torch.testing.assert_close(totals[2], torch.stack(zeroed).sum(0), atol=1e-6, rtol=0)
+    with pytest.raises(NonFiniteGradientError, match=r"client 2's dream gradient .* at step 3"):
+        deferred.finish()
+    deferred.finish()  # the flags were consumed: the next round starts clean
+
+
+def test_deferred_and_per_step_checks_give_the_same_plain_round():
+    from benchmarks.device import rounds
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(48, generator=gen) for _ in range(3)]
+
+    def gradients(x):
+        return [torch.tanh(w * x.reshape(-1)).reshape(x.shape) for w in weights]
+
+    x0 = torch.randn(3, 4, 4, generator=gen)
+    cpu = torch.device("cpu")
+    a = rounds.dream_round(gradients, x0, 5, aggregator=rounds.PlainRound(3, 48, device=cpu,
+                                                                        send=False))
+    b = rounds.dream_round(gradients, x0, 5, aggregator=rounds.PlainRound(
+        3, 48, device=cpu, send=False, deferred_check=True))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["plain", "secure"])
+def test_a_deferred_round_never_makes_the_host_wait_before_its_end(kind, monkeypatch):
+    # torch's sync debug mode raises on any implicit synchronisation and names the op: a
+    # deferred round's steps must have none (the host then runs ahead of the device)
+    from benchmarks.device import rounds
+
+    cuda = torch.device("cuda")
+    m, n = 4096, 3
+    aggregator = (rounds.PlainRound(n, m, device=cuda, send=True, deferred_check=True)
+                  if kind == "plain" else
+                  rounds.SecureRound(n, m, clip=8.0, device=cuda, deferred_check=True))
+    weights = [torch.randn(m, device=cuda) for _ in range(n)]
+
+    def gradients(x):
+        return [torch.tanh(w * x.reshape(-1)).reshape(x.shape) for w in weights]
+
+    x0 = torch.randn(4, 32, 32, device=cuda)
+    rounds.dream_round(gradients, x0, 2, aggregator=aggregator)  # warm: kernels, pinned pools
+    torch.cuda.synchronize()
+    finish = aggregator.finish
+    monkeypatch.setattr(aggregator, "finish", lambda: None)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rounds.dream_round(gradients, x0, 3, aggregator=aggregator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    finish()  # the round's one synchronisation: all steps were finite
