@@ -329,12 +329,13 @@ def protocol_unmasker(device: torch.device | str, *, backend: str = "auto"):
             raise ConfigError(f"the unmasker takes {codec.dtype} ring vectors")
         vectors = [_received_on(np.asarray(u), ring_dtype(codec), target) for u in uploads]
         total = ring_sum(vectors, codec)
-        if signed_seeds:
-            seeds, signs = [s for s, _ in signed_seeds], [sign for _, sign in signed_seeds]
-            _check_signs(signs)
-            masks = chacha20.uniform_ring(seeds, total.numel(), ring_bits=codec.ring_bits,
-                                          device=target, backend=backend)
-            total = _add_masks(total, masks, signs, codec)
+        _check_signs([sign for _, sign in signed_seeds])
+        for start in range(0, len(signed_seeds), MAX_FUSED_MASKS):  # bounds the keystream memory
+            chunk = signed_seeds[start:start + MAX_FUSED_MASKS]
+            masks = chacha20.uniform_ring([seed for seed, _ in chunk], total.numel(),
+                                          ring_bits=codec.ring_bits, device=target,
+                                          backend=backend)
+            total = _add_masks(total, masks, [sign for _, sign in chunk], codec)
         return to_numpy_ring(total, codec)
 
     return unmask

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from codream_secure.dreams import NonFiniteGradientError
@@ -74,8 +74,9 @@ def test_a_device_unmasking_server_sums_exactly_like_the_numpy_server(device):
 
 @settings(max_examples=25, deadline=None)
 @given(ring_bits=st.sampled_from([8, 20, 32, 40, 64]), n=st.integers(1, 4),
-       m=st.integers(1, 70), signs=st.lists(st.sampled_from([1, -1]), max_size=5),
+       m=st.integers(1, 70), signs=st.lists(st.sampled_from([1, -1]), max_size=20),
        seed=st.integers(0, 2**32 - 1))
+@example(ring_bits=32, n=2, m=33, signs=[1, -1] * 10, seed=0)  # 20 masks: two keystream chunks
 def test_the_device_unmasker_equals_host_unmask_bit_for_bit(ring_bits, n, m, signs, seed):
     codec = FixedPointCodec.for_clients(4, clip=1.0, ring_bits=ring_bits, prg="chacha20")
     rng = np.random.default_rng(seed)
