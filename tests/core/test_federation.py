@@ -68,6 +68,38 @@ def test_device_masked_channel_sums_torch_tensors_like_the_host_channel(aggregat
     np.testing.assert_array_equal(device.bytes_up, host.bytes_up)  # the same messages
 
 
+def test_a_device_unmasking_channel_sums_exactly_like_a_host_unmasking_one(monkeypatch):
+    # on the CPU the channel keeps numpy's server; force the device unmasker (torch on the CPU
+    # here) to check the channel's wiring: same seed, same dither, so the same sums bit for bit
+    from codream_secure.gpu import masking
+
+    calls, original = [], masking.protocol_unmasker
+
+    def recording_unmasker(device):
+        inner = original(device, backend="torch")
+
+        def unmask(uploads, signed_seeds, codec):
+            calls.append(len(uploads))
+            return inner(uploads, signed_seeds, codec)
+        return unmask
+
+    monkeypatch.setattr(masking, "protocol_unmasker", recording_unmasker)
+    rng = np.random.default_rng(6)
+    grads = {c: torch.from_numpy(rng.normal(0, 0.3, 96).astype(np.float32)) for c in range(4)}
+    channels = [AggregationChannel("secagg", 4, clip=8.0, ring_bits=32, expected_dropout=0.0,
+                                   masking="device", device=torch.device("cpu"))
+                for _ in range(2)]
+    channels[0].device_unmasking = True
+    for channel in channels:
+        channel.open(96, seed=("same",))
+    for step in range(2):
+        dropped = [2] if step == 1 else []
+        (a, a_in), (b, b_in) = (c.sum(grads, drop_after_upload=dropped) for c in channels)
+        assert a_in == b_in
+        np.testing.assert_array_equal(a, b)
+    assert calls == [4, 4]  # client 2 dropped after its upload: its self mask is recovered
+
+
 def test_device_masked_channel_names_a_client_with_a_nan_tensor():
     channel = AggregationChannel("secagg", 3, clip=1.0, ring_bits=32, expected_dropout=0.0,
                                  masking="device")
