@@ -1,14 +1,16 @@
 """Host time of one SecAgg session step outside the clients' device maskers.
 
     python -m benchmarks.session_host_cost [--clients 4] [--length 786432] [--steps 8]
-                                           [--unmasker host|device]
+                                           [--unmasker host|device] [--masker device|fixed]
 
 With device masking (`simulate --masking device`) each client's upload is built by a masker;
 everything else (key derivation, Shamir shares, typed messages over authenticated links, the
 server's unmasking) stays on the host. This prints the median step time, the part spent
 outside the maskers (the cost device masking cannot remove) and, of that, the server's
 unmasking (ring sum and mask regeneration), which `--unmasker device` moves to the GPU
-(`simulate` does on CUDA).
+(`simulate` does on CUDA). `--masker fixed` replaces the device maskers by one that returns a
+precomputed ring vector, and `--unmasker none` the server's unmasking by zeros (sums are then
+meaningless): what remains is the protocol layer alone (keys, shares, messages, links).
 """
 
 from __future__ import annotations
@@ -35,15 +37,25 @@ def _timed(inner, seconds: list[float]):  # type: ignore[no-untyped-def]
     return call
 
 
-def host_cost(n: int, m: int, steps: int, *,
-              unmasker: str = "host") -> tuple[float, float, float]:
+def _fixed_masker(n: int, m: int):  # type: ignore[no-untyped-def]
+    """A stand-in masker: a precomputed uniform ring vector per client, no work per step."""
+    rng = np.random.default_rng(1)
+    uploads = [rng.integers(0, 2**32, m, dtype=np.uint32) for _ in range(n)]
+    return lambda vector, codec, secrets: uploads[secrets.client_id]
+
+
+def host_cost(n: int, m: int, steps: int, *, unmasker: str = "host",
+              masker: str = "device") -> tuple[float, float, float]:
     """Median ms of (a step, its part outside the maskers, the server's unmasking)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     masking: list[float] = []
     unmasking: list[float] = []
-    unmask = host_unmask if unmasker == "host" else protocol_unmasker(device)
+    unmask = {"host": host_unmask,
+              "none": lambda uploads, seeds, codec: np.zeros(m, codec.dtype)}.get(
+                  unmasker) or protocol_unmasker(device)
+    mask = protocol_masker() if masker == "device" else _fixed_masker(n, m)
     session = SecAggSession(n, m, clip=8.0, protocol="secagg", prg="chacha20",
-                            maskers={c: _timed(protocol_masker(), masking) for c in range(n)},
+                            maskers={c: _timed(mask, masking) for c in range(n)},
                             unmasker=_timed(unmask, unmasking))
     rng = np.random.default_rng(0)
     inputs = {c: torch.from_numpy(rng.normal(0, 0.1, m).astype(np.float32)).to(device)
@@ -67,15 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--length", type=int, default=256 * 3 * 32 * 32)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--unmasker", choices=("host", "device"), default="host",
+    parser.add_argument("--unmasker", choices=("host", "device", "none"), default="host",
                         help="the server's unmasking: numpy on the host, or protocol_unmasker "
-                             "on CUDA (on the CPU when there is none: torch's slow keystream)")
+                             "on CUDA (on the CPU when there is none: torch's slow keystream), "
+                             "or none (zeros: time the protocol layer alone)")
+    parser.add_argument("--masker", choices=("device", "fixed"), default="device",
+                        help="the clients' maskers: protocol_masker, or a fixed vector")
     args = parser.parse_args(argv)
     total, outside, server = host_cost(args.clients, args.length, args.steps,
-                                       unmasker=args.unmasker)
-    print(f"n={args.clients} m={args.length}: session step {total:.1f} ms, outside the maskers "
-          f"{outside:.1f} ms, of which the server's unmasking ({args.unmasker}) {server:.1f} ms "
-          f"(median of {args.steps})")
+                                       unmasker=args.unmasker, masker=args.masker)
+    print(f"n={args.clients} m={args.length} masker={args.masker}: session step {total:.1f} ms, "
+          f"outside the maskers {outside:.1f} ms, of which the server's unmasking "
+          f"({args.unmasker}) {server:.1f} ms (median of {args.steps})")
     return 0
 
 

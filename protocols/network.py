@@ -91,6 +91,27 @@ class Traffic:
 _NONCE_BYTES, _TAG_BYTES = 12, 16  # ChaCha20-Poly1305 framing of each link message
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """What crosses a link: nonce, payload and tag, kept apart so a megabyte upload is not
+    copied into one buffer and out again in process; `bytes(frame)` is the wire form."""
+
+    nonce: bytes
+    payload: bytes
+    tag: bytes
+
+    def __bytes__(self) -> bytes:
+        return b"".join((self.nonce, self.payload, self.tag))
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> _Frame:
+        if len(data) < _NONCE_BYTES + _TAG_BYTES:
+            raise IntegrityError("frame shorter than its nonce and tag")
+        view = memoryview(data)
+        return cls(bytes(view[:_NONCE_BYTES]), bytes(view[_NONCE_BYTES:-_TAG_BYTES]),
+                   bytes(view[-_TAG_BYTES:]))
+
+
 class _Link:
     """One authenticated client <-> server channel: ChaCha20-Poly1305 over each frame.
 
@@ -103,25 +124,27 @@ class _Link:
     def __init__(self) -> None:
         self._aead = ChaCha20Poly1305(ChaCha20Poly1305.generate_key())
 
-    def seal(self, payload: bytes) -> bytes:
+    def seal(self, payload: bytes) -> _Frame:
         nonce = os.urandom(_NONCE_BYTES)
-        return b"".join((nonce, payload, self._aead.encrypt(nonce, b"", payload)))  # one copy
+        return _Frame(nonce, payload, self._aead.encrypt(nonce, b"", payload))
 
-    def open(self, frame: bytes) -> bytes:
-        if len(frame) < _NONCE_BYTES + _TAG_BYTES:
-            raise IntegrityError("frame shorter than its nonce and tag")
-        nonce, payload = frame[:_NONCE_BYTES], frame[_NONCE_BYTES:-_TAG_BYTES]
+    def open(self, frame: _Frame | bytes) -> bytes:
+        """The authenticated payload of a frame (or of its wire form)."""
+        if not isinstance(frame, _Frame):
+            frame = _Frame.from_wire(frame)
+        if len(frame.nonce) != _NONCE_BYTES or len(frame.tag) != _TAG_BYTES:
+            raise IntegrityError("frame with a malformed nonce or tag")
         try:
-            self._aead.decrypt(nonce, frame[-_TAG_BYTES:], payload)
+            self._aead.decrypt(frame.nonce, frame.tag, frame.payload)
         except InvalidTag:
             raise IntegrityError("message failed channel authentication (tampered)") from None
-        return payload
+        return frame.payload
 
 
-def _tampered(frame: bytes) -> bytes:
-    flipped = bytearray(frame)
+def _tampered(frame: _Frame) -> _Frame:
+    flipped = bytearray(bytes(frame))
     flipped[len(flipped) // 2] ^= 0x01
-    return bytes(flipped)
+    return _Frame.from_wire(bytes(flipped))
 
 
 class InProcessNetwork:

@@ -25,7 +25,7 @@ class Writer:
     """Appends typed fields; the output is the canonical encoding of one message."""
 
     def __init__(self, msg_type: int) -> None:
-        self._parts: list[bytes] = [MAGIC, _U8.pack(VERSION), _U8.pack(msg_type)]
+        self._parts: list[bytes | memoryview] = [MAGIC, _U8.pack(VERSION), _U8.pack(msg_type)]
 
     def u8(self, value: int) -> Writer:
         self._parts.append(_U8.pack(value))
@@ -71,7 +71,8 @@ class Writer:
     def ring(self, vector: np.ndarray) -> Writer:
         bits = 64 if vector.dtype.itemsize == 8 else 32
         self.u8(bits).u64(vector.size)
-        self._parts.append(np.ascontiguousarray(vector, dtype=_RING_DTYPES[bits]).tobytes())
+        # a view, not a copy: finish() copies it into the message once (vectors are megabytes)
+        self._parts.append(memoryview(np.ascontiguousarray(vector, dtype=_RING_DTYPES[bits])))
         return self
 
     def finish(self) -> bytes:

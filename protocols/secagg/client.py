@@ -327,7 +327,9 @@ class SecAggClient:
         if masked.dtype != codec.dtype or masked.shape != (self._offer.vector_length,):
             raise ParameterError(f"the masker returned {masked.shape} {masked.dtype}; the "
                                  f"protocol needs ({self._offer.vector_length},) {codec.dtype}")
-        return masked.copy()
+        # reduce_ring works in place below 32 bits: never on the masker's array. At 32 and 64
+        # bits nothing writes to it before the message encoding copies it.
+        return masked if codec.ring_bits in (32, 64) else masked.copy()
 
     def _current_step(self, step: int) -> _StepState:
         state = self._step

@@ -23,7 +23,7 @@ def test_a_link_round_trips_and_uses_a_fresh_nonce_per_frame():
 @pytest.mark.parametrize("where", [0, 11, 12, 500, -17, -16, -1])  # nonce, payload, tag
 def test_any_flipped_byte_fails_authentication(where):
     link = _Link()
-    frame = bytearray(link.seal(b"x" * 1000))
+    frame = bytearray(bytes(link.seal(b"x" * 1000)))  # the wire form: nonce, payload, tag
     frame[where] ^= 0x01
     with pytest.raises(IntegrityError, match="tampered"):
         link.open(bytes(frame))
@@ -34,7 +34,15 @@ def test_frames_from_another_link_or_too_short_are_refused():
     with pytest.raises(IntegrityError):
         _Link().open(frame)
     with pytest.raises(IntegrityError, match="shorter"):
-        _Link().open(frame[:27])
+        _Link().open(bytes(frame)[:27])
+
+
+def test_a_frame_and_its_wire_form_open_alike_and_the_payload_is_not_copied():
+    link, payload = _Link(), bytes(3 << 20)
+    frame = link.seal(payload)
+    assert len(bytes(frame)) == 12 + len(payload) + 16
+    assert link.open(frame) is payload  # in process, a megabyte upload crosses by reference
+    assert link.open(bytes(frame)) == payload
 
 
 def test_a_tampered_upload_costs_its_client_the_step_and_nothing_else():
