@@ -50,7 +50,8 @@ for name in $stages; do
             tests/core/test_gpu_interop.py tests/core/test_triton_compile.py \
             tests/core/test_fast_dream.py tests/core/test_gpu_send.py \
             tests/core/test_gpu_graphed.py tests/core/test_federation.py \
-            tests/benchmarks/test_device_bench.py tests/core/test_train_step.py ;;
+            tests/benchmarks/test_device_bench.py tests/core/test_dreams.py \
+            tests/core/test_train_step.py ;;
     simulate)
         stage "simulate (device masking and unmasking)" "${SIM_S:-25}" "$out/sim.log" \
             python3 -c "from codream_secure.cli import main; main()" simulate --device cuda \

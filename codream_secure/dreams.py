@@ -221,14 +221,17 @@ class DreamSynthesizer:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ) -> None:
+        """x is drawn on the generator's device (so it depends on the seed alone), then kept
+        and optimised on `device` (default: the generator's)."""
         shape = tuple(shape)
         if not shape or any(not isinstance(n, int) or n <= 0 for n in shape):
             raise ConfigError(f"dream shape must be positive integers, got {shape!r}")
         if not math.isfinite(lr) or lr <= 0:
             raise ConfigError(f"dream learning rate must be > 0, got {lr!r}")
         x = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
-        self._x = x.requires_grad_(True)
+        self._x = x.to(generator.device if device is None else device).requires_grad_(True)
         self._optimizer = torch.optim.Adam([self._x], lr=lr, betas=betas, eps=eps)
         self.steps = 0
 

@@ -370,14 +370,16 @@ class CoDreamFederation:
                     progress, seconds: dict[str, float]) -> tuple[torch.Tensor, frozenset[int]]:
         """Jointly optimise a dream batch; every step's gradient sum is a secure sum."""
         shape = (self.s.dream_batch, *self.clients[0].x_train.shape[1:])
+        # the dreams and their Adam state live where the models do: one upload of the mean
+        # gradient per step instead of the dreams going up and the optimiser running on the host
         synth = DreamSynthesizer(shape, generator=generator(self.s.seed, "dreams", round_index),
-                                 lr=self.s.dream_lr)
+                                 lr=self.s.dream_lr, device=self.device)
         self.grad_channel.open(int(np.prod(shape)), seed=(self.s.seed, "dreams", round_index))
         active = set(range(self.n))
         task = progress.task(f"round {round_index} dreams", self.s.dream_steps) \
             if progress else None
         for step in range(1, self.s.dream_steps + 1):
-            x = synth.dreams.to(self.device)
+            x = synth.dreams
             start = time.perf_counter()
             leaving_before = {c for c, (s, after) in plan.items() if s == step and not after}
             leaving_after = [c for c, (s, after) in plan.items() if s == step and after]
@@ -396,13 +398,13 @@ class CoDreamFederation:
             mean = torch.from_numpy((total / len(included)).astype(np.float32)).reshape(shape)
             adaptive = None
             if round_index > self.s.adaptive_after:
-                adaptive = server_entropy_gradient(self.server_model, x).cpu()
+                adaptive = server_entropy_gradient(self.server_model, x)
             synth.step(mean, adaptive_gradient=adaptive, adaptive_weight=self.s.adaptive_weight)
             if progress:
                 progress.advance(task)
         if progress:
             progress.done(task)
-        return synth.dreams, frozenset(active)
+        return synth.dreams.cpu(), frozenset(active)
 
     def _teacher(self, round_index: int, dreams: torch.Tensor, members: frozenset[int]
                  ) -> torch.Tensor:

@@ -234,6 +234,24 @@ def test_synthesizer_draws_from_the_given_generator():
     assert torch.equal(a.dreams, ref)
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_synthesizer_draws_on_the_generator_and_optimises_on_its_device(device):
+    # the draw depends on the seed alone: a CPU generator gives the same dreams on any device
+    shape = (3, 2, 4, 4)
+    here = DreamSynthesizer(shape, generator=torch.Generator().manual_seed(7), device=device)
+    host = DreamSynthesizer(shape, generator=torch.Generator().manual_seed(7))
+    assert here.dreams.device.type == device
+    assert torch.equal(here.dreams.cpu(), host.dreams)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    for _ in range(5):
+        here.step(g)  # a host gradient is moved to the dreams' device
+        host.step(g)
+    # float32 Adam on another device may round a few ulps differently (|x| < 6: ulp <= 4.8e-7)
+    torch.testing.assert_close(here.dreams.cpu(), host.dreams, atol=1e-5, rtol=0)
+
+
 def test_synthesizer_steps_like_torch_adam():
     shape = (3, 2, 4, 4)
     synth = DreamSynthesizer(shape, generator=torch.Generator().manual_seed(5), lr=0.05)
