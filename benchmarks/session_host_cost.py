@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.device.cli import positive_int
 from codream_secure.gpu.masking import protocol_masker, protocol_unmasker
 from protocols.api import SecAggSession
 from protocols.secagg.server import host_unmask
@@ -75,10 +76,14 @@ def host_cost(n: int, m: int, steps: int, *, unmasker: str = "host",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256 * 3 * 32 * 32)
-    parser.add_argument("--steps", type=int, default=8)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.session_host_cost",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=positive_int, default=4,
+                        help="clients in the session (at least 2)")
+    parser.add_argument("--length", type=positive_int, default=256 * 3 * 32 * 32,
+                        help="values per upload (default: a 256x3x32x32 dream batch)")
+    parser.add_argument("--steps", type=positive_int, default=8,
+                        help="timed steps after one warm-up step")
     parser.add_argument("--unmasker", choices=("host", "device", "none"), default="host",
                         help="the server's unmasking: numpy on the host, or protocol_unmasker "
                              "on CUDA (on the CPU when there is none: torch's slow keystream), "
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--masker", choices=("device", "fixed"), default="device",
                         help="the clients' maskers: protocol_masker, or a fixed vector")
     args = parser.parse_args(argv)
+    if args.clients < 2:
+        parser.error(f"--clients: secure aggregation needs at least 2 clients, got {args.clients}")
     total, outside, server = host_cost(args.clients, args.length, args.steps,
                                        unmasker=args.unmasker, masker=args.masker)
     print(f"n={args.clients} m={args.length} masker={args.masker}: session step {total:.1f} ms, "

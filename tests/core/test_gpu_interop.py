@@ -151,3 +151,14 @@ def test_session_host_cost_benchmark_runs_and_is_consistent():
     for unmasker in ("host", "device"):
         total, outside, server = host_cost(3, 100, 2, unmasker=unmasker)
         assert 0 < server < outside <= total
+
+
+@pytest.mark.parametrize(("argv", "names"), [(["--clients", "1"], "--clients"),
+                                             (["--length", "0"], "--length"),
+                                             (["--unmasker", "gpu"], "--unmasker")])
+def test_session_host_cost_refuses_bad_arguments_with_exit_2(argv, names, capsys):
+    from benchmarks.session_host_cost import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and names in capsys.readouterr().err
