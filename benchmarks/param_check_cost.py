@@ -7,13 +7,13 @@ and a layout tuple), timed in turn three times in one run; the ratio is what to 
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import torch
 
 from codream_secure.gpu.fast_dream import FastDreamStep, _state
-from codream_secure.models import build_model
+from codream_secure.models import MODEL_NAMES, build_model
 
 
 def per_call_us(fn, calls: int = 2000) -> float:
@@ -23,8 +23,12 @@ def per_call_us(fn, calls: int = 2000) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def main(argv: list[str]) -> None:
-    name = argv[0] if argv else "resnet18"
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.param_check_cost",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default="resnet18", choices=MODEL_NAMES,
+                        help="zoo model, CIFAR-shaped input (default resnet18)")
+    name = parser.parse_args(argv).model
     model = build_model(name, input_shape=(3, 32, 32), num_classes=10).eval()
     step = FastDreamStep(model)
     step._state()
@@ -38,7 +42,8 @@ def main(argv: list[str]) -> None:
         walk, check = per_call_us(named_walk), per_call_us(step._state)
         print(f"named walk {walk:.0f} us, FastDreamStep check {check:.0f} us, "
               f"ratio {walk / check:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(main())

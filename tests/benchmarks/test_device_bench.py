@@ -226,3 +226,13 @@ def test_a_deferred_round_never_makes_the_host_wait_before_its_end(kind, monkeyp
     finally:
         torch.cuda.set_sync_debug_mode("default")
     finish()  # the round's one synchronisation: all steps were finite
+
+
+def test_param_check_cost_runs_and_refuses_an_unknown_model(capsys):
+    from benchmarks import param_check_cost
+
+    assert param_check_cost.main(["smallcnn"]) == 0
+    assert capsys.readouterr().out.count("ratio") == 3
+    with pytest.raises(SystemExit) as exit_info:
+        param_check_cost.main(["nope"])
+    assert exit_info.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
