@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from benchmarks.device import targets
+
 
 def _round_lines(rows: list[dict]) -> list[str]:
     """A round table: ms/step, the ratios to the plain rows, the secure-sum check."""
@@ -25,7 +27,10 @@ def _round_lines(rows: list[dict]) -> list[str]:
 
 def _markdown(result: dict) -> str:
     lines = [f"# Device benchmark ({result['device']}, {result['date']})", "",
-             f"Command: `{result['command']}`", "", "## Dream step", "",
+             f"Command: `{result['command']}`", ""]
+    if result.get("targets"):
+        lines += [*targets.markdown(result["targets"], result["device"]), ""]
+    lines += ["## Dream step", "",
              "| variant | ms/step | GFLOP/step | TFLOP/s | x fp32 eager | x official code "
              "| rel. error | cosine |",
              "|---|---|---|---|---|---|---|---|"]
@@ -96,6 +101,7 @@ def print_section(section: str, result: dict, elapsed: float) -> None:
 
 def write_result(result: dict, args: argparse.Namespace) -> None:
     """device.json, device.md and (with --profile) profile.txt under args.out."""
+    result["targets"] = targets.targets(result, model=args.model, batch=args.batch)
     (args.out / "device.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "device.md").write_text(_markdown(result))
     if getattr(args, "profile_text", None):

@@ -236,3 +236,36 @@ def test_param_check_cost_runs_and_refuses_an_unknown_model(capsys):
     with pytest.raises(SystemExit) as exit_info:
         param_check_cost.main(["nope"])
     assert exit_info.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_targets_read_the_default_step_and_each_secure_rounds_own_plain():
+    from benchmarks.device import targets
+
+    result = {
+        "dream_step": [
+            {"variant": "fp32 eager (dreams.dream_gradient)", "ms": 14.0},
+            {"variant": "optimised (bf16, channels_last=True, compile=True)", "ms": 2.6,
+             "speedup_vs_official": 8.4},
+            {"variant": "optimised, no-bn-term", "ms": 2.2},  # another loss: never "fastest"
+            {"variant": "optimised, coordesc", "ms": 2.45},
+            {"variant": "optimised, max-autotune", "error": "timed out"}],
+        "round": [{"aggregation": "plain", "ratio_same_check": 1.0, "ms_per_step": 10.0},
+                  {"aggregation": "secure", "ratio_same_check": 1.14, "ms_per_step": 11.4},
+                  {"aggregation": "secure, unfused kernels", "ratio_same_check": 1.3,
+                   "ms_per_step": 13.0}],
+        "round_graphed": [{"aggregation": "secure, NaN checked at the round's end",
+                           "ratio_same_check": 1.08, "ms_per_step": 8.1}]}
+    step, speedup, secure = targets.targets(result, model="resnet18", batch=256)
+    assert (step["measured"], step["verdict"]) == (2.6, "missed")
+    assert "coordesc 2.45 ms" in step["detail"]
+    assert (speedup["measured"], speedup["verdict"]) == (8.4, "missed")
+    assert (secure["measured"], secure["verdict"]) == (1.08, "met")
+    assert "unfused" not in secure["detail"] and "round: secure x1.140" in secure["detail"]
+    empty = targets.targets({"dream_step": [], "round": []}, model="resnet18", batch=256)
+    assert [t["verdict"] for t in empty] == ["not measured"] * 3
+
+
+def test_a_run_writes_its_targets_into_device_json_and_md(tmp_path):
+    result = run(tmp_path, "--sections", "step")
+    assert [t["verdict"] for t in result["targets"]][2] == "not measured"  # no round section
+    assert "## Issue 6's targets" in (tmp_path / "device.md").read_text()
