@@ -164,8 +164,9 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "masking": (click.Choice(MASKINGS), "Where a SecAgg client quantises and masks its dream "
                 "gradient: 'host' (numpy, AES-256-CTR masks), 'device' (on the gradient's "
                 "device, ChaCha20 masks, bit-identical to a host client using ChaCha20; the "
-                "gradient never leaves the GPU unmasked); 'auto' = device on CUDA with "
-                "secagg/secagg+, else host."),
+                "gradient never leaves the GPU unmasked; on CUDA the server also sums and "
+                "unmasks the uploads there); 'auto' = device on CUDA with secagg/secagg+, "
+                "else host."),
     "seed": (click.INT, "Seed of partitions, model initialisation, dreams and dropouts. Masks "
              "never derive from it: they come from fresh cryptographic keys."),
     "threads": (click.INT, "CPU threads for torch (0 = torch's default)."),
