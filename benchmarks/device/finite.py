@@ -52,4 +52,4 @@ class FiniteCheck:
         row, client = (int(i) for i in (~finite).nonzero()[0])
         raise NonFiniteGradientError(
             f"client {client}'s dream gradient held NaN or inf at step {flags[row][0]}; the "
-            "round's sums after it are void")
+            "round is refused (from that step on, its sums had those values zeroed)")
