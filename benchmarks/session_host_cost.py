@@ -51,9 +51,12 @@ def host_cost(n: int, m: int, steps: int, *, unmasker: str = "host",
     device = "cuda" if torch.cuda.is_available() else "cpu"
     masking: list[float] = []
     unmasking: list[float] = []
-    unmask = {"host": host_unmask,
-              "none": lambda uploads, seeds, codec: np.zeros(m, codec.dtype)}.get(
-                  unmasker) or protocol_unmasker(device)
+    if unmasker == "host":
+        unmask = host_unmask
+    elif unmasker == "none":
+        unmask = lambda uploads, seeds, codec: np.zeros(m, codec.dtype)  # noqa: E731
+    else:
+        unmask = protocol_unmasker(device)
     mask = protocol_masker() if masker == "device" else _fixed_masker(n, m)
     session = SecAggSession(n, m, clip=8.0, protocol="secagg", prg="chacha20",
                             maskers={c: _timed(mask, masking) for c in range(n)},

@@ -169,13 +169,26 @@ def mask_vector(
 ) -> torch.Tensor:
     """encoded + PRG(self_seed) + sum sign * PRG(seed) mod 2^k; pair_seeds maps seed -> +1/-1.
 
-    All keystreams come from one batched ChaCha20 call.
+    The keystreams come from batched ChaCha20 calls of up to MAX_FUSED_MASKS keys each.
     """
     _require_chacha(codec)
     seeds, signs = _signed_seeds(self_seed, pair_seeds)
-    masks = chacha20.uniform_ring(seeds, encoded.numel(), ring_bits=codec.ring_bits,
-                                  device=encoded.device, backend=backend) if seeds else None
-    return _add_masks(encoded, masks, signs, codec)
+    return _add_keystreams(encoded, seeds, signs, codec, backend)
+
+
+def _add_keystreams(total: torch.Tensor, seeds: Sequence[bytes], signs: Sequence[int],
+                    codec: FixedPointCodec, backend: str) -> torch.Tensor:
+    """A new tensor: total + sum sign * PRG(seed) mod 2^k, expanding at most MAX_FUSED_MASKS
+    keystreams at a time (a large SecAgg+ dropout set never holds every mask at once)."""
+    _check_signs(signs)
+    if not seeds:
+        return _add_masks(total, None, [], codec)
+    for start in range(0, len(seeds), MAX_FUSED_MASKS):
+        masks = chacha20.uniform_ring(list(seeds[start:start + MAX_FUSED_MASKS]), total.numel(),
+                                      ring_bits=codec.ring_bits, device=total.device,
+                                      backend=backend)
+        total = _add_masks(total, masks, list(signs[start:start + MAX_FUSED_MASKS]), codec)
+    return total
 
 
 def masked_upload(
@@ -328,14 +341,8 @@ def protocol_unmasker(device: torch.device | str, *, backend: str = "auto"):
         if any(np.asarray(u).dtype != codec.dtype for u in uploads):
             raise ConfigError(f"the unmasker takes {codec.dtype} ring vectors")
         vectors = [_received_on(np.asarray(u), ring_dtype(codec), target) for u in uploads]
-        total = ring_sum(vectors, codec)
-        _check_signs([sign for _, sign in signed_seeds])
-        for start in range(0, len(signed_seeds), MAX_FUSED_MASKS):  # bounds the keystream memory
-            chunk = signed_seeds[start:start + MAX_FUSED_MASKS]
-            masks = chacha20.uniform_ring([seed for seed, _ in chunk], total.numel(),
-                                          ring_bits=codec.ring_bits, device=target,
-                                          backend=backend)
-            total = _add_masks(total, masks, [sign for _, sign in chunk], codec)
+        total = _add_keystreams(ring_sum(vectors, codec), [seed for seed, _ in signed_seeds],
+                                [sign for _, sign in signed_seeds], codec, backend)
         return to_numpy_ring(total, codec)
 
     return unmask
