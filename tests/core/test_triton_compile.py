@@ -20,6 +20,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the interpreter replaces compilation", allow_module_level=True)
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from codream_secure.gpu import _chacha20_triton as kernels  # noqa: E402
@@ -39,9 +40,13 @@ def threads_per_element(ttgir: str, block: int) -> float:
 
 def ptxas_usage(ptx: str) -> tuple[int, int]:
     """(registers per thread, spill-store bytes) as `ptxas -v` reports them for sm_90a."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", "-", "-o", os.devnull],
-                            input=ptx, capture_output=True, text=True, check=True).stderr
+    # the ptxas Triton itself uses (TRITON_PTXAS_PATH, its wheel's, or the CUDA toolkit's):
+    # a CUDA machine's triton need not ship one at backends/nvidia/bin
+    ptxas = get_ptxas(90).path
+    run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", "-", "-o", os.devnull],
+                         input=ptx, capture_output=True, text=True)
+    report = run.stderr
+    assert run.returncode == 0, f"{ptxas} failed ({run.returncode}): {report[-2000:]}"
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
     assert registers and spills, report
