@@ -27,7 +27,8 @@ def _round_lines(rows: list[dict]) -> list[str]:
 
 def _markdown(result: dict) -> str:
     lines = [f"# Device benchmark ({result['device']}, {result['date']})", "",
-             f"Command: `{result['command']}`", ""]
+             f"Command: `{result['command']}`", "",
+             f"Wall time: {result['seconds']:.0f} s (start to the last section written)", ""]
     if result.get("targets"):
         lines += [*targets.markdown(result["targets"], result["device"]), ""]
     lines += ["## Dream step", "",
