@@ -1,6 +1,6 @@
 #!/bin/bash
 # Everything issue 6 measures on a CUDA machine, in two calls of at most 10 minutes each.
-#   bash benchmarks/device_check.sh OUT                           # call 1, 520-580 s
+#   bash benchmarks/device_check.sh OUT                           # call 1, 530-590 s
 #   STAGES="variants training" bash benchmarks/device_check.sh OUT   # call 2, 220-250 s
 # Call 1 (the default STAGES, "benchmark tests simulate server"): the device benchmark's default
 # sections (the issue's 5-minute table; device.md states the wall time) with profiles and sync
@@ -11,7 +11,7 @@
 # benchmarks/results/device); the variants' run to OUT/variants, the training steps' to
 # OUT/train. Where the machine lacks `cryptography`, put its wheels on PYTHONPATH first
 # (docs/gpu.md). Time limits per stage, in seconds (0 skips a stage): BENCH_S (default 300),
-# TEST_S (180), SIM_S (25), SERVER_S (15), VARIANTS_S (100), TRAIN_S (120). A stage past its
+# TEST_S (180), SIM_S (25), SERVER_S (25), VARIANTS_S (100), TRAIN_S (120). A stage past its
 # limit gets SIGINT (so pytest still reports its failures), then SIGKILL 15 s later. Tests run
 # verbosely and list their durations. BENCH_ARGS and VARIANTS replace the benchmark's extra
 # arguments and the variants' list.
@@ -59,8 +59,8 @@ for name in $stages; do
             --masking device --rounds 1 --dream-steps 10 --out "$out/sim" ;;
     server)
         stage "session host cost (server unmasking on the host, then on the GPU)" \
-            "${SERVER_S:-15}" "$out/server.log" python3 -c "from benchmarks.session_host_cost \
-import main; main([]); main(['--unmasker', 'device'])" ;;
+            "${SERVER_S:-25}" "$out/server.log" python3 -m benchmarks.session_host_cost \
+            --unmasker host,device --turns 3 ;;
     variants)
         stage variants "${VARIANTS_S:-100}" "$out/variants.log" python3 -m benchmarks.device \
             --sections step --out "$out/variants" \

@@ -1,7 +1,8 @@
 """Host time of one SecAgg session step outside the clients' device maskers.
 
     python -m benchmarks.session_host_cost [--clients 4] [--length 786432] [--steps 8]
-                                           [--unmasker host|device] [--masker device|fixed]
+                                           [--unmasker host,device] [--turns 3]
+                                           [--masker device|fixed]
 
 With device masking (`simulate --masking device`) each client's upload is built by a masker;
 everything else (key derivation, Shamir shares, typed messages over authenticated links, the
@@ -45,37 +46,81 @@ def _fixed_masker(n: int, m: int):  # type: ignore[no-untyped-def]
     return lambda vector, codec, secrets: uploads[secrets.client_id]
 
 
-def host_cost(n: int, m: int, steps: int, *, unmasker: str = "host",
-              masker: str = "device") -> tuple[float, float, float]:
-    """Median ms of (a step, its part outside the maskers, the server's unmasking)."""
+UNMASKERS = ("host", "device", "none")
+
+
+class _TimedSession:
+    """One SecAgg session whose maskers and unmasker record their wall time per call."""
+
+    def __init__(self, n: int, m: int, unmasker: str, masker: str, device: str) -> None:
+        self.masking: list[float] = []
+        self.unmasking: list[float] = []
+        if unmasker == "host":
+            unmask = host_unmask
+        elif unmasker == "none":
+            unmask = lambda uploads, seeds, codec: np.zeros(m, codec.dtype)  # noqa: E731
+        else:
+            unmask = protocol_unmasker(device)
+        mask = protocol_masker() if masker == "device" else _fixed_masker(n, m)
+        self.session = SecAggSession(n, m, clip=8.0, protocol="secagg", prg="chacha20",
+                                     maskers={c: _timed(mask, self.masking) for c in range(n)},
+                                     unmasker=_timed(unmask, self.unmasking))
+        self.totals: list[float] = []
+        self.outside: list[float] = []
+        self.server: list[float] = []
+
+    def step(self, inputs: dict, *, record: bool = True) -> None:
+        """One session step; its ms (total, outside the maskers, unmasking) when recorded."""
+        self.masking.clear()
+        self.unmasking.clear()
+        start = time.perf_counter()
+        self.session.step(inputs)
+        total = time.perf_counter() - start
+        if record:
+            self.totals.append(1e3 * total)
+            self.outside.append(1e3 * (total - sum(self.masking)))
+            self.server.append(1e3 * sum(self.unmasking))
+
+    def medians(self) -> tuple[float, float, float]:
+        return (statistics.median(self.totals), statistics.median(self.outside),
+                statistics.median(self.server))
+
+
+def host_costs(n: int, m: int, steps: int, unmaskers: tuple[str, ...] = ("host",), *,
+               masker: str = "device", turns: int = 1) -> dict[str, tuple[float, float, float]]:
+    """Median ms of (a step, its part outside the maskers, the server's unmasking) per unmasker.
+
+    One session per unmasker, each warmed up by one step; then `turns` times each session runs
+    `steps` steps in turn, so a noisy machine slows every unmasker alike.
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    masking: list[float] = []
-    unmasking: list[float] = []
-    if unmasker == "host":
-        unmask = host_unmask
-    elif unmasker == "none":
-        unmask = lambda uploads, seeds, codec: np.zeros(m, codec.dtype)  # noqa: E731
-    else:
-        unmask = protocol_unmasker(device)
-    mask = protocol_masker() if masker == "device" else _fixed_masker(n, m)
-    session = SecAggSession(n, m, clip=8.0, protocol="secagg", prg="chacha20",
-                            maskers={c: _timed(mask, masking) for c in range(n)},
-                            unmasker=_timed(unmask, unmasking))
+    sessions = {name: _TimedSession(n, m, name, masker, device) for name in unmaskers}
     rng = np.random.default_rng(0)
     inputs = {c: torch.from_numpy(rng.normal(0, 0.1, m).astype(np.float32)).to(device)
               for c in range(n)}
-    session.step(inputs)
-    totals, outside, server = [], [], []
-    for _ in range(steps):
-        masking.clear()
-        unmasking.clear()
-        start = time.perf_counter()
-        session.step(inputs)
-        total = time.perf_counter() - start
-        totals.append(1e3 * total)
-        outside.append(1e3 * (total - sum(masking)))
-        server.append(1e3 * sum(unmasking))
-    return statistics.median(totals), statistics.median(outside), statistics.median(server)
+    for timed in sessions.values():
+        timed.step(inputs, record=False)
+    for _ in range(turns):
+        for timed in sessions.values():
+            for _ in range(steps):
+                timed.step(inputs)
+    return {name: timed.medians() for name, timed in sessions.items()}
+
+
+def host_cost(n: int, m: int, steps: int, *, unmasker: str = "host",
+              masker: str = "device") -> tuple[float, float, float]:
+    """Median ms of (a step, its part outside the maskers, the server's unmasking)."""
+    return host_costs(n, m, steps, (unmasker,), masker=masker)[unmasker]
+
+
+def _unmasker_list(text: str) -> tuple[str, ...]:
+    """An argparse type: a comma-separated list of distinct unmasker names."""
+    names = tuple(name for name in text.split(",") if name)
+    unknown = [name for name in names if name not in UNMASKERS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct names from {','.join(UNMASKERS)}, got {text!r}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,21 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=positive_int, default=256 * 3 * 32 * 32,
                         help="values per upload (default: a 256x3x32x32 dream batch)")
     parser.add_argument("--steps", type=positive_int, default=8,
-                        help="timed steps after one warm-up step")
-    parser.add_argument("--unmasker", choices=("host", "device", "none"), default="host",
-                        help="the server's unmasking: numpy on the host, or protocol_unmasker "
-                             "on CUDA (on the CPU when there is none: torch's slow keystream), "
-                             "or none (zeros: time the protocol layer alone)")
+                        help="timed steps per turn after one warm-up step")
+    parser.add_argument("--unmasker", type=_unmasker_list, default=("host",),
+                        help="the server's unmasking, or several comma-separated (timed in "
+                             "turn): host (numpy), device (protocol_unmasker on CUDA; on the CPU "
+                             "when there is none: torch's slow keystream), none (zeros: time "
+                             "the protocol layer alone)")
+    parser.add_argument("--turns", type=positive_int, default=1,
+                        help="how often each unmasker's session runs its steps, in turn")
     parser.add_argument("--masker", choices=("device", "fixed"), default="device",
                         help="the clients' maskers: protocol_masker, or a fixed vector")
     args = parser.parse_args(argv)
     if args.clients < 2:
         parser.error(f"--clients: secure aggregation needs at least 2 clients, got {args.clients}")
-    total, outside, server = host_cost(args.clients, args.length, args.steps,
-                                       unmasker=args.unmasker, masker=args.masker)
-    print(f"n={args.clients} m={args.length} masker={args.masker}: session step {total:.1f} ms, "
-          f"outside the maskers {outside:.1f} ms, of which the server's unmasking "
-          f"({args.unmasker}) {server:.1f} ms (median of {args.steps})")
+    costs = host_costs(args.clients, args.length, args.steps, args.unmasker,
+                       masker=args.masker, turns=args.turns)
+    for name, (total, outside, server) in costs.items():
+        print(f"n={args.clients} m={args.length} masker={args.masker}: session step "
+              f"{total:.1f} ms, outside the maskers {outside:.1f} ms, of which the server's "
+              f"unmasking ({name}) {server:.1f} ms (median of {args.steps * args.turns} steps, "
+              f"{args.turns} turn{'s' * (args.turns > 1)} interleaved)")
     return 0
 
 

@@ -153,9 +153,36 @@ def test_session_host_cost_benchmark_runs_and_is_consistent():
         assert 0 < server < outside <= total
 
 
+def test_session_host_cost_interleaves_unmaskers_and_records_every_turn(monkeypatch):
+    from benchmarks import session_host_cost as bench
+
+    order: list[str] = []
+    step = bench._TimedSession.step
+
+    def logged(self, inputs, *, record=True):
+        order.append(("warm " if not record else "") + self.name)
+        step(self, inputs, record=record)
+
+    original_init = bench._TimedSession.__init__
+
+    def named(self, n, m, unmasker, masker, device):
+        original_init(self, n, m, unmasker, masker, device)
+        self.name = unmasker
+
+    monkeypatch.setattr(bench._TimedSession, "__init__", named)
+    monkeypatch.setattr(bench._TimedSession, "step", logged)
+    costs = bench.host_costs(3, 64, 2, ("host", "none"), masker="fixed", turns=2)
+    assert order == ["warm host", "warm none", "host", "host", "none", "none",
+                     "host", "host", "none", "none"]
+    assert set(costs) == {"host", "none"}
+    assert costs["host"][2] > 0 and costs["none"][2] >= 0
+
+
 @pytest.mark.parametrize(("argv", "names"), [(["--clients", "1"], "--clients"),
                                              (["--length", "0"], "--length"),
-                                             (["--unmasker", "gpu"], "--unmasker")])
+                                             (["--unmasker", "gpu"], "--unmasker"),
+                                             (["--unmasker", "host,host"], "--unmasker"),
+                                             (["--turns", "0"], "--turns")])
 def test_session_host_cost_refuses_bad_arguments_with_exit_2(argv, names, capsys):
     from benchmarks.session_host_cost import main
 
