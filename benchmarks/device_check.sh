@@ -1,20 +1,20 @@
 #!/bin/bash
 # Everything issue 6 measures on a CUDA machine, in two calls of at most 10 minutes each.
 #   bash benchmarks/device_check.sh OUT                           # call 1, 530-590 s
-#   STAGES="variants training" bash benchmarks/device_check.sh OUT   # call 2, 220-250 s
+#   STAGES="variants training" bash benchmarks/device_check.sh OUT   # call 2, 250-280 s
 # Call 1 (the default STAGES, "benchmark tests simulate server"): the device benchmark's default
 # sections (the issue's 5-minute table; device.md states the wall time) with profiles and sync
 # audits, the GPU and Triton tests (kernels first), a short `simulate` with device-side masking
 # and unmasking, then the simulated session's host cost with the server unmasking on the host
-# and on the GPU. Call 2: the inductor-setting step variants (slow compiles, so a run of their
-# own) and the local-training and distillation steps. Logs and results go to OUT (default
-# benchmarks/results/device); the variants' run to OUT/variants, the training steps' to
-# OUT/train. Where the machine lacks `cryptography`, put its wheels on PYTHONPATH first
-# (docs/gpu.md). Time limits per stage, in seconds (0 skips a stage): BENCH_S (default 300),
-# TEST_S (180), SIM_S (25), SERVER_S (25), VARIANTS_S (100), TRAIN_S (120). A stage past its
-# limit gets SIGINT (so pytest still reports its failures), then SIGKILL 15 s later. Tests run
-# verbosely and list their durations. BENCH_ARGS and VARIANTS replace the benchmark's extra
-# arguments and the variants' list.
+# and on the GPU. Call 2: the step variants (the padded stem and three inductor settings; slow
+# compiles, so a run of their own) and the local-training and distillation steps. Logs and
+# results go to OUT (default benchmarks/results/device); the variants' run to OUT/variants, the
+# training steps' to OUT/train. Where the machine lacks `cryptography`, put its wheels on
+# PYTHONPATH first (docs/gpu.md). Time limits per stage, in seconds (0 skips a stage): BENCH_S
+# (default 300), TEST_S (180), SIM_S (25), SERVER_S (25), VARIANTS_S (130), TRAIN_S (120). A
+# stage past its limit gets SIGINT (so pytest still reports its failures), then SIGKILL 15 s
+# later. Tests run verbosely and list their durations. BENCH_ARGS adds to the benchmark's
+# arguments; VARIANTS replaces the variants' list.
 set -o pipefail
 out=${1:-benchmarks/results/device}
 stages=${STAGES:-benchmark tests simulate server}
@@ -62,9 +62,9 @@ for name in $stages; do
             "${SERVER_S:-25}" "$out/server.log" python3 -m benchmarks.session_host_cost \
             --unmasker host,device --turns 3 ;;
     variants)
-        stage variants "${VARIANTS_S:-100}" "$out/variants.log" python3 -m benchmarks.device \
+        stage variants "${VARIANTS_S:-130}" "$out/variants.log" python3 -m benchmarks.device \
             --sections step --out "$out/variants" \
-            --step-variants "${VARIANTS:-coordesc,tile-reductions,autotune-pointwise}" ;;
+            --step-variants "${VARIANTS:-pad-stem,coordesc,tile-reductions,autotune-pointwise}" ;;
     training)
         stage "training steps" "${TRAIN_S:-120}" "$out/train.log" python3 -m benchmarks.device \
             --sections train --iters 10 --out "$out/train" ;;

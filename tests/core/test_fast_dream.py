@@ -85,6 +85,36 @@ def test_one_pass_bn_moments_keep_the_variance_non_negative():
     assert bool((var >= 0).all()) and float(var.max()) < 1e-6
 
 
+# Zero channels add exact zeros to every sum: only summation order may differ (1e-5 as above).
+@pytest.mark.parametrize("name", ["resnet8", "vgg11", "mobilenet", "wrn16_1"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_padded_stem_equals_the_reference(name, channels_last):
+    from codream_secure.gpu.fast_dream import _PaddedStemConv
+
+    m, x = model(name, 7), dreams(7)
+    step = FastDreamStep(m, W, channels_last=channels_last, stem_channels=8)
+    padded = [mod for mod in step._skeleton.modules() if isinstance(mod, _PaddedStemConv)]
+    first_conv = next(mod for mod in step._skeleton.modules()
+                      if isinstance(mod, torch.nn.Conv2d))
+    assert padded == [first_conv]
+    got = step(x)
+    assert got.shape == x.shape
+    assert rel(got, dream_gradient(m, x, W)) < 1e-5
+    assert all(type(mod) is torch.nn.Conv2d for mod in m.modules()  # the live model untouched
+               if isinstance(mod, torch.nn.Conv2d))
+
+
+def test_padded_stem_refuses_too_few_channels():
+    with pytest.raises(ConfigError, match="stem_channels: 3 must exceed the stem's 3"):
+        FastDreamStep(model("resnet8", 1), W, stem_channels=3)
+
+
+def test_padded_stem_traces_without_graph_breaks():
+    m, x = model("smallcnn", 8), dreams(8, batch=4)
+    step = FastDreamStep(m, W, stem_channels=8, compile_model=True, compile_backend="aot_eager")
+    assert rel(step(x), dream_gradient(m, x, W)) < 1e-5
+
+
 def test_unknown_bn_moments_are_refused():
     with pytest.raises(ConfigError, match="bn_moments"):
         FastDreamStep(model("resnet8", 1), W, bn_moments="welford")  # type: ignore[arg-type]
@@ -240,6 +270,9 @@ def test_optimised_cuda_step_matches_the_fp32_reference():
     first, second = fast(x), fast(x)  # the second call replays the CUDA graph
     assert torch.equal(first, second)
     assert torch.nn.functional.cosine_similarity(first.flatten(), expected.flatten(), dim=0) > 0.95
+    padded = FastDreamStep.optimised(m, W, stem_channels=8)(x)  # the benchmark's pad-stem
+    assert torch.nn.functional.cosine_similarity(padded.flatten(), expected.flatten(),
+                                                 dim=0) > 0.95
     # two compiled clients in one round: their CUDA graphs share a memory pool, so they must
     # not overwrite each other's buffers (they did when replayed on several streams)
     other = build_model("resnet8", input_shape=(3, 32, 32), num_classes=10).cuda().eval()
