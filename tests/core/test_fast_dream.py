@@ -104,9 +104,14 @@ def test_padded_stem_equals_the_reference(name, channels_last):
                if isinstance(mod, torch.nn.Conv2d))
 
 
-def test_padded_stem_refuses_too_few_channels():
+def test_padded_stem_refuses_too_few_channels_and_other_stems():
     with pytest.raises(ConfigError, match="stem_channels: 3 must exceed the stem's 3"):
         FastDreamStep(model("resnet8", 1), W, stem_channels=3)
+    reflecting = model("smallcnn", 1)
+    next(m for m in reflecting.modules() if isinstance(m, torch.nn.Conv2d)).padding_mode = \
+        "reflect"
+    with pytest.raises(ConfigError, match="groups=1 and zero padding, got groups=1, 'reflect'"):
+        FastDreamStep(reflecting, W, stem_channels=8)
 
 
 def test_padded_stem_traces_without_graph_breaks():
