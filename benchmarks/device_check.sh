@@ -1,26 +1,28 @@
 #!/bin/bash
 # Everything issue 6 measures on a CUDA machine, in two calls of at most 10 minutes each.
 #   bash benchmarks/device_check.sh OUT                           # call 1, 530-590 s
-#   STAGES="variants training" bash benchmarks/device_check.sh OUT   # call 2, 250-280 s
+#   STAGES="variants training simulate-graphs" bash benchmarks/device_check.sh OUT   # call 2, 370-430 s
 # Call 1 (the default STAGES, "benchmark tests simulate server"): the device benchmark's default
 # sections (the issue's 5-minute table; device.md states the wall time) with profiles and sync
 # audits, the GPU and Triton tests (kernels first), a short `simulate` with device-side masking
 # and unmasking, then the simulated session's host cost with the server unmasking on the host
 # and on the GPU. Call 2: the step variants (the padded stem and three inductor settings; slow
-# compiles, so a run of their own) and the local-training and distillation steps. Logs and
+# compiles, so a run of their own), the local-training and distillation steps, and `simulate`
+# in bf16 without and with CUDA graphs for training (--train-cuda-graphs). Logs and
 # results go to OUT (default benchmarks/results/device); the variants' run to OUT/variants, the
 # training steps' to OUT/train. Where the machine lacks `cryptography`, put its wheels on
 # PYTHONPATH first (docs/gpu.md). Time limits per stage, in seconds (0 skips a stage): BENCH_S
-# (default 300), TEST_S (180), SIM_S (25), SERVER_S (25), VARIANTS_S (130), TRAIN_S (120). A
-# stage past its limit gets SIGINT (so pytest still reports its failures), then SIGKILL 15 s
-# later. Tests run verbosely and list their durations. BENCH_ARGS adds to the benchmark's
-# arguments; VARIANTS replaces the variants' list.
+# (default 300), TEST_S (180), SIM_S (25), SERVER_S (25), VARIANTS_S (130), TRAIN_S (120),
+# SIMG_S (60, each of the two simulations). A stage past its limit gets SIGINT (so pytest still
+# reports its failures), then SIGKILL 15 s later. Tests run verbosely and list their durations.
+# BENCH_ARGS adds to the benchmark's arguments; VARIANTS replaces the variants' list.
 set -o pipefail
 out=${1:-benchmarks/results/device}
 stages=${STAGES:-benchmark tests simulate server}
 for name in $stages; do
-    case $name in benchmark|tests|simulate|server|variants|training) ;;
-        *) echo "unknown stage '$name' (benchmark tests simulate server variants training)" >&2
+    case $name in benchmark|tests|simulate|server|variants|training|simulate-graphs) ;;
+        *) echo "unknown stage '$name' (benchmark tests simulate server variants training" \
+                "simulate-graphs)" >&2
            exit 2 ;;
     esac
 done
@@ -65,6 +67,13 @@ for name in $stages; do
         stage variants "${VARIANTS_S:-130}" "$out/variants.log" python3 -m benchmarks.device \
             --sections step --out "$out/variants" \
             --step-variants "${VARIANTS:-pad-stem,coordesc,tile-reductions,autotune-pointwise}" ;;
+    simulate-graphs)
+        for graphs in off on; do
+            stage "simulate (bf16, training CUDA graphs $graphs)" "${SIMG_S:-60}" \
+                "$out/sim-graphs-$graphs.log" python3 -c "from codream_secure.cli import main; \
+main()" simulate --device cuda --precision bf16 --train-cuda-graphs $graphs --baselines none \
+                --rounds 2 --dream-steps 10 --out "$out/sim-graphs-$graphs"
+        done ;;
     training)
         stage "training steps" "${TRAIN_S:-120}" "$out/train.log" python3 -m benchmarks.device \
             --sections train --iters 10 --out "$out/train" ;;

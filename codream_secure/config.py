@@ -23,6 +23,7 @@ BASELINES: tuple[str, ...] = ("isolated", "fedavg", "centralized")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 MASKINGS: tuple[str, ...] = ("auto", "host", "device")
+TRAIN_CUDA_GRAPHS: tuple[str, ...] = ("off", "on")
 DP_UNITS: tuple[str, ...] = ("off", "client", "sample")
 DP_MODES: tuple[str, ...] = ("central", "distributed")
 DP_NOISE_KINDS: tuple[str, ...] = ("skellam", "discrete_gaussian")
@@ -78,6 +79,7 @@ class SimulationConfig:
     device: str = "auto"
     precision: str = "fp32"
     masking: str = "auto"
+    train_cuda_graphs: str = "off"
     seed: int = 0
     threads: int = 0
     out: str = "runs/latest"
@@ -158,6 +160,13 @@ class SimulationConfig:
         if self.device == "cuda" and not _cuda_available():
             raise ConfigError("device: 'cuda' requested but torch sees no CUDA device; "
                               "use --device cpu or auto")
+        _choice("train_cuda_graphs", self.train_cuda_graphs, TRAIN_CUDA_GRAPHS)
+        if self.train_cuda_graphs == "on":
+            no_cuda = self.device == "cpu" or (self.device == "auto" and not _cuda_available())
+            if no_cuda or self.precision != "bf16":
+                found = "no CUDA device" if no_cuda else f"precision {self.precision!r}"
+                raise ConfigError("train_cuda_graphs: 'on' graphs the compiled bf16 training "
+                                  f"path, which needs CUDA and --precision bf16; got {found}")
 
     def _validate_dp(self) -> None:
         _choice("dp", self.dp, DP_UNITS)

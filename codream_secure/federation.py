@@ -257,6 +257,7 @@ class CoDreamSettings:
     seed: int
     use_bn_statistics: bool = True
     precision: str = "fp32"
+    train_cuda_graphs: str = "off"
 
 
 class CoDreamFederation:
@@ -279,8 +280,10 @@ class CoDreamFederation:
         self.last_dreams: torch.Tensor | None = None
         self.broadcast_down = np.zeros(len(clients), np.int64)
         self._fast_steps: list[tuple[list[int], object]] | None = None
-        # local training and distillation: compiled with bf16 on CUDA, eager elsewhere
-        self.train_path = FastPath.optimised(device, settings.precision)
+        # local training and distillation: compiled with bf16 on CUDA (replayed as CUDA graphs
+        # with train_cuda_graphs="on"), eager elsewhere
+        self.train_path = FastPath.optimised(device, settings.precision,
+                                             cuda_graphs=settings.train_cuda_graphs == "on")
 
     @property
     def n(self) -> int:

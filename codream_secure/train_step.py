@@ -44,15 +44,19 @@ class FastPath:
             raise ConfigError("cuda_graphs needs compile_backend='inductor'")
 
     @classmethod
-    def optimised(cls, device: torch.device, precision: str) -> FastPath | None:
+    def optimised(cls, device: torch.device, precision: str, *,
+                  cuda_graphs: bool = False) -> FastPath | None:
         """The simulate default: compiled, channels_last and fused with bf16 on CUDA, else None.
 
-        Same rule as FastDreamStep.optimised. CUDA graphs stay off: BatchNorm's running
-        statistics are buffers a training graph mutates, and no GPU run has yet shown that
-        graph replay is faster here (benchmarks/device --sections train times both).
+        Same rule as FastDreamStep.optimised. CUDA graphs are opt-in (simulate
+        --train-cuda-graphs on): 4.45 vs 11.89 ms per ResNet-18 training step on an H100, but no
+        whole simulation has run with them on a GPU yet (docs/gpu.md).
         """
         if device.type == "cuda" and precision == "bf16":
-            return cls(channels_last=True)
+            return cls(channels_last=True, cuda_graphs=cuda_graphs)
+        if cuda_graphs:
+            raise ConfigError(f"cuda_graphs: training graphs need CUDA and bf16, got device "
+                              f"{device.type!r}, precision {precision!r}")
         return None
 
 

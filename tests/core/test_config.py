@@ -108,6 +108,7 @@ BAD_VALUES = [
     ({"device": "tpu"}, "device", "cuda"),
     ({"precision": "fp8"}, "precision", "bf16"),
     ({"masking": "gpu"}, "masking", "device"),
+    ({"train_cuda_graphs": "yes"}, "train_cuda_graphs", "on"),
     ({"seed": -1}, "seed", "at least 0"),
     ({"threads": -2}, "threads", "at least 0"),
     ({"out": ""}, "out", "non-empty"),
@@ -142,6 +143,24 @@ def test_cuda_without_a_device_is_a_config_error(monkeypatch: pytest.MonkeyPatch
         SimulationConfig(device="cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert SimulationConfig(device="cuda").device == "cuda"
+
+
+def test_training_cuda_graphs_need_cuda_and_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from codream_secure.simulation import _settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for overrides, found in [({"device": "cpu", "precision": "bf16"}, "no CUDA device"),
+                             ({"device": "auto", "precision": "bf16"}, "no CUDA device")]:
+        with pytest.raises(ConfigError, match=rf"^train_cuda_graphs: .*got {found}"):
+            SimulationConfig(train_cuda_graphs="on", **overrides)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"^train_cuda_graphs: .*got precision 'fp32'"):
+        SimulationConfig(train_cuda_graphs="on", device="cuda")
+    config = SimulationConfig(train_cuda_graphs="on", device="auto", precision="bf16")
+    assert _settings(config).train_cuda_graphs == "on"  # reaches the federation
+    assert _settings(SimulationConfig()).train_cuda_graphs == "off"
 
 
 def _toml(tmp_path: Path, text: str) -> Path:

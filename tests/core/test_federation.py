@@ -283,12 +283,15 @@ def test_a_run_with_compiled_local_training_and_distillation(tmp_path, monkeypat
 
     eager = _run(tmp_path, "eager", baselines=(), batch_size=8).report
     traced = FastPath(compile_backend="aot_eager", fused_optimizer=False)
-    monkeypatch.setattr(federation.FastPath, "optimised", staticmethod(lambda *a: traced))
+    asked: list[dict] = []
+    monkeypatch.setattr(federation.FastPath, "optimised",
+                        staticmethod(lambda *a, **k: asked.append(k) or traced))
     torch._dynamo.reset()  # graphs another test compiled for these shapes would be reused
     train_step._compiled.cache_clear()
     counters.clear()
     compiled = _run(tmp_path, "compiled", baselines=(), batch_size=8).report
     assert counters["stats"]["unique_graphs"] >= 2  # local training and distillation
+    assert asked == [{"cuda_graphs": False}]  # --train-cuda-graphs off reaches the fast path
     for got, want in zip(compiled["rounds"], eager["rounds"], strict=True):
         # 120 test samples: a rounding difference may move a sample or two, not more
         assert got["codream"]["test"] == pytest.approx(want["codream"]["test"], abs=0.02)

@@ -79,6 +79,12 @@ def test_optimised_fast_path_is_bf16_on_cuda_only():
     cuda = FastPath.optimised(torch.device("cuda"), "bf16")
     assert cuda == FastPath(compile_backend="inductor", cuda_graphs=False, channels_last=True,
                             fused_optimizer=True)
+    graphed = FastPath.optimised(torch.device("cuda"), "bf16", cuda_graphs=True)
+    assert graphed == FastPath(compile_backend="inductor", cuda_graphs=True, channels_last=True,
+                               fused_optimizer=True)
+    for device, precision in [("cpu", "bf16"), ("cuda", "fp32")]:  # refused, not ignored
+        with pytest.raises(ConfigError, match="training graphs need CUDA and bf16"):
+            FastPath.optimised(torch.device(device), precision, cuda_graphs=True)
 
 
 @pytest.mark.parametrize("run", [train, kd], ids=["train_local", "distill"])
