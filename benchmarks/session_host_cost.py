@@ -53,6 +53,7 @@ class _TimedSession:
     """One SecAgg session whose maskers and unmasker record their wall time per call."""
 
     def __init__(self, n: int, m: int, unmasker: str, masker: str, device: str) -> None:
+        self.unmasker = unmasker
         self.masking: list[float] = []
         self.unmasking: list[float] = []
         if unmasker == "host":

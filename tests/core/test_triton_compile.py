@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,16 +40,17 @@ def threads_per_element(ttgir: str, block: int) -> float:
     return lanes * warps / (block / per_thread)
 
 
-def ptxas_usage(ptx: str, tmp_path: Path) -> tuple[int, int]:
+def ptxas_usage(ptx: str) -> tuple[int, int]:
     """(registers per thread, spill-store bytes) as `ptxas -v` reports them for sm_90a."""
     # the ptxas Triton itself uses (TRITON_PTXAS_PATH, its wheel's, or the CUDA toolkit's):
     # a CUDA machine's triton need not ship one at backends/nvidia/bin; the PTX goes in a file,
     # as Triton passes it, since not every ptxas reads stdin
     ptxas = get_ptxas(90).path
-    source = tmp_path / "kernel.ptx"
-    source.write_text(ptx)
-    run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", str(source), "-o", os.devnull],
-                         capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", str(source), "-o",
+                              os.devnull], capture_output=True, text=True)
     report = run.stderr
     assert run.returncode == 0, f"{ptxas} failed ({run.returncode}): {report[-2000:]}"
     registers = re.search(r"Used (\d+) registers", report)
@@ -57,21 +59,20 @@ def ptxas_usage(ptx: str, tmp_path: Path) -> tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1))
 
 
-def compile_for_h100(fn, signature: dict, constexprs: dict, num_warps: int,
-                     tmp_path: Path) -> tuple[int, int]:
+def compile_for_h100(fn, signature: dict, constexprs: dict, num_warps: int) -> tuple[int, int]:
     """(registers, spill bytes) of fn built as the launcher builds it; no element computed twice."""
     compiled = triton.compile(ASTSource(fn, signature, constexprs), target=H100,
                               options={"num_warps": num_warps})
     assert threads_per_element(compiled.asm["ttgir"], constexprs["BLOCK"]) == 1
-    return ptxas_usage(compiled.asm["ptx"], tmp_path)
+    return ptxas_usage(compiled.asm["ptx"])
 
 
-def test_keystream_kernel_compiles_without_spills(tmp_path):
+def test_keystream_kernel_compiles_without_spills():
     registers, spills = compile_for_h100(
         kernels._chacha20_kernel,
         {"key_ptr": "*i32", "nonce_ptr": "*i32", "out_ptr": "*i32", "total_blocks": "i32",
          "blocks_per_key": "i32", "BLOCK": "constexpr"}, {"BLOCK": kernels._BLOCK},
-        kernels._WARPS, tmp_path)
+        kernels._WARPS)
     assert spills == 0 and registers <= 64
 
 
@@ -82,13 +83,13 @@ def test_keystream_kernel_compiles_without_spills(tmp_path):
 # spilled value goes through local memory, once per ChaCha20 round for the mask loop.
 @pytest.mark.parametrize(("n_masks", "n_rows"), [(2, 4), (4, 4), (16, 4), (4, 16), (16, 64)])
 @pytest.mark.parametrize("ring_bits", [16, 32])
-def test_fused_kernels_compile_without_spills(n_masks, n_rows, ring_bits, tmp_path):
+def test_fused_kernels_compile_without_spills(n_masks, n_rows, ring_bits):
     upload = compile_for_h100(
         kernels._masked_upload_kernel,
         {"x_ptr": "*fp32", **KEYS, "out_ptr": "*i32", "n": "i32", "scale": "fp32",
          "limit": "fp32", "N_MASKS": "constexpr", "RING_BITS": "constexpr", "BLOCK": "constexpr"},
         {"N_MASKS": n_masks, "RING_BITS": ring_bits, "BLOCK": kernels._FUSED_BLOCK},
-        kernels._FUSED_WARPS, tmp_path)
+        kernels._FUSED_WARPS)
     unmask = compile_for_h100(
         kernels._unmask_sum_kernel,
         {"u_ptr": "*i32", **KEYS, "out_ptr": "*fp32", "n": "i32", "m": "i32",
@@ -96,6 +97,6 @@ def test_fused_kernels_compile_without_spills(n_masks, n_rows, ring_bits, tmp_pa
          "RING_BITS": "constexpr", "BLOCK": "constexpr"},
         {"N_ROWS": n_rows, "N_MASKS": n_masks, "RING_BITS": ring_bits,
          "BLOCK": kernels._FUSED_BLOCK},
-        kernels._FUSED_WARPS, tmp_path)
+        kernels._FUSED_WARPS)
     for registers, spills in (upload, unmask):
         assert spills == 0 and registers <= 255
