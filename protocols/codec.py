@@ -214,7 +214,8 @@ class FixedPointCodec:
         words = None
         if self.rounding == "stochastic":
             key = os.urandom(prg.KEY_BYTES) if rounding_key is None else rounding_key
-            words = prg.uniform_ring(key, flat.size, ring_bits=32, algorithm=self.prg)
+            words = prg.uniform_word_blocks(key, flat.size, ring_bits=32, block=_BLOCK,
+                                            algorithm=self.prg)
         scratch = _Scratch(min(_BLOCK, flat.size), work)
         # Blocks keep every temporary in L1/L2; the loop runs over blocks, never over elements.
         for start in range(0, flat.size, _BLOCK):
@@ -232,7 +233,7 @@ class FixedPointCodec:
                 np.rint(s, out=s)  # ties to even; |error| <= 1/2 either way
                 np.copyto(out[start:stop], s, casting="unsafe")
             else:
-                _round_stochastically(s, words[start:stop], scratch, out[start:stop])
+                _round_stochastically(s, next(words), scratch, out[start:stop])
         # |q| <= ceil(R 2^f) < 2^(k-1), so every cast above was exact; the unsigned view of the
         # two's complement integers is their residue mod 2^32 / 2^64.
         return self._reduce(out.view(self.dtype))

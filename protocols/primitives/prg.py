@@ -10,13 +10,15 @@ a fresh HKDF output used for one vector only, so a fixed nonce never repeats a (
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from protocols.errors import ParameterError
 
-__all__ = ["ALGORITHMS", "KEY_BYTES", "NONCE_BYTES", "keystream_bytes", "uniform_ring"]
+__all__ = ["ALGORITHMS", "KEY_BYTES", "NONCE_BYTES", "add_uniform_rings", "keystream_bytes",
+           "uniform_ring", "uniform_word_blocks"]
 
 KEY_BYTES = 32
 NONCE_BYTES = 16
@@ -31,6 +33,9 @@ _ZERO_CHUNK = memoryview(bytes(1 << 22))
 # Older cryptography releases want update_into buffers block_size - 1 bytes longer than the data.
 _SLACK = 15
 _LITTLE_ENDIAN = sys.byteorder == "little"
+# Words per streamed block: 256-512 KiB, so a block's keystream and the slice it is added to stay
+# in L2 instead of each mask making its own trip through DRAM (2x faster for 4 masks of 3 MiB).
+STREAM_BLOCK_WORDS = 1 << 16
 
 
 def _check_key_nonce(key: bytes, nonce: bytes) -> None:
@@ -59,13 +64,17 @@ def _check_algorithm(algorithm: str, nonce: bytes, nbytes: int) -> None:
             )
 
 
+def _encryptor(key: bytes, nonce: bytes, algorithm: str, nbytes: int):  # type: ignore[no-untyped-def]
+    """A streaming encryptor whose update_into on zeros writes the keystream of `nbytes` bytes."""
+    key, nonce = bytes(key), bytes(nonce)
+    if algorithm == "chacha20":
+        return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+    return Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
+
+
 def _fill(key: bytes, nonce: bytes, out: np.ndarray, nbytes: int, algorithm: str) -> None:
     """Write the first nbytes of the keystream into out (a uint8 view with _SLACK spare bytes)."""
-    if algorithm == "chacha20":
-        cipher = Cipher(algorithms.ChaCha20(bytes(key), bytes(nonce)), mode=None)
-    else:
-        cipher = Cipher(algorithms.AES(bytes(key)), modes.CTR(bytes(nonce)))
-    encryptor = cipher.encryptor()
+    encryptor = _encryptor(key, nonce, algorithm, nbytes)
     chunk = len(_ZERO_CHUNK)
     for start in range(0, nbytes, chunk):  # loops over 4 MiB chunks, never over elements
         stop = min(start + chunk, nbytes)
@@ -100,15 +109,10 @@ def uniform_ring(
     """
     _check_key_nonce(key, nonce)
     _check_count(length, "length")
-    if isinstance(ring_bits, bool) or not isinstance(ring_bits, int):
-        raise ParameterError(f"ring_bits must be an int, got {ring_bits!r}")
-    if not MIN_RING_BITS <= ring_bits <= MAX_RING_BITS:
-        raise ParameterError(f"ring_bits must lie in [{MIN_RING_BITS}, {MAX_RING_BITS}]")
-    dtype = np.dtype(np.uint32 if ring_bits <= 32 else np.uint64)
+    dtype = _ring_dtype(ring_bits)
     width = dtype.itemsize
     _check_algorithm(algorithm, nonce, length * width)
-    spare = -(-_SLACK // width)
-    words = np.empty(length + spare, dtype=dtype)
+    words = _word_buffer(dtype, length)
     _fill(key, nonce, words.view(np.uint8), length * width, algorithm)
     out = words[:length]
     if not _LITTLE_ENDIAN:
@@ -116,3 +120,103 @@ def uniform_ring(
     if ring_bits not in (32, 64):
         np.bitwise_and(out, dtype.type((1 << ring_bits) - 1), out=out)
     return out
+
+
+def _ring_dtype(ring_bits: int) -> np.dtype:
+    if isinstance(ring_bits, bool) or not isinstance(ring_bits, int):
+        raise ParameterError(f"ring_bits must be an int, got {ring_bits!r}")
+    if not MIN_RING_BITS <= ring_bits <= MAX_RING_BITS:
+        raise ParameterError(f"ring_bits must lie in [{MIN_RING_BITS}, {MAX_RING_BITS}]")
+    return np.dtype(np.uint32 if ring_bits <= 32 else np.uint64)
+
+
+class _WordStream:
+    """One (key, nonce) keystream read as consecutive little-endian words into a caller's buffer."""
+
+    def __init__(self, key: bytes, length: int, dtype: np.dtype, nonce: bytes,
+                 algorithm: str) -> None:
+        _check_key_nonce(key, nonce)
+        _check_algorithm(algorithm, nonce, length * dtype.itemsize)
+        self._encryptor = _encryptor(key, nonce, algorithm, length * dtype.itemsize)
+
+    def read_into(self, buffer: np.ndarray, count: int) -> np.ndarray:
+        """The next count words, written to buffer (with _SLACK spare bytes) and returned."""
+        nbytes = count * buffer.itemsize
+        self._encryptor.update_into(_ZERO_CHUNK[:nbytes], buffer.view(np.uint8)[: nbytes + _SLACK])
+        words = buffer[:count]
+        if not _LITTLE_ENDIAN:
+            words.byteswap(inplace=True)
+        return words
+
+
+def _word_buffer(dtype: np.dtype, words: int) -> np.ndarray:
+    return np.empty(words + -(-_SLACK // dtype.itemsize), dtype=dtype)
+
+
+def uniform_word_blocks(
+    key: bytes,
+    length: int,
+    *,
+    ring_bits: int,
+    block: int = STREAM_BLOCK_WORDS,
+    nonce: bytes = bytes(NONCE_BYTES),
+    algorithm: str = "aes-256-ctr",
+) -> Iterator[np.ndarray]:
+    """uniform_ring(key, length, ...) in consecutive blocks of `block` elements (the last shorter).
+
+    Every block is a view of one buffer that the next block overwrites: use it before asking for
+    the next. Concatenated, the blocks equal uniform_ring's vector, bit for bit.
+    """
+    dtype = _ring_dtype(ring_bits)
+    _check_count(length, "length")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ParameterError(f"block must be a positive int, got {block!r}")
+    block = min(block, len(_ZERO_CHUNK) // dtype.itemsize)
+    stream = _WordStream(key, length, dtype, nonce, algorithm)
+    buffer = _word_buffer(dtype, min(block, length))
+    for start in range(0, length, block):
+        words = stream.read_into(buffer, min(block, length - start))
+        if ring_bits not in (32, 64):
+            np.bitwise_and(words, dtype.type((1 << ring_bits) - 1), out=words)
+        yield words
+
+
+def add_uniform_rings(
+    total: np.ndarray,
+    signed_keys: Sequence[tuple[bytes, int]],
+    *,
+    ring_bits: int,
+    nonce: bytes = bytes(NONCE_BYTES),
+    algorithm: str = "aes-256-ctr",
+) -> None:
+    """total <- total + sum(sign * uniform_ring(key)) mod 2^ring_bits, in place; sign is +1 or -1.
+
+    Equal, bit for bit, to adding each uniform_ring vector in turn, but no mask is ever held
+    whole: every keystream is read block by block beside the others and added to that block of
+    total while both are in cache. total must be a 1-D C-contiguous array of the ring's dtype
+    (uint32 up to 32 bits, else uint64) holding ring elements; the result is reduced.
+    """
+    dtype = _ring_dtype(ring_bits)
+    if not isinstance(total, np.ndarray) or total.dtype != dtype or total.ndim != 1:
+        raise ParameterError(
+            f"total must be a 1-D {dtype} array for a {ring_bits}-bit ring, got "
+            f"{getattr(total, 'dtype', type(total).__name__)} with shape "
+            f"{getattr(total, 'shape', None)}")
+    if not total.flags.c_contiguous or not total.flags.writeable:
+        raise ParameterError("total must be C-contiguous and writeable (it is updated in place)")
+    streams = []
+    for key, sign in signed_keys:
+        if isinstance(sign, bool) or not isinstance(sign, (int, np.integer)) or sign not in (1, -1):
+            raise ParameterError(f"a mask's sign must be +1 or -1, got {sign!r}")
+        streams.append((_WordStream(key, total.size, dtype, nonce, algorithm),
+                        np.add if sign > 0 else np.subtract))
+    block = STREAM_BLOCK_WORDS
+    buffer = _word_buffer(dtype, min(block, total.size))
+    for start in range(0, total.size, block):
+        part = total[start : start + block]
+        for stream, combine in streams:
+            # Unmasked words suffice: 2^k divides 2^32 (2^64), so reducing once at the end
+            # gives what masking every word to k bits first would.
+            combine(part, stream.read_into(buffer, part.size), out=part)
+    if ring_bits not in (32, 64):
+        np.bitwise_and(total, dtype.type((1 << ring_bits) - 1), out=total)

@@ -266,15 +266,9 @@ class SecAggClient:
             masked = codec.encode(vector.reshape(-1), rounding_key=rounding_key)
             if self._noise is not None:
                 self._add_noise(masked, codec)
-            algorithm = offer.prg
-            np.add(masked, prg.uniform_ring(self_seed, masked.size, ring_bits=ring,
-                                            algorithm=algorithm), out=masked)
-            for peer, seed in pair_seeds.items():
-                mask = prg.uniform_ring(seed, masked.size, ring_bits=ring, algorithm=algorithm)
-                if keys.pair_sign(self.client_id, peer) > 0:
-                    np.add(masked, mask, out=masked)
-                else:
-                    np.subtract(masked, mask, out=masked)
+            masks = [(self_seed, 1)] + [(seed, keys.pair_sign(self.client_id, peer))
+                                        for peer, seed in pair_seeds.items()]
+            prg.add_uniform_rings(masked, masks, ring_bits=ring, algorithm=offer.prg)
         masked = reduce_ring(masked, ring)
         # Shares go to the active neighbours only: a client never holds a share of its own seed,
         # so t colluding neighbours (not t - 1 plus the victim's own share) are needed.

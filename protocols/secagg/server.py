@@ -20,7 +20,7 @@ from ..errors import (
 from ..graph import NeighbourGraph
 from ..primitives import prg, shamir
 from . import keys
-from .client import reduce_ring, validate_threshold
+from .client import validate_threshold
 from .messages import (
     SESSION_ID_BYTES,
     DropRequest,
@@ -54,17 +54,12 @@ Unmasker = Callable[[Sequence[np.ndarray], Sequence[tuple[bytes, int]], FixedPoi
 def host_unmask(uploads: Sequence[np.ndarray], signed_seeds: Sequence[tuple[bytes, int]],
                 codec: FixedPointCodec) -> np.ndarray:
     """The server's ring sum of the uploads with the rebuilt masks added (sign +1) or removed."""
-    ring = codec.ring_bits
     total = np.zeros(uploads[0].shape, dtype=codec.dtype)
     for upload in uploads:
         np.add(total, upload, out=total)
-    for seed, sign in signed_seeds:
-        mask = prg.uniform_ring(seed, total.size, ring_bits=ring, algorithm=codec.prg)
-        if sign > 0:
-            np.add(total, mask, out=total)
-        else:
-            np.subtract(total, mask, out=total)
-    return reduce_ring(total, ring)
+    prg.add_uniform_rings(total, list(signed_seeds), ring_bits=codec.ring_bits,
+                          algorithm=codec.prg)
+    return total
 
 
 @dataclass(frozen=True, eq=False)

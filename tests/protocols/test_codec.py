@@ -257,11 +257,13 @@ def test_nearest_rounds_to_the_closest_quantum(values, ring_bits, scale_bits):
     np.testing.assert_array_equal(codec.encode(x), codec.encode(x.astype(np.float64)))
 
 
-def _expected_stochastic(x: np.ndarray, codec: FixedPointCodec, key: bytes) -> np.ndarray:
-    """The documented rule, recomputed in exact arithmetic from the keystream words."""
-    words = prg.uniform_ring(key, x.size, ring_bits=32).astype(np.int64)
+def _expected_stochastic(x: np.ndarray, codec: FixedPointCodec, key: bytes,
+                         at: np.ndarray | None = None) -> np.ndarray:
+    """The documented rule, recomputed in exact arithmetic from the keystream words (at `at`)."""
+    at = np.arange(x.size) if at is None else at
+    words = prg.uniform_ring(key, x.size, ring_bits=32).astype(np.int64)[at]
     out = []
-    for value, word in zip(x.reshape(-1).tolist(), words.tolist(), strict=True):
+    for value, word in zip(x.reshape(-1)[at].tolist(), words.tolist(), strict=True):
         s = Fraction(min(max(value, -codec.clip), codec.clip)) * 2**codec.scale_bits
         floor = math.floor(s)
         u = Fraction(word >> 9, 2**23) if x.dtype == np.float32 else Fraction(word, 2**32)
@@ -281,6 +283,18 @@ def test_stochastic_rounding_follows_the_keystream(dtype, ring_bits):
     assert not np.array_equal(codec.encode(x, rounding_key=bytes(32)), got)
     # without a key, fresh randomness: two encodings almost surely differ somewhere
     assert not np.array_equal(codec.encode(x), codec.encode(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stochastic_rounding_keeps_to_the_keystream_across_encode_blocks(dtype):
+    # encode streams the rounding words block by block: word i must still round element i
+    codec = FixedPointCodec(clip=3.0, scale_bits=4, ring_bits=32)
+    block = codec_module._BLOCK
+    x = np.random.default_rng(3).uniform(-4.0, 4.0, 2 * block + 77).astype(dtype)
+    edges = np.array([0, block - 1, block, block + 1, 2 * block - 1, 2 * block, x.size - 1])
+    at = np.concatenate([edges, np.random.default_rng(4).integers(0, x.size, 300)])
+    got = codec.encode(x, rounding_key=KEY).astype(np.uint64)[at]
+    np.testing.assert_array_equal(got, _expected_stochastic(x, codec, KEY, at))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
