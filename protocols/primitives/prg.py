@@ -5,6 +5,9 @@ device, bit for bit: the same 32-byte key, and the 16-byte `nonce` read as crypt
 reads it -- bytes 0-3 the initial 32-bit block counter (little-endian), bytes 4-15 the 96-bit
 RFC 8439 nonce. The protocol's convention is all zeros (counter 0, nonce 0): every expansion key is
 a fresh HKDF output used for one vector only, so a fixed nonce never repeats a (key, nonce) pair.
+
+The AES-256-CTR keystream is produced by OpenSSL's AES-GCM where its 32-bit counter cannot wrap
+(the same bits: `_CtrThroughGcm`), which ran twice as fast as AES-CTR on our VAES CPU.
 """
 
 from __future__ import annotations
@@ -64,11 +67,42 @@ def _check_algorithm(algorithm: str, nonce: bytes, nbytes: int) -> None:
             )
 
 
+class _CtrThroughGcm:
+    """The AES-CTR keystream of a counter block N || c (c <= 2), produced by AES-GCM.
+
+    NIST SP 800-38D: GCM under the 96-bit IV N encrypts with the CTR blocks N || 2, N || 3, ...
+    (a 32-bit increment), so GCM's ciphertext of zeros is the CTR keystream from block N || 2 on,
+    as long as the low 32 bits never wrap (the caller checks). Blocks c..1 come from plain CTR.
+    Why: OpenSSL's stitched AES-GCM runs at about twice its AES-CTR speed on CPUs with VAES
+    (14 against 7.4 GB/s on our 2-core Xeon), so the same bits cost half the time. The tag is
+    never used.
+    """
+
+    def __init__(self, key: bytes, nonce: bytes) -> None:
+        first = int.from_bytes(nonce[12:], "big")
+        self._pending = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor().update(
+            bytes(16 * (2 - first)))
+        self._gcm = Cipher(algorithms.AES(key), modes.GCM(nonce[:12])).encryptor()
+
+    def update_into(self, data: memoryview, buf: np.ndarray) -> int:
+        """Encrypt zeros `data` into buf, like a CipherContext's update_into."""
+        head = min(len(self._pending), len(data))
+        if head:
+            buf[:head] = np.frombuffer(self._pending[:head], dtype=np.uint8)
+            self._pending = self._pending[head:]
+        if head < len(data):
+            self._gcm.update_into(data[head:], buf[head:])
+        return len(data)
+
+
 def _encryptor(key: bytes, nonce: bytes, algorithm: str, nbytes: int):  # type: ignore[no-untyped-def]
     """A streaming encryptor whose update_into on zeros writes the keystream of `nbytes` bytes."""
     key, nonce = bytes(key), bytes(nonce)
     if algorithm == "chacha20":
         return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+    first = int.from_bytes(nonce[12:], "big")
+    if first <= 2 and first + -(-nbytes // 16) <= 1 << 32:  # no carry out of the low 32 bits
+        return _CtrThroughGcm(key, nonce)
     return Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
 
 
