@@ -138,6 +138,20 @@ def test_secure_round_check_bounds_float32_rounding_and_refuses_a_wrong_sum(monk
         secure.check(grads, step=1)
 
 
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_secure_round_shares_with_the_protocols_threshold_down_to_two_clients(n):
+    from benchmarks.device import rounds
+    from protocols.api import default_threshold
+
+    secure = rounds.SecureRound(n, 256, clip=8.0, device=torch.device("cpu"), fused=False,
+                                side_stream=False)
+    assert secure.threshold == default_threshold(n) <= n - 1
+    gen = torch.Generator().manual_seed(n)
+    report = secure.check([torch.randn(256, generator=gen) for _ in range(n)], step=0)
+    assert report["max_abs_error"] <= report["bound"]
+    assert len(secure.step_keys(0, 0).shares) == n - 1
+
+
 def _round_inputs(n=3, m=64, bad=None):
     """Per-step gradients of n clients; `bad` = (client, step) gets a NaN and an inf."""
     gen = torch.Generator().manual_seed(1)
