@@ -7,18 +7,19 @@
 # sections (the issue's 5-minute table; device.md states the wall time) with profiles and sync
 # audits, the GPU and Triton tests (kernels first), a short `simulate` with device-side masking
 # and unmasking, then the simulated session's host cost with the server unmasking on the host
-# and on the GPU. Call 2: the step variants (the padded stem and three inductor settings; slow
-# compiles, so a run of their own), the local-training and distillation steps, and `simulate`
-# in bf16 without and with CUDA graphs for training (--train-cuda-graphs), and the session's
-# host cost again with glibc told to keep freed memory (host-malloc; halves the protocol
-# layer's time on our CPU when the uploads are plain arrays, docs/gpu.md). Logs and
-# results go to OUT (default benchmarks/results/device); the variants' run to OUT/variants, the
-# training steps' to OUT/train. Where the machine lacks `cryptography`, put its wheels on
-# PYTHONPATH first (docs/gpu.md). Time limits per stage, in seconds (0 skips a stage): BENCH_S
-# (default 300), TEST_S (180), SIM_S (25), SERVER_S (25), VARIANTS_S (130), TRAIN_S (120),
-# SIMG_S (60, each of the two simulations), MALLOC_S (25). A stage past its limit gets SIGINT (so pytest still
-# reports its failures), then SIGKILL 15 s later. Tests run verbosely and list their durations.
-# BENCH_ARGS adds to the benchmark's arguments; VARIANTS replaces the variants' list.
+# and on the GPU, uploads downloaded into pinned or pageable memory. Call 2: the step variants
+# (the padded stem and three inductor settings; slow compiles, so a run of their own), the
+# local-training and distillation steps, and `simulate` in bf16 without and with CUDA graphs for
+# training (--train-cuda-graphs), and the session's host cost again with glibc told to keep
+# freed memory (host-malloc; halves the protocol layer's time on our CPU when the uploads are
+# plain arrays, docs/gpu.md). Logs and results go to OUT (default benchmarks/results/device);
+# the variants' run to OUT/variants, the training steps' to OUT/train. Where the machine lacks
+# `cryptography`, put its wheels on PYTHONPATH first (docs/gpu.md). Time limits per stage, in
+# seconds (0 skips a stage): BENCH_S (default 300), TEST_S (180), SIM_S (25), SERVER_S (25),
+# VARIANTS_S (130), TRAIN_S (120), SIMG_S (60, each of the two simulations), MALLOC_S (25). A
+# stage past its limit gets SIGINT (so pytest still reports its failures), then SIGKILL 15 s
+# later. Tests run verbosely and list their durations. BENCH_ARGS adds to the benchmark's
+# arguments; VARIANTS replaces the variants' list.
 set -o pipefail
 out=${1:-benchmarks/results/device}
 stages=${STAGES:-benchmark tests simulate server}
@@ -65,14 +66,14 @@ for name in $stages; do
     server)
         stage "session host cost (server unmasking on the host, then on the GPU)" \
             "${SERVER_S:-25}" "$out/server.log" python3 -m benchmarks.session_host_cost \
-            --unmasker host,device --turns 3 ;;
+            --masker device,device-pageable --unmasker host,device --turns 3 ;;
     host-malloc)
         # glibc: serve buffers under 32 MiB from the heap and never trim it, so the 3 MiB
         # uploads reuse memory instead of page-faulting fresh mappings every step
         stage "session host cost, glibc keeping freed memory" "${MALLOC_S:-25}" \
             "$out/server-malloc.log" env MALLOC_MMAP_THRESHOLD_=33554432 \
             MALLOC_TRIM_THRESHOLD_=1073741824 python3 -m benchmarks.session_host_cost \
-            --unmasker host,device --turns 3 ;;
+            --masker device,device-pageable --unmasker host,device --turns 3 ;;
     variants)
         stage variants "${VARIANTS_S:-130}" "$out/variants.log" python3 -m benchmarks.device \
             --sections step --out "$out/variants" \

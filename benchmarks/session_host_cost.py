@@ -2,7 +2,7 @@
 
     python -m benchmarks.session_host_cost [--clients 4] [--length 786432] [--steps 8]
                                            [--unmasker host,device] [--turns 3]
-                                           [--masker device|fixed]
+                                           [--masker device,device-pageable,fixed]
 
 With device masking (`simulate --masking device`) each client's upload is built by a masker;
 everything else (key derivation, Shamir shares, typed messages over authenticated links, the
@@ -12,6 +12,8 @@ unmasking (ring sum and mask regeneration), which `--unmasker device` moves to t
 (`simulate` does on CUDA). `--masker fixed` replaces the device maskers by one that returns a
 precomputed ring vector, and `--unmasker none` the server's unmasking by zeros (sums are then
 meaningless): what remains is the protocol layer alone (keys, shares, messages, links).
+`--masker device-pageable` downloads each CUDA upload into pageable memory instead of pinned.
+Several maskers or unmaskers, comma-separated, run one session per pair, in interleaved turns.
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ def _fixed_masker(n: int, m: int):  # type: ignore[no-untyped-def]
 
 
 UNMASKERS = ("host", "device", "none")
+MASKERS = ("device", "device-pageable", "fixed")
 
 
 class _TimedSession:
     """One SecAgg session whose maskers and unmasker record their wall time per call."""
 
     def __init__(self, n: int, m: int, unmasker: str, masker: str, device: str) -> None:
-        self.unmasker = unmasker
+        self.unmasker, self.masker = unmasker, masker
         self.masking: list[float] = []
         self.unmasking: list[float] = []
         if unmasker == "host":
@@ -62,7 +65,10 @@ class _TimedSession:
             unmask = lambda uploads, seeds, codec: np.zeros(m, codec.dtype)  # noqa: E731
         else:
             unmask = protocol_unmasker(device)
-        mask = protocol_masker() if masker == "device" else _fixed_masker(n, m)
+        if masker == "fixed":
+            mask = _fixed_masker(n, m)
+        else:
+            mask = protocol_masker(pinned=masker == "device")
         self.session = SecAggSession(n, m, clip=8.0, protocol="secagg", prg="chacha20",
                                      maskers={c: _timed(mask, self.masking) for c in range(n)},
                                      unmasker=_timed(unmask, self.unmasking))
@@ -88,14 +94,18 @@ class _TimedSession:
 
 
 def host_costs(n: int, m: int, steps: int, unmaskers: tuple[str, ...] = ("host",), *,
-               masker: str = "device", turns: int = 1) -> dict[str, tuple[float, float, float]]:
-    """Median ms of (a step, its part outside the maskers, the server's unmasking) per unmasker.
+               masker: str = "device", turns: int = 1,
+               maskers: tuple[str, ...] | None = None,
+               ) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """Median ms of (a step, its part outside the maskers, the server's unmasking) per
+    (masker, unmasker) pair (`maskers`, default just `masker`).
 
-    One session per unmasker, each warmed up by one step; then `turns` times each session runs
-    `steps` steps in turn, so a noisy machine slows every unmasker alike.
+    One session per pair, each warmed up by one step; then `turns` times each session runs
+    `steps` steps in turn, so a noisy machine slows every pair alike.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sessions = {name: _TimedSession(n, m, name, masker, device) for name in unmaskers}
+    sessions = {(mk, um): _TimedSession(n, m, um, mk, device)
+                for mk in (maskers or (masker,)) for um in unmaskers}
     rng = np.random.default_rng(0)
     inputs = {c: torch.from_numpy(rng.normal(0, 0.1, m).astype(np.float32)).to(device)
               for c in range(n)}
@@ -111,17 +121,19 @@ def host_costs(n: int, m: int, steps: int, unmaskers: tuple[str, ...] = ("host",
 def host_cost(n: int, m: int, steps: int, *, unmasker: str = "host",
               masker: str = "device") -> tuple[float, float, float]:
     """Median ms of (a step, its part outside the maskers, the server's unmasking)."""
-    return host_costs(n, m, steps, (unmasker,), masker=masker)[unmasker]
+    return host_costs(n, m, steps, (unmasker,), masker=masker)[masker, unmasker]
 
 
-def _unmasker_list(text: str) -> tuple[str, ...]:
-    """An argparse type: a comma-separated list of distinct unmasker names."""
-    names = tuple(name for name in text.split(",") if name)
-    unknown = [name for name in names if name not in UNMASKERS]
-    if not names or unknown or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"expected distinct names from {','.join(UNMASKERS)}, got {text!r}")
-    return names
+def _name_list(allowed: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """An argparse type: a comma-separated list of distinct names from `allowed`."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(name for name in text.split(",") if name)
+        unknown = [name for name in names if name not in allowed]
+        if not names or unknown or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(
+                f"expected distinct names from {','.join(allowed)}, got {text!r}")
+        return names
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,22 +145,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="values per upload (default: a 256x3x32x32 dream batch)")
     parser.add_argument("--steps", type=positive_int, default=8,
                         help="timed steps per turn after one warm-up step")
-    parser.add_argument("--unmasker", type=_unmasker_list, default=("host",),
+    parser.add_argument("--unmasker", type=_name_list(UNMASKERS), default=("host",),
                         help="the server's unmasking, or several comma-separated (timed in "
                              "turn): host (numpy), device (protocol_unmasker on CUDA; on the CPU "
                              "when there is none: torch's slow keystream), none (zeros: time "
                              "the protocol layer alone)")
     parser.add_argument("--turns", type=positive_int, default=1,
                         help="how often each unmasker's session runs its steps, in turn")
-    parser.add_argument("--masker", choices=("device", "fixed"), default="device",
-                        help="the clients' maskers: protocol_masker, or a fixed vector")
+    parser.add_argument("--masker", type=_name_list(MASKERS), default=("device",),
+                        help="the clients' maskers, or several comma-separated (timed in turn): "
+                             "device (protocol_masker, CUDA uploads downloaded into pinned "
+                             "memory), device-pageable (into pageable memory), fixed (a "
+                             "precomputed vector: no masking work)")
     args = parser.parse_args(argv)
     if args.clients < 2:
         parser.error(f"--clients: secure aggregation needs at least 2 clients, got {args.clients}")
     costs = host_costs(args.clients, args.length, args.steps, args.unmasker,
-                       masker=args.masker, turns=args.turns)
-    for name, (total, outside, server) in costs.items():
-        print(f"n={args.clients} m={args.length} masker={args.masker}: session step "
+                       maskers=args.masker, turns=args.turns)
+    for (masker, name), (total, outside, server) in costs.items():
+        print(f"n={args.clients} m={args.length} masker={masker}: session step "
               f"{total:.1f} ms, outside the maskers {outside:.1f} ms, of which the server's "
               f"unmasking ({name}) {server:.1f} ms (median of {args.steps * args.turns} steps, "
               f"{args.turns} turn{'s' * (args.turns > 1)} interleaved)")

@@ -319,10 +319,21 @@ def unmask_sum(uploads: Sequence[torch.Tensor], codec: FixedPointCodec, *,
     return decode_sum(total, codec, n_summed=n_summed).to(torch.float32)
 
 
-def to_numpy_ring(vector: torch.Tensor, codec: FixedPointCodec) -> np.ndarray:
-    """The protocol's uint32/uint64 numpy view of a device ring vector (copies to the host)."""
-    host = vector.detach().cpu().numpy()
-    return host.view(codec.dtype)
+def to_numpy_ring(vector: torch.Tensor, codec: FixedPointCodec, *,
+                  pinned: bool = True) -> np.ndarray:
+    """The protocol's uint32/uint64 numpy view of a device ring vector (copies to the host).
+
+    From CUDA the copy lands in pinned memory from torch's caching host allocator (`pinned`):
+    a DMA into a block reused once this array is freed, where pageable memory is mapped afresh
+    (page faults) and staged by the driver. Each call returns its own buffer either way.
+    """
+    vector = vector.detach()
+    if pinned and vector.device.type == "cuda":
+        host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
+        host.copy_(vector)  # synchronous: the array is complete when returned
+    else:
+        host = vector.cpu()
+    return host.numpy().view(codec.dtype)
 
 
 def protocol_unmasker(device: torch.device | str, *, backend: str = "auto"):
@@ -356,7 +367,8 @@ def _received_on(vector: np.ndarray, dtype: torch.dtype, device: torch.device) -
     return staged.to(device, non_blocking=True)
 
 
-def protocol_masker(*, backend: str = "auto", fused: bool = True, check_finite: bool = True):
+def protocol_masker(*, backend: str = "auto", fused: bool = True, check_finite: bool = True,
+                    pinned: bool = True):
     """A SecAggClient masker: the client derives the keys, the upload is built on x's device.
 
     Pass it as SecAggClient(..., masker=protocol_masker()) (or SecAggSession(maskers=...)) in a
@@ -364,6 +376,7 @@ def protocol_masker(*, backend: str = "auto", fused: bool = True, check_finite: 
     in one Triton launch where masked_upload can (bit-identical); `fused=False` never does.
     `check_finite=False` skips the NaN/inf refusal (one device sync per upload) for a caller
     that has already refused non-finite vectors, as `federation.AggregationChannel` does.
+    `pinned=False` downloads a CUDA upload into pageable memory (to_numpy_ring).
     """
 
     def mask(vector: object, codec: FixedPointCodec, secrets: StepSecrets) -> np.ndarray:
@@ -374,6 +387,6 @@ def protocol_masker(*, backend: str = "auto", fused: bool = True, check_finite: 
                                pair_step_seeds=secrets.pair_seeds,
                                rounding_key=secrets.rounding_key, noise=noise, backend=backend,
                                fused=fused, check_finite=check_finite)
-        return to_numpy_ring(upload, codec)
+        return to_numpy_ring(upload, codec, pinned=pinned)
 
     return mask

@@ -160,21 +160,30 @@ def test_session_host_cost_interleaves_unmaskers_and_records_every_turn(monkeypa
     step = bench._TimedSession.step
 
     def logged(self, inputs, *, record=True):
-        order.append(("warm " if not record else "") + self.unmasker)
+        order.append(("warm " if not record else "") + f"{self.masker}/{self.unmasker}")
         step(self, inputs, record=record)
 
     monkeypatch.setattr(bench._TimedSession, "step", logged)
     costs = bench.host_costs(3, 64, 2, ("host", "none"), masker="fixed", turns=2)
-    assert order == ["warm host", "warm none", "host", "host", "none", "none",
-                     "host", "host", "none", "none"]
-    assert set(costs) == {"host", "none"}
-    assert costs["host"][2] > 0 and costs["none"][2] >= 0
+    assert order == ["warm fixed/host", "warm fixed/none", "fixed/host", "fixed/host",
+                     "fixed/none", "fixed/none", "fixed/host", "fixed/host", "fixed/none",
+                     "fixed/none"]
+    assert set(costs) == {("fixed", "host"), ("fixed", "none")}
+    assert costs["fixed", "host"][2] > 0 and costs["fixed", "none"][2] >= 0
+
+    order.clear()
+    costs = bench.host_costs(3, 64, 1, ("none",), maskers=("device", "device-pageable"))
+    assert order == ["warm device/none", "warm device-pageable/none", "device/none",
+                     "device-pageable/none"]
+    assert all(total > outside for total, outside, _ in costs.values())  # masking took time
 
 
 @pytest.mark.parametrize(("argv", "names"), [(["--clients", "1"], "--clients"),
                                              (["--length", "0"], "--length"),
                                              (["--unmasker", "gpu"], "--unmasker"),
                                              (["--unmasker", "host,host"], "--unmasker"),
+                                             (["--masker", "gpu"], "--masker"),
+                                             (["--masker", "fixed,fixed"], "--masker"),
                                              (["--turns", "0"], "--turns")])
 def test_session_host_cost_refuses_bad_arguments_with_exit_2(argv, names, capsys):
     from benchmarks.session_host_cost import main

@@ -163,6 +163,29 @@ def test_cuda_encode_and_mask_equal_the_cpu():
     assert torch.equal(cpu, gpu.cpu())
 
 
+def test_to_numpy_ring_gives_the_protocols_view_of_a_cpu_vector():
+    codec = FixedPointCodec.for_clients(4, clip=1.0, ring_bits=32, prg="chacha20")
+    ring = torch.tensor([-1, 0, 7], dtype=torch.int32)
+    for pinned in (True, False):  # no CUDA: pinning does not apply
+        out = masking.to_numpy_ring(ring, codec, pinned=pinned)
+        assert out.dtype == np.uint32 and out.tolist() == [2**32 - 1, 0, 7]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_downloads_into_pinned_buffers_that_are_never_shared():
+    codec = FixedPointCodec.for_clients(4, clip=1.0, ring_bits=32, prg="chacha20")
+    first = torch.arange(1 << 20, dtype=torch.int32, device="cuda")
+    a = masking.to_numpy_ring(first, codec)
+    b = masking.to_numpy_ring(first + 5, codec)  # while a is alive: its own block
+    assert torch.from_numpy(a.view(np.int32)).is_pinned()  # asks CUDA about the pointer
+    np.testing.assert_array_equal(a.view(np.int32), np.arange(1 << 20, dtype=np.int32))
+    np.testing.assert_array_equal(b.view(np.int32), np.arange(1 << 20, dtype=np.int32) + 5)
+    pageable = masking.to_numpy_ring(first, codec, pinned=False)
+    np.testing.assert_array_equal(pageable, a)
+    assert not torch.from_numpy(pageable.view(np.int32)).is_pinned()
+
+
 def test_a_codec_with_another_prg_is_refused():
     codec = FixedPointCodec.for_clients(2, clip=1.0)  # AES-256-CTR: the device cannot match it
     with pytest.raises(ConfigError, match="prg='chacha20'"):
