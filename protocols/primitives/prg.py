@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from protocols.errors import ParameterError
@@ -102,7 +103,10 @@ def _encryptor(key: bytes, nonce: bytes, algorithm: str, nbytes: int):  # type: 
         return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
     first = int.from_bytes(nonce[12:], "big")
     if first <= 2 and first + -(-nbytes // 16) <= 1 << 32:  # no carry out of the low 32 bits
-        return _CtrThroughGcm(key, nonce)
+        try:
+            return _CtrThroughGcm(key, nonce)
+        except UnsupportedAlgorithm:  # a backend without GCM (or refusing a caller's IV): CTR
+            pass
     return Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
 
 

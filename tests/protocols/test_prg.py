@@ -109,6 +109,17 @@ def test_gcm_is_used_only_where_its_32_bit_counter_cannot_wrap():
                           prg._CtrThroughGcm)
 
 
+def test_a_backend_without_gcm_falls_back_to_ctr_with_the_same_bits(monkeypatch):
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    def no_gcm(*args, **kwargs):
+        raise UnsupportedAlgorithm("no GCM here")
+
+    expected = prg.keystream_bytes(KEY, 1000)
+    monkeypatch.setattr(prg, "_CtrThroughGcm", no_gcm)
+    assert prg.keystream_bytes(KEY, 1000) == expected == reference_stream(KEY, 1000)
+
+
 def test_output_is_writable_and_owned():
     a = prg.uniform_ring(KEY, 64, ring_bits=32)
     b = prg.uniform_ring(KEY, 64, ring_bits=32)
