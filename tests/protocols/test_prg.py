@@ -79,7 +79,8 @@ def test_uniform_ring_is_seamless_across_internal_chunks(ring_bits, length):
 
 
 @pytest.mark.parametrize("counter", [0, 1, 2, 3, 0xFFFFFFFE])
-@pytest.mark.parametrize("nbytes", [1, 16, 31, 33, 48, 1000, (1 << 22) + 5])
+@pytest.mark.parametrize("nbytes", [1, 16, 31, 33, 1000, prg._GCM_MIN_BYTES,
+                                    prg._GCM_MIN_BYTES + 17, (1 << 22) + 5])
 def test_keystream_equals_ctr_whichever_cipher_mode_produces_it(counter, nbytes):
     # counters 0-2 in the low 32 bits are produced through AES-GCM, others through AES-CTR
     nonce = bytes(range(200, 212)) + counter.to_bytes(4, "big")
@@ -89,14 +90,18 @@ def test_keystream_equals_ctr_whichever_cipher_mode_produces_it(counter, nbytes)
 @pytest.mark.parametrize("block", [1, 3, 8, 1024])
 def test_streamed_words_cross_the_ctr_prefix_of_the_gcm_stream(block):
     # the first two CTR blocks (8 words) come before GCM's stream: read them in small pieces
+    length = prg._GCM_MIN_BYTES // 4 + 3
     words = np.concatenate([w.copy() for w in prg.uniform_word_blocks(
-        KEY, 2000, ring_bits=32, block=block)])
-    np.testing.assert_array_equal(words, reference_ring(KEY, 2000, 32))
+        KEY, length, ring_bits=32, block=block)])
+    np.testing.assert_array_equal(words, reference_ring(KEY, length, 32))
 
 
-def test_gcm_is_used_only_where_its_32_bit_counter_cannot_wrap():
+def test_gcm_is_used_only_for_long_streams_whose_32_bit_counter_cannot_wrap():
     zero_nonce = bytes(16)
     assert isinstance(prg._encryptor(KEY, zero_nonce, "aes-256-ctr", 1 << 20), prg._CtrThroughGcm)
+    short = prg._GCM_MIN_BYTES - 1  # its setup would cost more than it saves
+    assert not isinstance(prg._encryptor(KEY, zero_nonce, "aes-256-ctr", short),
+                          prg._CtrThroughGcm)
     # blocks 0 .. 2^32 - 1 keep the carry out of the low 32 bits; block 2^32 would carry in
     # CTR and wrap in GCM, so a stream that reaches it goes through plain CTR
     longest = 16 << 32
