@@ -213,12 +213,16 @@ def uniform_word_blocks(
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ParameterError(f"block must be a positive int, got {block!r}")
     block = min(block, len(_ZERO_CHUNK) // dtype.itemsize)
-    stream = _WordStream(key, length, dtype, nonce, algorithm)
-    buffer = _word_buffer(dtype, min(block, length))
+    stream = _WordStream(key, length, dtype, nonce, algorithm)  # checks key, nonce, counter now
+    return _blocks(stream, _word_buffer(dtype, min(block, length)), length, block, ring_bits)
+
+
+def _blocks(stream: _WordStream, buffer: np.ndarray, length: int, block: int,
+            ring_bits: int) -> Iterator[np.ndarray]:
     for start in range(0, length, block):
         words = stream.read_into(buffer, min(block, length - start))
         if ring_bits not in (32, 64):
-            np.bitwise_and(words, dtype.type((1 << ring_bits) - 1), out=words)
+            np.bitwise_and(words, buffer.dtype.type((1 << ring_bits) - 1), out=words)
         yield words
 
 

@@ -115,4 +115,11 @@ def test_refuses_bad_keys_and_a_chacha20_counter_overflow():
         prg.add_uniform_rings(total, [(KEYS[0], 1)], ring_bits=32, nonce=near_end,
                               algorithm="chacha20")
     with pytest.raises(ParameterError, match="block"):
-        next(prg.uniform_word_blocks(KEYS[0], 10, ring_bits=32, block=0))
+        prg.uniform_word_blocks(KEYS[0], 10, ring_bits=32, block=0)
+
+
+def test_word_blocks_refuse_bad_arguments_when_called_not_when_first_read():
+    with pytest.raises(ParameterError, match="key"):
+        prg.uniform_word_blocks(b"short", 0, ring_bits=32)
+    with pytest.raises(ParameterError, match="ring_bits"):
+        prg.uniform_word_blocks(KEYS[0], 10, ring_bits=7)
