@@ -94,18 +94,17 @@ class _TimedSession:
 
 
 def host_costs(n: int, m: int, steps: int, unmaskers: tuple[str, ...] = ("host",), *,
-               masker: str = "device", turns: int = 1,
-               maskers: tuple[str, ...] | None = None,
+               maskers: tuple[str, ...] = ("device",), turns: int = 1,
                ) -> dict[tuple[str, str], tuple[float, float, float]]:
     """Median ms of (a step, its part outside the maskers, the server's unmasking) per
-    (masker, unmasker) pair (`maskers`, default just `masker`).
+    (masker, unmasker) pair.
 
     One session per pair, each warmed up by one step; then `turns` times each session runs
     `steps` steps in turn, so a noisy machine slows every pair alike.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sessions = {(mk, um): _TimedSession(n, m, um, mk, device)
-                for mk in (maskers or (masker,)) for um in unmaskers}
+                for mk in maskers for um in unmaskers}
     rng = np.random.default_rng(0)
     inputs = {c: torch.from_numpy(rng.normal(0, 0.1, m).astype(np.float32)).to(device)
               for c in range(n)}
@@ -121,7 +120,7 @@ def host_costs(n: int, m: int, steps: int, unmaskers: tuple[str, ...] = ("host",
 def host_cost(n: int, m: int, steps: int, *, unmasker: str = "host",
               masker: str = "device") -> tuple[float, float, float]:
     """Median ms of (a step, its part outside the maskers, the server's unmasking)."""
-    return host_costs(n, m, steps, (unmasker,), masker=masker)[masker, unmasker]
+    return host_costs(n, m, steps, (unmasker,), maskers=(masker,))[masker, unmasker]
 
 
 def _name_list(allowed: tuple[str, ...]):  # type: ignore[no-untyped-def]

@@ -164,7 +164,7 @@ def test_session_host_cost_interleaves_unmaskers_and_records_every_turn(monkeypa
         step(self, inputs, record=record)
 
     monkeypatch.setattr(bench._TimedSession, "step", logged)
-    costs = bench.host_costs(3, 64, 2, ("host", "none"), masker="fixed", turns=2)
+    costs = bench.host_costs(3, 64, 2, ("host", "none"), maskers=("fixed",), turns=2)
     assert order == ["warm fixed/host", "warm fixed/none", "fixed/host", "fixed/host",
                      "fixed/none", "fixed/none", "fixed/host", "fixed/host", "fixed/none",
                      "fixed/none"]
