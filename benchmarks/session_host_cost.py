@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                        maskers=args.masker, turns=args.turns)
     for (masker, name), (total, outside, server) in costs.items():
         print(f"n={args.clients} m={args.length} masker={masker}: session step "
-              f"{total:.1f} ms, outside the maskers {outside:.1f} ms, of which the server's "
+              f"{total:.1f} ms, outside the maskers {outside:.1f} ms (the difference, "
+              f"{total - outside:.1f} ms, is the maskers' with their downloads), of which the "
+              f"server's "
               f"unmasking ({name}) {server:.1f} ms (median of {args.steps * args.turns} steps, "
               f"{args.turns} turn{'s' * (args.turns > 1)} interleaved)")
     return 0
