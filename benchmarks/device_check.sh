@@ -1,8 +1,9 @@
 #!/bin/bash
 # Everything issue 6 measures on a CUDA machine, in two calls of at most 10 minutes each.
 #   bash benchmarks/device_check.sh OUT                           # call 1, 530-590 s
-#   STAGES="variants training simulate-graphs host-malloc" bash benchmarks/device_check.sh OUT
-#                                                                  # call 2, 370-455 s
+#   STAGES="variants simulate-graphs host-malloc" bash benchmarks/device_check.sh OUT
+#                                                                  # call 2, at most 275 s
+# (add `training` to call 2, 120 s more, when local training or distillation changed)
 # Call 1 (the default STAGES, "benchmark tests simulate server"): the device benchmark's default
 # sections (the issue's 5-minute table; device.md states the wall time) with profiles and sync
 # audits, the GPU and Triton tests (kernels first), a short `simulate` with device-side masking
