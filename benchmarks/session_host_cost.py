@@ -165,9 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"n={args.clients} m={args.length} masker={masker}: session step "
               f"{total:.1f} ms, outside the maskers {outside:.1f} ms (the difference, "
               f"{total - outside:.1f} ms, is the maskers' with their downloads), of which the "
-              f"server's "
-              f"unmasking ({name}) {server:.1f} ms (median of {args.steps * args.turns} steps, "
-              f"{args.turns} turn{'s' * (args.turns > 1)} interleaved)")
+              f"server's unmasking ({name}) {server:.1f} ms (median of {args.steps * args.turns} "
+              f"steps, {args.turns} turn{'s' * (args.turns > 1)} interleaved)")
     return 0
 
 

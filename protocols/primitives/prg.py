@@ -113,56 +113,6 @@ def _encryptor(key: bytes, nonce: bytes, algorithm: str, nbytes: int):  # type: 
     return Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
 
 
-def _fill(key: bytes, nonce: bytes, out: np.ndarray, nbytes: int, algorithm: str) -> None:
-    """Write the first nbytes of the keystream into out (a uint8 view with _SLACK spare bytes)."""
-    encryptor = _encryptor(key, nonce, algorithm, nbytes)
-    chunk = len(_ZERO_CHUNK)
-    for start in range(0, nbytes, chunk):  # loops over 4 MiB chunks, never over elements
-        stop = min(start + chunk, nbytes)
-        encryptor.update_into(_ZERO_CHUNK[: stop - start], out[start : stop + _SLACK])
-
-
-def keystream_bytes(
-    key: bytes, nbytes: int, *, nonce: bytes = bytes(NONCE_BYTES), algorithm: str = "aes-256-ctr"
-) -> bytes:
-    """First nbytes of the AES-256-CTR (or ChaCha20) keystream for (key, nonce)."""
-    _check_key_nonce(key, nonce)
-    _check_count(nbytes, "nbytes")
-    _check_algorithm(algorithm, nonce, nbytes)
-    out = np.empty(nbytes + _SLACK, dtype=np.uint8)
-    _fill(key, nonce, out, nbytes, algorithm)
-    return out[:nbytes].tobytes()
-
-
-def uniform_ring(
-    key: bytes,
-    length: int,
-    *,
-    ring_bits: int,
-    nonce: bytes = bytes(NONCE_BYTES),
-    algorithm: str = "aes-256-ctr",
-) -> np.ndarray:
-    """length uniform elements of Z_2^ring_bits (uint32 if ring_bits <= 32, else uint64).
-
-    Element i is keystream word i (4 bytes if ring_bits <= 32, else 8), read little-endian and
-    masked to ring_bits; the mask keeps each element exactly uniform since 2^k divides 2^32 / 2^64.
-    `algorithm` picks the keystream: "aes-256-ctr" (default) or "chacha20" (see the module doc).
-    """
-    _check_key_nonce(key, nonce)
-    _check_count(length, "length")
-    dtype = _ring_dtype(ring_bits)
-    width = dtype.itemsize
-    _check_algorithm(algorithm, nonce, length * width)
-    words = _word_buffer(dtype, length)
-    _fill(key, nonce, words.view(np.uint8), length * width, algorithm)
-    out = words[:length]
-    if not _LITTLE_ENDIAN:
-        out.byteswap(inplace=True)
-    if ring_bits not in (32, 64):
-        np.bitwise_and(out, dtype.type((1 << ring_bits) - 1), out=out)
-    return out
-
-
 def _ring_dtype(ring_bits: int) -> np.dtype:
     if isinstance(ring_bits, bool) or not isinstance(ring_bits, int):
         raise ParameterError(f"ring_bits must be an int, got {ring_bits!r}")
@@ -182,8 +132,11 @@ class _WordStream:
 
     def read_into(self, buffer: np.ndarray, count: int) -> np.ndarray:
         """The next count words, written to buffer (with _SLACK spare bytes) and returned."""
-        nbytes = count * buffer.itemsize
-        self._encryptor.update_into(_ZERO_CHUNK[:nbytes], buffer.view(np.uint8)[: nbytes + _SLACK])
+        nbytes, raw = count * buffer.itemsize, buffer.view(np.uint8)
+        chunk = len(_ZERO_CHUNK)
+        for start in range(0, nbytes, chunk):  # loops over 4 MiB chunks, never over elements
+            stop = min(start + chunk, nbytes)
+            self._encryptor.update_into(_ZERO_CHUNK[: stop - start], raw[start : stop + _SLACK])
         words = buffer[:count]
         if not _LITTLE_ENDIAN:
             words.byteswap(inplace=True)
@@ -192,6 +145,39 @@ class _WordStream:
 
 def _word_buffer(dtype: np.dtype, words: int) -> np.ndarray:
     return np.empty(words + -(-_SLACK // dtype.itemsize), dtype=dtype)
+
+
+def keystream_bytes(
+    key: bytes, nbytes: int, *, nonce: bytes = bytes(NONCE_BYTES), algorithm: str = "aes-256-ctr"
+) -> bytes:
+    """First nbytes of the AES-256-CTR (or ChaCha20) keystream for (key, nonce)."""
+    _check_count(nbytes, "nbytes")
+    dtype = np.dtype(np.uint8)
+    stream = _WordStream(key, nbytes, dtype, nonce, algorithm)
+    return stream.read_into(_word_buffer(dtype, nbytes), nbytes).tobytes()
+
+
+def uniform_ring(
+    key: bytes,
+    length: int,
+    *,
+    ring_bits: int,
+    nonce: bytes = bytes(NONCE_BYTES),
+    algorithm: str = "aes-256-ctr",
+) -> np.ndarray:
+    """length uniform elements of Z_2^ring_bits (uint32 if ring_bits <= 32, else uint64).
+
+    Element i is keystream word i (4 bytes if ring_bits <= 32, else 8), read little-endian and
+    masked to ring_bits; the mask keeps each element exactly uniform since 2^k divides 2^32 / 2^64.
+    `algorithm` picks the keystream: "aes-256-ctr" (default) or "chacha20" (see the module doc).
+    """
+    _check_count(length, "length")
+    dtype = _ring_dtype(ring_bits)
+    stream = _WordStream(key, length, dtype, nonce, algorithm)
+    out = stream.read_into(_word_buffer(dtype, length), length)
+    if ring_bits not in (32, 64):
+        np.bitwise_and(out, dtype.type((1 << ring_bits) - 1), out=out)
+    return out
 
 
 def uniform_word_blocks(
@@ -212,7 +198,6 @@ def uniform_word_blocks(
     _check_count(length, "length")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ParameterError(f"block must be a positive int, got {block!r}")
-    block = min(block, len(_ZERO_CHUNK) // dtype.itemsize)
     stream = _WordStream(key, length, dtype, nonce, algorithm)  # checks key, nonce, counter now
     return _blocks(stream, _word_buffer(dtype, min(block, length)), length, block, ring_bits)
 

@@ -57,8 +57,7 @@ def host_unmask(uploads: Sequence[np.ndarray], signed_seeds: Sequence[tuple[byte
     total = np.zeros(uploads[0].shape, dtype=codec.dtype)
     for upload in uploads:
         np.add(total, upload, out=total)
-    prg.add_uniform_rings(total, list(signed_seeds), ring_bits=codec.ring_bits,
-                          algorithm=codec.prg)
+    prg.add_uniform_rings(total, signed_seeds, ring_bits=codec.ring_bits, algorithm=codec.prg)
     return total
 
 
