@@ -10,8 +10,10 @@
 # and unmasking, then the simulated session's host cost with the server unmasking on the host
 # and on the GPU, uploads downloaded into pinned or pageable memory. Call 2: the step variants
 # (the padded stem and three inductor settings; slow compiles, so a run of their own), the
-# local-training and distillation steps, and `simulate` in bf16 without and with CUDA graphs for
-# training (--train-cuda-graphs), and the session's host cost again with glibc told to keep
+# local-training and distillation steps, `simulate` in bf16 as it is by default and with CUDA
+# graphs for training plus one graph for every client's dream step (--train-cuda-graphs on
+# --dream-graph one; report.json's per-phase seconds tell the two apart), and the session's
+# host cost again with glibc told to keep
 # freed memory (host-malloc; halves the protocol layer's time on our CPU when the uploads are
 # plain arrays, docs/gpu.md). Logs and results go to OUT (default benchmarks/results/device);
 # the variants' run to OUT/variants, the training steps' to OUT/train. Where the machine lacks
@@ -81,10 +83,11 @@ for name in $stages; do
             --step-variants "${VARIANTS:-pad-stem,coordesc,tile-reductions,autotune-pointwise}" ;;
     simulate-graphs)
         for graphs in off on; do
-            stage "simulate (bf16, training CUDA graphs $graphs)" "${SIMG_S:-60}" \
+            if [ $graphs = on ]; then extra="--dream-graph one"; else extra=""; fi
+            stage "simulate (bf16, training CUDA graphs $graphs $extra)" "${SIMG_S:-60}" \
                 "$out/sim-graphs-$graphs.log" python3 -c "from codream_secure.cli import main; \
-main()" simulate --device cuda --precision bf16 --train-cuda-graphs $graphs --baselines none \
-                --rounds 2 --dream-steps 10 --out "$out/sim-graphs-$graphs"
+main()" simulate --device cuda --precision bf16 --train-cuda-graphs $graphs $extra \
+                --baselines none --rounds 2 --dream-steps 10 --out "$out/sim-graphs-$graphs"
         done ;;
     training)
         stage "training steps" "${TRAIN_S:-120}" "$out/train.log" python3 -m benchmarks.device \

@@ -19,6 +19,7 @@ from codream_secure.config import (
     DP_MODES,
     DP_NOISE_KINDS,
     DP_UNITS,
+    DREAM_GRAPHS,
     FIELD_NAMES,
     MASKINGS,
     MODEL_CHOICES,
@@ -173,6 +174,13 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                           "On an H100 a ResNet-18 training step took 4.45 ms with graphs "
                           "against 11.89 ms without; not yet the default because no full "
                           "simulation has run with it on a GPU (docs/gpu.md)."),
+    "dream_graph": (click.Choice(DREAM_GRAPHS), "How the bf16 dream steps replay on CUDA: "
+                    "'per-client' (one CUDA graph per architecture group, launched in turn) or "
+                    "'one' (every client's step captured in one CUDA graph, one launch per "
+                    "dream step; needs CUDA and --precision bf16). In the device benchmark one "
+                    "graph took a plain 4-client round from 12.66 to 8.06 ms/step on an H100; "
+                    "not yet the default because no simulation has run with it on a GPU "
+                    "(docs/gpu.md)."),
     "seed": (click.INT, "Seed of partitions, model initialisation, dreams and dropouts. Masks "
              "never derive from it: they come from fresh cryptographic keys."),
     "threads": (click.INT, "CPU threads for torch (0 = torch's default)."),

@@ -24,6 +24,7 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 MASKINGS: tuple[str, ...] = ("auto", "host", "device")
 TRAIN_CUDA_GRAPHS: tuple[str, ...] = ("off", "on")
+DREAM_GRAPHS: tuple[str, ...] = ("per-client", "one")
 DP_UNITS: tuple[str, ...] = ("off", "client", "sample")
 DP_MODES: tuple[str, ...] = ("central", "distributed")
 DP_NOISE_KINDS: tuple[str, ...] = ("skellam", "discrete_gaussian")
@@ -80,6 +81,7 @@ class SimulationConfig:
     precision: str = "fp32"
     masking: str = "auto"
     train_cuda_graphs: str = "off"
+    dream_graph: str = "per-client"
     seed: int = 0
     threads: int = 0
     out: str = "runs/latest"
@@ -162,11 +164,17 @@ class SimulationConfig:
                               "use --device cpu or auto")
         _choice("train_cuda_graphs", self.train_cuda_graphs, TRAIN_CUDA_GRAPHS)
         if self.train_cuda_graphs == "on":
-            no_cuda = self.device == "cpu" or (self.device == "auto" and not _cuda_available())
-            if no_cuda or self.precision != "bf16":
-                found = "no CUDA device" if no_cuda else f"precision {self.precision!r}"
-                raise ConfigError("train_cuda_graphs: 'on' graphs the compiled bf16 training "
-                                  f"path, which needs CUDA and --precision bf16; got {found}")
+            self._need_cuda_bf16("train_cuda_graphs: 'on' graphs the compiled bf16 training path")
+        _choice("dream_graph", self.dream_graph, DREAM_GRAPHS)
+        if self.dream_graph == "one":
+            self._need_cuda_bf16("dream_graph: 'one' captures every client's compiled bf16 "
+                                 "dream step in one CUDA graph")
+
+    def _need_cuda_bf16(self, what: str) -> None:
+        no_cuda = self.device == "cpu" or (self.device == "auto" and not _cuda_available())
+        if no_cuda or self.precision != "bf16":
+            found = "no CUDA device" if no_cuda else f"precision {self.precision!r}"
+            raise ConfigError(f"{what}, which needs CUDA and --precision bf16; got {found}")
 
     def _validate_dp(self) -> None:
         _choice("dp", self.dp, DP_UNITS)

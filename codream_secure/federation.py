@@ -258,6 +258,7 @@ class CoDreamSettings:
     use_bn_statistics: bool = True
     precision: str = "fp32"
     train_cuda_graphs: str = "off"
+    dream_graph: str = "per-client"
 
 
 class CoDreamFederation:
@@ -329,28 +330,39 @@ class CoDreamFederation:
     def _dream_gradients(self, clients: list[int], x: torch.Tensor) -> list[torch.Tensor]:
         """Each client's grad_x of its dream loss: the reference fp32 path, or the fast path
         (bf16; clients sharing an architecture in one vmapped step; on CUDA compiled with CUDA
-        graphs)."""
+        graphs, one per group or, with dream_graph="one", one for every client)."""
         if self.s.precision == "fp32":
             return [dream_gradient(self.models[c], x, self.weights,
                                    use_bn_statistics=self.s.use_bn_statistics) for c in clients]
+        from .gpu.fast_dream import FastDreamStep
+
         grads: dict[int, torch.Tensor] = {}
-        for group, step in self._fast_path():
+        for group, step in self._fast_path(tuple(x.shape)):
             if not any(c in clients for c in group):
                 continue
-            if len(group) == 1:
-                grads[group[0]] = step(x)
-                continue
-            # the whole group runs (one vmapped pass); a member that dropped is discarded
-            for c, grad in zip(group, step(x), strict=True):
+            # the whole group runs (one vmapped pass, one graph); a member that dropped is
+            # discarded
+            out = step(x)
+            for c, grad in zip(group, [out] if isinstance(step, FastDreamStep) else out,
+                               strict=True):
                 grads[c] = grad
         return [grads[c] for c in clients]
 
-    def _fast_path(self) -> list[tuple[list[int], object]]:
-        """(clients, step) per architecture, built once: on CUDA it compiles and captures graphs."""
+    def _fast_path(self, x_shape: tuple[int, ...]) -> list[tuple[list[int], object]]:
+        """(clients, step) per architecture, or one graphed step for all clients (dream_graph
+        "one"), built once: on CUDA it compiles and captures graphs."""
         if self._fast_steps is None:
             from .gpu.fast_dream import BatchedDreamStep, FastDreamStep, group_by_architecture
 
             options = {"use_bn_statistics": self.s.use_bn_statistics, "precision": "bf16"}
+            if self.s.dream_graph == "one":
+                from .gpu.graphed import GraphedDreamGradients
+
+                graphed = GraphedDreamGradients(self.models, x_shape, self.weights,
+                                                groups=group_by_architecture(self.models),
+                                                **options)
+                self._fast_steps = [(list(range(self.n)), graphed)]
+                return self._fast_steps
             self._fast_steps = []
             for group in group_by_architecture(self.models):
                 models = [self.models[c] for c in group]

@@ -308,7 +308,7 @@ def graphed_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     graphed(x0)  # compile, warm up, capture
     sync(device)
     capture = time.perf_counter() - start
-    variants = aggregators(len(graphed.steps), x0.numel(), args, device,
+    variants = aggregators(graphed.n_models, x0.numel(), args, device,
                            every_kernel_variant=False)
     median, times, checks, failed, warm = time_round(graphed, x0, variants, args, device)
     replay = timed_ms(lambda: graphed(x0), device, iters=args.iters)

@@ -318,15 +318,17 @@ class BatchedDreamStep:
                  channels_last: bool = False, compile_model: bool = False,
                  cudnn_benchmark: bool = True, fullgraph: bool = True,
                  compile_backend: str = "inductor", bn_moments: BnMoments = "var_mean",
-                 compile_options: Mapping[str, object] | None = None) -> None:
+                 compile_options: Mapping[str, object] | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.models = list(models)
         if not self.models:
             raise ConfigError("BatchedDreamStep needs at least one model")
         _check_same_architecture(self.models)
         self.weights = weights or DreamLossWeights()
+        # cuda_graphs=False: compiled without graphs of its own, for capture into a larger one
         self.config = _Config(_model_device(self.models[0]), precision, channels_last,
                               compile_model, cudnn_benchmark, fullgraph, compile_backend,
-                              compile_options)
+                              compile_options, cuda_graphs)
         self._tape: list[torch.Tensor] | None = [] if use_bn_statistics else None
         self._skeleton = _skeleton(self.models[0], self._tape, bn_moments)
         self._stacked: dict[str, torch.Tensor] | None = None

@@ -5,7 +5,8 @@ client's replay in turn; a small client's step is likely shorter than that host 
 device would idle between clients (session 2 measured the plain round 2.8-5.2 ms/step slower
 than the clients' steps alone; where that time goes is not yet profiled). Here each client's
 step is compiled without graphs of its own and all of them are captured into one graph,
-replayed with one launch per dream step.
+replayed with one launch per dream step. Clients sharing an architecture may form one
+vmapped step inside the graph (`groups`), as simulate's fast path does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from codream_secure.dreams import DreamLossWeights
 from codream_secure.errors import ConfigError
-from codream_secure.gpu.fast_dream import FastDreamStep
+from codream_secure.gpu.fast_dream import BatchedDreamStep, FastDreamStep
 
 __all__ = ["GraphedDreamGradients"]
 
@@ -29,23 +30,37 @@ class GraphedDreamGradients:
     graphs. Warm-up calls (compilation, cuDNN's algorithm search) run before the capture on
     a side stream, as capture forbids both. The graph reads the models' parameters in place, so
     optimiser steps and load_state_dict are seen; a parameter that moved to new memory (a
-    replaced tensor, a memory-format change) makes the next call capture again.
+    replaced tensor, a memory-format change) makes the next call capture again. `groups`
+    (model indices; default one per model) puts each group of two or more, which must share an
+    architecture, into one vmapped BatchedDreamStep; its stacked copy of the parameters is
+    rebuilt, and the graph captured again, after a model's tensors change.
     """
 
     def __init__(self, models: Sequence[nn.Module], x_shape: Sequence[int],
                  weights: DreamLossWeights | None = None, *, warmup: int = 3,
+                 groups: Sequence[Sequence[int]] | None = None,
                  **step_options: object) -> None:
         if not models:
             raise ConfigError("GraphedDreamGradients needs at least one model")
+        groups = [[i] for i in range(len(models))] if groups is None else [
+            list(g) for g in groups]
+        order = [i for g in groups for i in g]
+        if sorted(order) != list(range(len(models))) or not all(groups):
+            raise ConfigError(f"groups must cover models 0..{len(models) - 1} once each, got "
+                              f"{groups}")
         devices = {p.device for m in models for p in m.parameters()}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
             raise ConfigError("GraphedDreamGradients captures a CUDA graph: every model must be "
                               f"on one CUDA device, got {sorted(map(str, devices))}")
         if warmup < 1:
             raise ConfigError(f"warmup must be at least 1 call, got {warmup}")
-        self.device, self.warmup = next(iter(devices)), warmup
-        self.steps = [FastDreamStep.optimised(m, weights, **{**step_options, "cuda_graphs": False})
-                      for m in models]
+        self.device, self.warmup, self.n_models = next(iter(devices)), warmup, len(models)
+        options = {**step_options, "cuda_graphs": False}
+        self.steps: list[FastDreamStep | BatchedDreamStep] = [
+            FastDreamStep.optimised(models[g[0]], weights, **options) if len(g) == 1 else
+            BatchedDreamStep.optimised([models[i] for i in g], weights, **options)
+            for g in groups]
+        self._order = order  # the graph's k-th gradient is model order[k]'s
         self.static_x = torch.zeros(tuple(x_shape), device=self.device)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._flat: torch.Tensor | None = None  # every gradient, in the graph's memory
@@ -68,7 +83,8 @@ class GraphedDreamGradients:
         self._captured = [step._state() for step in self.steps]
 
     def _stale(self) -> bool:
-        # _state() returns the same dict until a parameter's memory or layout changes
+        # _state() returns the same dict until a parameter's memory or layout changes (a
+        # batched step's: until a model's tensors change, which restacks its parameters)
         return self._graph is None or any(
             step._state() is not captured
             for step, captured in zip(self.steps, self._captured, strict=True))
@@ -88,4 +104,13 @@ class GraphedDreamGradients:
         self.static_x.copy_(x)
         assert self._graph is not None and self._flat is not None
         self._graph.replay()
-        return list(self._flat.clone().view(len(self.steps), *self.static_x.shape).unbind())
+        grads = self._flat.clone().view(self.n_models, *self.static_x.shape).unbind()
+        return in_model_order(grads, self._order)
+
+
+def in_model_order(grads: Sequence[torch.Tensor], order: Sequence[int]) -> list[torch.Tensor]:
+    """Gradients listed in the graph's order (`order[k]` is the k-th's model) by model index."""
+    out: list[torch.Tensor | None] = [None] * len(order)
+    for model, grad in zip(order, grads, strict=True):
+        out[model] = grad
+    return out  # type: ignore[return-value]

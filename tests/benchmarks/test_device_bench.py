@@ -89,8 +89,8 @@ def test_training_rows_time_each_job_eager_and_traced_from_one_initial_model(tmp
 
 
 def test_graphed_round_rows_on_a_cpu_stand_in(monkeypatch):
-    # GraphedDreamGradients needs CUDA; a stand-in with its interface (steps, a call returning
-    # every client's gradient) runs the section's timing, checks and table code here
+    # GraphedDreamGradients needs CUDA; a stand-in with its interface (n_models, a call
+    # returning every client's gradient) runs the section's timing, checks and table code here
     import argparse
 
     from benchmarks.device import rounds
@@ -100,6 +100,7 @@ def test_graphed_round_rows_on_a_cpu_stand_in(monkeypatch):
     class StandIn:
         def __init__(self, models, x_shape, weights):
             self.steps = [FastDreamStep(m, weights) for m in models]
+            self.n_models = len(self.steps)
 
         def __call__(self, x):
             return [step(x) for step in self.steps]

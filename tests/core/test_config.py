@@ -109,6 +109,7 @@ BAD_VALUES = [
     ({"precision": "fp8"}, "precision", "bf16"),
     ({"masking": "gpu"}, "masking", "device"),
     ({"train_cuda_graphs": "yes"}, "train_cuda_graphs", "on"),
+    ({"dream_graph": "shared"}, "dream_graph", "per-client"),
     ({"seed": -1}, "seed", "at least 0"),
     ({"threads": -2}, "threads", "at least 0"),
     ({"out": ""}, "out", "non-empty"),
@@ -145,7 +146,10 @@ def test_cuda_without_a_device_is_a_config_error(monkeypatch: pytest.MonkeyPatch
     assert SimulationConfig(device="cuda").device == "cuda"
 
 
-def test_training_cuda_graphs_need_cuda_and_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("field", "on", "off"), [("train_cuda_graphs", "on", "off"),
+                                                   ("dream_graph", "one", "per-client")])
+def test_cuda_graph_options_need_cuda_and_bf16(monkeypatch: pytest.MonkeyPatch, field: str,
+                                               on: str, off: str) -> None:
     import torch
 
     from codream_secure.simulation import _settings
@@ -153,14 +157,14 @@ def test_training_cuda_graphs_need_cuda_and_bf16(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for overrides, found in [({"device": "cpu", "precision": "bf16"}, "no CUDA device"),
                              ({"device": "auto", "precision": "bf16"}, "no CUDA device")]:
-        with pytest.raises(ConfigError, match=rf"^train_cuda_graphs: .*got {found}"):
-            SimulationConfig(train_cuda_graphs="on", **overrides)
+        with pytest.raises(ConfigError, match=rf"^{field}: .*got {found}"):
+            SimulationConfig(**{field: on}, **overrides)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(ConfigError, match=r"^train_cuda_graphs: .*got precision 'fp32'"):
-        SimulationConfig(train_cuda_graphs="on", device="cuda")
-    config = SimulationConfig(train_cuda_graphs="on", device="auto", precision="bf16")
-    assert _settings(config).train_cuda_graphs == "on"  # reaches the federation
-    assert _settings(SimulationConfig()).train_cuda_graphs == "off"
+    with pytest.raises(ConfigError, match=rf"^{field}: .*got precision 'fp32'"):
+        SimulationConfig(**{field: on}, device="cuda")
+    config = SimulationConfig(**{field: on}, device="auto", precision="bf16")
+    assert getattr(_settings(config), field) == on  # reaches the federation
+    assert getattr(_settings(SimulationConfig()), field) == off
 
 
 def _toml(tmp_path: Path, text: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -255,6 +256,90 @@ def test_batched_fast_path_gives_each_client_its_own_gradient(tmp_path, monkeypa
                                        "paillier"])
     assert result.exit_code == 2 and "masking" in result.output
     assert "Traceback" not in result.output
+
+
+def test_one_graph_for_all_clients_gives_each_client_its_own_gradient(tmp_path, monkeypatch):
+    # dream_graph="one" needs CUDA; a CPU stand-in for GraphedDreamGradients runs the same
+    # groups eagerly and returns the real class's ordering, so simulate's wiring is what runs
+    from codream_secure import simulation
+    from codream_secure.gpu import graphed
+    from codream_secure.gpu.fast_dream import BatchedDreamStep, FastDreamStep
+
+    built = []
+
+    class StandIn:
+        def __init__(self, models, x_shape, weights, *, groups, **options):
+            built.append(([list(g) for g in groups], options, tuple(x_shape)))
+            self.steps = [FastDreamStep(models[g[0]], weights) if len(g) == 1 else
+                          BatchedDreamStep([models[i] for i in g], weights) for g in groups]
+            self.order = [i for g in groups for i in g]
+
+        def __call__(self, x):
+            rows = []
+            for step in self.steps:
+                out = step(x)
+                rows += [out] if out.dim() == x.dim() else list(out.unbind())
+            return graphed.in_model_order(rows, self.order)
+
+    real_settings = simulation._settings
+    monkeypatch.setattr(simulation, "_settings",
+                        lambda config: replace(real_settings(config), dream_graph="one"))
+    monkeypatch.setattr(graphed, "GraphedDreamGradients", StandIn)
+    real = CoDreamFederation._dream_gradients
+    checked = []
+
+    def spy(self, clients, x):
+        grads = real(self, clients, x)
+        refs = {c: dream_gradient(self.models[c], x, self.weights) for c in range(self.n)}
+        for c, grad in zip(clients, grads, strict=True):
+            others = [float((grad - refs[o]).norm() / refs[o].norm()) for o in refs if o != c]
+            checked.append((float((grad - refs[c]).norm() / refs[c].norm()), min(others)))
+        return grads
+
+    monkeypatch.setattr(CoDreamFederation, "_dream_gradients", spy)
+    # groups {0, 2} (smallcnn) and {1} (resnet8) and {3} (wrn16_1); client 2 drops out
+    report = _run(tmp_path, "one-graph", precision="bf16", rounds=1, baselines=(), clients=4,
+                  models=("smallcnn", "resnet8", "smallcnn", "wrn16_1"), dream_steps=2,
+                  dropout_clients=(2,)).report
+    assert len(built) == 1 and built[0][0] == [[0, 2], [1], [3]]  # built once, grouped
+    assert built[0][1] == {"use_bn_statistics": True, "precision": "bf16"}
+    assert report["rounds"][1]["included_in_dreams"] == [0, 1, 3]
+    assert len(checked) == 6  # 2 steps x 3 members: the dropped client's gradient is unused
+    for own, other in checked:
+        assert own < 1e-5 < other  # the stand-in's steps are fp32: its own gradient, exactly
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_with_one_dream_graph_for_all_clients(tmp_path, monkeypatch):
+    from codream_secure.gpu.graphed import GraphedDreamGradients
+
+    used = []
+    real = CoDreamFederation._dream_gradients
+
+    def spy(self, clients, x):
+        used.append(type(self._fast_path(tuple(x.shape))[0][1]))
+        return real(self, clients, x)
+
+    monkeypatch.setattr(CoDreamFederation, "_dream_gradients", spy)
+    report = _run(tmp_path, "cuda-one-graph", device="cuda", precision="bf16",
+                  dream_graph="one", rounds=2, baselines=(), clients=4,
+                  models=("smallcnn", "resnet8"), dropout_clients=(3,)).report
+    assert used and set(used) == {GraphedDreamGradients}
+    assert all(r["included_in_dreams"] == [0, 1, 2] for r in report["rounds"][1:])
+    agg = report["aggregator"]
+    assert agg["measured"]["max_abs_error_vs_plain"] <= max(agg["error_bound_per_step"].values())
+    assert 0.0 <= report["final"]["codream"]["mean_accuracy"] <= 1.0
+
+
+def test_graph_order_puts_each_gradient_at_its_model():
+    from codream_secure.gpu.graphed import in_model_order
+
+    grads = [torch.full((2,), float(k)) for k in range(4)]
+    out = in_model_order(grads, [0, 2, 1, 3])  # the graph ran group [0, 2], then 1, then 3
+    assert [float(g[0]) for g in out] == [0.0, 2.0, 1.0, 3.0]
+    with pytest.raises(ValueError):
+        in_model_order(grads, [0, 1])
 
 
 def test_tiny_run_on_the_bf16_fast_path(tmp_path):
