@@ -13,7 +13,7 @@ import numpy as np
 
 from .codec import FixedPointCodec
 from .dp import DPSpec
-from .errors import NonFiniteInputError, ParameterError
+from .errors import NonFiniteInputError, ParameterError, TooFewSurvivorsError
 from .graph import (
     COMPLETE_GRAPH_BELOW,
     NeighbourGraph,
@@ -21,6 +21,7 @@ from .graph import (
     complete_graph,
     harary_graph,
 )
+from .inputs import check_count, check_step_inputs, real_array
 from .network import Dropout, FaultPlan, InProcessNetwork, Stage, Traffic
 from .primitives.kdf import derive_key
 from .secagg.client import Masker, RingNoise, SecAggClient
@@ -79,11 +80,14 @@ def default_threshold(n_clients: int) -> int:
 
 
 def check_vectors(vectors: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-    """Stack client vectors into an n x m float array, refusing ragged or non-finite input."""
-    try:
-        stacked = np.stack([np.asarray(v, dtype=np.float64).reshape(-1) for v in vectors])
-    except ValueError as error:
-        raise ParameterError(f"client vectors must all have the same length ({error})") from None
+    """Stack client vectors into an n x m float array, refusing ragged, complex, non-numeric
+    or non-finite input."""
+    rows = [real_array(v, who=f"client {c}'s vector").reshape(-1)
+            for c, v in enumerate(vectors)]
+    if len({row.size for row in rows}) > 1:
+        raise ParameterError(f"client vectors must all have the same length, got sizes "
+                             f"{sorted({row.size for row in rows})}")
+    stacked = np.stack(rows).astype(np.float64, copy=False) if rows else np.empty((0, 0))
     if stacked.shape[0] < 2:
         raise ParameterError(f"a secure sum needs at least 2 clients, got {stacked.shape[0]}")
     bad = ~np.isfinite(stacked)
@@ -116,12 +120,17 @@ def plan_parameters(n_clients: int, *, protocol: str, threshold: int | None = No
     if protocol == "secagg" or degree == n_clients - 1 or small:
         # SecAgg+ uses the complete graph for small n anyway (it costs no more); the
         # majority threshold then applies, as for SecAgg.
-        return None, threshold or default_threshold(n_clients)
+        return None, _given(threshold, default_threshold(n_clients))
     if degree is not None:
-        return degree, threshold or degree // 2 + 1
+        return degree, _given(threshold, degree // 2 + 1)
     params = choose_parameters(n_clients, dropout_rate=expected_dropout,
                                corrupt_rate=corrupt_rate)
-    return (None if params.complete else params.degree), threshold or params.threshold
+    return (None if params.complete else params.degree), _given(threshold, params.threshold)
+
+
+def _given(threshold: int | None, default: int) -> int:
+    """The caller's threshold (0 included, which the server refuses), else the default."""
+    return default if threshold is None else threshold
 
 
 class SecAggSession:
@@ -142,10 +151,8 @@ class SecAggSession:
                  unmasker: Unmasker | None = None) -> None:
         if protocol not in ("secagg", "secagg+"):
             raise ParameterError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
-        if n_clients < 2:
-            raise ParameterError(f"secure aggregation needs at least 2 clients, got {n_clients}")
-        if vector_length < 1:
-            raise ParameterError(f"vector length must be positive, got {vector_length}")
+        check_count("secure aggregation's number of clients", n_clients, low=2)
+        check_count("vector_length", vector_length)
         self.codec = FixedPointCodec.for_clients(
             n_clients, clip=clip, ring_bits=ring_bits, scale_bits=scale_bits, rounding=rounding,
             headroom=0.0 if noise is None else noise.headroom, prg=prg)
@@ -154,6 +161,7 @@ class SecAggSession:
                                       corrupt_rate=corrupt_rate)
         self.protocol, self.n_clients, self.vector_length = protocol, n_clients, vector_length
         self._pending: dict[int, np.ndarray] = {}
+        self._masked_elsewhere = frozenset(maskers or {})
         self.server = SecAggServer(graph=graph, threshold=threshold, codec=self.codec,
                                    vector_length=vector_length, unmasker=unmasker)
         clients = {
@@ -199,18 +207,36 @@ class SecAggSession:
         """Sum one vector per active client.
 
         Active clients missing from `inputs` drop before uploading; those in `drop_after_upload`
-        upload and then fall silent (their self masks are recovered from shares).
+        upload and then fall silent (their self masks are recovered from shares). Inputs no
+        client could send (an unknown id, a wrong length, NaN) are refused before any message.
         """
+        dropping = check_step_inputs(inputs, drop_after_upload, active=self.active,
+                                     length=self.vector_length, floats_only=True,
+                                     masked_elsewhere=self._masked_elsewhere)
         upcoming = self.server.last_step + 1
         self.network.add_dropouts(
             [Dropout(c, upcoming, Stage.UPLOAD) for c in self.active if c not in inputs]
-            + [Dropout(c, upcoming, Stage.SHARES) for c in drop_after_upload]
+            + [Dropout(c, upcoming, Stage.SHARES) for c in dropping]
         )
         self._pending = dict(inputs)
         try:
-            return self.network.step()
+            outcome = self.network.step()
+        except TooFewSurvivorsError as error:
+            self._refuse_masker_errors(upcoming, cause=error)
+            raise
         finally:
             self._pending = {}
+        self._refuse_masker_errors(upcoming)
+        return outcome
+
+    def _refuse_masker_errors(self, step: int, *, cause: Exception | None = None) -> None:
+        """A device masker that refused its client's vector mid-step: no sum is returned."""
+        for when, client, error in self.network.refusals:
+            if when == step and isinstance(error, NonFiniteInputError):
+                raise NonFiniteInputError(
+                    f"client {client}'s masker refused its vector at step {step} ({error}); "
+                    "the client has left the session and the step's sum is discarded"
+                ) from cause
 
 
 def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "secagg+",

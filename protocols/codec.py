@@ -32,12 +32,12 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _max_abs_encoded(clip: float, scale_bits: int) -> int:
+def _max_abs_encoded(clip: float | Fraction, scale_bits: int) -> int:
     """ceil(R * 2^f) + 1: the largest |encoding| of one clipped value, with a spare unit."""
     return math.ceil(Fraction(clip) * (1 << scale_bits)) + 1
 
 
-def _fits(n: int, clip: float, scale_bits: int, ring_bits: int) -> bool:
+def _fits(n: int, clip: float | Fraction, scale_bits: int, ring_bits: int) -> bool:
     return n * _max_abs_encoded(clip, scale_bits) <= (1 << (ring_bits - 1)) - 1
 
 
@@ -87,7 +87,7 @@ class FixedPointCodec:
         """
         _check_n(n_clients)
         clip = _checked_clip(clip)
-        room = clip + _checked_headroom(headroom)
+        room = _room(clip, headroom)
         _check_ring_bits(ring_bits)
         if scale_bits is None:
             scale_bits = _largest_scale_bits(n_clients, room, ring_bits)
@@ -107,7 +107,7 @@ class FixedPointCodec:
         # roundings; the +1 is a spare unit. With headroom H, an encoding plus integer noise of
         # at most ceil(H 2^f) stays within ceil(R 2^f) + ceil(H 2^f) <= ceil((R + H) 2^f) + 1.
         _check_n(n_clients)
-        room = self.clip + _checked_headroom(headroom)
+        room = _room(self.clip, headroom)
         if not _fits(n_clients, room, self.scale_bits, self.ring_bits):
             raise _budget_error(n_clients, room, self.scale_bits, self.ring_bits, headroom)
 
@@ -263,6 +263,11 @@ def _checked_clip(clip: float) -> float:
     return float(clip)
 
 
+def _room(clip: float, headroom: float) -> Fraction:
+    """clip + headroom, exactly: a float sum may round down, and at 64 bits one unit matters."""
+    return Fraction(clip) + Fraction(_checked_headroom(headroom))
+
+
 def _checked_headroom(headroom: float) -> float:
     if isinstance(headroom, bool) or not isinstance(headroom, (int, float)):
         raise ParameterError(f"headroom must be a finite float >= 0, got {headroom!r}")
@@ -321,7 +326,7 @@ def _raise_non_finite(flat: np.ndarray) -> None:
     )
 
 
-def _largest_scale_bits(n: int, clip: float, ring_bits: int) -> int | None:
+def _largest_scale_bits(n: int, clip: float | Fraction, ring_bits: int) -> int | None:
     """Largest f <= MAX_SCALE_BITS with n * (ceil(R 2^f) + 1) <= 2^(k-1) - 1, or None."""
     if not _fits(n, clip, 0, ring_bits):
         return None
@@ -335,7 +340,7 @@ def _largest_scale_bits(n: int, clip: float, ring_bits: int) -> int | None:
     return lo
 
 
-def _budget_error(n: int, clip: float, scale_bits: int, ring_bits: int,
+def _budget_error(n: int, clip: float | Fraction, scale_bits: int, ring_bits: int,
                   headroom: float = 0.0) -> OverflowBudgetError:
     """The refusal, with what would fit instead (`clip` includes any noise `headroom`)."""
     limit = (1 << (ring_bits - 1)) - 1
@@ -350,7 +355,7 @@ def _budget_error(n: int, clip: float, scale_bits: int, ring_bits: int,
     if wider is not None:
         advice.append(f"ring_bits >= {wider} fits them at scale_bits={scale_bits}")
     return OverflowBudgetError(
-        f"the sum of n={n} clipped inputs can wrap with clip={clip}"
+        f"the sum of n={n} clipped inputs can wrap with clip={float(clip)}"
         + (f" (including {headroom:g} of noise headroom)" if headroom else "")
         + f", scale_bits={scale_bits}, "
         f"ring_bits={ring_bits}: n * (ceil(clip * 2^scale_bits) + 1) = {n * per_client} "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ParameterError, ProtocolError
+from .inputs import check_count, check_step_inputs
 from .network import Dropout, FaultPlan, Stage, Traffic
 from .paillier_packing import SlotLayout
 from .paillier_roles import (
@@ -64,15 +65,16 @@ class _Clock:
 class PaillierSession:
     """A multi-step packed-Paillier session with SecAggSession's surface.
 
-    One key holder, one server and n clients in process, talking in bytes. `threshold` is 1 (a
-    step needs one upload) and `degree` is 0 (clients share no pairwise keys). Every client stays
-    `active`: one that misses a step may send in the next. `key_bits` is ignored when `keypair`
-    (from generate_keypair) is given. `noise(client, step, length)` returns int64 noise in
-    fixed-point units, |noise| <= noise_bound, added to the client's encoding before packing.
+    One key holder, one server and n clients in process, talking in bytes. The key holder
+    decrypts only sums of at least `quorum` uploads (`threshold` reports it; 1 by default, and
+    what distributed DP noise is sized for), and `degree` is 0 (clients share no pairwise
+    keys). Every client stays `active`: one that misses a step may send in the next.
+    `key_bits` is ignored when `keypair` (from generate_keypair) is given. `noise(client, step,
+    length)` returns int64 noise in fixed-point units, |noise| <= noise_bound, added to the
+    client's encoding before packing.
     """
 
     protocol = "paillier"
-    threshold = 1
     degree = 0
 
     def __init__(self, n_clients: int, vector_length: int, *, clip: float,
@@ -80,14 +82,13 @@ class PaillierSession:
                  ring_bits: int = 32, rounding: str = "stochastic",
                  rounding_seed: bytes | None = None, noise: Noise | None = None,
                  noise_bound: int = 0, workers: int | None = None, keypair: Keypair | None = None,
-                 guard_bits: int = 1, unsafe_small_keys: bool = False) -> None:
-        if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 2:
-            raise ParameterError(f"secure aggregation needs at least 2 clients, got {n_clients}")
-        if isinstance(vector_length, bool) or not isinstance(vector_length, int) \
-                or vector_length < 1:
-            raise ParameterError(f"vector length must be positive, got {vector_length}")
-        if isinstance(noise_bound, bool) or not isinstance(noise_bound, int) or noise_bound < 0:
-            raise ParameterError(f"noise_bound must be an int >= 0, got {noise_bound!r}")
+                 guard_bits: int = 1, unsafe_small_keys: bool = False, quorum: int = 1) -> None:
+        check_count("secure aggregation's number of clients", n_clients, low=2)
+        check_count("vector_length", vector_length)
+        check_count("noise_bound", noise_bound, low=0)
+        if check_count("quorum", quorum) > n_clients:
+            raise ParameterError(f"quorum must be at most the {n_clients} clients, got {quorum}")
+        self.threshold = quorum
         if noise is not None and not callable(noise):
             raise ParameterError("noise must be None or a callable (client, step, length)")
         self.n_clients, self.vector_length = n_clients, vector_length
@@ -97,7 +98,7 @@ class PaillierSession:
         self.traffic = PaillierTraffic.zeros(n_clients)
         self.refusals: list[tuple[int, int, ProtocolError]] = []  # (step, client, error)
         with _Clock() as clock:
-            self.key_holder = PaillierKeyHolder(keypair, key_bits=key_bits,
+            self.key_holder = PaillierKeyHolder(keypair, key_bits=key_bits, quorum=quorum,
                                                 unsafe_small_keys=unsafe_small_keys)
             announcement = self.key_holder.announce()
         self.traffic.key_holder_seconds += clock.seconds
@@ -141,9 +142,8 @@ class PaillierSession:
 
         Clients in `drop_after_upload` still count: Paillier needs nothing from them afterwards.
         """
-        unknown = (set(inputs) | set(drop_after_upload)) - self.active
-        if unknown:
-            raise ParameterError(f"unknown client ids {sorted(unknown)}")
+        check_step_inputs(inputs, drop_after_upload, active=self.active,
+                          length=self.vector_length, floats_only=True)
         t = self.traffic
         with _Clock() as clock:
             request = self.server.open_step()

@@ -207,10 +207,13 @@ def _check_residues(values: Sequence[int], bound: int) -> None:
 # ---- roles ------------------------------------------------------------------------------------
 
 class PaillierKeyHolder:
-    """The decryptor: holds the private key and decrypts aggregates only, once per step."""
+    """The decryptor: holds the private key and decrypts aggregates only, once per step, and
+    only of at least `quorum` clients (a sum of fewer may carry too little DP noise)."""
 
     def __init__(self, keypair: Keypair | None = None, *, key_bits: int = DEFAULT_KEY_BITS,
-                 unsafe_small_keys: bool = False) -> None:
+                 unsafe_small_keys: bool = False, quorum: int = 1) -> None:
+        if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 1:
+            raise ParameterError(f"quorum must be an int >= 1, got {quorum!r}")
         public, private = keypair or generate_keypair(key_bits,
                                                       unsafe_small_keys=unsafe_small_keys)
         if (not isinstance(public, PaillierPublicKey) or not isinstance(private, PaillierPrivateKey)
@@ -220,7 +223,7 @@ class PaillierKeyHolder:
         check_key_bits(public.n.bit_length(), unsafe_small_keys=unsafe_small_keys)
         self.session_id = os.urandom(SESSION_ID_BYTES)
         self._modulus, self._private = public.n, private
-        self._last_step = 0
+        self._last_step, self.quorum = 0, quorum
 
     def announce(self) -> bytes:
         """The public key message for the server."""
@@ -236,7 +239,10 @@ class PaillierKeyHolder:
         if msg.width != _width(self._modulus):
             raise MalformedMessageError(f"ciphertexts must be {_width(self._modulus)} bytes")
         _check_residues(msg.values, self._modulus**2)
-        self._last_step = msg.step
+        self._last_step = msg.step  # a refused step stays spent: no retry with padded members
+        if len(msg.members) < self.quorum:
+            raise TooFewSurvivorsError(needed=self.quorum, remaining=len(msg.members),
+                                       context=f"key holder, step {msg.step}")
         plain = tuple(self._private.raw_decrypt(c) for c in msg.values)
         return Ciphertexts(self.session_id, msg.step, Ciphertexts.PLAINTEXT, msg.members,
                            -(-self._modulus.bit_length() // 8), plain).encode()

@@ -14,6 +14,7 @@ import numpy as np
 
 from .dp import DPSpec, accounting_noise_multiplier, add_central_noise, check_contributors, clip_l2
 from .errors import ParameterError
+from .inputs import check_step_inputs
 from .network import Traffic
 from .registry import PLAIN_NOISE_SCALE_BITS
 from .secagg.server import StepOutcome
@@ -26,8 +27,8 @@ def min_contributors(protocol: str, *, threshold: int, n_clients: int) -> int:
 
     SecAgg: every included client needs `threshold` share holders among the other survivors, so
     an unmaskable sum holds at least threshold + 1 inputs. Paillier: the key holder refuses to
-    decrypt fewer than `threshold` (it is trusted to count). Plain: the server sees each vector
-    alone, so each must carry the full noise by itself (local DP).
+    decrypt fewer than `threshold` (it counts the members the server names). Plain: the server
+    sees each vector alone, so each must carry the full noise by itself (local DP).
     """
     if protocol in ("secagg", "secagg+"):
         return min(threshold + 1, n_clients)
@@ -80,6 +81,8 @@ class PrivateSession:
     def step(self, inputs: Mapping[int, np.ndarray], *,
              drop_after_upload: Iterable[int] = ()) -> StepOutcome:
         """Clip each input to L2 norm C (the client's job), sum, then noise (central mode)."""
+        drop_after_upload = check_step_inputs(inputs, drop_after_upload,
+                                              active=self.inner.active, length=self.vector_length)
         clipped = {}
         for client, vector in inputs.items():
             clipped[client], scaled = clip_l2(np.asarray(vector, dtype=np.float64),

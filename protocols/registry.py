@@ -15,7 +15,8 @@ import numpy as np
 
 from .api import PROTOCOLS, SecAggSession, default_threshold, plan_parameters
 from .codec import FixedPointCodec
-from .errors import NonFiniteInputError, ParameterError, TooFewSurvivorsError
+from .errors import ParameterError, TooFewSurvivorsError
+from .inputs import check_count, check_step_inputs
 from .network import Traffic
 from .secagg.client import Masker, RingNoise
 from .secagg.server import StepOutcome, Unmasker
@@ -53,10 +54,8 @@ class PlainSession:
 
     def __init__(self, n_clients: int, vector_length: int, *,
                  noise: RingNoise | None = None) -> None:
-        if n_clients < 2:
-            raise ParameterError(f"aggregation needs at least 2 clients, got {n_clients}")
-        if vector_length < 1:
-            raise ParameterError(f"vector length must be positive, got {vector_length}")
+        check_count("aggregation's number of clients", n_clients, low=2)
+        check_count("vector_length", vector_length)
         self.n_clients, self.vector_length, self.noise = n_clients, vector_length, noise
         self.protocol, self.threshold, self.degree = "plain", 1, n_clients - 1
         self.traffic = Traffic.zeros(n_clients)
@@ -70,14 +69,17 @@ class PlainSession:
     def step(self, inputs: Mapping[int, np.ndarray], *,
              drop_after_upload: Iterable[int] = ()) -> StepOutcome:
         """Sum what arrived; a client that uploaded before dropping still counts."""
+        drop_after_upload = check_step_inputs(inputs, drop_after_upload, active=self.active,
+                                              length=self.vector_length)
         self._step += 1
-        unknown = set(inputs) - self.active
-        if unknown:
-            raise ParameterError(f"clients {sorted(unknown)} are not active in this session")
         members = sorted(inputs)
         if not members:
             raise TooFewSurvivorsError(needed=1, remaining=0, context=f"step {self._step}")
-        sent = np.stack([_checked_row(c, inputs[c], self.vector_length) for c in members])
+        with np.errstate(over="ignore"):  # refused just below
+            sent = np.stack([np.asarray(inputs[c], dtype=np.float32).reshape(-1)
+                             for c in members])
+        if not np.isfinite(sent).all():  # finite, but past float32's range: inf on the wire
+            raise ParameterError("an input holds values beyond float32's range (|x| > 3.4e38)")
         width = 4
         if self.noise is not None:
             sent, width = self._noised(sent), 8
@@ -102,16 +104,6 @@ class PlainSession:
         for row in units:
             row += self.noise.sample(row.size, f)
         return np.ldexp(units, -f)
-
-
-def _checked_row(client: int, vector: np.ndarray, length: int) -> np.ndarray:
-    row = np.asarray(vector, dtype=np.float32).reshape(-1)
-    if row.size != length:
-        raise ParameterError(f"client {client} sent {row.size} values, the session expects "
-                             f"{length}")
-    if not np.all(np.isfinite(row)):
-        raise NonFiniteInputError(f"client {client}'s vector holds NaN or inf")
-    return row
 
 
 def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: float,
@@ -147,7 +139,7 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
     if protocol == "paillier":
         return _paillier_session(n_clients, vector_length, clip=clip, ring_bits=ring_bits,
                                  key_bits=key_bits, keypair=keypair, rounding_seed=rounding_seed,
-                                 noise=noise)
+                                 noise=noise, quorum=1 if threshold is None else threshold)
     return SecAggSession(n_clients, vector_length, clip=clip, protocol=protocol,
                          ring_bits=ring_bits, expected_dropout=max(expected_dropout, 0.05),
                          rounding_seed=rounding_seed, noise=noise, threshold=threshold,
@@ -156,13 +148,15 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
 
 def _paillier_session(n_clients: int, vector_length: int, *, clip: float, ring_bits: int,
                       key_bits: int, keypair: object | None, rounding_seed: bytes | None,
-                      noise: RingNoise | None) -> AggregationSession:
-    """A Paillier session; RingNoise becomes its per-client noise hook at the session's scale."""
+                      noise: RingNoise | None, quorum: int) -> AggregationSession:
+    """A Paillier session whose key holder decrypts sums of at least `quorum` uploads;
+    RingNoise becomes its per-client noise hook at the session's scale."""
     from .paillier import PaillierSession  # phe is optional: import only when asked for
 
     if noise is None:
         return PaillierSession(n_clients, vector_length, clip=clip, key_bits=key_bits,
-                               ring_bits=ring_bits, keypair=keypair, rounding_seed=rounding_seed)
+                               ring_bits=ring_bits, keypair=keypair, rounding_seed=rounding_seed,
+                               quorum=quorum)
     scale_bits = release_scale_bits("paillier", n_clients, clip=clip, ring_bits=ring_bits,
                                     headroom=noise.headroom)
     assert scale_bits is not None
@@ -174,7 +168,7 @@ def _paillier_session(n_clients: int, vector_length: int, *, clip: float, ring_b
 
     return PaillierSession(n_clients, vector_length, clip=clip, key_bits=key_bits,
                            ring_bits=ring_bits, keypair=keypair, rounding_seed=rounding_seed,
-                           scale_bits=scale_bits, noise=hook, noise_bound=bound)
+                           scale_bits=scale_bits, noise=hook, noise_bound=bound, quorum=quorum)
 
 
 def release_scale_bits(protocol: str, n_clients: int, *, clip: float, ring_bits: int = 32,
@@ -192,7 +186,7 @@ def release_threshold(protocol: str, n_clients: int, *, threshold: int | None = 
     if protocol in ("secagg", "secagg+"):
         return plan_parameters(n_clients, protocol=protocol, threshold=threshold,
                                degree=degree, expected_dropout=max(expected_dropout, 0.05))[1]
-    return threshold or default_threshold(n_clients)
+    return default_threshold(n_clients) if threshold is None else threshold
 
 
 def _private_session(protocol: str, n_clients: int, vector_length: int, *, dp: DPSpec,

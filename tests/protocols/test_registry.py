@@ -33,7 +33,7 @@ def test_plain_session_refuses_bad_vectors_and_strangers():
     session = PlainSession(3, 4)
     with pytest.raises(NonFiniteInputError, match="client 1"):
         session.step({0: np.zeros(4), 1: np.array([0, np.nan, 0, 0])})
-    with pytest.raises(ParameterError, match="client 0 sent 3 values"):
+    with pytest.raises(ParameterError, match="client 0's vector has 3 values"):
         session.step({0: np.zeros(3)})
     with pytest.raises(ParameterError, match=r"clients \[7\]"):
         session.step({7: np.zeros(4)})
