@@ -13,7 +13,7 @@ from protocols.errors import (
     TooFewSurvivorsError,
 )
 
-__all__ = ["FIELD_256", "PrimeField", "combine", "split"]
+__all__ = ["FIELD_256", "PrimeField", "check_share", "combine", "split"]
 
 
 def _is_int(value: object) -> bool:
@@ -90,15 +90,21 @@ def split(
     return _split_with_coefficients(bytes(secret), coefficients, ids, field)
 
 
+def check_share(share: object, field: PrimeField = FIELD_256, *, name: object = "") -> int:
+    """The field element a share encodes; MalformedMessageError unless it is one, full width."""
+    label = f"share {name}".rstrip()
+    if not isinstance(share, (bytes, bytearray)) or len(share) != field.element_bytes:
+        raise MalformedMessageError(f"{label} must be {field.element_bytes} bytes")
+    y = int.from_bytes(share, "big")
+    if y >= field.prime:
+        raise MalformedMessageError(f"{label} is not a field element")
+    return y
+
+
 def _decode_share(x: object, share: object, field: PrimeField) -> tuple[int, int]:
     if not _is_int(x) or not 0 < x < field.prime:
         raise MalformedMessageError(f"share id must be an int in [1, p - 1], got {x!r}")
-    if not isinstance(share, (bytes, bytearray)) or len(share) != field.element_bytes:
-        raise MalformedMessageError(f"share {x} must be {field.element_bytes} bytes")
-    y = int.from_bytes(share, "big")
-    if y >= field.prime:
-        raise MalformedMessageError(f"share {x} is not a field element")
-    return x, y
+    return x, check_share(share, field, name=x)
 
 
 def _batch_inverse(values: list[int], p: int) -> list[int]:

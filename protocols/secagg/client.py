@@ -15,6 +15,7 @@ from ..errors import (
     IntegrityError,
     ParameterError,
     PolicyViolationError,
+    ProtocolError,
     ReplayError,
     StageError,
     TooFewSurvivorsError,
@@ -37,6 +38,7 @@ from .messages import (
 
 InputProvider = Callable[[int], np.ndarray]
 SELF_SEED_BYTES = 32  # a fresh AES-256-CTR key per client and step
+SEALED_SHARE_BYTES = shamir.FIELD_256.element_bytes + envelope.TAG_BYTES  # one share, GCM-sealed
 
 
 class RingNoise(Protocol):
@@ -201,6 +203,8 @@ class SecAggClient:
         if strangers:
             raise PolicyViolationError(f"roster lists non-neighbours {sorted(strangers)}")
         keys_seen = list(roster.public_keys.values())
+        for public in keys_seen:  # low-order keys: kdf.agree below refuses them
+            keys.check_canonical_key(public)
         if len(set(keys_seen)) != len(keys_seen) or self._own_public_key in keys_seen:
             raise IntegrityError("roster repeats a public key or contains this client's own key")
         self._require_holders(len(roster.public_keys), "key roster")
@@ -393,15 +397,38 @@ class SecAggClient:
         self._require_holders(len(peers), f"step {request.step} share reveal")
         if set(request.envelopes) != peers:
             raise IntegrityError("share request must carry exactly one envelope per survivor")
-        shares = {}
-        for peer in sorted(peers):
-            shares[peer] = envelope.open_envelope(
-                self._open_keys[peer], request.envelopes[peer],
-                nonce=keys.envelope_nonce(request.step),
-                associated_data=keys.envelope_aad(session_id=offer.session_id, step=request.step,
-                                                  sender=peer, receiver=self.client_id),
-            )
+        shares, failed = self._open_shares(request)
+        # A sender whose envelope fails is left out: the reply is then exactly what a request
+        # naming one survivor fewer would get (never-both was checked for every survivor
+        # named, and the t-holders check is repeated on what is revealed), so a forged
+        # envelope costs only its sender's share, never the whole reply, and reveals nothing.
+        if len(shares) < offer.threshold:
+            raise IntegrityError(
+                f"envelopes of {sorted(failed)} failed to open at step {request.step}; the "
+                f"{len(shares)} shares left are fewer than the threshold {offer.threshold}"
+            ) from next(iter(failed.values()), None)
         self.stage = ClientStage.SHARES_REVEALED
         state.shares_revealed = True
         return ShareReveal(offer.session_id, self.client_id, request.step, shares,
                            shamir.FIELD_256.element_bytes).encode()
+
+    def _open_shares(self, request: ShareRequest
+                     ) -> tuple[dict[int, bytes], dict[int, ProtocolError]]:
+        """The shares whose envelopes open to a field element, and why the others did not."""
+        assert self._offer is not None
+        shares: dict[int, bytes] = {}
+        failed: dict[int, ProtocolError] = {}
+        for peer, sealed in sorted(request.envelopes.items()):
+            try:
+                share = envelope.open_envelope(
+                    self._open_keys[peer], sealed, nonce=keys.envelope_nonce(request.step),
+                    associated_data=keys.envelope_aad(
+                        session_id=self._offer.session_id, step=request.step, sender=peer,
+                        receiver=self.client_id),
+                )
+                shamir.check_share(share, name=f"of client {peer}")  # its sender can seal anything
+            except ProtocolError as error:
+                failed[peer] = error
+                continue
+            shares[peer] = share
+        return shares, failed

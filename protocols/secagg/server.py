@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import numpy as np
 from ..codec import FixedPointCodec
 from ..errors import (
     IntegrityError,
+    MalformedMessageError,
     ParameterError,
     ProtocolError,
     StageError,
@@ -19,8 +21,9 @@ from ..errors import (
 )
 from ..graph import NeighbourGraph
 from ..primitives import prg, shamir
+from ..wire import MAX_VECTOR
 from . import keys
-from .client import validate_threshold
+from .client import SEALED_SHARE_BYTES, validate_threshold
 from .messages import (
     SESSION_ID_BYTES,
     DropRequest,
@@ -61,6 +64,15 @@ def host_unmask(uploads: Sequence[np.ndarray], signed_seeds: Sequence[tuple[byte
     return total
 
 
+def validate_vector_length(vector_length: object) -> int:
+    """The vector length as an int; ParameterError unless it is an int in [1, MAX_VECTOR]."""
+    if isinstance(vector_length, bool) or not isinstance(vector_length, numbers.Integral):
+        raise ParameterError(f"vector_length must be an int, got {vector_length!r}")
+    if not 1 <= vector_length <= MAX_VECTOR:
+        raise ParameterError(f"vector_length must lie in [1, {MAX_VECTOR}], got {vector_length}")
+    return int(vector_length)
+
+
 @dataclass(frozen=True, eq=False)
 class StepOutcome:
     """The result of one aggregation step: the decoded sum and who is in it."""
@@ -95,10 +107,10 @@ class SecAggServer:
     def __init__(self, *, graph: NeighbourGraph, threshold: int, codec: FixedPointCodec,
                  vector_length: int, session_id: bytes | None = None,
                  unmasker: Unmasker | None = None) -> None:
+        self.vector_length = validate_vector_length(vector_length)
         validate_threshold(threshold, graph.degree, graph.n)
         codec.check_budget(graph.n)
         self.graph, self.threshold, self.codec = graph, threshold, codec
-        self.vector_length = vector_length
         self.session_id = session_id or os.urandom(SESSION_ID_BYTES)
         self.stage = ServerStage.NEW
         self.active: frozenset[int] = frozenset()
@@ -181,9 +193,13 @@ class SecAggServer:
         adverts = self._decode(replies, KeyAdvertisement, everyone)
         seen: dict[bytes, int] = {}
         for cid, msg in sorted(adverts.items()):
-            if msg.public_key in seen:  # a copied key would let one client unmask another
-                other = seen[msg.public_key]
-                self._reject(cid, IntegrityError(f"client {cid} reused the key of {other}"))
+            try:
+                # a low-order key would make every honest neighbour refuse the roster
+                keys.check_public_key(msg.public_key)
+                if msg.public_key in seen:  # a copied key would let one client unmask another
+                    raise IntegrityError(f"client {cid} reused the key of {seen[msg.public_key]}")
+            except ProtocolError as error:
+                self._reject(cid, error)
                 continue
             seen[msg.public_key] = cid
             self.public_keys[cid] = msg.public_key
@@ -234,12 +250,21 @@ class SecAggServer:
                     raise IntegrityError(f"client {cid} sent a vector of the wrong word size")
                 if set(msg.envelopes) != expected:
                     raise IntegrityError(f"client {cid} sent envelopes for the wrong holders")
+                self._check_envelope_sizes(cid, msg.envelopes)
             except ProtocolError as error:
                 self._reject(cid, error)
                 continue
             st.inputs[cid] = msg
         st.survivors = set(st.inputs)
         return self._settle_dropouts()
+
+    @staticmethod
+    def _check_envelope_sizes(cid: int, envelopes: Mapping[int, bytes]) -> None:
+        """The server cannot open envelopes, but it can refuse any of the wrong size."""
+        bad = sorted(h for h, sealed in envelopes.items() if len(sealed) != SEALED_SHARE_BYTES)
+        if bad:
+            raise IntegrityError(f"client {cid} sent envelopes for {bad} that are not "
+                                 f"{SEALED_SHARE_BYTES} bytes")
 
     def _settle_dropouts(self) -> dict[int, bytes]:
         """Ask survivors for pair seeds of dropped neighbours until none are missing."""
@@ -293,9 +318,10 @@ class SecAggServer:
         assert st is not None
         collected: dict[int, dict[int, bytes]] = {cid: {} for cid in st.survivors}
         for holder, msg in self._decode(replies, ShareReveal, st.survivors, st.step).items():
-            owners = self.graph.neighbours(holder) & st.survivors
-            if set(msg.shares) != owners:
-                self._reject(holder, IntegrityError(f"client {holder} revealed the wrong shares"))
+            try:
+                self._check_reveal(holder, msg)
+            except ProtocolError as error:
+                self._reject(holder, error)  # its shares are left out, as a silent holder's are
                 continue
             for owner, share in msg.shares.items():
                 collected[owner][holder + 1] = share
@@ -323,6 +349,23 @@ class SecAggServer:
         self._step = None
         self.stage = ServerStage.READY
         return outcome
+
+    def _check_reveal(self, holder: int, msg: ShareReveal) -> None:
+        """Every share is a full-width field element of a surviving neighbour's seed.
+
+        A holder leaves out an owner whose envelope did not open (forged by that owner), so
+        the shares may be fewer than the owners, never more.
+        """
+        st = self._step
+        assert st is not None
+        strangers = set(msg.shares) - (self.graph.neighbours(holder) & st.survivors)
+        if strangers:
+            raise IntegrityError(f"client {holder} revealed shares of {sorted(strangers)}, who "
+                                 "are not its surviving neighbours")
+        if msg.share_bytes != shamir.FIELD_256.element_bytes:
+            raise MalformedMessageError(f"client {holder} sent {msg.share_bytes}-byte shares")
+        for owner, share in msg.shares.items():
+            shamir.check_share(share, name=f"of client {owner} from client {holder}")
 
     def _unmasked_total(self, uploads: list[np.ndarray],
                         signed_seeds: list[tuple[bytes, int]]) -> np.ndarray:
