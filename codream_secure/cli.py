@@ -118,7 +118,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                    "'paillier' (packed Paillier: the server adds ciphertexts, a separate key "
                    "holder decrypts only the sum; seconds per step, see docs/paillier.md)."),
     "paillier_bits": (click.INT, "Paillier modulus size for --aggregator paillier: 3072 "
-                      "(128-bit security) or 2048; smaller keys are refused."),
+                      "(128-bit security) or 2048; smaller or odd sizes are refused."),
     "grad_clip": (click.FLOAT, "Each client clips every element of its dream gradient to "
                   "[-c, c] before fixed-point encoding; the secure sum's range is declared from "
                   "it."),
@@ -146,12 +146,15 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                       "Default sqrt(dream batch), which never clips probabilities."),
     "dp_noise_kind": (click.Choice(DP_NOISE_KINDS), "Integer noise for distributed mode: "
                       "Skellam (RDP accounting) or discrete Gaussian."),
-    "dp_accountant": (click.Choice(DP_ACCOUNTANTS), "Opacus accountant: rdp, prv or gdp (PRV "
-                      "and GDP only for Gaussian noise)."),
+    "dp_accountant": (click.Choice(DP_ACCOUNTANTS), "Opacus accountant: rdp, prv or gdp. PRV "
+                      "and GDP model a continuous Gaussian: central mode only (distributed "
+                      "integer noise is accounted with RDP)."),
     "dropout_rate": (click.FLOAT, "Chance in [0, 1) that a client drops out of a round's "
                      "aggregation; secure aggregation must still finish with the survivors."),
     "dropout_clients": (CommaList(click.INT, "ID[,ID...]"), "Client ids (0-based) that drop "
-                        "out of every round, e.g. 1,3; at least 2 clients must remain."),
+                        "out of every round, e.g. 1,3. Enough must remain for the aggregator "
+                        "to release a sum: secagg/secagg+ need threshold + 1 survivors (3 of "
+                        "the default 4 clients), the others 2."),
     "baselines": (CommaList(click.Choice(BASELINES), "NAME[,NAME...]|none"), "Baselines run "
                   "on the same split for comparison: isolated (local data only), fedavg "
                   "(weight averaging, homogeneous models), centralized (all data pooled)."),
@@ -181,9 +184,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                     "graph took a plain 4-client round from 12.66 to 8.06 ms/step on an H100; "
                     "not yet the default because no simulation has run with it on a GPU "
                     "(docs/gpu.md)."),
-    "seed": (click.INT, "Seed of partitions, model initialisation, dreams and dropouts. Masks "
-             "never derive from it: they come from fresh cryptographic keys."),
-    "threads": (click.INT, "CPU threads for torch (0 = torch's default)."),
+    "seed": (click.INT, "Seed of partitions, model initialisation, dreams and dropouts, in "
+             "[0, 2^32 - 1]. Masks never derive from it: they come from fresh cryptographic "
+             "keys."),
+    "threads": (click.INT, "CPU threads for torch (0 = torch's default), at most the "
+                "machine's CPUs."),
     "out": (click.Path(file_okay=False, path_type=str), "Output folder for report.json, "
             "report.md, accuracy.png, dreams.png, dreams.npz and resume checkpoints."),
 }
@@ -219,6 +224,9 @@ class CoDreamGroup(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as error:
+            if type(error).__name__ == "NoArgsIsHelpError" and error.ctx:  # click >= 8.2
+                click.echo(error.ctx.get_help())  # a bare command: its help, as in click < 8.2
+                sys.exit(0)
             hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
             _fail(error.format_message() + hint)
         except click.ClickException as error:
@@ -228,7 +236,21 @@ class CoDreamGroup(click.Group):
         except click.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except (MemoryError, RuntimeError) as error:
+            if not _out_of_memory(error):
+                raise
+            detail = str(error).split("DefaultCPUAllocator: ")[-1].splitlines()[0] if str(
+                error) else "MemoryError"
+            _fail(f"out of memory ({detail}); lower --dream-batch, --buffer-size, --batch-size "
+                  "or --max-train")
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether torch or Python ran out of host or device memory (torch raises RuntimeError)."""
+    text = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or (
+        "out of memory" in text)
 
 
 def _fail(message: str) -> None:

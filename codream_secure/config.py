@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ DP_UNITS: tuple[str, ...] = ("off", "client", "sample")
 DP_MODES: tuple[str, ...] = ("central", "distributed")
 DP_NOISE_KINDS: tuple[str, ...] = ("skellam", "discrete_gaussian")
 DP_ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,12 @@ class SimulationConfig:
         for name in ("rounds", "dream_batch", "dream_steps", "distill_epochs", "batch_size",
                      "buffer_size"):
             _count(name, getattr(self, name), minimum=1)
-        for name in ("warmup_epochs", "local_epochs", "adaptive_after", "seed", "threads"):
+        for name in ("warmup_epochs", "local_epochs", "adaptive_after"):
             _count(name, getattr(self, name), minimum=0)
+        # torch takes seeds below 2^63, and baselines seed client k's generator seed * 1000 + k
+        _count("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        # thousands of threads hang or crash torch's and OpenBLAS's thread pools
+        _count("threads", self.threads, minimum=0, maximum=max_threads())
         for name in ("dream_lr", "distill_lr", "local_lr", "kd_temperature", "grad_clip",
                      "label_clip"):
             _real(name, getattr(self, name), low=0.0)
@@ -142,6 +148,9 @@ class SimulationConfig:
         _choice("soft_labels", self.soft_labels, SOFT_LABELS)
         _choice("aggregator", self.aggregator, PROTOCOLS)
         _count("paillier_bits", self.paillier_bits, minimum=2048)
+        if self.paillier_bits % 2:  # phe draws two primes of half the size: it never halts
+            raise ConfigError(f"paillier_bits: must be even (2048 or 3072 are usual), got "
+                              f"{self.paillier_bits}")
         _count("ring_bits", self.ring_bits, minimum=MIN_RING_BITS, maximum=MAX_RING_BITS)
         self._validate_dp()
         _real("dropout_rate", self.dropout_rate, low=0.0, high=1.0, closed_low=True)
@@ -194,11 +203,11 @@ class SimulationConfig:
         if (self.dp_noise is None) == (self.dp_epsilon is None):
             raise ConfigError(f"dp: {self.dp}-level DP needs exactly one of dp_noise (the noise "
                               "multiplier z) or dp_epsilon (a target, z calibrated from it)")
-        if self.dp == "client" and self.dp_mode == "distributed" and \
-                self.dp_accountant != "rdp" and self.dp_noise_kind == "skellam":
-            raise ConfigError("dp_accountant: Skellam noise is accounted with RDP only "
-                              "(PRV and GDP assume a continuous Gaussian); use --dp-accountant "
-                              "rdp or --dp-noise-kind discrete_gaussian")
+        if self.dp == "client" and self.dp_mode == "distributed" and self.dp_accountant != "rdp":
+            raise ConfigError(f"dp_accountant: distributed noise ({self.dp_noise_kind}) is "
+                              "integer noise, accounted with RDP only (PRV and GDP assume a "
+                              "continuous Gaussian); use --dp-accountant rdp, or --dp-mode "
+                              "central for PRV or GDP")
 
     def _validate_dropout_clients(self) -> None:
         for cid in self.dropout_clients:
@@ -206,11 +215,32 @@ class SimulationConfig:
         dropped = set(self.dropout_clients)
         if len(dropped) != len(self.dropout_clients):
             raise ConfigError(f"dropout_clients: ids repeat in {list(self.dropout_clients)}")
-        if self.clients - len(dropped) < 2:
+        stay, need = self.clients - len(dropped), self.min_survivors()
+        if stay < need:
             raise ConfigError(
-                f"dropout_clients: dropping {sorted(dropped)} every round leaves "
-                f"{self.clients - len(dropped)} of {self.clients} clients; at least 2 must stay"
+                f"dropout_clients: dropping {sorted(dropped)} every round leaves {stay} of "
+                f"{self.clients} clients, but a {self.aggregator} sum of {self.clients} clients "
+                f"needs at least {need}: no round could exchange anything"
             )
+
+    def min_survivors(self) -> int:
+        """The fewest clients whose sum the configured aggregator releases (at least 2)."""
+        from protocols.private import min_contributors
+        from protocols.registry import release_threshold
+
+        if self.aggregator in ("secagg", "secagg+") or (
+                self.aggregator == "paillier" and self.dp == "client"
+                and self.dp_mode == "distributed"):
+            t = release_threshold(self.aggregator, self.clients,
+                                  expected_dropout=self.dropout_rate)
+            return max(2, min_contributors(self.aggregator, threshold=t,
+                                           n_clients=self.clients))
+        return 2
+
+
+def max_threads() -> int:
+    """The most CPU threads a run may ask torch for: the CPUs this machine has."""
+    return os.cpu_count() or 1
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(SimulationConfig))
@@ -234,7 +264,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except OSError as error:
         raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
     _check_keys(values, f"config file {str(path)!r}")
     return values

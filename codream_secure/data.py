@@ -17,6 +17,7 @@ DEFAULT_DATASET = "digits"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
 TEST_FRACTION = 0.25  # fixed held-out share for datasets that ship without a test split
 SPLIT_SEED = 0  # that split never depends on the run's seed, so test sets stay comparable
+MAX_CLASSES = 100_000  # labels are class indices; a label of 2e8 would mean a 2e8-unit output layer
 
 PartitionScheme = Literal["iid", "dirichlet", "balanced-dirichlet"]
 PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "balanced-dirichlet")
@@ -157,6 +158,11 @@ def _load_npz(path: Path | None) -> _Raw:
     num_classes = int(max(y.max(initial=-1), y_te.max(initial=-1))) + 1
     if len(y) == 0 or len(y_te) == 0:
         raise DataError(f"{path}: train and test sets must both be non-empty")
+    if num_classes > MAX_CLASSES:  # every model's output layer has one unit per class
+        present = len(np.union1d(y, y_te))
+        raise DataError(f"{path}: labels run up to {num_classes - 1}, i.e. {num_classes:,} "
+                        f"classes ({present:,} of them present); labels must be class indices "
+                        f"0..K-1 with K <= {MAX_CLASSES:,}: relabel them")
     return x, y, x_te, y_te, num_classes, str(path)
 
 

@@ -29,7 +29,7 @@ from .dreams import (
     dream_gradient,
     server_entropy_gradient,
 )
-from .errors import ConfigError
+from .errors import CoDreamError, ConfigError
 from .results import ClientData, MethodResult
 from .train_step import FastPath
 
@@ -182,6 +182,10 @@ class AggregationChannel:
             clipped = 0
         self.stats.observe(outcome.total, plain, clipped, seconds)
         return outcome.total, outcome.included
+
+
+class ModelDivergedError(CoDreamError, FloatingPointError):
+    """A model's weights hold NaN or inf after training or distillation."""
 
 
 def _non_finite(inputs: dict) -> list[int]:
@@ -437,6 +441,17 @@ class CoDreamFederation:
             mean = np.where(rows > 0, mean / np.where(rows > 0, rows, 1.0), 1.0 / mean.shape[1])
         return torch.from_numpy(mean.astype(np.float32))
 
+    def _check_finite(self, round_index: int, who: list) -> None:
+        """Refuse models that distillation left with NaN or inf (the last round's would
+        otherwise go unnoticed: later rounds catch it in their dream gradients)."""
+        for k in who:
+            model = self.server_model if k == "server" else self.models[k]
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                name = "the server's model" if k == "server" else f"client {k}'s model"
+                raise ModelDivergedError(
+                    f"{name} holds NaN or inf after round {round_index}'s distillation (lower "
+                    "--distill-lr or --kd-temperature)")
+
     def _bytes_down(self) -> np.ndarray:
         return self.grad_channel.bytes_down + self.label_channel.bytes_down + self.broadcast_down
 
@@ -480,6 +495,7 @@ class CoDreamFederation:
                     generator=generator(self.s.seed, "distill", round_index, "server"),
                     precision=self.s.precision, fast=self.train_path)
             seconds["distill"] = time.perf_counter() - start
+            self._check_finite(round_index, [*sorted(members), "server"])
         val, test = self._evaluate()
         self.result.record(val, test)
         up = self.grad_channel.bytes_up + self.label_channel.bytes_up - up0

@@ -74,6 +74,8 @@ def generate_keypair(key_bits: int = DEFAULT_KEY_BITS, *,
                      unsafe_small_keys: bool = False) -> Keypair:
     """A fresh Paillier keypair with a key_bits-bit modulus (up to seconds at 3072 bits)."""
     check_key_bits(key_bits, unsafe_small_keys=unsafe_small_keys)
+    if key_bits % 2:  # phe draws primes of key_bits // 2 bits until N has key_bits: never
+        raise ParameterError(f"Paillier key_bits must be even, got {key_bits}")
     return generate_paillier_keypair(n_length=key_bits)
 
 

@@ -86,7 +86,7 @@ def test_version_and_group_help() -> None:
     (["simulate", "--config", "/no/such.toml"], ["--config", "/no/such.toml"]),
     (["simulate", "--clients", "1"], ["clients", "at least 2", "got 1"]),
     (["simulate", "--alpha", "0"], ["alpha", "> 0"]),
-    (["simulate", "--dropout-clients", "0,1,2"], ["dropout_clients", "at least 2 must stay"]),
+    (["simulate", "--dropout-clients", "0,1,2"], ["dropout_clients", "needs at least 3"]),
     (["frobnicate"], ["No such command"]),
     (["report", "/no/such/run"], ["/no/such/run", "does not exist"]),
 ])
@@ -129,7 +129,7 @@ def test_bugs_still_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_simulate_writes_the_report_and_prints_the_table(tmp_path: Path, fake_run: list) -> None:
     toml = tmp_path / "run.toml"
-    toml.write_text('rounds = 9\nclients = 3\nmodels = ["resnet8"]\naggregator = "plain"\n')
+    toml.write_text('rounds = 9\nclients = 4\nmodels = ["resnet8"]\naggregator = "plain"\n')
     out = tmp_path / "run"
     result = invoke("simulate", "--config", str(toml), "--rounds", "3", "--aggregator",
                     "secagg+", "--dropout-clients", "2", "--baselines", "none",
@@ -137,7 +137,7 @@ def test_simulate_writes_the_report_and_prints_the_table(tmp_path: Path, fake_ru
     assert result.exit_code == 0, result.output
     (config, progress, resume), = fake_run
     assert resume is True and progress is not None
-    assert config == SimulationConfig(rounds=3, clients=3, models=("resnet8",),
+    assert config == SimulationConfig(rounds=3, clients=4, models=("resnet8",),
                                       aggregator="secagg+", dropout_clients=(2,),
                                       baselines=(), out=str(out))
     for name in ("report.json", "report.md", "accuracy.png", "dreams.png", "dreams.npz"):
@@ -223,3 +223,38 @@ def test_live_bars_on_a_terminal_and_null_progress() -> None:
     null.advance(1)
     null.done(1)
     null.log("ignored")
+
+
+@pytest.mark.parametrize("args", [(), ("bench",)])
+def test_a_bare_command_prints_its_help(args) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Usage: codream-secure") and "Commands:" in result.stdout
+    assert "Error" not in result.output
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                 "allocate memory: you tried to allocate 25600000000 bytes. Error code 12"),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_one_error_line(error, monkeypatch: pytest.MonkeyPatch) -> None:
+    from codream_secure import simulation
+
+    def run_simulation(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(simulation, "run_simulation", run_simulation)
+    assert_one_line_error(invoke("simulate", "--dream-batch", "100000000", "--buffer-size",
+                                 "100000000"), "out of memory", "--dream-batch")
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from codream_secure import simulation
+
+    def run_simulation(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(simulation, "run_simulation", run_simulation)
+    result = invoke("simulate")
+    assert isinstance(result.exception, RuntimeError) and "out of memory" not in result.output

@@ -102,7 +102,8 @@ BAD_VALUES = [
     ({"dropout_clients": (4,)}, "dropout_clients", "[0, 3]"),
     ({"dropout_clients": (-1,)}, "dropout_clients", "[0, 3]"),
     ({"dropout_clients": (1, 1)}, "dropout_clients", "repeat"),
-    ({"dropout_clients": (0, 1, 2)}, "dropout_clients", "at least 2 must stay"),
+    ({"dropout_clients": (0, 1, 2)}, "dropout_clients", "needs at least 3"),
+    ({"dropout_clients": (0, 1), "aggregator": "secagg+"}, "dropout_clients", "needs at least 3"),
     ({"baselines": ("isolated", "oracle")}, "baselines", "fedavg"),
     ({"baselines": ("isolated", "isolated")}, "baselines", "repeat"),
     ({"device": "tpu"}, "device", "cuda"),
@@ -110,8 +111,11 @@ BAD_VALUES = [
     ({"masking": "gpu"}, "masking", "device"),
     ({"train_cuda_graphs": "yes"}, "train_cuda_graphs", "on"),
     ({"dream_graph": "shared"}, "dream_graph", "per-client"),
-    ({"seed": -1}, "seed", "at least 0"),
-    ({"threads": -2}, "threads", "at least 0"),
+    ({"seed": -1}, "seed", "in [0, 4294967295]"),
+    ({"seed": 2**63}, "seed", "in [0, 4294967295]"),
+    ({"threads": -2}, "threads", "in [0, "),
+    ({"threads": 100_000}, "threads", "in [0, "),
+    ({"paillier_bits": 2049}, "paillier_bits", "must be even"),
     ({"out": ""}, "out", "non-empty"),
 ]
 
@@ -212,3 +216,33 @@ def test_bad_toml_value_is_reported_with_its_field(tmp_path: Path) -> None:
 def test_build_config_rejects_unknown_override_keys() -> None:
     with pytest.raises(ConfigError, match="unknown key 'roundz'"):
         build_config({}, {"roundz": 3})
+
+
+def test_the_survivors_needed_follow_the_aggregator() -> None:
+    # secagg(+): every included client needs t share holders among the others (t + 1 in all)
+    assert SimulationConfig(clients=4).min_survivors() == 3
+    assert SimulationConfig(clients=10).min_survivors() == 6
+    for aggregator in ("plain", "paillier"):
+        assert SimulationConfig(clients=4, aggregator=aggregator).min_survivors() == 2
+        SimulationConfig(clients=4, aggregator=aggregator, dropout_clients=(0, 1))  # accepted
+    # distributed DP under Paillier: the key holder's quorum, default_threshold(5) = 3
+    dp = {"dp": "client", "dp_noise": 1.0, "aggregator": "paillier"}
+    assert SimulationConfig(clients=5, **dp).min_survivors() == 3
+    with pytest.raises(ConfigError, match="needs at least 3"):
+        SimulationConfig(clients=5, dropout_clients=(0, 1, 2), **dp)
+
+
+def test_distributed_noise_takes_only_the_rdp_accountant() -> None:
+    for kind in ("skellam", "discrete_gaussian"):
+        with pytest.raises(ConfigError, match="use --dp-accountant rdp, or --dp-mode central"):
+            SimulationConfig(dp="client", dp_noise=1.0, dp_noise_kind=kind, dp_accountant="gdp")
+    # what the message offers is accepted
+    SimulationConfig(dp="client", dp_noise=1.0, dp_accountant="rdp")
+    SimulationConfig(dp="client", dp_noise=1.0, dp_mode="central", dp_accountant="prv")
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"\xff\xfe rounds = 3")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(path)

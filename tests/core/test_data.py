@@ -430,6 +430,8 @@ def test_npz_channels_first_float(tmp_path):
             "differ",
         ),
         ({"x": np.zeros((1, 2, 2)), "y": np.zeros(1, int)}, "at least 2"),
+        ({"x": np.zeros((4, 2, 2)), "y": np.array([0, 1, 200_000_000, 1])},
+         r"up to 200000000, i.e. 200,000,001 classes \(3 of them present\)"),
     ],
 )  # fmt: skip
 def test_npz_errors(tmp_path, arrays, match):

@@ -168,10 +168,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         assert a["codream"] == b["codream"]
 
 
-def test_too_few_survivors_skips_the_exchange_and_says_so(tmp_path):
-    # 3 clients, t = 2: with one gone, each survivor has 1 live share holder, too few
-    report = _run(tmp_path, "few", clients=3, dropout_clients=(2,), rounds=1,
-                  baselines=()).report
+def test_too_few_survivors_skips_the_exchange_and_says_so(tmp_path, monkeypatch):
+    # 3 clients, t = 2: with one gone, each survivor has 1 live share holder, too few. A fixed
+    # --dropout-clients like that is refused up front; random dropouts can still get there.
+    monkeypatch.setattr(CoDreamFederation, "_dropouts", lambda self, r: {2: (1, False)})
+    report = _run(tmp_path, "few", clients=3, rounds=1, baselines=()).report
     assert report["rounds"][1]["included_in_dreams"] == []
     assert "threshold needs 2" in report["rounds"][1]["note"]
     assert report["final"]["codream"]["mean_accuracy"] >= 0.0
@@ -374,3 +375,27 @@ def test_a_run_with_compiled_local_training_and_distillation(tmp_path, monkeypat
     for got, want in zip(compiled["rounds"], eager["rounds"], strict=True):
         # 120 test samples: a rounding difference may move a sample or two, not more
         assert got["codream"]["test"] == pytest.approx(want["codream"]["test"], abs=0.02)
+
+
+def test_a_model_that_distillation_breaks_in_the_last_round_is_an_error(tmp_path, monkeypatch):
+    from codream_secure import federation
+
+    real = federation.distill
+
+    def poisoned(model, *args, **kwargs):
+        real(model, *args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(federation, "distill", poisoned)
+    with pytest.raises(federation.ModelDivergedError,
+                       match=r"client 0's model holds NaN or inf after round 1's distillation"):
+        _run(tmp_path, "nan", rounds=1, baselines=())
+    result = CliRunner().invoke(main, ["simulate", "--rounds", "1", "--max-train", "240",
+                                       "--max-test", "120", "--clients", "3", "--models",
+                                       "smallcnn", "--server-model", "smallcnn",
+                                       "--dream-steps", "2", "--dream-batch", "8",
+                                       "--buffer-size", "16", "--baselines", "none",
+                                       "--threads", "1", "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 2 and "--kd-temperature" in result.output
+    assert "Traceback" not in result.output

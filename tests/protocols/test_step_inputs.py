@@ -162,3 +162,9 @@ def test_every_accepted_budget_holds_n_worst_case_noisy_encodings(n, ring_bits, 
     f = codec.scale_bits
     worst = math.ceil(Fraction(clip) * 2**f) + codec.noise_units(headroom)  # |encoding + noise|
     assert n * worst <= (1 << (ring_bits - 1)) - 1
+
+
+def test_an_odd_key_size_is_refused_instead_of_searching_forever():
+    # phe draws two primes of key_bits // 2 bits until N has key_bits bits: never, if odd
+    with pytest.raises(ParameterError, match="must be even, got 2049"):
+        generate_keypair(2049)
