@@ -222,6 +222,9 @@ class SecAggSession:
         try:
             outcome = self.network.step()
         except TooFewSurvivorsError as error:
+            # the next step starts afresh with this one's survivors (safe: every secret
+            # revealed during a step is specific to it), instead of a StageError
+            self.server.abandon_step()
             self._refuse_masker_errors(upcoming, cause=error)
             raise
         finally:

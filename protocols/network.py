@@ -64,10 +64,15 @@ class FaultPlan:
         """Each client drops with probability `rate` at `stage` of a uniformly chosen step."""
         if not 0.0 <= rate < 1.0:
             raise ParameterError(f"dropout rate must be in [0, 1), got {rate}")
+        try:
+            stage = Stage(stage)
+        except ValueError:
+            raise ParameterError(f"dropout stage must be one of "
+                                 f"{', '.join(s.value for s in Stage)}, got {stage!r}") from None
         rng = random.Random(seed)  # simulation randomness, public by nature
         steps = list(steps)
         chosen = [c for c in range(n_clients) if rng.random() < rate]
-        return cls([Dropout(c, rng.choice(steps), Stage(stage)) for c in chosen])
+        return cls([Dropout(c, rng.choice(steps), stage) for c in chosen])
 
     def silent_from(self) -> dict[int, tuple[int, int]]:
         order = list(Stage)

@@ -168,3 +168,22 @@ def test_an_odd_key_size_is_refused_instead_of_searching_forever():
     # phe draws two primes of key_bits // 2 bits until N has key_bits bits: never, if odd
     with pytest.raises(ParameterError, match="must be even, got 2049"):
         generate_keypair(2049)
+
+
+def test_a_step_with_too_few_survivors_leaves_the_session_ready():
+    # n = 5, t = 3: a step of 3 uploads fails; the next one starts afresh (no StageError)
+    session = SecAggSession(5, M, clip=4.0, protocol="secagg")
+    five = {c: np.full(M, 0.5) for c in range(5)}
+    with pytest.raises(TooFewSurvivorsError):
+        session.step({c: five[c] for c in range(3)})
+    assert session.active == frozenset(range(3))  # the clients that dropped stay gone
+    with pytest.raises(TooFewSurvivorsError):  # still too few, and said so again
+        session.step({c: five[c] for c in range(3)})
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_a_bad_dropout_stage_is_refused_whatever_the_rate(rate):
+    from protocols.network import FaultPlan
+
+    with pytest.raises(ParameterError, match="dropout stage must be one of"):
+        FaultPlan.random(4, rate=rate, stage="sometime")
