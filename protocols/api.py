@@ -151,8 +151,8 @@ class SecAggSession:
                  unmasker: Unmasker | None = None) -> None:
         if protocol not in ("secagg", "secagg+"):
             raise ParameterError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
-        check_count("secure aggregation's number of clients", n_clients, low=2)
-        check_count("vector_length", vector_length)
+        n_clients = check_count("secure aggregation's number of clients", n_clients, low=2)
+        vector_length = check_count("vector_length", vector_length)
         self.codec = FixedPointCodec.for_clients(
             n_clients, clip=clip, ring_bits=ring_bits, scale_bits=scale_bits, rounding=rounding,
             headroom=0.0 if noise is None else noise.headroom, prg=prg)

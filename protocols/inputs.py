@@ -8,6 +8,7 @@ Refusing it up front keeps every client, and the session, as they were.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
@@ -20,10 +21,10 @@ _REAL_KINDS = "biuf"  # bool, signed, unsigned, float: what converts to float64 
 
 
 def check_count(name: str, value: object, *, low: int = 1) -> int:
-    """`value` if it is an int (not a bool) of at least `low`, else a ParameterError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """`value` as an int if it is an integer (numpy's too, not a bool) of at least `low`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ParameterError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def real_array(vector: object, *, who: str) -> np.ndarray:

@@ -83,9 +83,9 @@ class PaillierSession:
                  rounding_seed: bytes | None = None, noise: Noise | None = None,
                  noise_bound: int = 0, workers: int | None = None, keypair: Keypair | None = None,
                  guard_bits: int = 1, unsafe_small_keys: bool = False, quorum: int = 1) -> None:
-        check_count("secure aggregation's number of clients", n_clients, low=2)
-        check_count("vector_length", vector_length)
-        check_count("noise_bound", noise_bound, low=0)
+        n_clients = check_count("secure aggregation's number of clients", n_clients, low=2)
+        vector_length = check_count("vector_length", vector_length)
+        noise_bound = check_count("noise_bound", noise_bound, low=0)
         if check_count("quorum", quorum) > n_clients:
             raise ParameterError(f"quorum must be at most the {n_clients} clients, got {quorum}")
         self.threshold = quorum

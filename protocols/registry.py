@@ -54,8 +54,8 @@ class PlainSession:
 
     def __init__(self, n_clients: int, vector_length: int, *,
                  noise: RingNoise | None = None) -> None:
-        check_count("aggregation's number of clients", n_clients, low=2)
-        check_count("vector_length", vector_length)
+        n_clients = check_count("aggregation's number of clients", n_clients, low=2)
+        vector_length = check_count("vector_length", vector_length)
         self.n_clients, self.vector_length, self.noise = n_clients, vector_length, noise
         self.protocol, self.threshold, self.degree = "plain", 1, n_clients - 1
         self.traffic = Traffic.zeros(n_clients)

@@ -77,6 +77,12 @@ def test_a_masker_that_refuses_its_vector_mid_step_stops_the_step():
         fresh.step({**GOOD, 0: np.zeros(M - 1)})  # a masker's vector: its length is checked
 
 
+def test_numpy_integers_are_counts_too():
+    session = SecAggSession(np.int64(N), np.int32(M), clip=4.0, protocol="secagg")
+    assert type(session.vector_length) is int and session.n_clients == N
+    assert session.step(GOOD).included == frozenset(range(N))
+
+
 @pytest.mark.parametrize("value", [0, -1, 2.5, True, "4"])
 def test_counts_must_be_ints(value):
     for build in (lambda: SecAggSession(N, value, clip=1.0),
