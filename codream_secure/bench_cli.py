@@ -33,6 +33,14 @@ def _use_checkout_benchmarks() -> None:
         sys.path.insert(0, str(root))
 
 
+def _make_out(out: Path) -> None:
+    """Create the report folder before a long benchmark, not after it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise click.FileError(str(out), hint=error.strerror or str(error)) from None
+
+
 def _report(out: Path) -> None:
     click.echo(f"Report: {out / 'report.md'} (raw numbers in report.json and *.csv)")
 
@@ -66,6 +74,7 @@ def bench() -> None:
 def leakage(setting: str, sections: str | None, out: Path) -> None:
     """Measure what an attacker learns from a CoDream run, against held-out baselines."""
     _use_checkout_benchmarks()
+    _make_out(out)
     from benchmarks.leakage.run import run_leakage
     from codream_secure.progress import RichProgress
 
@@ -83,6 +92,7 @@ def leakage(setting: str, sections: str | None, out: Path) -> None:
 def overhead(setting: str, out: Path) -> None:
     """Cost of every aggregator (with and without DP) across n, m and dropout, vs Flower."""
     _use_checkout_benchmarks()
+    _make_out(out)
     from benchmarks import overhead_suite
     from codream_secure.progress import RichProgress
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -12,10 +16,14 @@ import numpy as np
 
 from codream_secure.errors import CoDreamError
 from codream_secure.report_privacy import plot_privacy, privacy_section
+from codream_secure.report_schema import InvalidReport, validate_report
 
 SCHEMA_VERSION = 1
 MAX_DREAMS_SHOWN = 64
 METHOD_ORDER = ("codream", "isolated", "fedavg", "centralized")
+# every file write_report may write into a run's folder
+REPORT_FILES = ("report.json", "report.md", "accuracy.png", "privacy.png", "dreams.png",
+                "dreams.npz")
 
 
 class ReportError(CoDreamError):
@@ -34,25 +42,65 @@ class Outcome(Protocol):
 def write_report(outcome: Outcome, out_dir: Path) -> dict[str, Path]:
     """Write report.json, report.md, accuracy.png and (if any dreams) dreams.npz and dreams.png.
 
-    report.json goes first: if anything after it fails, the run's numbers are already safe.
+    report.json goes first: if anything after it fails, the run's numbers are already safe; if
+    report.json itself cannot be written, they go to a file in the temporary folder instead.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json"}
-    _atomic_write(paths["json"], json.dumps(outcome.report, indent=2, default=_json_default))
+    text = json.dumps(outcome.report, indent=2, default=_json_default)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(paths["json"], text)
+    except OSError as error:
+        raise ReportError(f"cannot write {paths['json']} ({_why(error)}); "
+                          f"{_save_elsewhere(text)}") from None
+    try:
+        return {**paths, **_write_rest(outcome, out_dir)}
+    except OSError as error:
+        raise ReportError(_unwritable(out_dir, error)) from None
+
+
+def _write_rest(outcome: Outcome, out_dir: Path) -> dict[str, Path]:
+    """Everything but report.json: dreams.npz and the renderings."""
     dreams = np.asarray(outcome.dreams, dtype=np.float32)
     mean = np.asarray(outcome.mean, dtype=np.float64)
     std = np.asarray(outcome.std, dtype=np.float64)
     for stale in ("dreams.npz", "dreams.png"):  # never show an earlier run's dreams
         (out_dir / stale).unlink(missing_ok=True)
     if len(dreams) == 0:  # no round exchanged knowledge: nothing to show
-        return {**paths, **_render(outcome.report, out_dir, None)}
+        return _render(outcome.report, out_dir, None)
     _check_dreams(dreams, mean, std, "outcome")
-    paths["dreams_npz"] = out_dir / "dreams.npz"
+    npz = out_dir / "dreams.npz"
     tmp = out_dir / "dreams.tmp.npz"
     np.savez(tmp, dreams=dreams, mean=mean, std=std)
-    os.replace(tmp, paths["dreams_npz"])
-    return {**paths, **_render(outcome.report, out_dir, (dreams, mean, std))}
+    os.replace(tmp, npz)
+    return {"dreams_npz": npz, **_render(outcome.report, out_dir, (dreams, mean, std))}
+
+
+def _save_elsewhere(text: str) -> str:
+    """Keep a report that its folder refused in the temporary folder; say where it went."""
+    try:
+        fd, name = tempfile.mkstemp(prefix="codream-report-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text + "\n")
+    except OSError as error:
+        return f"it could not be saved elsewhere either ({_why(error)})"
+    return f"the run's report was saved to {name} instead"
+
+
+def _unwritable(out_dir: Path, error: OSError) -> str:
+    where = _where(error, out_dir)
+    return (f"cannot write {where} ({_why(error)}); report.json is complete: fix the folder and "
+            f"run 'codream-secure report {out_dir}' to render the rest")
+
+
+def _why(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _where(error: OSError, out_dir: Path) -> str:
+    """The file an OSError is about: os.replace's target rather than its temporary source."""
+    return str(error.filename2 or error.filename or out_dir)
 
 
 def render_from_json(out_dir: Path) -> dict[str, Path]:
@@ -60,22 +108,33 @@ def render_from_json(out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     report = load_report(out_dir)
     npz = out_dir / "dreams.npz"
-    dreams = None
-    if npz.exists():
-        try:
-            with np.load(npz, allow_pickle=False) as data:
-                dreams = (data["dreams"], data["mean"], data["std"])
-        except (OSError, ValueError, KeyError) as error:
-            raise ReportError(f"{npz}: not a readable dreams file ({error})") from None
-        try:
-            _check_dreams(*dreams, str(npz))
-        except ValueError as error:
-            raise ReportError(str(error)) from None
-    return _render(report, out_dir, dreams)
+    dreams = _load_dreams(npz) if npz.exists() else None
+    try:
+        return _render(report, out_dir, dreams)
+    except OSError as error:
+        raise ReportError(f"cannot write {_where(error, out_dir)} ({_why(error)})") from None
+
+
+def _load_dreams(npz: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dreams, mean, std) from a dreams.npz; ReportError if it is not one."""
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            dreams = (data["dreams"], data["mean"], data["std"])
+    except EOFError:
+        raise ReportError(f"{npz}: not a readable dreams file (it is empty)") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        raise ReportError(f"{npz}: not a readable dreams file ({error})") from None
+    if not all(np.issubdtype(a.dtype, np.number) for a in dreams):
+        raise ReportError(f"{npz}: dreams, mean and std must be numeric arrays")
+    try:
+        _check_dreams(*dreams, str(npz))
+    except ValueError as error:
+        raise ReportError(str(error)) from None
+    return dreams
 
 
 def load_report(out_dir: Path) -> dict[str, Any]:
-    """Read and sanity-check `out_dir`/report.json."""
+    """Read `out_dir`/report.json and check that every section it renders has its schema type."""
     path = Path(out_dir) / "report.json"
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
@@ -89,6 +148,10 @@ def load_report(out_dir: Path) -> dict[str, Any]:
     for key in ("config", "rounds", "final"):
         if key not in report:
             raise ReportError(f"{path}: missing the {key!r} section")
+    try:
+        validate_report(report)
+    except InvalidReport as error:
+        raise ReportError(f"{path}: {error} (schema: docs/report-schema.md)") from None
     return report
 
 
@@ -275,7 +338,7 @@ def plot_accuracy(report: dict, path: Path) -> None:
             ys = [float(np.mean(row)) for row in test]
             bx = xs if len(ys) == len(xs) else list(range(len(ys)))
             ax.plot(bx, ys, color=colour, lw=1.5, ls="--", label=f"{method}, client mean")
-        else:
+        elif report["final"][method].get("mean_accuracy") is not None:
             ax.axhline(report["final"][method]["mean_accuracy"], color=colour, lw=1.5, ls="--",
                        label=f"{method} (final)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -347,8 +410,13 @@ def _json_default(value: Any) -> Any:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _save(fig: Any, path: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from .baselines import client_seed, run_centralized, run_fedavg, run_isolated, seeded_model
+from .checkpoint import CHECKPOINT, check_output_folder, load_checkpoint, save_checkpoint
 from .config import SimulationConfig
 from .data import LoadedDataset, label_histogram, load_dataset, partition, split_validation
 from .dp_plan import privacy_report
@@ -24,18 +25,14 @@ from .federation import (
     AggregationChannel,
     CoDreamFederation,
     CoDreamSettings,
-    RoundRecord,
     generator,
 )
 from .progress import NullProgress, Progress
+from .report import REPORT_FILES
 from .results import ClientData, MethodResult
 
 if TYPE_CHECKING:  # opacus loads only for runs with DP
-    from .privacy import PrivacyLedger
     from .sample_dp import SampleLevelTrainer
-
-CHECKPOINT = "checkpoint.pt"
-
 
 @dataclass
 class SimulationOutcome:
@@ -91,69 +88,6 @@ def _settings(config: SimulationConfig) -> CoDreamSettings:
     names = [name for name in CoDreamSettings.__dataclass_fields__ if hasattr(config, name)]
     return CoDreamSettings(**{name: getattr(config, name) for name in names},
                            use_bn_statistics=config.dp != "sample")
-
-
-def _comparable(config: SimulationConfig) -> dict:
-    values = config.to_dict()
-    values.pop("out", None)
-    return values
-
-
-def _save_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> None:
-    state = {
-        "config": _comparable(config),
-        "round": fed.rounds[-1].round,
-        "models": [m.state_dict() for m in fed.models],
-        "server_model": fed.server_model.state_dict(),
-        "buffer": fed.buffer.tensors() if len(fed.buffer) else None,
-        "result": (fed.result.val, fed.result.test),
-        "rounds": [r.__dict__ for r in fed.rounds],
-        "last_dreams": fed.last_dreams,
-        "channels": [(c.stats, c.bytes_up, c.bytes_down, c.dp_clipped)
-                     for c in (fed.grad_channel, fed.label_channel)],
-        "accountants": [ledger.accountant.state_dict() for ledger in _ledgers(fed)],
-        "dp_epochs": [t.epochs_done for t in fed.trainers or ()],
-        "broadcast_down": fed.broadcast_down,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
-
-
-def _ledgers(fed: CoDreamFederation) -> list[PrivacyLedger]:
-    """Every accountant of the run: the client-level ledger or one per DP-SGD trainer."""
-    if fed.grad_channel.ledger is not None:
-        return [fed.grad_channel.ledger]
-    return [t.ledger for t in fed.trainers or ()]
-
-
-def _load_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> int:
-    if not path.is_file():
-        raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
-    state = torch.load(path, map_location=fed.device, weights_only=False)
-    if state["config"] != _comparable(config):
-        changed = sorted(k for k in state["config"] if state["config"][k] != _comparable(config)
-                         .get(k))
-        raise ConfigError(f"--resume: the checkpoint in {path.parent} was made with different "
-                          f"settings ({', '.join(changed)}); use the same flags or a new --out")
-    for model, weights in zip(fed.models, state["models"], strict=True):
-        model.load_state_dict(weights)
-    fed.server_model.load_state_dict(state["server_model"])
-    if state["buffer"] is not None:
-        fed.buffer.add(*state["buffer"])
-    fed.result.val, fed.result.test = state["result"]
-    fed.rounds = [RoundRecord(**r) for r in state["rounds"]]
-    fed.last_dreams = state["last_dreams"]
-    for channel, (stats, up, down, clipped) in zip((fed.grad_channel, fed.label_channel),
-                                                   state["channels"], strict=True):
-        channel.stats, channel.bytes_up, channel.bytes_down = stats, up, down
-        channel.dp_clipped = clipped
-    for ledger, accountant in zip(_ledgers(fed), state["accountants"], strict=True):
-        ledger.accountant.load_state_dict(accountant)
-    for trainer, epochs in zip(fed.trainers or (), state["dp_epochs"], strict=True):
-        trainer.epochs_done = epochs
-    fed.broadcast_down = state["broadcast_down"]
-    return int(state["round"])
 
 
 def _baselines(config: SimulationConfig, clients: list[ClientData], data: LoadedDataset,
@@ -237,6 +171,8 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
                    resume: bool = False) -> SimulationOutcome:
     """Run CoDream and its baselines on the same splits; checkpoint after every round."""
     progress = progress or NullProgress()
+    out = Path(config.out)
+    check_output_folder(out, REPORT_FILES)
     started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -277,19 +213,17 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
     fed = CoDreamFederation(clients, models, server_model, x_test, y_test,
                             settings=_settings(config), grad_channel=channels[0],
                             label_channel=channels[1], device=device, trainers=trainers)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT
-    done = _load_checkpoint(checkpoint, config, fed) if resume else -1
+    done = load_checkpoint(checkpoint, config, fed) if resume else -1
     if done < 0:
         fed.warm_up()
-        _save_checkpoint(checkpoint, config, fed)
+        save_checkpoint(checkpoint, config, fed)
         done = 0
     rounds_task = progress.task("CoDream rounds", config.rounds)
     progress.advance(rounds_task, done)
     for r in range(done + 1, config.rounds + 1):
         record = fed.run_round(r, progress)
-        _save_checkpoint(checkpoint, config, fed)
+        save_checkpoint(checkpoint, config, fed)
         progress.advance(rounds_task)
         progress.log(f"round {r}: mean client accuracy {np.mean(record.test):.3f}")
     progress.done(rounds_task)

@@ -1,0 +1,217 @@
+"""Resume checkpoints of a simulation: written after every round, read back without running
+code from the file (torch.load with weights_only), and checked part by part before use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .config import SimulationConfig
+from .errors import ConfigError
+from .federation import ChannelStats, CoDreamFederation, RoundRecord
+
+if TYPE_CHECKING:  # opacus loads only for runs with DP
+    from .privacy import PrivacyLedger
+
+__all__ = ["CHECKPOINT", "check_output_folder", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _comparable(config: SimulationConfig) -> dict:
+    values = config.to_dict()
+    values.pop("out", None)
+    return values
+
+
+def save_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> None:
+    """Write the run's state after a round: tensors and plain data only (weights_only loads)."""
+    state = {
+        "config": _comparable(config),
+        "round": fed.rounds[-1].round,
+        "models": [m.state_dict() for m in fed.models],
+        "server_model": fed.server_model.state_dict(),
+        "buffer": fed.buffer.tensors() if len(fed.buffer) else None,
+        "result": (fed.result.val, fed.result.test),
+        "rounds": [r.__dict__ for r in fed.rounds],
+        "last_dreams": fed.last_dreams,
+        "channels": [(asdict(c.stats), c.bytes_up.tolist(), c.bytes_down.tolist(), c.dp_clipped)
+                     for c in (fed.grad_channel, fed.label_channel)],
+        "accountants": [ledger.accountant.state_dict() for ledger in _ledgers(fed)],
+        "dp_epochs": [t.epochs_done for t in fed.trainers or ()],
+        "broadcast_down": fed.broadcast_down.tolist(),
+    }
+    tmp = path.with_suffix(".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"--out: cannot write the checkpoint {path} ({_why(error)}); the "
+                          "previous checkpoint is kept: fix the folder and rerun with "
+                          "--resume") from None
+
+
+def _ledgers(fed: CoDreamFederation) -> list[PrivacyLedger]:
+    """Every accountant of the run: the client-level ledger or one per DP-SGD trainer."""
+    if fed.grad_channel.ledger is not None:
+        return [fed.grad_channel.ledger]
+    return [t.ledger for t in fed.trainers or ()]
+
+
+def _why(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _short(error: Exception, limit: int = 160) -> str:
+    """An error's message on one line, cut to `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_output_folder(out: Path, files: tuple[str, ...] = ()) -> None:
+    """Fail before a run, not after it, if `out` cannot take the checkpoint and `files`."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ConfigError(f"--out: cannot write into {out} ({_why(error)})") from None
+    for name in (CHECKPOINT, *files):
+        if (out / name).is_dir():
+            raise ConfigError(f"--out: {out / name} is a folder, but the run writes a file "
+                              "there; move it away or choose another --out")
+
+
+class _NotACheckpoint(Exception):
+    """What makes a file unusable as a checkpoint; _load_checkpoint names the file."""
+
+
+_CHECKPOINT_KEYS = ("config", "round", "models", "server_model", "buffer", "result", "rounds",
+                    "last_dreams", "channels", "accountants", "dp_epochs", "broadcast_down")
+# checkpoints of earlier versions also pickled these: ChannelStats and numpy int64 arrays
+_LEGACY_GLOBALS = [ChannelStats, np.ndarray, np.dtype, type(np.dtype(np.int64)),
+                   np.ndarray.__reduce__(np.zeros(0))[0]]
+
+
+def _read_checkpoint(path: Path, device: torch.device) -> dict:
+    """torch.load without running code from the file; a dict with a 'config' dict."""
+    try:
+        with torch.serialization.safe_globals(_LEGACY_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on the pickle protocol of old files
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise _NotACheckpoint("it is not a torch file of tensors and plain data") from None
+    except EOFError:
+        raise _NotACheckpoint("the file is empty or cut short") from None
+    except (OSError, RuntimeError, ValueError) as error:  # torch's first sentence says enough
+        raise _NotACheckpoint(f"unreadable: {str(error).split('. ')[0]}") from None
+    if not isinstance(state, dict):
+        raise _NotACheckpoint(f"it holds a {type(state).__name__}, not a dict")
+    if not isinstance(state.get("config"), dict):
+        raise _NotACheckpoint("it has no 'config' dict")
+    return state
+
+
+def load_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> int:
+    """Restore `fed` from `path`; ConfigError for a missing, foreign or mismatched file."""
+    if not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
+    not_ours = f"--resume: {path} is not a codream-secure checkpoint"
+    try:
+        state = _read_checkpoint(path, fed.device)
+    except _NotACheckpoint as error:
+        raise ConfigError(f"{not_ours} ({error})") from None
+    saved, now = state["config"], _comparable(config)
+    if saved != now:
+        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        raise ConfigError(f"--resume: the checkpoint in {path.parent} was made with different "
+                          f"settings ({', '.join(changed)}); use the same flags or a new --out")
+    try:
+        return _restore(state, fed)
+    # a damaged or hand-made state fails in whichever part is wrong
+    except (_NotACheckpoint, ConfigError, KeyError, TypeError, ValueError, RuntimeError,
+            AttributeError, IndexError) as error:
+        raise ConfigError(f"{not_ours} ({_short(error)})") from None
+
+
+def _restore(state: dict, fed: CoDreamFederation) -> int:
+    """Load every part of a checkpoint into `fed`; the last round it completed."""
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise _NotACheckpoint(f"missing {', '.join(map(repr, missing))}")
+    if not isinstance(state["round"], int) or state["round"] < 0:
+        raise _NotACheckpoint(f"'round' is {state['round']!r}, not a round number")
+    if not isinstance(state["models"], list) or len(state["models"]) != len(fed.models):
+        raise _NotACheckpoint(f"'models' should hold {len(fed.models)} client models")
+    for k, (model, weights) in enumerate(zip(fed.models, state["models"], strict=True)):
+        _load_weights(model, weights, f"client model {k}")
+    _load_weights(fed.server_model, state["server_model"], "server model")
+    if state["buffer"] is not None:
+        fed.buffer.add(*_tensors(state["buffer"], 2, fed.x_test.shape[1:], "buffer"))
+    if state["last_dreams"] is not None:
+        (fed.last_dreams,) = _tensors((state["last_dreams"],), 1, fed.x_test.shape[1:],
+                                     "last_dreams")
+    fed.result.val, fed.result.test = _per_client_rows(state["result"], fed.n)
+    fed.rounds = [RoundRecord(**r) for r in state["rounds"]]
+    for channel, (stats, up, down, clipped) in zip((fed.grad_channel, fed.label_channel),
+                                                   state["channels"], strict=True):
+        channel.stats = stats if isinstance(stats, ChannelStats) else ChannelStats(**stats)
+        channel.bytes_up, channel.bytes_down = _counts(up, fed.n), _counts(down, fed.n)
+        channel.dp_clipped = int(clipped)
+    for ledger, accountant in zip(_ledgers(fed), state["accountants"], strict=True):
+        if not isinstance(accountant, dict) or not isinstance(accountant.get("history"), list):
+            raise _NotACheckpoint("an accountant state has no 'history' list")
+        ledger.accountant.load_state_dict(accountant)
+    for trainer, epochs in zip(fed.trainers or (), state["dp_epochs"], strict=True):
+        trainer.epochs_done = int(epochs)
+    fed.broadcast_down = _counts(state["broadcast_down"], fed.n)
+    return state["round"]
+
+
+def _load_weights(model: torch.nn.Module, weights: object, what: str) -> None:
+    if not isinstance(weights, dict):
+        raise _NotACheckpoint(f"the {what} is a {type(weights).__name__}, not a state dict")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # torch lists every missing or mis-shaped tensor
+        raise _NotACheckpoint(f"the {what} does not fit: {_short(error)}") from None
+
+
+def _tensors(values: object, count: int, shape: torch.Size, what: str) -> tuple:
+    """`count` tensors whose first one holds inputs of `shape` (after the batch dimension)."""
+    if (not isinstance(values, (tuple, list)) or len(values) != count
+            or not all(isinstance(v, torch.Tensor) for v in values)
+            or values[0].dim() < 1 or values[0].shape[1:] != shape):
+        raise _NotACheckpoint(f"'{what}' should be {count} tensor(s) of inputs shaped "
+                              f"{tuple(shape)}")
+    return tuple(values)
+
+
+def _per_client_rows(pair: object, clients: int) -> tuple[list, list]:
+    """(val, test) accuracies: two lists of rounds, each row one number per client."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise _NotACheckpoint("the accuracies are not a (val, test) pair")
+    for rows in pair:
+        if not isinstance(rows, list) or any(not isinstance(row, list) or len(row) != clients
+                                             for row in rows):
+            raise _NotACheckpoint(f"the accuracies do not have one entry per client ({clients})")
+    return pair[0], pair[1]
+
+
+def _counts(values: object, clients: int) -> np.ndarray:
+    """Per-client byte counts (a list, or a numpy array in older checkpoints) as int64."""
+    counts = np.asarray(values, dtype=np.int64)
+    if counts.shape != (clients,):
+        raise _NotACheckpoint(f"byte counts need one entry per client ({clients})")
+    return counts
