@@ -77,6 +77,17 @@ def test_resumed_dp_run_spends_the_same_epsilon(tmp_path, monkeypatch):
     assert resumed["epsilon"] == pytest.approx(whole["epsilon"])
 
 
+def test_a_resumed_dp_sgd_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    # each client's DP-SGD generator (batches, noise) runs across rounds: the checkpoint keeps it
+    dp = {"dp": "sample", "dp_noise": 1.0}
+    whole = _run(tmp_path, "whole-sgd", **dp).report
+    config = SimulationConfig(**{**TINY, **dp, "out": str(tmp_path / "killed-sgd")})
+    resumed = killed_then_resumed(monkeypatch, config)
+    assert resumed["final"] == whole["final"]
+    assert [r["codream"] for r in resumed["rounds"]] == [r["codream"] for r in whole["rounds"]]
+    assert resumed["privacy"]["epsilon"] == pytest.approx(whole["privacy"]["epsilon"])
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"dp_noise": 2.0}, "dp is 'off'"),
     ({"dp": "client"}, "exactly one of dp_noise"),
