@@ -223,7 +223,8 @@ def partition(
         raise DataError(f"{n} samples cannot be shared among {n_clients} clients")
     if n < n_clients * min_samples:
         raise DataError(
-            f"{n} samples cannot give each of {n_clients} clients min_samples={min_samples}"
+            f"{n} samples cannot give each of {n_clients} clients {min_samples} samples "
+            "(use fewer --clients or a larger --max-train)"
         )
     rng = np.random.default_rng(seed)
     if scheme == "iid":
@@ -260,7 +261,7 @@ def _dirichlet(
             return merged
     raise DataError(
         f"no Dirichlet(alpha={alpha}) draw gave all {n_clients} clients {min_samples} samples "
-        "in 1000 tries; raise alpha, lower min_samples or use balanced-dirichlet"
+        "in 1000 tries; raise --alpha, use fewer --clients or --partition balanced-dirichlet"
     )
 
 

@@ -98,7 +98,12 @@ def plan_client_dp(config: SimulationConfig, *, grad_dim: int, label_dim: int) -
         z_acc, tv = accounting(z)
         grad, labels = _specs(config, z, t)
     except ProtocolError as error:
-        raise ConfigError(f"dp: {error}") from None
+        hint = ""
+        if "fixed-point units" in str(error):  # the library's advice names its own parameter
+            hint = (" (from the command line: z times the clip is too small or too large for "
+                    "the ring's precision; change --dp-noise, --dp-clip or --dp-label-clip, or "
+                    "use --ring-bits 64)")
+        raise ConfigError(f"dp: {error}{hint}") from None
     ledger = PrivacyLedger(
         unit="client", mechanism=grad.noise or "gaussian", mode=config.dp_mode,
         noise_multiplier=z_acc, nominal_noise_multiplier=z, l2_clip=config.dp_clip,

@@ -203,7 +203,8 @@ def _labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Read x, y (and optional x_test, y_test) from an npz; images come back float32 NCHW."""
     if not path.is_file():
-        raise DataError(f"npz file not found: {path}")
+        raise DataError(f"npz file not found: {path}" + (" (it is a folder; --data-dir takes "
+                        "the .npz file itself for --dataset npz)" if path.is_dir() else ""))
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -237,10 +238,14 @@ def _idx_folder(path: Path, subdirs: tuple[str, ...]) -> Path:
     return path
 
 
+def _not_a_folder(path: Path) -> str:
+    return " (it is a file; --data-dir takes the dataset's folder)" if path.exists() else ""
+
+
 def read_idx_dataset(path: Path, *subdirs: str, hint: str = "") -> _Split4:
     """Read an MNIST-style folder (train-*, t10k-* IDX files) as uint8 N×1×H×W plus labels."""
     if not path.is_dir():
-        raise DataError(f"dataset folder not found: {path}{hint}")
+        raise DataError(f"dataset folder not found: {path}{_not_a_folder(path)}{hint}")
     folder = _idx_folder(path, subdirs)
     try:
         x_tr, y_tr = read_idx_split(folder, "train", num_classes=10)
@@ -273,7 +278,7 @@ def read_cifar_dataset(path: Path, *, num_classes: int) -> _Split4:
     else:
         raise ValueError(f"CIFAR has 10 or 100 classes, not {num_classes}")
     if not path.is_dir():
-        raise DataError(f"dataset folder not found: {path}")
+        raise DataError(f"dataset folder not found: {path}{_not_a_folder(path)}")
     folder = path / subdir if (path / subdir / test).is_file() else path
     x_tr, y_tr = _read_cifar_files(folder, train, key, num_classes)
     x_te, y_te = _read_cifar_files(folder, [test], key, num_classes)

@@ -446,6 +446,12 @@ def test_npz_missing_or_garbage_file(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(DataError, match="not a readable"):
         load_dataset("npz", tmp_path / "junk.npz")
+    # a path of the wrong kind says which kind was expected
+    with pytest.raises(DataError, match=r"it is a folder; --data-dir takes the \.npz file"):
+        load_dataset("npz", tmp_path)
+    for name in ("mnist", "cifar10"):
+        with pytest.raises(DataError, match="it is a file; --data-dir takes the dataset's"):
+            load_dataset(name, tmp_path / "junk.npz")
 
 
 # ---------------------------------------------------------------- partitions
@@ -560,7 +566,7 @@ def test_partition_property(labels, n_clients, scheme, alpha, seed):
         ({"scheme": "shards"}, ConfigError, "unknown partition scheme"),
         ({"min_samples": -1}, ConfigError, "min_samples"),
         ({"n_clients": 2001}, DataError, "2000 samples cannot be shared among 2001"),
-        ({"n_clients": 201}, DataError, "min_samples=10"),
+        ({"n_clients": 201}, DataError, "10 samples .use fewer --clients"),
     ],
 )
 def test_partition_errors(kwargs, error, match):
@@ -581,7 +587,7 @@ def test_partition_rejects_bad_labels():
 
 def test_dirichlet_gives_up_with_clear_error():
     y = np.zeros(100, dtype=np.int64)  # one class: only an exactly even cut satisfies min 10
-    with pytest.raises(DataError, match="1000 tries"):
+    with pytest.raises(DataError, match="1000 tries; raise --alpha"):
         partition(y, 10, scheme="dirichlet", alpha=0.01, seed=0, min_samples=10)
 
 

@@ -106,3 +106,10 @@ def test_a_budget_too_small_for_the_run_is_exit_status_2(tmp_path):
                                        "--out", str(tmp_path / "tiny-eps"), "--quiet"])
     assert result.exit_code == 2, result.output
     assert "too small" in result.output and "Traceback" not in result.output
+
+
+def test_noise_too_small_for_the_ring_names_the_flags_to_change(tmp_path):
+    result = CliRunner().invoke(main, ["simulate", "--dp", "client", "--dp-noise", "1e-7",
+                                       "--out", str(tmp_path / "z"), "--quiet"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "fixed-point units" in result.output and "--ring-bits 64" in result.output
