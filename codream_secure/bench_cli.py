@@ -10,7 +10,7 @@ import click
 from codream_secure.errors import ConfigError
 
 SETTINGS = ("tiny", "default", "full")
-SETTINGS_HELP = ("Size of the run: 'default' finishes in about 10 minutes on 2 CPU cores, "
+SETTINGS_HELP = ("Size of the run: 'default' finishes in about 3-4 minutes on 2 CPU cores, "
                  "'tiny' in seconds (a smoke test), 'full' is the documented long run.")
 
 
