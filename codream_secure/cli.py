@@ -239,10 +239,9 @@ class CoDreamGroup(click.Group):
         except (MemoryError, RuntimeError) as error:
             if not _out_of_memory(error):
                 raise
-            detail = str(error).split("DefaultCPUAllocator: ")[-1].splitlines()[0] if str(
-                error) else "MemoryError"
-            _fail(f"out of memory ({detail}); lower --dream-batch, --buffer-size, --batch-size "
-                  "or --max-train")
+            lines = str(error).split("DefaultCPUAllocator: ")[-1].splitlines()
+            _fail(f"out of memory ({lines[0] if lines else type(error).__name__}); lower "
+                  "--dream-batch, --buffer-size, --batch-size or --max-train")
         sys.exit(code if isinstance(code, int) else 0)
 
 
