@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from protocols.dp import DPSpec
-from protocols.errors import TooFewSurvivorsError
+from protocols.errors import NonFiniteInputError, TooFewSurvivorsError
 from protocols.registry import AggregationSession, open_session
 
 from .distill import distill, evaluate, soft_labels, train_local
@@ -159,13 +159,16 @@ class AggregationChannel:
         """
         if self.session is None:
             raise RuntimeError("open() the channel before summing")
-        for client in _non_finite(inputs):
+        hint = "(its model diverged? lower the learning rates)"
+        for client in _non_finite_tensors(inputs):
             raise NonFiniteGradientError(
-                f"client {client}'s vector for the {self.purpose} sum holds NaN or inf "
-                "(its model diverged? lower the learning rates)")
+                f"client {client}'s vector for the {self.purpose} sum holds NaN or inf {hint}")
         start = time.perf_counter()
         clipped_before = getattr(self.session, "clipped", 0)
-        outcome = self.session.step(inputs, drop_after_upload=drop_after_upload)
+        try:
+            outcome = self.session.step(inputs, drop_after_upload=drop_after_upload)
+        except NonFiniteInputError as error:  # host vectors: the session checks them itself
+            raise NonFiniteGradientError(f"{error}, in the {self.purpose} sum {hint}") from None
         seconds = time.perf_counter() - start
         self._account()
         if self.ledger is not None:
@@ -188,14 +191,14 @@ class ModelDivergedError(CoDreamError, FloatingPointError):
     """A model's weights hold NaN or inf after training or distillation."""
 
 
-def _non_finite(inputs: dict) -> list[int]:
-    """Clients whose vector holds NaN/inf; device tensors are checked with one sync."""
+def _non_finite_tensors(inputs: dict) -> list[int]:
+    """Clients whose torch tensor holds NaN/inf, with one sync for all of them (the session
+    checks only a device-masked vector's length: reading it would copy it to the host)."""
     tensors = [c for c, v in inputs.items() if torch.is_tensor(v)]
-    bad = [c for c, v in inputs.items() if not torch.is_tensor(v) and not np.all(np.isfinite(v))]
-    if tensors:
-        finite = torch.stack([torch.isfinite(inputs[c]).all() for c in tensors]).cpu()
-        bad += [c for c, ok in zip(tensors, finite.tolist(), strict=True) if not ok]
-    return sorted(bad)
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(inputs[c]).all() for c in tensors]).cpu()
+    return sorted(c for c, ok in zip(tensors, finite.tolist(), strict=True) if not ok)
 
 
 def _plain_reference(vectors: list, clip: float) -> tuple[np.ndarray, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from ..errors import (
     TooFewSurvivorsError,
 )
 from ..graph import NeighbourGraph
+from ..inputs import check_count
 from ..primitives import prg, shamir
 from ..wire import MAX_VECTOR
 from . import keys
@@ -64,15 +64,6 @@ def host_unmask(uploads: Sequence[np.ndarray], signed_seeds: Sequence[tuple[byte
     return total
 
 
-def validate_vector_length(vector_length: object) -> int:
-    """The vector length as an int; ParameterError unless it is an int in [1, MAX_VECTOR]."""
-    if isinstance(vector_length, bool) or not isinstance(vector_length, numbers.Integral):
-        raise ParameterError(f"vector_length must be an int, got {vector_length!r}")
-    if not 1 <= vector_length <= MAX_VECTOR:
-        raise ParameterError(f"vector_length must lie in [1, {MAX_VECTOR}], got {vector_length}")
-    return int(vector_length)
-
-
 @dataclass(frozen=True, eq=False)
 class StepOutcome:
     """The result of one aggregation step: the decoded sum and who is in it."""
@@ -107,7 +98,10 @@ class SecAggServer:
     def __init__(self, *, graph: NeighbourGraph, threshold: int, codec: FixedPointCodec,
                  vector_length: int, session_id: bytes | None = None,
                  unmasker: Unmasker | None = None) -> None:
-        self.vector_length = validate_vector_length(vector_length)
+        self.vector_length = check_count("vector_length", vector_length)
+        if self.vector_length > MAX_VECTOR:  # a message cannot carry more
+            raise ParameterError(f"vector_length must be at most {MAX_VECTOR}, got "
+                                 f"{vector_length}")
         validate_threshold(threshold, graph.degree, graph.n)
         codec.check_budget(graph.n)
         self.graph, self.threshold, self.codec = graph, threshold, codec
