@@ -17,10 +17,10 @@
 # they are by default (report.json's per-phase seconds separate the two graphs), then the
 # simulated session's host cost (server unmasking on the host and on the GPU, uploads downloaded
 # into pinned or pageable memory). Optional stages, for a lease with time left: `variants` (the
-# other two inductor settings), `training` (local-training and distillation steps), `simulate`
+# other four inductor settings), `training` (local-training and distillation steps), `simulate`
 # (device masking, one round), `host-malloc` (the host cost with glibc keeping freed memory).
 # Time limits per stage, in seconds (0 skips a stage): BENCH_S (330), TEST_S (210), SIMG_S (100,
-# each of the two simulations), SERVER_S (25), VARIANTS_S (130), TRAIN_S (120), SIM_S (25),
+# each of the two simulations), SERVER_S (25), VARIANTS_S (200), TRAIN_S (120), SIM_S (25),
 # MALLOC_S (25). A stage past its limit gets SIGINT (so pytest still reports its failures), then
 # SIGKILL 15 s later. BENCH_ARGS replaces the benchmark's extra arguments (set but empty: none);
 # VARIANTS the optional variants. Where the machine lacks `cryptography`, put its wheels on
@@ -93,9 +93,9 @@ for name in $stages; do
             "${SERVER_S:-25}" "$out/server.log" python3 -m benchmarks.session_host_cost \
             --masker device,device-pageable --unmasker host,device --turns 3 ;;
     variants)
-        stage variants "${VARIANTS_S:-130}" "$out/variants.log" python3 -m benchmarks.device \
+        stage variants "${VARIANTS_S:-200}" "$out/variants.log" python3 -m benchmarks.device \
             --sections step --out "$out/variants" \
-            --step-variants "${VARIANTS:-coordesc,autotune-pointwise}" ;;
+            --step-variants "${VARIANTS:-coordesc,autotune-pointwise,combo-kernels,aggressive-fusion}" ;;
     training)
         stage "training steps" "${TRAIN_S:-120}" "$out/train.log" python3 -m benchmarks.device \
             --sections train --iters 10 --out "$out/train" ;;

@@ -111,6 +111,10 @@ STEP_VARIANTS = {
     # the stem convolution's 3 input channels padded to 8 with zeros (same loss): session 5's
     # profile showed one generic cuDNN kernel of 83 us per step, probably that convolution's
     "pad-stem": {"stem_channels": 8},
+    # independent small kernels (the BN term's per-layer norms among them) launched as one
+    "combo-kernels": {"compile_options": {"combo_kernels": True}},
+    # nodes fused even where they share no buffer: fewer, larger kernels
+    "aggressive-fusion": {"compile_options": {"aggressive_fusion": True}},
     # Triton templates benchmarked against cuDNN for every convolution (minutes to compile)
     "max-autotune": {"compile_options": {"max_autotune": True}},
 }
