@@ -72,11 +72,94 @@ def _profiled(run: Callable[[], object], device: torch.device, steps: int) -> tu
 
 
 def profile_table(step: Callable[[], object], device: torch.device, steps: int = 5) -> str:
-    """Device time per kernel over `steps` calls (torch.profiler), and the busy time per step."""
+    """Device time per kernel over `steps` calls (torch.profiler), the busy time per step, and
+    the kernels by kind with the device's idle time between them."""
     prof, wall, busy = _profiled(lambda: [step() for _ in range(steps)], device, steps)
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30,
+                                      max_name_column_width=100)
+    timeline = render_timeline(device_timeline(_device_kernels(prof), steps))
     return (f"device busy time per step: {busy:.3f} ms of {wall:.3f} ms wall (kernels and "
-            f"copies, profiler on)\n{table}")
+            f"copies, profiler on)\n{timeline}\n{table}")
+
+
+def _device_kernels(prof) -> list[tuple[str, float, float]]:  # type: ignore[no-untyped-def]
+    """(name, start us, end us) of every kernel and copy the profiler saw on the device."""
+    from torch.autograd import DeviceType
+
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == DeviceType.CUDA]
+
+
+# first match wins: cuDNN names its kernels by what they compute, inductor by its template
+KERNEL_KINDS = (
+    ("generic cuDNN convolution (no tensor cores)", ("convolve_common_engine",)),
+    ("convolution input gradient (cuDNN dgrad)", ("dgrad",)),
+    ("convolution (cuDNN fprop)", ("fprop",)),
+    ("inductor reduction", ("triton_red", "triton_per")),
+    ("inductor pointwise", ("triton_poi",)),
+    ("matrix product", ("gemm", "gemv")),
+    ("copy or fill", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The KERNEL_KINDS entry a device kernel's name falls under ("other" if none)."""
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in lowered for m in marks)),
+                "other")
+
+
+SHORT_GAP_US = 10.0  # kernel to kernel inside a CUDA graph takes a few microseconds
+
+
+def device_timeline(kernels: list[tuple[str, float, float]], steps: int) -> dict:
+    """Per step: kernel count, busy time (the union of the (name, start us, end us) intervals),
+    the span from the first kernel's start to the last one's end, the idle time inside that
+    span split into gaps under SHORT_GAP_US (launch gaps) and longer ones (the device waiting
+    for the host), and count and time by kind."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    kinds: dict[str, list[float]] = {}
+    busy_us, covered_to = 0.0, None
+    short_us, long_us, long_gaps = 0.0, 0.0, 0
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        count_us = kinds.setdefault(kernel_kind(name), [0, 0.0])
+        count_us[0] += 1
+        count_us[1] += end - start
+        if covered_to is None or start >= covered_to:
+            gap = 0.0 if covered_to is None else start - covered_to
+            if gap < SHORT_GAP_US:
+                short_us += gap
+            else:
+                long_us, long_gaps = long_us + gap, long_gaps + 1
+            busy_us += end - start
+            covered_to = end
+        elif end > covered_to:  # overlaps the interval before (another stream)
+            busy_us += end - covered_to
+            covered_to = end
+    span_us = (max(k[2] for k in kernels) - min(k[1] for k in kernels)) if kernels else 0.0
+    return {"kernels_per_step": len(kernels) / steps, "busy_ms": busy_us / steps / 1e3,
+            "span_ms": span_us / steps / 1e3,
+            "idle_inside_span_ms": (span_us - busy_us) / steps / 1e3,
+            "short_gaps_ms": short_us / steps / 1e3, "long_gaps_ms": long_us / steps / 1e3,
+            "long_gaps_per_step": long_gaps / steps,
+            "kinds": {kind: {"per_step": n / steps, "ms": us / steps / 1e3}
+                      for kind, (n, us) in sorted(kinds.items(), key=lambda kv: -kv[1][1])}}
+
+
+def render_timeline(timeline: dict) -> str:
+    """device_timeline's figures as the text block profile.txt opens with."""
+    lines = [f"{timeline['kernels_per_step']:.0f} kernels and copies per step; device busy "
+             f"{timeline['busy_ms']:.3f} ms per step within a span of {timeline['span_ms']:.3f} "
+             f"ms per step from the first kernel's start to the last one's end, idle "
+             f"{timeline['idle_inside_span_ms']:.3f} ms per step inside it: "
+             f"{timeline['short_gaps_ms']:.3f} ms in gaps under {SHORT_GAP_US:.0f} us (launch "
+             f"gaps), {timeline['long_gaps_ms']:.3f} ms in {timeline['long_gaps_per_step']:.1f} "
+             f"longer ones (waits for the host)",
+             f"  {'kind':<46} {'per step':>8} {'ms/step':>9}"]
+    lines += [f"  {kind:<46} {row['per_step']:8.1f} {row['ms']:9.3f}"
+              for kind, row in timeline["kinds"].items()]
+    return "\n".join(lines)
 
 
 def profile_round(run: Callable[[int], object], device: torch.device, steps: int = 5) -> str:
@@ -88,6 +171,7 @@ def profile_round(run: Callable[[int], object], device: torch.device, steps: int
     lines = [f"wall {wall:.3f} ms/step, device busy {busy:.3f} ms/step, device idle "
              f"{wall - busy:.3f} ms/step (profiler on)", "host time per step by phase:"]
     lines += [f"  {e.key:<28} {e.cpu_time_total / steps / 1e3:8.3f} ms" for e in phases]
+    lines.append(render_timeline(device_timeline(_device_kernels(prof), steps)))
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return "\n".join(lines) + "\n" + events.table(sort_by=sort, row_limit=20)
 
