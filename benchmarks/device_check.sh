@@ -20,7 +20,7 @@
 # other four inductor settings), `training` (local-training and distillation steps), `simulate`
 # (device masking, one round), `host-malloc` (the host cost with glibc keeping freed memory).
 # Time limits per stage, in seconds (0 skips a stage): BENCH_S (330), TEST_S (210), SIMG_S (100,
-# each of the two simulations), SERVER_S (25), VARIANTS_S (200), TRAIN_S (120), SIM_S (25),
+# each of the two simulations), SERVER_S (25), VARIANTS_S (200), TRAIN_S (160), SIM_S (25),
 # MALLOC_S (25). A stage past its limit gets SIGINT (so pytest still reports its failures), then
 # SIGKILL 15 s later. BENCH_ARGS replaces the benchmark's extra arguments (set but empty: none);
 # VARIANTS the optional variants. Where the machine lacks `cryptography`, put its wheels on
@@ -97,7 +97,7 @@ for name in $stages; do
             --sections step --out "$out/variants" \
             --step-variants "${VARIANTS:-coordesc,autotune-pointwise,combo-kernels,aggressive-fusion}" ;;
     training)
-        stage "training steps" "${TRAIN_S:-120}" "$out/train.log" python3 -m benchmarks.device \
+        stage "training steps" "${TRAIN_S:-160}" "$out/train.log" python3 -m benchmarks.device \
             --sections train --iters 10 --out "$out/train" ;;
     simulate)
         simulate device-masking "${SIM_S:-25}" --masking device --rounds 1 ;;

@@ -303,3 +303,13 @@ def test_a_misspelt_variant_option_would_fail_the_build_check():
     with pytest.raises(ConfigError, match="combo_kernelz"):
         FastDreamStep.optimised(model, device_step.W, compile_model=True,
                                 compile_options={"combo_kernelz": True})
+
+
+@pytest.mark.parametrize("job", ["local training", "distillation"])
+def test_cuda_training_rows_include_simulates_training_graphs_for_both_jobs(job):
+    from benchmarks.device import training
+
+    rows = training.variants(torch.device("cuda"), job)  # builds FastPaths only: no CUDA call
+    precision, fast = rows["bf16 fast path + CUDA graphs"]
+    assert precision == "bf16" and fast.cuda_graphs and fast.channels_last
+    assert not rows["bf16 fast path (simulate's default)"][1].cuda_graphs
