@@ -161,8 +161,10 @@ def test_inductor_step_trains_what_the_eager_step_trains():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("run", "cuda_graphs"), [(train, False), (train, True), (kd, False)],
-                         ids=["train_local", "train_local-cuda-graphs", "distill"])
+@pytest.mark.parametrize(("run", "cuda_graphs"),
+                         [(train, False), (train, True), (kd, False), (kd, True)],
+                         ids=["train_local", "train_local-cuda-graphs", "distill",
+                              "distill-cuda-graphs"])
 def test_cuda_fast_path_matches_bf16_eager(run, cuda_graphs):
     eager, compiled = model("resnet8", device="cuda"), model("resnet8", device="cuda")
     expected = run(eager, None, device="cuda", precision="bf16")
