@@ -74,11 +74,12 @@ def bench() -> None:
 def leakage(setting: str, sections: str | None, out: Path) -> None:
     """Measure what an attacker learns from a CoDream run, against held-out baselines."""
     _use_checkout_benchmarks()
-    _make_out(out)
-    from benchmarks.leakage.run import run_leakage
+    from benchmarks.leakage.run import checked_sections, run_leakage
     from codream_secure.progress import RichProgress
 
-    names = [s.strip() for s in sections.split(",") if s.strip()] if sections else None
+    names = checked_sections(
+        [s.strip() for s in sections.split(",") if s.strip()] if sections else None)
+    _make_out(out)  # after the checks: a mistyped section leaves no empty folder behind
     with RichProgress() as progress:
         path = run_leakage(out, setting=setting, sections=names, progress=progress)
     _report(path)

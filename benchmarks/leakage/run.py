@@ -42,14 +42,23 @@ def _seeds(settings: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if "seed" in k}
 
 
-def run_leakage(out_dir: str | Path, *, setting: str = "default",
-                sections: Sequence[str] | None = None, progress: Any = None) -> Path:
-    """Run the chosen sections (all by default) and write report.json/md, CSVs and plots."""
+def checked_sections(sections: Sequence[str] | None) -> list[str]:
+    """The sections to run (all when none are named); an unknown name is a BenchmarkError.
+
+    Called before any section's module is imported and before the report folder is made.
+    """
     names = list(sections) if sections else list(SECTIONS)
-    for name in names:  # every name checked before any section's module is imported
+    for name in names:
         if name not in SECTIONS:
             raise BenchmarkError(f"unknown leakage section {name!r}; choose from "
                                  f"{', '.join(SECTIONS)}")
+    return names
+
+
+def run_leakage(out_dir: str | Path, *, setting: str = "default",
+                sections: Sequence[str] | None = None, progress: Any = None) -> Path:
+    """Run the chosen sections (all by default) and write report.json/md, CSVs and plots."""
+    names = checked_sections(sections)
     chosen = [(name, *section_settings(name, setting)) for name in names]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,12 @@ def test_bench_help_names_both_benchmarks():
 
 
 def test_unknown_leakage_section_is_an_error_naming_the_choices(tmp_path):
-    result = _run("bench", "leakage", "--sections", "dreams,telepathy", "--out", str(tmp_path))
+    out = tmp_path / "report"
+    result = _run("bench", "leakage", "--sections", "dreams,telepathy", "--out", str(out))
     assert result.exit_code == 2, result.output
     assert "unknown leakage section 'telepathy'" in result.output
     assert "server-view" in result.output and "Traceback" not in result.output
+    assert not out.exists()  # refused before the report folder is made
 
 
 def test_unknown_settings_name_is_a_usage_error(tmp_path):
