@@ -150,8 +150,9 @@ def device_timeline(kernels: list[tuple[str, float, float]], steps: int) -> dict
 def render_timeline(timeline: dict) -> str:
     """device_timeline's figures as the text block profile.txt opens with."""
     lines = [f"{timeline['kernels_per_step']:.0f} kernels and copies per step; device busy "
-             f"{timeline['busy_ms']:.3f} ms per step within a span of {timeline['span_ms']:.3f} "
-             f"ms per step from the first kernel's start to the last one's end, idle "
+             f"{timeline['busy_ms']:.3f} ms per step (overlapping kernels counted once) "
+             f"within a span of {timeline['span_ms']:.3f} ms per step from the first "
+             f"kernel's start to the last one's end, idle "
              f"{timeline['idle_inside_span_ms']:.3f} ms per step inside it: "
              f"{timeline['short_gaps_ms']:.3f} ms in gaps under {SHORT_GAP_US:.0f} us (launch "
              f"gaps), {timeline['long_gaps_ms']:.3f} ms in {timeline['long_gaps_per_step']:.1f} "
