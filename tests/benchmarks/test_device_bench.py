@@ -7,7 +7,6 @@ import torch
 
 from benchmarks import device
 from benchmarks.device import step as device_step
-from codream_secure.errors import ConfigError
 from codream_secure.gpu.fast_dream import FastDreamStep
 from codream_secure.models import build_model
 
@@ -292,17 +291,11 @@ def test_a_run_writes_its_targets_into_device_json_and_md(tmp_path):
 @pytest.mark.parametrize("name", sorted(device_step.STEP_VARIANTS))
 def test_every_step_variant_builds_with_this_torch(name):
     # a misspelt inductor option would only surface as an error row on the GPU machine
+    # (test_fast_dream checks that an unknown option is refused)
     model = build_model("resnet8", input_shape=(3, 16, 16), num_classes=10).eval()
     step = FastDreamStep.optimised(model, device_step.W, compile_model=True,
                                    **device_step.STEP_VARIANTS[name])
     assert step.config.compile
-
-
-def test_a_misspelt_variant_option_would_fail_the_build_check():
-    model = build_model("resnet8", input_shape=(3, 16, 16), num_classes=10).eval()
-    with pytest.raises(ConfigError, match="combo_kernelz"):
-        FastDreamStep.optimised(model, device_step.W, compile_model=True,
-                                compile_options={"combo_kernelz": True})
 
 
 @pytest.mark.parametrize("job", ["local training", "distillation"])
