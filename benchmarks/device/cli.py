@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": 0.0,
         "matmul_ceiling": ceiling, "dream_step": [], "round": [], "batched": [],
         "keystream": [], "round_graphed": [], "training": [], "errors": {}, "skipped": {},
+        "default_sections": list(DEFAULT_SECTIONS), "section_seconds": {}, "extra_seconds": {},
     }
     fast = None
 
@@ -125,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             result["skipped"][section] = CUDA_ONLY[section]
             print(f"{section}: skipped ({CUDA_ONLY[section]})")
             continue
+        started = time.perf_counter()
         try:
             result[key] = run()
         except Exception as exc:  # one failed section must not lose the others
             result["errors"][section] = f"{type(exc).__name__}: {exc}"
             print(f"{section} FAILED: {result['errors'][section]}")
+        result["section_seconds"][section] = time.perf_counter() - started
         print_section(section, result, time.perf_counter() - t0)
         result["seconds"] = time.perf_counter() - t0
         write_result(result, args)  # a run cut short by a time limit keeps what it measured

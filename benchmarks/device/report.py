@@ -29,6 +29,11 @@ def _markdown(result: dict) -> str:
     lines = [f"# Device benchmark ({result['device']}, {result['date']})", "",
              f"Command: `{result['command']}`", "",
              f"Wall time: {result['seconds']:.0f} s (start to the last section written)", ""]
+    if result.get("section_seconds"):
+        lines += ["Sections: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds
+                                           in result["section_seconds"].items())
+                  + "".join(f"; of which {label} {seconds:.0f} s" for label, seconds
+                            in result.get("extra_seconds", {}).items()), ""]
     if result.get("targets"):
         lines += [*targets.markdown(result["targets"], result["device"]), ""]
     lines += ["## Dream step", "",
@@ -102,6 +107,7 @@ def print_section(section: str, result: dict, elapsed: float) -> None:
 
 def write_result(result: dict, args: argparse.Namespace) -> None:
     """device.json, device.md and (with --profile) profile.txt under args.out."""
+    result["extra_seconds"] = dict(getattr(args, "extra_seconds", {}))
     result["targets"] = targets.targets(result, model=args.model, batch=args.batch)
     (args.out / "device.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "device.md").write_text(_markdown(result))

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.device.finite import FiniteCheck
 from benchmarks.device.step import W
-from benchmarks.device.timing import phase, profile_round, sync, sync_audit, timed_ms
+from benchmarks.device.timing import extra, phase, profile_round, sync, sync_audit, timed_ms
 from codream_secure.gpu import chacha20, masking
 from codream_secure.gpu.fast_dream import FastDreamStep, dream_gradients
 from codream_secure.gpu.send import UploadSender
@@ -290,9 +290,10 @@ def round_rows(args: argparse.Namespace, device: torch.device, reuse: object) ->
     # clients (the round also has the sum, the NaN check and the Adam step)
     alone = sum(timed_ms(lambda s=s: s(x0), device, iters=args.iters) for s in steps)
     if args.profile:
-        args.round_profile_text = "\n\n".join(
-            f"## {name}\n" + profile_round(run, device) + "\n" + sync_audit(run, device)
-            for name, run in _runs(gradients, x0, variants).items())
+        with extra(args, "profiles"):
+            args.round_profile_text = "\n\n".join(
+                f"## {name}\n" + profile_round(run, device) + "\n" + sync_audit(run, device)
+                for name, run in _runs(gradients, x0, variants).items())
     overlap = args.overlap and not any(s.config.cuda_graphs for s in steps)
     return round_table(args, median, times, checks, failed,
                        {"overlap": overlap, "warmup_s": warm, "clients_alone_ms": alone})
@@ -313,8 +314,9 @@ def graphed_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     median, times, checks, failed, warm = time_round(graphed, x0, variants, args, device)
     replay = timed_ms(lambda: graphed(x0), device, iters=args.iters)
     if args.profile:
-        args.graphed_profile_text = "\n\n".join(
-            f"## {name}, one graph\n" + profile_round(run, device) + "\n" + sync_audit(run, device)
-            for name, run in _runs(graphed, x0, variants).items())
+        with extra(args, "profiles"):
+            args.graphed_profile_text = "\n\n".join(
+                f"## {name}, one graph\n" + profile_round(run, device) + "\n"
+                + sync_audit(run, device) for name, run in _runs(graphed, x0, variants).items())
     return round_table(args, median, times, checks, failed,
                        {"warmup_s": warm + capture, "one_replay_ms": replay})

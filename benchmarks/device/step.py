@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.device.timing import (
     agreement,
+    extra,
     interleaved_ms,
     profile_table,
     sync,
@@ -185,25 +186,27 @@ def dream_step(args: argparse.Namespace, device: torch.device) -> tuple[list[dic
     default, default_warm = f"optimised ({label})", time.perf_counter() - start
     default_ms: list[float] = []
     for name in args.step_variants:
-        try:
-            variant, warm = build_variant(name, model, x, device)
-        except Exception as exc:  # a failed variant is reported, not fatal
-            add({"variant": f"optimised, {name}", "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        # timed in turn with the default step, three times (the first one timed used to look
-        # slower), and printed at once: a run stopped at its time limit keeps these rows
-        ms = interleaved_ms({default: lambda: fast(x), name: lambda v=variant: v(x)}, device,
-                            iters=args.iters)
-        default_ms.append(ms[default])
-        add({"variant": f"optimised, {name}", "warmup_s": warm, "ms": ms[name],
-             "default_ms_same_turns": ms[default], **agreement(variant(x), reference)})
+        with extra(args, "step variants"):
+            try:
+                variant, warm = build_variant(name, model, x, device)
+            except Exception as exc:  # a failed variant is reported, not fatal
+                add({"variant": f"optimised, {name}", "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            # timed in turn with the default step, three times (the first one timed used to
+            # look slower), and printed at once: a run stopped at its time limit keeps these rows
+            ms = interleaved_ms({default: lambda: fast(x), name: lambda v=variant: v(x)},
+                                device, iters=args.iters)
+            default_ms.append(ms[default])
+            add({"variant": f"optimised, {name}", "warmup_s": warm, "ms": ms[name],
+                 "default_ms_same_turns": ms[default], **agreement(variant(x), reference)})
     if not default_ms:
         default_ms.append(interleaved_ms({default: lambda: fast(x)}, device,
                                          iters=args.iters)[default])
     add({"variant": default, "warmup_s": default_warm, "ms": statistics.median(default_ms),
          **agreement(fast(x), reference)})
     if args.profile and device.type == "cuda":
-        args.profile_text = profile_table(lambda: fast(x), device)
+        with extra(args, "profiles"):
+            args.profile_text = profile_table(lambda: fast(x), device)
         print(args.profile_text.splitlines()[0])
     return rows, fast
 

@@ -47,6 +47,18 @@ def agreement(got: torch.Tensor, ref: torch.Tensor) -> dict:
             "cosine": float(torch.nn.functional.cosine_similarity(got, ref, dim=0))}
 
 
+@contextlib.contextmanager
+def extra(args: object, label: str):  # type: ignore[no-untyped-def]
+    """Time a block that is not part of the issue's table (step variants, profiles) into
+    args.extra_seconds[label], so the report can tell the table's own wall time."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        extras = vars(args).setdefault("extra_seconds", {})
+        extras[label] = extras.get(label, 0.0) + time.perf_counter() - start
+
+
 def phase(name: str) -> contextlib.AbstractContextManager:
     """A labelled range in torch.profiler's trace (a no-op cost when not profiling)."""
     return torch.profiler.record_function(name)

@@ -272,20 +272,59 @@ def test_targets_read_the_default_step_and_each_secure_rounds_own_plain():
                    "ms_per_step": 13.0}],
         "round_graphed": [{"aggregation": "secure, NaN checked at the round's end",
                            "ratio_same_check": 1.08, "ms_per_step": 8.1}]}
-    step, speedup, secure = targets.targets(result, model="resnet18", batch=256)
+    step, speedup, secure, table = targets.targets(result, model="resnet18", batch=256)
     assert (step["measured"], step["verdict"]) == (2.6, "missed")
     assert "coordesc 2.45 ms" in step["detail"]
     assert (speedup["measured"], speedup["verdict"]) == (8.4, "missed")
     assert (secure["measured"], secure["verdict"]) == (1.08, "met")
     assert "unfused" not in secure["detail"] and "round: secure x1.140" in secure["detail"]
+    assert table["verdict"] == "not measured"  # no section times in this result
     empty = targets.targets({"dream_step": [], "round": []}, model="resnet18", batch=256)
-    assert [t["verdict"] for t in empty] == ["not measured"] * 3
+    assert [t["verdict"] for t in empty] == ["not measured"] * 4
+
+
+def _timed_result(seconds, sections, extras=None, **more):
+    return {"dream_step": [], "round": [], "seconds": seconds,
+            "default_sections": ["step", "keystream", "graphed", "round"],
+            "section_seconds": sections, "extra_seconds": extras or {}, **more}
+
+
+def test_the_tables_wall_time_leaves_out_extras_and_other_sections():
+    from benchmarks.device import targets
+
+    sections = {"step": 120.0, "keystream": 6.0, "graphed": 95.0, "round": 100.0,
+                "batched": 80.0}
+    result = _timed_result(405.0, sections, {"step variants": 70.0, "profiles": 20.0})
+    table = targets.targets(result, model="resnet18", batch=256)[3]
+    assert table["measured"] == pytest.approx(405 - 70 - 20 - 80)  # 235 s
+    assert table["verdict"] == "met"
+    assert "step variants 70 s" in table["detail"] and "other sections 80 s" in table["detail"]
+    slow = targets.targets(_timed_result(320.0, {**sections, "batched": 0.0}), model="resnet18",
+                           batch=256)[3]
+    assert (slow["measured"], slow["verdict"]) == (320.0, "missed")
+
+
+@pytest.mark.parametrize("why", ["errors", "skipped", "absent"])
+def test_the_tables_wall_time_needs_every_default_section(why):
+    from benchmarks.device import targets
+
+    sections = {"step": 60.0, "keystream": 6.0, "graphed": 95.0, "round": 100.0}
+    more = {why: {"graphed": "needs CUDA"}} if why != "absent" else {}
+    if why == "absent":
+        del sections["graphed"]
+    table = targets.targets(_timed_result(270.0, sections, **more), model="resnet18",
+                            batch=256)[3]
+    assert table["verdict"] == "not measured" and "graphed" in table["detail"]
 
 
 def test_a_run_writes_its_targets_into_device_json_and_md(tmp_path):
-    result = run(tmp_path, "--sections", "step")
-    assert [t["verdict"] for t in result["targets"]][2] == "not measured"  # no round section
-    assert "## Issue 6's targets" in (tmp_path / "device.md").read_text()
+    result = run(tmp_path, "--sections", "step", "--step-variants", "var-mean")
+    assert [t["verdict"] for t in result["targets"]][2:] == ["not measured"] * 2  # no rounds
+    assert set(result["section_seconds"]) == {"step"}
+    assert 0 < result["extra_seconds"]["step variants"] < result["section_seconds"]["step"]
+    text = (tmp_path / "device.md").read_text()
+    assert "## Issue 6's targets" in text and "Sections: step " in text
+    assert "of which step variants" in text
 
 
 @pytest.mark.parametrize("name", sorted(device_step.STEP_VARIANTS))
