@@ -43,7 +43,7 @@ def _table_seconds(result: dict) -> tuple[float | None, str]:
     """The default sections' own wall time: the run's, less the extras timed inside it (step
     variants, profiles) and any other section; None when a default section did not run.
 
-    Slightly low: with variants, the default step's own timing (about a second on an H100)
+    Slightly low: with variants, the default step's own timing (under a second on an H100)
     happens inside the variants' time and is subtracted with it."""
     ran = result.get("section_seconds", {})
     failed = set(result.get("errors", {})) | set(result.get("skipped", {}))
