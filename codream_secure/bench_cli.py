@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from codream_secure.errors import ConfigError
+from codream_secure.errors import ConfigError, os_reason
 
 SETTINGS = ("tiny", "default", "full")
 SETTINGS_HELP = ("Size of the run: 'default' finishes in about 3-4 minutes on 2 CPU cores, "
@@ -38,7 +38,7 @@ def _make_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise click.FileError(str(out), hint=error.strerror or str(error)) from None
+        raise click.FileError(str(out), hint=os_reason(error)) from None
 
 
 def _report(out: Path) -> None:

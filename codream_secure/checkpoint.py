@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import SimulationConfig
-from .errors import ConfigError
+from .errors import ConfigError, os_reason
 from .federation import ChannelStats, CoDreamFederation, RoundRecord
 
 if TYPE_CHECKING:  # opacus loads only for runs with DP
@@ -60,7 +60,7 @@ def save_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation
     except OSError as error:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise ConfigError(f"--out: cannot write the checkpoint {path} ({_why(error)}); the "
+        raise ConfigError(f"--out: cannot write the checkpoint {path} ({os_reason(error)}); the "
                           "previous checkpoint is kept: fix the folder and rerun with "
                           "--resume") from None
 
@@ -70,10 +70,6 @@ def _ledgers(fed: CoDreamFederation) -> list[PrivacyLedger]:
     if fed.grad_channel.ledger is not None:
         return [fed.grad_channel.ledger]
     return [t.ledger for t in fed.trainers or ()]
-
-
-def _why(error: OSError) -> str:
-    return error.strerror or str(error)
 
 
 def _short(error: Exception, limit: int = 160) -> str:
@@ -89,7 +85,7 @@ def check_output_folder(out: Path, files: tuple[str, ...] = ()) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as error:
-        raise ConfigError(f"--out: cannot write into {out} ({_why(error)})") from None
+        raise ConfigError(f"--out: cannot write into {out} ({os_reason(error)})") from None
     for name in (CHECKPOINT, *files):
         if (out / name).is_dir():
             raise ConfigError(f"--out: {out / name} is a folder, but the run writes a file "

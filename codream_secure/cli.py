@@ -30,7 +30,7 @@ from codream_secure.config import (
     load_config,
 )
 from codream_secure.data import DATASET_NAMES, PARTITION_SCHEMES
-from codream_secure.errors import CoDreamError
+from codream_secure.errors import CoDreamError, os_reason
 from protocols.api import PROTOCOLS
 from protocols.errors import ProtocolError
 
@@ -310,7 +310,7 @@ def simulate(config_file: str | None, resume: bool, quiet: bool, **overrides: An
     try:  # fail before a long run, not after it, if the output folder cannot be made
         Path(config.out).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise click.FileError(config.out, hint=error.strerror or str(error)) from None
+        raise click.FileError(config.out, hint=os_reason(error)) from None
     from codream_secure.progress import NullProgress, RichProgress
     from codream_secure.report import write_report
     from codream_secure.simulation import run_simulation  # lazy: torch loads only for a run

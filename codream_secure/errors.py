@@ -13,3 +13,9 @@ class DataError(CoDreamError):
 
 class ConfigError(CoDreamError):
     """A configuration value is invalid or inconsistent with another."""
+
+
+def os_reason(error: OSError) -> str:
+    """Why the operating system refused a file operation, in its own words ("Permission
+    denied"), for messages that name the file themselves."""
+    return error.strerror or str(error)

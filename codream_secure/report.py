@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from codream_secure.errors import CoDreamError
+from codream_secure.errors import CoDreamError, os_reason
 from codream_secure.report_privacy import plot_privacy, privacy_section
 from codream_secure.report_schema import InvalidReport, validate_report
 
@@ -52,7 +52,7 @@ def write_report(outcome: Outcome, out_dir: Path) -> dict[str, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(paths["json"], text)
     except OSError as error:
-        raise ReportError(f"cannot write {paths['json']} ({_why(error)}); "
+        raise ReportError(f"cannot write {paths['json']} ({os_reason(error)}); "
                           f"{_save_elsewhere(text)}") from None
     try:
         return {**paths, **_write_rest(outcome, out_dir)}
@@ -84,18 +84,14 @@ def _save_elsewhere(text: str) -> str:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text + "\n")
     except OSError as error:
-        return f"it could not be saved elsewhere either ({_why(error)})"
+        return f"it could not be saved elsewhere either ({os_reason(error)})"
     return f"the run's report was saved to {name} instead"
 
 
 def _unwritable(out_dir: Path, error: OSError) -> str:
     where = _where(error, out_dir)
-    return (f"cannot write {where} ({_why(error)}); report.json is complete: fix the folder and "
-            f"run 'codream-secure report {out_dir}' to render the rest")
-
-
-def _why(error: OSError) -> str:
-    return error.strerror or str(error)
+    return (f"cannot write {where} ({os_reason(error)}); report.json is complete: fix the "
+            f"folder and run 'codream-secure report {out_dir}' to render the rest")
 
 
 def _where(error: OSError, out_dir: Path) -> str:
@@ -112,7 +108,7 @@ def render_from_json(out_dir: Path) -> dict[str, Path]:
     try:
         return _render(report, out_dir, dreams)
     except OSError as error:
-        raise ReportError(f"cannot write {_where(error, out_dir)} ({_why(error)})") from None
+        raise ReportError(f"cannot write {_where(error, out_dir)} ({os_reason(error)})") from None
 
 
 def _load_dreams(npz: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

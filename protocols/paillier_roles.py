@@ -35,6 +35,7 @@ from .errors import (
     StageError,
     TooFewSurvivorsError,
 )
+from .inputs import check_count
 from .paillier_messages import SESSION_ID_BYTES, Ciphertexts, Offer, PublicKeyMessage, StepRequest
 from .paillier_packing import SlotLayout, pack, unpack_sum
 from .primitives.kdf import derive_key
@@ -214,8 +215,7 @@ class PaillierKeyHolder:
 
     def __init__(self, keypair: Keypair | None = None, *, key_bits: int = DEFAULT_KEY_BITS,
                  unsafe_small_keys: bool = False, quorum: int = 1) -> None:
-        if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 1:
-            raise ParameterError(f"quorum must be an int >= 1, got {quorum!r}")
+        quorum = check_count("quorum", quorum)  # before a keypair that takes seconds to draw
         public, private = keypair or generate_keypair(key_bits,
                                                       unsafe_small_keys=unsafe_small_keys)
         if (not isinstance(public, PaillierPublicKey) or not isinstance(private, PaillierPrivateKey)
