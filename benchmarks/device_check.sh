@@ -23,8 +23,9 @@
 # each of the two simulations), SERVER_S (25), VARIANTS_S (200), TRAIN_S (160), SIM_S (25),
 # MALLOC_S (25). A stage past its limit gets SIGINT (so pytest still reports its failures), then
 # SIGKILL 15 s later. BENCH_ARGS replaces the benchmark's extra arguments (set but empty: none);
-# VARIANTS the optional variants. Where the machine lacks `cryptography`, put its wheels on
-# PYTHONPATH first (docs/gpu.md).
+# VARIANTS the optional variants. Where the machine lacks `cryptography`, the wheels in WHEELS
+# (default .whl, which the device tool's `carry` brings along) are installed into a private
+# folder on PYTHONPATH; any other missing module stops the script before the first stage.
 set -o pipefail
 out=${1:-benchmarks/results/device}
 pack=${2:-}
@@ -38,7 +39,32 @@ for name in $stages; do
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 2
+
+if ! python3 -c "import cryptography" > /dev/null 2>&1; then
+    wheels=${WHEELS:-.whl}
+    if ! compgen -G "$wheels/*.whl" > /dev/null; then
+        echo "cryptography does not import and '$wheels' holds no wheels: carry them (docs/gpu.md)" >&2
+        exit 2
+    fi
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl || exit 2
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# one process imports everything the stages need, so a missing module costs seconds, not a stage
+python3 - << 'PY' || exit 2
+import importlib
+import sys
+
+missing = []
+for module in "numpy cryptography click rich sklearn matplotlib phe opacus torch".split():
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # an ImportError, or a module that fails while it loads
+        missing.append(f"{module} ({type(error).__name__}: {error})")
+if missing:
+    sys.exit("cannot import: " + "; ".join(missing))
+PY
+python3 -c "import sys, torch; torch.cuda.is_available() or sys.exit('no CUDA device')" || exit 2
 
 pack_results() {  # one archive of the logs, reports and JSON written so far
     [ -n "$pack" ] || return 0
