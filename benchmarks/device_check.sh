@@ -50,7 +50,7 @@ if ! python3 -c "import cryptography" > /dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl || exit 2
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# one process imports everything the stages need, so a missing module costs seconds, not a stage
+# one process imports everything the stages need and looks for CUDA: a bad call costs seconds
 python3 - << 'PY' || exit 2
 import importlib
 import sys
@@ -63,8 +63,9 @@ for module in "numpy cryptography click rich sklearn matplotlib phe opacus torch
         missing.append(f"{module} ({type(error).__name__}: {error})")
 if missing:
     sys.exit("cannot import: " + "; ".join(missing))
+if not sys.modules["torch"].cuda.is_available():
+    sys.exit("no CUDA device")
 PY
-python3 -c "import sys, torch; torch.cuda.is_available() or sys.exit('no CUDA device')" || exit 2
 
 pack_results() {  # one archive of the logs, reports and JSON written so far
     [ -n "$pack" ] || return 0
