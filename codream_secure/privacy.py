@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -201,12 +203,24 @@ class PrivacyLedger:
         return ledger
 
 
+@contextmanager
+def _trial_order_warnings_ignored() -> Iterator[None]:
+    """Silence Opacus' "Optimal order" warning for a calibration's trial multipliers."""
+    # Only the ledger's final epsilon matters to a reader, and the ledger records the same
+    # condition as rdp_order_at_range_end; a calibration warns once per trial, and its advice
+    # (widen the orders) is no flag of ours.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order", category=UserWarning)
+        yield
+
+
 def _epsilon_at(z: float, releases: int, delta: float, accountant: str, q: float,
                 orders: tuple[float, ...] | None) -> float:
     acct = _new_accountant(accountant)
     acct.history = [(z, q, releases)]
     kwargs = {} if orders is None else {"alphas": list(orders)}
-    return float(acct.get_epsilon(delta=delta, **kwargs))
+    with _trial_order_warnings_ignored():
+        return float(acct.get_epsilon(delta=delta, **kwargs))
 
 
 def calibrate_noise(target_epsilon: float, target_delta: float, releases: int, *,
@@ -224,8 +238,10 @@ def calibrate_noise(target_epsilon: float, target_delta: float, releases: int, *
         orders = INTEGER_ORDERS
     kwargs = {} if orders is None else {"alphas": list(orders)}
     try:
-        z = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=sample_rate,
-                                 steps=releases, accountant=accountant, **kwargs)
+        with _trial_order_warnings_ignored():
+            z = get_noise_multiplier(target_epsilon=eps, target_delta=delta,
+                                     sample_rate=sample_rate, steps=releases,
+                                     accountant=accountant, **kwargs)
     except ValueError:  # Opacus gives up beyond sigma = 1e6
         z = math.inf
     if z > max_noise_multiplier:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+_AT_RANGE_END = ("the best RDP order is an end of the accountant's order range, and a wider "
+                 "range could lower it (docs/privacy.md)")
+
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -31,13 +34,17 @@ def privacy_section(privacy: dict | None) -> list[str]:
             ("accountant", "accountant"), ("opacus_version", "opacus")]
     rows = [[label, _fmt(privacy[key])] for key, label in keys if key in privacy]
     lines += ["| | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), ""]
+    if privacy.get("rdp_order_at_range_end"):
+        lines += [f"- epsilon is an upper bound: {_AT_RANGE_END}"]
     for key in ("trust", "dream_loss", "post_processing", "baselines"):
         if privacy.get(key):
             lines += [f"- {key.replace('_', ' ')}: {privacy[key]}"]
     for client, ledger in enumerate(privacy.get("clients") or []):
         lines += [f"- client {client}: epsilon {_fmt(ledger.get('epsilon'))} after "
                   f"{ledger.get('releases')} DP-SGD steps (z {_fmt(ledger.get('noise_multiplier'))}"
-                  f", q {_fmt(ledger.get('sample_rate'))})"]
+                  f", q {_fmt(ledger.get('sample_rate'))})"
+                  + (f"; an upper bound: {_AT_RANGE_END}"
+                     if ledger.get("rdp_order_at_range_end") else "")]
     history = (privacy.get("accountant_state") or {}).get("history")
     if history:
         lines += ["", "Recompute with Opacus: `acct = create_accountant("

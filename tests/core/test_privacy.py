@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 from opacus.accountants.analysis.gdp import eps_from_mu
@@ -196,6 +197,33 @@ def test_ledger_refusals(kwargs, match):
         privacy.releases_per_run(-1, 10)
 
 
+def order_warnings(call) -> list[str]:
+    """The "Optimal order" warnings that call() raises, each counted (none hidden as repeats)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if "Optimal order" in str(w.message)]
+
+
+def test_calibration_trials_do_not_print_opacus_order_warnings():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    # dp_table's client-level row at epsilon 64: Opacus' own calibration warns on its trials
+    assert order_warnings(lambda: get_noise_multiplier(
+        target_epsilon=64.0, target_delta=1e-5, sample_rate=1.0, steps=205, accountant="rdp",
+        alphas=list(privacy.INTEGER_ORDERS))), "no longer a trigger"
+    found = []
+    assert not order_warnings(lambda: found.append(
+        privacy.calibrate_noise(64.0, 1e-5, 205, n_samples=4, mechanism="skellam")))
+    # the budget still holds, and the ledger records what the warning said
+    ledger = privacy.PrivacyLedger(unit="client", mechanism="skellam", mode="distributed",
+                                   noise_multiplier=found[0], l2_clip=1.0, delta=1e-5,
+                                   n_samples=4, orders=privacy.INTEGER_ORDERS)
+    ledger.record(205)
+    report = ledger.to_report()
+    assert report["epsilon"] <= 64.0 and report["rdp_order_at_range_end"] is True
+
+
 def test_an_rdp_optimum_at_the_smallest_order_is_recorded_not_printed(recwarn):
     from codream_secure.privacy import INTEGER_ORDERS, PrivacyLedger
 
@@ -210,3 +238,25 @@ def test_an_rdp_optimum_at_the_smallest_order_is_recorded_not_printed(recwarn):
                            noise_multiplier=20.0, l2_clip=1.0, delta=1e-5, n_samples=4)
     ledger.record(100)
     assert ledger.to_report()["rdp_order_at_range_end"] is False
+
+
+def test_the_report_says_when_epsilon_is_an_upper_bound():
+    from codream_secure.report_privacy import privacy_section
+
+    def ledger_report(mechanism: str, z: float, orders) -> dict:
+        ledger = privacy.PrivacyLedger(unit="client", mechanism=mechanism, mode="distributed",
+                                       noise_multiplier=z, l2_clip=1.0, delta=1e-5,
+                                       n_samples=4, orders=orders)
+        ledger.record(200)
+        return {**ledger.to_report(), "enabled": True}
+
+    at_end = ledger_report("skellam", 0.5, privacy.INTEGER_ORDERS)
+    inside = ledger_report("gaussian", 20.0, None)
+    assert at_end["rdp_order_at_range_end"] and not inside["rdp_order_at_range_end"]
+    assert "- epsilon is an upper bound: the best RDP order" in "\n".join(privacy_section(at_end))
+    assert "upper bound" not in "\n".join(privacy_section(inside))
+    clients = privacy_section({"enabled": True, "unit": "sample", "clients": [at_end, inside]})
+    client_lines = [line for line in clients if line.startswith("- client ")]
+    assert len(client_lines) == 2
+    assert "; an upper bound: the best RDP order" in client_lines[0]
+    assert "upper bound" not in client_lines[1]
