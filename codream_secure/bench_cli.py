@@ -10,8 +10,11 @@ import click
 from codream_secure.errors import ConfigError, os_reason
 
 SETTINGS = ("tiny", "default", "full")
-SETTINGS_HELP = ("Size of the run: 'default' finishes in about 3-4 minutes on 2 CPU cores, "
-                 "'tiny' in seconds (a smoke test), 'full' is the documented long run.")
+_SETTINGS_HELP = ("Size of the run: 'default' finishes in about 3-4 minutes on 2 CPU cores, "
+                  "'tiny' in seconds (a smoke test), 'full' {full}.")
+LEAKAGE_SETTINGS_HELP = _SETTINGS_HELP.format(full="in about an hour (docs/leakage.md)")
+OVERHEAD_SETTINGS_HELP = _SETTINGS_HELP.format(
+    full="is the long run, not yet timed (docs/overhead.md expects tens of minutes)")
 
 
 def _use_checkout_benchmarks() -> None:
@@ -63,7 +66,7 @@ def bench() -> None:
 
 @bench.command("leakage")
 @click.option("--settings", "setting", type=click.Choice(SETTINGS), default="default",
-              show_default=True, help=SETTINGS_HELP)
+              show_default=True, help=LEAKAGE_SETTINGS_HELP)
 @click.option("--sections", default=None, metavar="NAME,...",
               help="Comma-separated subset of: dreams (dreams vs private data), reconstruction "
                    "(what the server rebuilds from its view), membership (membership inference "
@@ -87,7 +90,7 @@ def leakage(setting: str, sections: str | None, out: Path) -> None:
 
 @bench.command("overhead")
 @click.option("--settings", "setting", type=click.Choice(SETTINGS), default="default",
-              show_default=True, help=SETTINGS_HELP)
+              show_default=True, help=OVERHEAD_SETTINGS_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("runs/bench-overhead"), show_default=True, help="Report folder.")
 def overhead(setting: str, out: Path) -> None:
