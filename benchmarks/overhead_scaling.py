@@ -107,9 +107,9 @@ def threshold_for(protocol: str, point: Point) -> int:
     if protocol == "plain":
         return 1
     if protocol == "paillier":
-        from protocols.paillier import PaillierSession
+        from protocols.registry import release_threshold
 
-        return int(PaillierSession.threshold)
+        return release_threshold("paillier", point.n)  # the quorum a DP session decrypts at
     chosen = secaggplus_parameters(point.n, point.dropout_rate) if protocol == "secagg+" else None
     return chosen[1] if chosen else default_threshold(point.n)
 
@@ -129,7 +129,7 @@ def make_dp_spec(option: DPOption, protocol: str, point: Point) -> Any:
 
 
 def ours(protocol: str, *, dp: DPOption | None = None, **extra: Any) -> Runner:
-    """Run protocols.api.secure_sum with `protocol`; `extra` goes through (key_bits=, ...)."""
+    """Run protocols.api.secure_sum with `protocol`; `extra` goes through to it."""
 
     def run(vectors: np.ndarray, point: Point) -> CallResult:
         kwargs = dict(extra)
@@ -193,17 +193,16 @@ def aggregator_table(names: Sequence[str], *, dp_variants: Sequence[tuple[str, s
                      flower: bool = True,
                      flower_caps: tuple[int, int, int] = (32, 2**18, 2),
                      paillier_caps: tuple[int, int, int] = (16, 1024, 1),
-                     paillier_key_bits: int | None = None) -> tuple[list[Aggregator], list[str]]:
+                     ) -> tuple[list[Aggregator], list[str]]:
     """The aggregators this build offers among `names` (+ DP variants, + Flower), and notes."""
     table, notes = [], []
-    paillier_kwargs = {} if paillier_key_bits is None else {"key_bits": paillier_key_bits}
     for name in names:
         if name not in api.PROTOCOLS:
             notes.append(f"{name}: not in protocols.api.PROTOCOLS in this build; rows skipped")
             continue
         if name == "paillier":
             n_cap, m_cap, reps = paillier_caps
-            table.append(Aggregator(name, "codream-secure", name, ours(name, **paillier_kwargs),
+            table.append(Aggregator(name, "codream-secure", name, ours(name),
                                     max_n=n_cap, max_m=m_cap, repeats=reps))
         else:
             table.append(Aggregator(name, "codream-secure", name, ours(name)))
@@ -214,9 +213,8 @@ def aggregator_table(names: Sequence[str], *, dp_variants: Sequence[tuple[str, s
         if plain is None:
             continue
         option = DPOption(mode, dp_noise_multiplier, dp_l2_clip)
-        extra = paillier_kwargs if base == "paillier" else {}
         table.append(Aggregator(f"{base} +dp-{mode}", "codream-secure", base,
-                                ours(base, dp=option, **extra), dp=option, max_n=plain.max_n,
+                                ours(base, dp=option), dp=option, max_n=plain.max_n,
                                 max_m=plain.max_m, repeats=plain.repeats))
     if flower and flower_available():
         n_cap, m_cap, reps = flower_caps

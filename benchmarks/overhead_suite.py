@@ -52,7 +52,6 @@ class OverheadSettings:
     flower: bool = True
     flower_caps: tuple[int, int, int] = (32, 2**18, 2)  # max n, max m, repeats
     paillier_caps: tuple[int, int, int] = (8, 1024, 1)  # 3072-bit keys: small n and m only
-    paillier_key_bits: int | None = None  # None: the library's default (3072)
     n_values: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
     n_sweep_m: int = 2**14
     m_values: tuple[int, ...] = (2**8, 2**10, 2**12, 2**14, 2**16, 2**18)
@@ -350,7 +349,7 @@ def run_overhead(settings: OverheadSettings, out_dir: str | Path, progress: Any 
         settings.aggregators, dp_variants=settings.dp_variants,
         dp_noise_multiplier=settings.dp_noise_multiplier, dp_l2_clip=settings.dp_l2_clip,
         flower=settings.flower, flower_caps=settings.flower_caps,
-        paillier_caps=settings.paillier_caps, paillier_key_bits=settings.paillier_key_bits)
+        paillier_caps=settings.paillier_caps)
     _log(progress, "overhead: aggregators " + ", ".join(a.name for a in table))
     warm_up(table, clip=settings.clip, seed=settings.seed)
     sections = [scaling_section(settings, out, table, "n", progress),

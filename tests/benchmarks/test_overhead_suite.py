@@ -139,6 +139,21 @@ def test_dp_spec_sizes_distributed_noise_for_the_fewest_contributors():
     assert central.central_sigma == pytest.approx(4.5)
 
 
+def test_every_full_dp_variant_runs_once():
+    # FULL's paillier + distributed DP variant crashed before its first point (session 9)
+    if "paillier" not in api.PROTOCOLS:
+        pytest.skip("protocol 'paillier' not in this build")
+    from benchmarks.overhead_suite import FULL
+
+    table, _ = aggregator_table(FULL.aggregators, dp_variants=FULL.dp_variants, flower=False,
+                                paillier_caps=(3, 64, 1))
+    assert len(table) == len(FULL.aggregators) + len(FULL.dp_variants)
+    rows, failures = measure_grid(table, [(3, 64, 0.0)], TINY, section="t")
+    assert not failures, failures
+    private = [r for r in rows if r["aggregator"] == "paillier +dp-distributed"]
+    assert len(private) == 1 and private[0]["threshold"] == api.default_threshold(3)
+
+
 def test_dp_variants_join_the_table_when_secure_sum_takes_dp(monkeypatch):
     pytest.importorskip("protocols.dp")
     seen = []
