@@ -13,8 +13,7 @@ SETTINGS = ("tiny", "default", "full")
 _SETTINGS_HELP = ("Size of the run: 'default' finishes in about 3-4 minutes on 2 CPU cores, "
                   "'tiny' in seconds (a smoke test), 'full' {full}.")
 LEAKAGE_SETTINGS_HELP = _SETTINGS_HELP.format(full="in about an hour (docs/leakage.md)")
-OVERHEAD_SETTINGS_HELP = _SETTINGS_HELP.format(
-    full="is the long run, not yet timed (docs/overhead.md expects tens of minutes)")
+OVERHEAD_SETTINGS_HELP = _SETTINGS_HELP.format(full="in about 45 minutes (docs/overhead.md)")
 
 
 def _use_checkout_benchmarks() -> None:
