@@ -66,7 +66,6 @@ def phase(name: str) -> contextlib.AbstractContextManager:
 
 def _profiled(run: Callable[[], object], device: torch.device, steps: int) -> tuple:
     """torch.profiler over `run`; (profile, wall ms per step, device-busy ms per step)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
@@ -78,8 +77,7 @@ def _profiled(run: Callable[[], object], device: torch.device, steps: int) -> tu
         sync(device)
     wall = 1e3 * (time.perf_counter() - start) / steps
     # kernels and copies only: CPU-side ranges (a compiled graph's call) also carry device time
-    busy = sum(e.time_range.elapsed_us() for e in prof.events()
-               if e.device_type == DeviceType.CUDA) / steps / 1e3
+    busy = sum(end - start for _, start, end in _device_kernels(prof)) / steps / 1e3
     return prof, wall, busy
 
 

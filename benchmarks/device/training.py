@@ -27,8 +27,8 @@ def count_training_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     return int(counter.get_total_flops())
 
 
-def variants(device: torch.device, job: str) -> dict[str, tuple[str, FastPath | None]]:
-    """Row label -> (precision, fast path): the eager paths, then the compiled ones.
+def variants(device: torch.device) -> dict[str, tuple[str, FastPath | None]]:
+    """Row label -> (precision, fast path) for each job: the eager paths, then the compiled ones.
 
     Each compiled variant costs a ResNet-18 training-graph compile (~30 s), so device_check.sh's
     `training` stage has a limit of its own.
@@ -38,7 +38,7 @@ def variants(device: torch.device, job: str) -> dict[str, tuple[str, FastPath | 
                 "fp32 traced (aot_eager)": ("fp32", FastPath(compile_backend="aot_eager"))}
     rows = {"fp32 eager": ("fp32", None), "bf16 eager": ("bf16", None),
             "bf16 fast path (simulate's default)": ("bf16", FastPath.optimised(device, "bf16"))}
-    # what `simulate --train-cuda-graphs on` runs, for both jobs
+    # what `simulate --train-cuda-graphs on` runs
     rows["bf16 fast path + CUDA graphs"] = ("bf16", FastPath.optimised(device, "bf16",
                                                                        cuda_graphs=True))
     return rows
@@ -65,7 +65,7 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows: list[dict] = []
     for job, run in jobs.items():
         epochs, first = {}, {}
-        for label, (precision, fast) in variants(device, job).items():
+        for label, (precision, fast) in variants(device).items():
             model = build_model(args.model, input_shape=args.shape, num_classes=10).to(device)
             model.load_state_dict(initial.state_dict())
             start = time.perf_counter()

@@ -337,11 +337,10 @@ def test_every_step_variant_builds_with_this_torch(name):
     assert step.config.compile
 
 
-@pytest.mark.parametrize("job", ["local training", "distillation"])
-def test_cuda_training_rows_include_simulates_training_graphs_for_both_jobs(job):
+def test_cuda_training_rows_include_simulates_training_graphs():
     from benchmarks.device import training
 
-    rows = training.variants(torch.device("cuda"), job)  # builds FastPaths only: no CUDA call
+    rows = training.variants(torch.device("cuda"))  # builds FastPaths only: no CUDA call
     precision, fast = rows["bf16 fast path + CUDA graphs"]
     assert precision == "bf16" and fast.cuda_graphs and fast.channels_last
     assert not rows["bf16 fast path (simulate's default)"][1].cuda_graphs
