@@ -23,9 +23,10 @@
 # each of the two simulations), SERVER_S (25), VARIANTS_S (200), TRAIN_S (160), SIM_S (25),
 # MALLOC_S (25). A stage past its limit gets SIGINT (so pytest still reports its failures), then
 # SIGKILL 15 s later. BENCH_ARGS replaces the benchmark's extra arguments (set but empty: none);
-# VARIANTS the optional variants. Where the machine lacks `cryptography`, the wheels in WHEELS
-# (default .whl, which the device tool's `carry` brings along) are installed into a private
-# folder on PYTHONPATH; any other missing module stops the script before the first stage.
+# VARIANTS the optional variants. Where the machine lacks `cryptography`, `phe` or `opacus`, the
+# wheels in WHEELS (default .whl, which the device tool's `carry` brings along) are installed
+# into a private folder on PYTHONPATH; any other missing module stops the script before the
+# first stage.
 set -o pipefail
 out=${1:-benchmarks/results/device}
 pack=${2:-}
@@ -40,14 +41,25 @@ done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-if ! python3 -c "import cryptography" > /dev/null 2>&1; then
+# the device image lacks these three (KINDS.md's package list): they travel as wheels
+absent=$(python3 - << 'PY'
+import importlib
+
+for module in ("cryptography", "phe", "opacus"):
+    try:
+        importlib.import_module(module)
+    except Exception:  # absent, or failing while it loads
+        print(module, end=" ")
+PY
+)
+if [ -n "$absent" ]; then
     wheels=${WHEELS:-.whl}
     if ! compgen -G "$wheels/*.whl" > /dev/null; then
-        echo "cryptography does not import and '$wheels' holds no wheels: carry them (docs/gpu.md)" >&2
+        echo "${absent% } not importable and '$wheels' holds no wheels: carry them (docs/gpu.md)" >&2
         exit 2
     fi
     site=$(mktemp -d)
-    python3 -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl || exit 2
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl || exit 2
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # one process imports everything the stages need and looks for CUDA: a bad call costs seconds

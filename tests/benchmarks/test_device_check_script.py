@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -31,19 +32,45 @@ def test_an_unknown_stage_is_named(tmp_path):
     assert "unknown stage 'bogus'" in result.stderr
 
 
-def test_missing_cryptography_without_wheels_is_named(tmp_path):
+def test_missing_carried_modules_without_wheels_are_named(tmp_path):
     (tmp_path / "no-wheels").mkdir()
-    result = run_script(tmp_path, shadowed=["cryptography"], WHEELS=str(tmp_path / "no-wheels"))
+    result = run_script(tmp_path, shadowed=["cryptography", "opacus"],
+                        WHEELS=str(tmp_path / "no-wheels"))
     assert result.returncode == 2
-    assert "cryptography does not import" in result.stderr and "no-wheels" in result.stderr
+    assert result.stderr.strip() == (f"cryptography opacus not importable and "
+                                     f"'{tmp_path / 'no-wheels'}' holds no wheels: carry them "
+                                     f"(docs/gpu.md)")
+
+
+def fake_wheel(folder: Path, module: str) -> None:
+    """A minimal pure-Python wheel whose module imports cleanly."""
+    info = f"{module}-9.9.dist-info"
+    with zipfile.ZipFile(folder / f"{module}-9.9-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{module}/__init__.py", "")
+        wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {module}\nVersion: 9.9\n")
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
+                       "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{info}/RECORD", f"{module}/__init__.py,,\n{info}/METADATA,,\n"
+                       f"{info}/WHEEL,,\n{info}/RECORD,,\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reads the refusal that follows without CUDA")
+def test_carried_wheels_are_installed_before_the_import_check(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    fake_wheel(wheels, "phe")
+    result = run_script(tmp_path, shadowed=["phe"], WHEELS=str(wheels))
+    # the broken phe is shadowed by the installed one, so only the missing CUDA stops the script
+    assert result.returncode == 2
+    assert result.stderr.strip() == "no CUDA device"
 
 
 def test_every_missing_module_is_named_in_one_line(tmp_path):
-    result = run_script(tmp_path, shadowed=["phe", "rich"])
+    result = run_script(tmp_path, shadowed=["sklearn", "rich"])
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == ["cannot import: rich (ImportError: rich is broken); "
-                     "phe (ImportError: phe is broken)"]
+                     "sklearn (ImportError: sklearn is broken)"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
