@@ -23,6 +23,15 @@ DEFAULT_SECTIONS = ("step", "keystream", "graphed", "round")
 CUDA_ONLY = {"graphed": "one CUDA graph for all clients needs CUDA"}
 
 
+def fp32_settings() -> dict:
+    """PyTorch's TF32 switches as the fp32 rows run under them (the benchmark never sets them).
+
+    PyTorch's defaults let cuDNN convolutions use TF32 but not matrix products; a reference
+    figure taken under other settings compares with these rows only loosely."""
+    return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     value = int(text)
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             else " --sections " + ",".join(args.sections)) + (
             " --step-variants " + ",".join(args.step_variants) if args.step_variants else ""),
         "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": 0.0,
+        "fp32_settings": fp32_settings(),
         "matmul_ceiling": ceiling, "dream_step": [], "round": [], "batched": [],
         "keystream": [], "round_graphed": [], "training": [], "errors": {}, "skipped": {},
         "default_sections": list(DEFAULT_SECTIONS), "section_seconds": {}, "extra_seconds": {},

@@ -48,8 +48,13 @@ def _markdown(result: dict) -> str:
                      f"| {r['speedup']:.1f} | {r['speedup_vs_official']:.1f} "
                      f"| {r['rel_err']:.2e} | {r['cosine']:.4f} |")
     c = result["matmul_ceiling"]
-    lines += ["", f"Measured matmul ceiling: {c['tflops']:.3f} TFLOP/s ({c['dtype']}, n={c['n']})",
-              "", "## Dream round, secure vs plain (each client stepped on its own)", ""]
+    lines += ["", f"Measured matmul ceiling: {c['tflops']:.3f} TFLOP/s ({c['dtype']}, n={c['n']})"]
+    if "fp32_settings" in result:
+        f = result["fp32_settings"]
+        lines += ["", f"fp32 rows under PyTorch's TF32 switches as found: cuDNN TF32 "
+                  f"{'allowed' if f['cudnn_allow_tf32'] else 'off'}, float32 matmul precision "
+                  f"'{f['float32_matmul_precision']}'"]
+    lines += ["", "## Dream round, secure vs plain (each client stepped on its own)", ""]
     lines += _round_lines(result["round"])
     if result["round"] and "clients_alone_ms" in result["round"][0]:
         lines += ["", f"Each client's step alone, summed: "

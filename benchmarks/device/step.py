@@ -119,6 +119,14 @@ STEP_VARIANTS = {
     # Triton templates benchmarked against cuDNN for every convolution (minutes to compile)
     "max-autotune": {"compile_options": {"max_autotune": True}},
 }
+# Every same-loss variant above but max-autotune at once: the most these settings can give
+# together (a GPU lease times one compile instead of five; the single ones say which helped)
+COMBINED = ("pad-stem", "tile-reductions", "coordesc", "autotune-pointwise", "combo-kernels",
+            "aggressive-fusion")
+STEP_VARIANTS["combined"] = {
+    **{k: v for name in COMBINED for k, v in STEP_VARIANTS[name].items()},
+    "compile_options": {k: v for name in COMBINED
+                        for k, v in STEP_VARIANTS[name].get("compile_options", {}).items()}}
 # Inductor settings go in as torch.compile options: patched around the call instead, Dynamo
 # reused the default compiled graph for them (session 2, run 1: a 0.04 s "compile").
 

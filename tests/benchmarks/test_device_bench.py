@@ -30,6 +30,16 @@ def test_step_rows_include_the_official_code_baseline(tmp_path):
     assert result["errors"] == {} and "--step-variants var-mean" in result["command"]
 
 
+def test_the_run_records_the_tf32_switches_its_fp32_rows_ran_under(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    result = run(tmp_path, "--sections", "keystream")
+    assert result["fp32_settings"] == {"cudnn_allow_tf32": False,
+                                       "float32_matmul_precision": "high"}
+    assert ("cuDNN TF32 off, float32 matmul precision 'high'"
+            in (tmp_path / "device.md").read_text())
+
+
 def test_a_failed_section_is_reported_and_the_others_kept(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for you")
@@ -335,6 +345,17 @@ def test_every_step_variant_builds_with_this_torch(name):
     step = FastDreamStep.optimised(model, device_step.W, compile_model=True,
                                    **device_step.STEP_VARIANTS[name])
     assert step.config.compile
+
+
+def test_the_combined_variant_keeps_the_loss_and_every_part_of_its_settings():
+    from benchmarks.device.targets import NOT_THE_SAME_LOSS
+
+    assert not set(device_step.COMBINED) & set(NOT_THE_SAME_LOSS)
+    combined = device_step.STEP_VARIANTS["combined"]
+    for name in device_step.COMBINED:
+        part = device_step.STEP_VARIANTS[name]
+        assert combined["compile_options"].items() >= part.get("compile_options", {}).items()
+        assert all(combined[k] == v for k, v in part.items() if k != "compile_options")
 
 
 def test_cuda_training_rows_include_simulates_training_graphs():
