@@ -175,14 +175,15 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "train_cuda_graphs": (click.Choice(TRAIN_CUDA_GRAPHS), "'on' replays local training and "
                           "distillation steps as CUDA graphs (needs CUDA and --precision bf16). "
                           "On an H100 a ResNet-18 training step took 4.45 ms with graphs "
-                          "against 11.89 ms without; not yet the default because no full "
-                          "simulation has run with it on a GPU (docs/gpu.md)."),
+                          "against 11.89 ms without; a short simulation with them gained "
+                          "nothing over their compile time, so they are opt-in (docs/gpu.md)."),
     "dream_graph": (click.Choice(DREAM_GRAPHS), "How the bf16 dream steps replay on CUDA: "
                     "'per-client' (one CUDA graph per architecture group, launched in turn) or "
                     "'one' (every client's step captured in one CUDA graph, one launch per "
-                    "dream step; needs CUDA and --precision bf16). In the device benchmark one "
-                    "graph took a plain 4-client round from 12.66 to 8.06 ms/step on an H100; "
-                    "not yet the default because no simulation has run with it on a GPU "
+                    "dream step; needs CUDA and --precision bf16). In the device benchmark on "
+                    "an H100 one graph took a plain 4-client round from 12.66 to 8.06 ms/step "
+                    "in one run and left it as it was in another (7.99 against 7.95); a short "
+                    "simulation with it gained nothing over its capture time, so it is opt-in "
                     "(docs/gpu.md)."),
     "seed": (click.INT, "Seed of partitions, model initialisation, dreams and dropouts, in "
              "[0, 2^32 - 1]. Masks never derive from it: they come from fresh cryptographic "
