@@ -8,7 +8,8 @@
 # Results go to the folder in $1 (default benchmarks/results/device). With $2, that folder is
 # packed into one .tgz after every stage (plots, dream arrays and checkpoints left out): the
 # device tool returns at most 8 files, so a call writes one, and a call stopped at its time limit
-# still returns what its finished stages wrote.
+# still returns what its finished stages wrote. The folder also gets inductor-code.tgz, the
+# Python source inductor generated (graphs and Triton kernels; dropped above KERNELS_MB, 6).
 # Call 1 (the default STAGES, "variants tests", since session 10 saw the issue's whole table):
 # the dream step with the inductor settings never yet timed, all of them at once first
 # (`combined`), each timed in turn with the default step right after its compile and printed at
@@ -80,7 +81,23 @@ if not sys.modules["torch"].cuda.is_available():
     sys.exit("no CUDA device")
 PY
 
-pack_results() {  # one archive of the logs, reports and JSON written so far
+# inductor's generated code (each compiled graph and its Triton kernels as Python source) goes
+# to one known folder, so the kernels the profiles name can be read afterwards on any machine
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
+
+pack_kernels() {  # inductor-code.tgz: the generated sources, dropped if over KERNELS_MB
+    local code="$out/inductor-code.tgz" limit=$(( ${KERNELS_MB:-6} * 1048576 ))
+    [ -d "$TORCHINDUCTOR_CACHE_DIR" ] || return 0
+    (cd "$TORCHINDUCTOR_CACHE_DIR" && find . -name '*.py' -print0 \
+        | tar czf "$code" --null -T -) 2> /dev/null || { rm -f "$code"; return 0; }
+    if [ "$(stat -c %s "$code")" -gt "$limit" ]; then  # the call returns 16 MiB per file
+        rm -f "$code"
+        echo "inductor's code is over ${KERNELS_MB:-6} MB packed: not kept" | tee -a "$out/stages.log"
+    fi
+}
+
+pack_results() {  # one archive of the logs, reports, JSON and generated code written so far
+    pack_kernels
     [ -n "$pack" ] || return 0
     tar czf "$pack" -C "$out" --exclude='*.png' --exclude='*.npz' --exclude='*.pt' . \
         || echo "packing $out into $pack failed" >&2

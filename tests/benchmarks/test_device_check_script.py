@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -79,3 +80,34 @@ def test_a_machine_without_cuda_is_refused_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "no CUDA device"
     assert not (tmp_path / "out" / "stages.log").exists()
+
+
+def run_pack_kernels(tmp_path, cache, **env):
+    """Run the script's pack_kernels function alone on a stand-in inductor cache."""
+    script = (ROOT / "benchmarks/device_check.sh").read_text()
+    function = script[script.index("pack_kernels() {"):]
+    function = function[:function.index("\n}\n") + 3]
+    out = tmp_path / "out"
+    out.mkdir()
+    environ = dict(os.environ, out=str(out), TORCHINDUCTOR_CACHE_DIR=str(cache), **env)
+    subprocess.run(["bash", "-c", function + "pack_kernels"], env=environ, check=True, timeout=60)
+    return out
+
+
+def test_inductor_code_is_packed_as_python_sources_only(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "ab").mkdir(parents=True)
+    (cache / "ab" / "graph.py").write_text("def call(args): pass\n")
+    (cache / "ab" / "kernel.cubin").write_bytes(b"\0" * 1000)
+    out = run_pack_kernels(tmp_path, cache)
+    with tarfile.open(out / "inductor-code.tgz") as archive:
+        assert [Path(name).name for name in archive.getnames()] == ["graph.py"]
+
+
+def test_inductor_code_over_the_limit_is_dropped_with_a_note(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "noise.py").write_text(os.urandom(1_500_000).hex())  # does not compress to 1 MB
+    out = run_pack_kernels(tmp_path, cache, KERNELS_MB="1")
+    assert not (out / "inductor-code.tgz").exists()
+    assert "over 1 MB packed: not kept" in (out / "stages.log").read_text()
