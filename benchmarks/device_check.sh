@@ -25,10 +25,10 @@
 # each of the two simulations), SERVER_S (25), VARIANTS_S (310), TRAIN_S (160), SIM_S (25),
 # MALLOC_S (25). A stage past its limit gets SIGINT (so pytest still reports its failures), then
 # SIGKILL 15 s later. BENCH_ARGS replaces the benchmark's extra arguments (set but empty: none);
-# VARIANTS the optional variants. Where the machine lacks `cryptography`, `phe` or `opacus`, the
-# wheels in WHEELS (default .whl, which the device tool's `carry` brings along) are installed
-# into a private folder on PYTHONPATH; any other missing module stops the script before the
-# first stage.
+# VARIANTS the variants stage's list. Where the machine lacks `cryptography`, `phe` or
+# `opacus`, the wheels in WHEELS (default .whl, which the device tool's `carry` brings along)
+# are installed into a private folder on PYTHONPATH; any other missing module stops the script
+# before the first stage.
 set -o pipefail
 out=${1:-benchmarks/results/device}
 pack=${2:-}
@@ -57,11 +57,13 @@ PY
 if [ -n "$absent" ]; then
     wheels=${WHEELS:-.whl}
     if ! compgen -G "$wheels/*.whl" > /dev/null; then
-        echo "${absent% } not importable and '$wheels' holds no wheels: carry them (docs/gpu.md)" >&2
+        echo "${absent% } not importable and '$wheels' holds no wheels: carry them" \
+             "(docs/gpu.md)" >&2
         exit 2
     fi
     site=$(mktemp -d)
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl || exit 2
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" \
+        "$wheels"/*.whl || exit 2
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # one process imports everything the stages need and looks for CUDA: a bad call costs seconds
@@ -92,7 +94,8 @@ pack_kernels() {  # inductor-code.tgz: the generated sources, dropped if over KE
         | tar czf "$code" --null -T -) 2> /dev/null || { rm -f "$code"; return 0; }
     if [ "$(stat -c %s "$code")" -gt "$limit" ]; then  # the call returns 16 MiB per file
         rm -f "$code"
-        echo "inductor's code is over ${KERNELS_MB:-6} MB packed: not kept" | tee -a "$out/stages.log"
+        echo "inductor's code is over ${KERNELS_MB:-6} MB packed: not kept" \
+            | tee -a "$out/stages.log"
     fi
 }
 
@@ -131,8 +134,9 @@ for name in $stages; do
         stage benchmark "${BENCH_S:-330}" "$out/bench.log" python3 -m benchmarks.device \
             --profile --out "$out" ${BENCH_ARGS---step-variants pad-stem,tile-reductions} ;;
     tests)
-        # the tests session 10's time limit cut first (they passed in session 5, before sessions
-        # 6-9 changed the code around them), then those that passed in session 10
+        # the tests session 10's time limit cut first (all but distillation with CUDA graphs
+        # passed in session 5, before sessions 6-9 changed the code around them), then those
+        # that passed in session 10
         stage "gpu and triton tests" "${TEST_S:-230}" "$out/tests.log" python3 -m pytest -v \
             --tb=short -rfE --durations=20 -p no:cacheprovider -m "gpu or triton" \
             tests/core/test_fast_dream.py tests/core/test_gpu_send.py \
