@@ -116,13 +116,16 @@ STEP_VARIANTS = {
     "combo-kernels": {"compile_options": {"combo_kernels": True}},
     # nodes fused even where they share no buffer: fewer, larger kernels
     "aggressive-fusion": {"compile_options": {"aggressive_fusion": True}},
+    # the BN term's norms taken per channel width, not per layer (ResNet-18: 4 small reductions
+    # instead of 40; session 10's profile counted 81 reduction kernels per step)
+    "grouped-bn-norms": {"bn_norms": "grouped"},
     # Triton templates benchmarked against cuDNN for every convolution (minutes to compile)
     "max-autotune": {"compile_options": {"max_autotune": True}},
 }
 # Every same-loss variant above but max-autotune at once: the most these settings can give
 # together (a GPU lease times one compile instead of five; the single ones say which helped)
 COMBINED = ("pad-stem", "tile-reductions", "coordesc", "autotune-pointwise", "combo-kernels",
-            "aggressive-fusion")
+            "aggressive-fusion", "grouped-bn-norms")
 STEP_VARIANTS["combined"] = {
     **{k: v for name in COMBINED for k, v in STEP_VARIANTS[name].items()},
     "compile_options": {k: v for name in COMBINED

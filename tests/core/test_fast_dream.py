@@ -120,6 +120,51 @@ def test_padded_stem_traces_without_graph_breaks():
     assert rel(step(x), dream_gradient(m, x, W)) < 1e-5
 
 
+# The same norms summed in another order: fp32 rounding only (1e-5 as above).
+@pytest.mark.parametrize("name", ["resnet8", "vgg11", "mobilenet", "wrn16_1"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grouped_bn_norms_equal_the_reference(name, channels_last):
+    m, x = model(name, 9), dreams(9)
+    expected = dream_gradient(m, x, W)
+    got = FastDreamStep(m, W, channels_last=channels_last, bn_norms="grouped")(x)
+    assert rel(got, expected) < 1e-5
+    batched = BatchedDreamStep([m, model(name, 10)], W, bn_norms="grouped")(x)
+    assert rel(batched[0], expected) < 1e-5
+    assert rel(batched[1], dream_gradient(model(name, 10), x, W)) < 1e-5
+
+
+def count_vector_norms(step: FastDreamStep, x: torch.Tensor) -> int:
+    """vector_norm calls in the traced dream loss."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lambda state, inputs: step._loss_fn(state, inputs))(step._state(), x).graph
+    return sum(1 for node in graph.nodes
+               if node.op == "call_function" and "linalg_vector_norm" in str(node.target))
+
+
+def test_grouped_bn_norms_take_one_norm_call_per_channel_width():
+    m = build_model("resnet18", input_shape=(3, 16, 16), num_classes=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    layers = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    widths = {b.num_features for b in layers}
+    assert (len(layers), len(widths)) == (20, 4)
+    # one more norm in both: the loss's l2 term of x
+    assert count_vector_norms(FastDreamStep(m, W), x) == 2 * len(layers) + 1
+    assert count_vector_norms(FastDreamStep(m, W, bn_norms="grouped"), x) == len(widths) + 1
+
+
+def test_grouped_bn_norms_trace_without_graph_breaks():
+    m, x = model("resnet8", 11), dreams(11, batch=4)
+    step = FastDreamStep(m, W, bn_norms="grouped", compile_model=True,
+                         compile_backend="aot_eager")
+    assert rel(step(x), dream_gradient(m, x, W)) < 1e-5
+
+
+def test_unknown_bn_norms_are_refused():
+    with pytest.raises(ConfigError, match="bn_norms must be 'per-layer' or 'grouped'"):
+        FastDreamStep(model("resnet8", 1), W, bn_norms="fused")  # type: ignore[arg-type]
+
+
 def test_unknown_bn_moments_are_refused():
     with pytest.raises(ConfigError, match="bn_moments"):
         FastDreamStep(model("resnet8", 1), W, bn_moments="welford")  # type: ignore[arg-type]
@@ -275,9 +320,10 @@ def test_optimised_cuda_step_matches_the_fp32_reference():
     first, second = fast(x), fast(x)  # the second call replays the CUDA graph
     assert torch.equal(first, second)
     assert torch.nn.functional.cosine_similarity(first.flatten(), expected.flatten(), dim=0) > 0.95
-    padded = FastDreamStep.optimised(m, W, stem_channels=8)(x)  # the benchmark's pad-stem
-    assert torch.nn.functional.cosine_similarity(padded.flatten(), expected.flatten(),
-                                                 dim=0) > 0.95
+    for variant in ({"stem_channels": 8}, {"bn_norms": "grouped"}):  # two benchmark variants
+        other_way = FastDreamStep.optimised(m, W, **variant)(x)
+        assert torch.nn.functional.cosine_similarity(other_way.flatten(), expected.flatten(),
+                                                     dim=0) > 0.95
     # two compiled clients in one round: their CUDA graphs share a memory pool, so they must
     # not overwrite each other's buffers (they did when replayed on several streams)
     other = build_model("resnet8", input_shape=(3, 32, 32), num_classes=10).cuda().eval()
