@@ -11,9 +11,10 @@
 # still returns what its finished stages wrote. The folder also gets inductor-code.tgz, the
 # Python source inductor generated (graphs and Triton kernels; dropped above KERNELS_MB, 6).
 # Call 1 (the default STAGES, "variants tests", since session 10 saw the issue's whole table):
-# the dream step with the inductor settings never yet timed, all of them at once first
-# (`combined`), each timed in turn with the default step right after its compile and printed at
-# once, then the GPU and Triton tests, the ones session 10's time limit did not reach first.
+# the dream step with the settings never yet timed (inductor's, and the BN term's norms per
+# channel width), all of them at once first (`combined`), each timed in turn with the default
+# step right after its compile and printed at once, then the GPU and Triton tests, the ones
+# session 10's time limit did not reach first.
 # Call 2: the local-training and distillation steps (distillation with CUDA graphs never timed),
 # then the simulated session's host cost with glibc keeping freed memory. Other stages:
 # `benchmark` (the issue's table with profiles and two step variants: rerun it after changing
@@ -21,8 +22,8 @@
 # --dream-graph one and then as by default), `server` (the host cost: server unmasking on the
 # host and on the GPU, uploads downloaded into pinned or pageable memory), `simulate` (device
 # masking, one round).
-# Time limits per stage, in seconds (0 skips a stage): BENCH_S (330), TEST_S (230), SIMG_S (100,
-# each of the two simulations), SERVER_S (25), VARIANTS_S (310), TRAIN_S (160), SIM_S (25),
+# Time limits per stage, in seconds (0 skips a stage): BENCH_S (330), TEST_S (210), SIMG_S (100,
+# each of the two simulations), SERVER_S (25), VARIANTS_S (330), TRAIN_S (160), SIM_S (25),
 # MALLOC_S (25). A stage past its limit gets SIGINT (so pytest still reports its failures), then
 # SIGKILL 15 s later. BENCH_ARGS replaces the benchmark's extra arguments (set but empty: none);
 # VARIANTS the variants stage's list. Where the machine lacks `cryptography`, `phe` or
@@ -128,6 +129,8 @@ simulate() {  # simulate NAME LIMIT FLAGS...: a short bf16 run of 3 clients, 2 a
         --baselines none --rounds 2 --dream-steps 10 --out "$out/sim-$name" "$@"
 }
 
+# the step variants never timed on a GPU, all at once first (the variants stage's default)
+untimed=combined,grouped-bn-norms,coordesc,combo-kernels,aggressive-fusion,autotune-pointwise
 for name in $stages; do
     case $name in
     benchmark)
@@ -137,7 +140,7 @@ for name in $stages; do
         # the tests session 10's time limit cut first (all but distillation with CUDA graphs
         # passed in session 5, before sessions 6-9 changed the code around them), then those
         # that passed in session 10
-        stage "gpu and triton tests" "${TEST_S:-230}" "$out/tests.log" python3 -m pytest -v \
+        stage "gpu and triton tests" "${TEST_S:-210}" "$out/tests.log" python3 -m pytest -v \
             --tb=short -rfE --durations=20 -p no:cacheprovider -m "gpu or triton" \
             tests/core/test_fast_dream.py tests/core/test_gpu_send.py \
             tests/benchmarks/test_device_bench.py tests/core/test_dreams.py \
@@ -154,10 +157,8 @@ for name in $stages; do
             "${SERVER_S:-25}" "$out/server.log" python3 -m benchmarks.session_host_cost \
             --masker device,device-pageable --unmasker host,device --turns 3 ;;
     variants)
-        stage variants "${VARIANTS_S:-310}" "$out/variants.log" python3 -m benchmarks.device \
-            --sections step --out "$out/variants" \
-            --step-variants \
-            "${VARIANTS:-combined,coordesc,combo-kernels,aggressive-fusion,autotune-pointwise}" ;;
+        stage variants "${VARIANTS_S:-330}" "$out/variants.log" python3 -m benchmarks.device \
+            --sections step --out "$out/variants" --step-variants "${VARIANTS:-$untimed}" ;;
     training)
         stage "training steps" "${TRAIN_S:-160}" "$out/train.log" python3 -m benchmarks.device \
             --sections train --iters 10 --out "$out/train" ;;
