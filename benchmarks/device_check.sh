@@ -2,7 +2,7 @@
 # What issue 6 still has to measure on a CUDA machine, in two calls sent back to back (the
 # machine stays warm for 30 s after a call; a fresh start costs a minute or more of a 15-minute
 # lease):
-#   bash benchmarks/device_check.sh /tmp/d1 $OUT/call1.tgz                        # call 1, <= 580 s
+#   bash benchmarks/device_check.sh /tmp/d1 $OUT/call1.tgz                        # call 1, <= 585 s
 #   STAGES="training host-malloc" bash benchmarks/device_check.sh /tmp/d2 $OUT/call2.tgz
 #                                                                                 # call 2, <= 215 s
 # Results go to the folder in $1 (default benchmarks/results/device). With $2, that folder is
