@@ -1,4 +1,5 @@
-"""benchmarks/device_check.sh stops before its first stage, with one line, when it cannot run."""
+"""benchmarks/device_check.sh: its preflight (one line and exit 2 when it cannot run, carried wheels
+installed first) and its packing of inductor's generated code."""
 
 import os
 import shutil
