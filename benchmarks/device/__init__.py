@@ -12,7 +12,8 @@ round with a plain sum; same-architecture clients vmapped; and the keystream rat
 ChaCha20 backend. Prints a table and writes device.json / device.md.
 
 Modules: `timing` (timers, agreement, profiles), `step` (the step and batched sections),
-`rounds` (the round section), `keystream`, `report` (files and progress lines), `cli` (main).
+`rounds` (the round section), `keystream`, `report` (files and progress lines), `cli` (main);
+`codegen` counts the step's generated kernels on a CPU (python -m benchmarks.device.codegen).
 """
 
 from benchmarks.device.cli import SECTIONS, main
