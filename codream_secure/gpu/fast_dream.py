@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -39,6 +40,8 @@ from codream_secure.dreams import (
     total_variation,
 )
 from codream_secure.errors import ConfigError
+from codream_secure.gpu.bn_act import bn_act_moments
+from codream_secure.models import BasicBlock
 
 __all__ = ["BatchedDreamStep", "BnMoments", "BnNorms", "FastDreamStep", "Precision",
            "dream_gradients", "group_by_architecture"]
@@ -53,21 +56,73 @@ class _TappedBatchNorm(_BatchNorm):
     tape: list[torch.Tensor] | None = None
     moments: BnMoments = "var_mean"
     norms: BnNorms = "per-layer"
+    fuse: bool = False  # forward through bn_act_moments (fuse_bn=True)
+    fuse_relu: bool = False  # ... with the ReLU that followed it in a Sequential
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse:
+            return self.fused(x, relu=self.fuse_relu)
         if self.tape is not None:
             mean, var = _moments(x.float(), [d for d in range(x.dim()) if d != 1],
                                  self.moments)
-            mean, var = mean - self.running_mean.float(), var - self.running_var.float()
-            if self.norms == "grouped":  # _bn_term takes the norms
-                self.tape += [mean, var]
-            else:
-                self.tape.append(torch.linalg.vector_norm(mean) + torch.linalg.vector_norm(var))
+            self._record(mean, var)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
+
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+              relu: bool = False) -> torch.Tensor:
+        """[relu](BN(x) [+ residual]), the tape's moments taken in the same pass over x."""
+        y, sums = bn_act_moments(x, self.running_mean, self.running_var, self.weight,
+                                 self.bias, self.eps, residual, relu)
+        if self.tape is not None:
+            count = x.numel() // x.shape[1]
+            mean = sums[0] / count
+            self._record(mean, (sums[1] / count - mean.square()).clamp_min(0.0))
+        return y
+
+    def _record(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        mean, var = mean - self.running_mean.float(), var - self.running_var.float()
+        if self.norms == "grouped":  # _bn_term takes the norms
+            self.tape += [mean, var]
+        else:
+            self.tape.append(torch.linalg.vector_norm(mean) + torch.linalg.vector_norm(var))
+
+
+class _FusedBasicBlock(BasicBlock):
+    """models.BasicBlock with each BatchNorm, its residual add and its ReLU in one pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn1.fused(self.conv1(x), relu=True)
+        return self.bn2.fused(self.conv2(out), self.shortcut(x), relu=True)
+
+
+def _fuse_bn(skeleton: nn.Module) -> int:
+    """Route the BatchNorms of known patterns through bn_act_moments; how many were.
+
+    The patterns: a models.BasicBlock (both BatchNorms, and its projection shortcut's), and a
+    BatchNorm followed by nn.ReLU in a Sequential (the ReLU folds into it). Other BatchNorms
+    stay as they are: fusing one alone would split it from the ReLU that inductor fuses it with.
+    """
+    fused: list[_TappedBatchNorm] = []
+    for module in list(skeleton.modules()):
+        if type(module) is BasicBlock:
+            module.__class__ = _FusedBasicBlock
+            fused += [module.bn1, module.bn2]
+            shortcut = module.shortcut
+            if isinstance(shortcut, nn.Sequential) and isinstance(shortcut[-1], _BatchNorm):
+                shortcut[-1].fuse = True
+                fused.append(shortcut[-1])
+        elif isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (_, layer), (name, after) in itertools.pairwise(children):
+                if isinstance(layer, _TappedBatchNorm) and type(after) is nn.ReLU:
+                    layer.fuse = layer.fuse_relu = True
+                    setattr(module, name, nn.Identity())
+                    fused.append(layer)
+    return len(fused)
 
 
 def _moments(x: torch.Tensor, dims: list[int], how: BnMoments
@@ -135,11 +190,15 @@ def _bn_term(tape: list[torch.Tensor]) -> torch.Tensor:
 
 def _skeleton(model: nn.Module, tape: list[torch.Tensor] | None,
               moments: BnMoments = "var_mean", stem_channels: int | None = None,
-              norms: BnNorms = "per-layer") -> nn.Module:
+              norms: BnNorms = "per-layer", fuse_bn: bool = False) -> nn.Module:
     """A meta-device copy of model in eval mode whose BatchNorms write to `tape` (None: off).
 
-    With stem_channels, its first convolution pads its input to that many channels.
+    With stem_channels, its first convolution pads its input to that many channels; with
+    fuse_bn, the BatchNorms of known patterns run through bn_act_moments (_fuse_bn).
     """
+    if fuse_bn and (tape is None or moments != "sums"):
+        raise ConfigError("fuse_bn takes the BN term's moments as one-pass sums: it needs "
+                          "use_bn_statistics=True and bn_moments='sums'")
     if moments not in ("var_mean", "sums"):
         raise ConfigError(f"bn_moments must be 'var_mean' or 'sums', got {moments!r}")
     if norms not in ("per-layer", "grouped"):
@@ -155,6 +214,9 @@ def _skeleton(model: nn.Module, tape: list[torch.Tensor] | None,
             raise ConfigError(f"{layer!r} keeps no running statistics (track_running_stats)")
         layer.__class__ = _TappedBatchNorm  # same parameters and buffers, same names
         layer.tape, layer.moments, layer.norms = tape, moments, norms
+    if fuse_bn and not _fuse_bn(skeleton):
+        raise ConfigError("fuse_bn: no BatchNorm of this model is in a models.BasicBlock or "
+                          "followed by nn.ReLU in a Sequential")
     return skeleton
 
 
@@ -275,7 +337,7 @@ class FastDreamStep:
                  compile_backend: str = "inductor", bn_moments: BnMoments = "var_mean",
                  compile_options: Mapping[str, object] | None = None,
                  cuda_graphs: bool = True, stem_channels: int | None = None,
-                 bn_norms: BnNorms = "per-layer") -> None:
+                 bn_norms: BnNorms = "per-layer", fuse_bn: bool = False) -> None:
         self.model, self.weights = model, weights or DreamLossWeights()
         # cuda_graphs=False compiles without graphs of its own, for capture into a larger one
         self.config = _Config(_model_device(model), precision, channels_last, compile_model,
@@ -284,7 +346,8 @@ class FastDreamStep:
         if channels_last:
             model.to(memory_format=torch.channels_last)  # same values, NHWC strides, in place
         self._tape: list[torch.Tensor] | None = [] if use_bn_statistics else None
-        self._skeleton = _skeleton(model, self._tape, bn_moments, stem_channels, bn_norms)
+        self._skeleton = _skeleton(model, self._tape, bn_moments, stem_channels, bn_norms,
+                                   fuse_bn)
         self._loss = self.config.wrap(self._loss_fn)
         self._detached: dict[str, torch.Tensor] = {}
         self._modules: list[nn.Module] = []

@@ -160,6 +160,62 @@ def test_grouped_bn_norms_trace_without_graph_breaks():
     assert rel(step(x), dream_gradient(m, x, W)) < 1e-5
 
 
+# fuse_bn: the same loss through bn_act_moments; float32 sums in another order (1e-5 as above)
+@pytest.mark.parametrize("name", ["resnet8", "smallcnn", "wrn16_1", "vgg11"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_bn_equals_the_reference(name, channels_last):
+    m, x = model(name, 12), dreams(12)
+    got = FastDreamStep(m, W, channels_last=channels_last, bn_moments="sums", fuse_bn=True)(x)
+    assert rel(got, dream_gradient(m, x, W)) < 1e-5
+
+
+def test_fused_bn_with_grouped_norms_equals_the_reference():
+    m, x = model("resnet8", 13), dreams(13)
+    got = FastDreamStep(m, W, bn_moments="sums", fuse_bn=True, bn_norms="grouped")(x)
+    assert rel(got, dream_gradient(m, x, W)) < 1e-5
+
+
+@pytest.mark.parametrize("name, calls, with_residual", [
+    ("resnet8", 9, 3),  # the stem; 2 + 3 + 3 BatchNorms of 3 blocks, 3 adds
+    ("smallcnn", 3, 0),  # conv-BN-ReLU three times in a Sequential
+    ("wrn16_1", 1, 0),  # pre-activation blocks stay as they are; the final BN-ReLU fuses
+])
+def test_fused_bn_routes_only_the_known_patterns(name, calls, with_residual, monkeypatch):
+    from codream_secure.gpu import fast_dream
+
+    seen: list[bool] = []
+    op = fast_dream.bn_act_moments
+
+    def counted(x, mean, var, weight, bias, eps, residual, relu):
+        seen.append(residual is not None)
+        return op(x, mean, var, weight, bias, eps, residual, relu)
+
+    m, x = model(name, 14), dreams(14, batch=2)
+    step = FastDreamStep(m, W, bn_moments="sums", fuse_bn=True)
+    monkeypatch.setattr(fast_dream, "bn_act_moments", counted)
+    step(x)
+    assert (len(seen), sum(seen)) == (calls, with_residual)
+    assert any(type(layer) is torch.nn.ReLU for layer in m.modules())  # the live model keeps
+    # its own modules: only the skeleton's ReLUs that were folded became identities
+
+
+def test_fused_bn_refuses_what_it_cannot_fuse():
+    m = model("resnet8", 15)
+    with pytest.raises(ConfigError, match="bn_moments='sums'"):
+        FastDreamStep(m, W, fuse_bn=True)  # Welford moments: not what the op computes
+    with pytest.raises(ConfigError, match="use_bn_statistics=True"):
+        FastDreamStep(m, W, bn_moments="sums", fuse_bn=True, use_bn_statistics=False)
+    with pytest.raises(ConfigError, match="no BatchNorm of this model"):
+        FastDreamStep(model("mobilenet", 15), W, bn_moments="sums", fuse_bn=True)
+
+
+def test_fused_bn_traces_without_graph_breaks():
+    m, x = model("resnet8", 16), dreams(16, batch=4)
+    step = FastDreamStep(m, W, bn_moments="sums", fuse_bn=True, compile_model=True,
+                         compile_backend="aot_eager")
+    assert rel(step(x), dream_gradient(m, x, W)) < 1e-5
+
+
 def test_unknown_bn_norms_are_refused():
     with pytest.raises(ConfigError, match="bn_norms must be 'per-layer' or 'grouped'"):
         FastDreamStep(model("resnet8", 1), W, bn_norms="fused")  # type: ignore[arg-type]
@@ -320,7 +376,7 @@ def test_optimised_cuda_step_matches_the_fp32_reference():
     first, second = fast(x), fast(x)  # the second call replays the CUDA graph
     assert torch.equal(first, second)
     assert torch.nn.functional.cosine_similarity(first.flatten(), expected.flatten(), dim=0) > 0.95
-    for variant in ({"stem_channels": 8}, {"bn_norms": "grouped"}):  # two benchmark variants
+    for variant in ({"stem_channels": 8}, {"bn_norms": "grouped"}, {"fuse_bn": True}):
         other_way = FastDreamStep.optimised(m, W, **variant)(x)
         assert torch.nn.functional.cosine_similarity(other_way.flatten(), expected.flatten(),
                                                      dim=0) > 0.95
