@@ -129,20 +129,21 @@ simulate() {  # simulate NAME LIMIT FLAGS...: a short bf16 run of 3 clients, 2 a
         --baselines none --rounds 2 --dream-steps 10 --out "$out/sim-$name" "$@"
 }
 
-# the step variants never timed on a GPU, all at once first (the variants stage's default)
-untimed=combined,grouped-bn-norms,coordesc,combo-kernels,aggressive-fusion,autotune-pointwise
+# the step variants never timed on a GPU (the variants stage's default): the one-pass BN kernel
+# first, then every same-loss setting at once
+untimed=fused-bn,combined,grouped-bn-norms,coordesc,combo-kernels,autotune-pointwise
 for name in $stages; do
     case $name in
     benchmark)
         stage benchmark "${BENCH_S:-330}" "$out/bench.log" python3 -m benchmarks.device \
             --profile --out "$out" ${BENCH_ARGS---step-variants pad-stem,tile-reductions} ;;
     tests)
-        # the tests session 10's time limit cut first (all but distillation with CUDA graphs
-        # passed in session 5, before sessions 6-9 changed the code around them), then those
-        # that passed in session 10
+        # session 11's one-pass BatchNorm kernel, then the tests session 10's time limit cut
+        # (all but distillation with CUDA graphs passed in session 5, before sessions 6-9
+        # changed the code around them), then those that passed in session 10
         stage "gpu and triton tests" "${TEST_S:-210}" "$out/tests.log" python3 -m pytest -v \
             --tb=short -rfE --durations=20 -p no:cacheprovider -m "gpu or triton" \
-            tests/core/test_fast_dream.py tests/core/test_gpu_send.py \
+            tests/core/test_bn_act.py tests/core/test_fast_dream.py tests/core/test_gpu_send.py \
             tests/benchmarks/test_device_bench.py tests/core/test_dreams.py \
             tests/core/test_train_step.py tests/core/test_gpu_interop.py \
             tests/core/test_gpu_masking.py tests/core/test_gpu_chacha20.py \

@@ -119,13 +119,16 @@ STEP_VARIANTS = {
     # the BN term's norms taken per channel width, not per layer (ResNet-18: 4 small reductions
     # instead of 40; session 10's profile counted 81 reduction kernels per step)
     "grouped-bn-norms": {"bn_norms": "grouped"},
+    # each BatchNorm with its residual add, its ReLU and the BN term's moments in one pass of a
+    # hand-written Triton kernel (session 11): inductor reads every BatchNorm input twice
+    "fused-bn": {"fuse_bn": True, "bn_moments": "sums"},
     # Triton templates benchmarked against cuDNN for every convolution (minutes to compile)
     "max-autotune": {"compile_options": {"max_autotune": True}},
 }
 # Every same-loss variant above but max-autotune at once: the most these settings can give
 # together (a GPU lease times one compile instead of five; the single ones say which helped)
 COMBINED = ("pad-stem", "tile-reductions", "coordesc", "autotune-pointwise", "combo-kernels",
-            "aggressive-fusion", "grouped-bn-norms")
+            "aggressive-fusion", "grouped-bn-norms", "fused-bn")
 STEP_VARIANTS["combined"] = {
     **{k: v for name in COMBINED for k, v in STEP_VARIANTS[name].items()},
     "compile_options": {k: v for name in COMBINED
