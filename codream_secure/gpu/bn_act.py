@@ -5,8 +5,8 @@ and the input's per-channel moments in another. It will not fuse the two, so eve
 input is read twice (docs/gpu.md, "The step's kernels, counted without a GPU"). `bn_act_moments`
 reads it once. It is a custom op, opaque to inductor: a Triton kernel on channels_last CUDA
 tensors (and on the CPU under TRITON_INTERPRET=1), torch operations elsewhere. Its backward is
-written in torch operations, so inductor fuses it with its neighbours. The backward takes the
-ReLU's mask from x and the residual, which it reads anyway, not from a saved output.
+written in torch operations, so inductor fuses it with its neighbours. Without a residual, the
+backward takes the ReLU's mask from x, which it reads anyway, not from a saved output.
 """
 
 from __future__ import annotations
@@ -120,20 +120,26 @@ def _per_position(partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     x, mean, var, weight, bias, eps, residual, relu = inputs
-    ctx.eps, ctx.relu = eps, relu
-    ctx.save_for_backward(x, mean, var, weight, bias, residual)
+    ctx.eps, ctx.relu, ctx.has_residual = eps, relu, residual is not None
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    # With a residual, the ReLU's mask is read off y (torch's own rule for relu's gradient):
+    # y is kept anyway, as the next convolution's input. Without one, it is recomputed from x,
+    # which the sums' gradient reads anyway, and y need not be kept.
+    ctx.save_for_backward(x, mean, var, weight, bias,
+                          output[0] if relu and residual is not None else None)
 
 
 def _backward(ctx, grad_y, grad_partial):  # type: ignore[no-untyped-def]
     """Gradients of (y, partial) with respect to every tensor input."""
-    x, mean, var, weight, bias, residual = ctx.saved_tensors
+    x, mean, var, weight, bias, y = ctx.saved_tensors
     dims = [d for d in range(x.dim()) if d != 1]
     scale, shift = _scale_shift(mean, var, weight, bias, ctx.eps)
     grad_z = grad_y
-    if ctx.relu:  # y > 0 exactly where z > 0; NaN in z gives no gradient, as relu's does
+    if ctx.relu:  # NaN in z gives no gradient, as relu's does
+        active = y > 0 if y is not None else _pre_act(x, scale, shift, None) > 0
         # masked in grad_y's dtype: the residual's gradient, which the next kernel reads, is
         # then stored in bf16, not float32 (4 bytes per element less each way)
-        grad_z = torch.where(_pre_act(x, scale, shift, residual) > 0, grad_y,
+        grad_z = torch.where(active, grad_y,
                              torch.zeros((), dtype=grad_y.dtype, device=grad_y.device))
     xf, grad_zf = _wide(x), _wide(grad_z)
     grad_x = grad_zf * _channel_view(scale, x)
@@ -152,7 +158,7 @@ def _backward(ctx, grad_y, grad_partial):  # type: ignore[no-untyped-def]
             if needs[2] else None
         grad_weight = (centred * inv_std).to(weight.dtype) if needs[3] else None
         grad_bias = sum_grad.to(bias.dtype) if needs[4] else None
-    grad_residual = grad_z.to(residual.dtype) if residual is not None and needs[6] else None
+    grad_residual = grad_z.to(ctx.residual_dtype) if ctx.has_residual and needs[6] else None
     return (grad_x.to(x.dtype), grad_mean, grad_var, grad_weight, grad_bias, None,
             grad_residual, None)
 
