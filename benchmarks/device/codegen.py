@@ -7,7 +7,7 @@
 
 Needs `triton` (its CPU wheel is enough: no GPU, no driver). Inductor is told to emit Triton for
 the CPU (`cpu_backend="triton"`) and to annotate each kernel with its own estimate of the bytes
-it moves (`benchmark_kernel`). Two private hooks are replaced so that code generation asks no
+it moves (`benchmark_kernel`). Three private hooks are replaced so that code generation asks no
 Triton driver and no kernel is compiled: the step runs on stub kernels, and its (garbage) result
 is dropped. Printed per variant: the kernel launches of one forward and backward by kind
 (pointwise, reduction, persistent reduction) and the megabytes inductor estimates they move.
