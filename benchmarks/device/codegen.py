@@ -175,6 +175,8 @@ def _op_megabytes(step, batch: int) -> dict:  # type: ignore[no-untyped-def]
     """Launches and MB of fast_dream's bn_act_moments in one step at `batch`, from an eager
     step at batch 2 (sizes scale with the batch): x and the residual read and y written once
     each, and the float32 partial sums written (inductor's kernels read them)."""
+    import torch
+
     from codream_secure.gpu import bn_act, fast_dream
 
     calls: list[int] = []
@@ -183,14 +185,13 @@ def _op_megabytes(step, batch: int) -> dict:  # type: ignore[no-untyped-def]
     def counted(x, mean, var, weight, bias, eps, residual, relu):  # type: ignore[no-untyped-def]
         channels, tensors = x.shape[1], 2 + (residual is not None)
         positions = x.numel() // channels * batch // x.shape[0]
-        blocks = -(-positions // bn_act.rows_per_block(positions))
         calls.append(tensors * positions * channels * x.element_size()
-                     + blocks * 2 * channels * 4)
+                     + bn_act.row_blocks(positions) * 2 * channels * 4)
         return op(x, mean, var, weight, bias, eps, residual, relu)
 
     fast_dream.bn_act_moments = counted
     try:
-        step(__import__("torch").randn(2, 3, 32, 32))
+        step(torch.randn(2, 3, 32, 32))
     finally:
         fast_dream.bn_act_moments = op
     return {"launches": len(calls), "MB": round(sum(calls) / 1e6, 1)}

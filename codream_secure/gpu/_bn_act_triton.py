@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from codream_secure.gpu.bn_act import BLOCK_M, rows_per_block
+from codream_secure.gpu.bn_act import BLOCK_M, row_blocks, rows_per_block
 
 # 32 x 64 tiles on 4 warps: 16 elements per thread. ptxas for sm_90 gives at most 96
 # registers and no spills (71 with a residual and several tiles); 64-row tiles took 190
@@ -63,8 +63,7 @@ def bn_act_moments(x2d: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     of rows_per_block(M) rows."""
     m, c = x2d.shape
     block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(c))
-    tiles = rows_per_block(m) // BLOCK_M
-    grid_m = triton.cdiv(m, BLOCK_M * tiles)
+    tiles, grid_m = rows_per_block(m) // BLOCK_M, row_blocks(m)
     partial = torch.empty((grid_m, 2, c), device=x2d.device, dtype=torch.float32)
     _bn_act_moments_kernel[(grid_m, triton.cdiv(c, block_c))](
         x2d, x2d if res2d is None else res2d, mean, var,

@@ -11,13 +11,11 @@ backward takes the ReLU's mask from x, which it reads anyway, not from a saved o
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 
-__all__ = ["bn_act_moments", "rows_per_block", "triton_path"]
+from codream_secure.gpu.triton_support import triton_runs_on
+
+__all__ = ["bn_act_moments", "row_blocks", "rows_per_block", "triton_path"]
 
 # The Triton kernel's tiles: 32 rows (positions) x up to 64 channels, 8 tiles per program on
 # large maps. Its partial sums are per block of rows_per_block(M) positions, and so are the
@@ -30,9 +28,9 @@ def rows_per_block(m: int) -> int:
     return BLOCK_M * (TILES if m >= 64 * BLOCK_M * TILES else 1)  # small maps: more programs
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def row_blocks(m: int) -> int:
+    """How many partial sums an (M, C) view gets: one per block of rows_per_block(M) rows."""
+    return -(-m // rows_per_block(m))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor | None:
@@ -46,11 +44,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
 
 def triton_path(x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Whether bn_act_moments runs its Triton kernel for these tensors."""
-    device_ok = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     dtype_ok = x.dtype in (torch.bfloat16, torch.float16, torch.float32)
     layout_ok = _rows(x) is not None and (residual is None or (
         residual.shape == x.shape and residual.stride() == x.stride()))
-    return device_ok and dtype_ok and layout_ok and _triton_importable()
+    return dtype_ok and layout_ok and triton_runs_on(x.device)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -78,10 +75,6 @@ def _pre_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return z if residual is None else z + _wide(residual)
 
 
-def _blocks(m: int) -> int:
-    return -(-m // rows_per_block(m))
-
-
 @torch.library.custom_op("codream::bn_act_moments", mutates_args=())
 def _bn_act_moments(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -98,7 +91,7 @@ def _bn_act_moments(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     z = _pre_act(x, *_scale_shift(mean, var, weight, bias, eps), residual)
     y = (torch.relu(z) if relu else z).to(x.dtype)
     rows = _wide(x).movedim(1, -1).reshape(-1, x.shape[1])  # (N, ..., C) order, as the kernel
-    per_block, count = rows_per_block(rows.shape[0]), _blocks(rows.shape[0])
+    per_block, count = rows_per_block(rows.shape[0]), row_blocks(rows.shape[0])
     rows = torch.nn.functional.pad(rows, (0, 0, 0, count * per_block - rows.shape[0]))
     rows = rows.view(count, per_block, x.shape[1])
     return y, torch.stack([rows.sum(1), rows.square().sum(1)], dim=1)
@@ -107,7 +100,7 @@ def _bn_act_moments(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
 @_bn_act_moments.register_fake
 def _(x, mean, var, weight, bias, eps, residual, relu):  # type: ignore[no-untyped-def]
     wide = torch.promote_types(x.dtype, torch.float32)
-    count = _blocks(x.numel() // x.shape[1])
+    count = row_blocks(x.numel() // x.shape[1])
     return torch.empty_like(x), x.new_empty((count, 2, x.shape[1]), dtype=wide)
 
 

@@ -16,13 +16,13 @@ under TRITON_INTERPRET=1). "auto" picks triton on CUDA when it imports, else tor
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from codream_secure.errors import ConfigError
+from codream_secure.gpu.triton_support import triton_importable, triton_runs_on
 
 __all__ = [
     "BACKENDS",
@@ -40,19 +40,11 @@ KEY_BYTES, NONCE_BYTES, BLOCK_WORDS = 32, 16, 16
 _SIGMA = np.frombuffer(b"expand 32-byte k", dtype="<u4").view("<i4")  # RFC 8439 constants
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def available_backends(device: torch.device | str) -> tuple[str, ...]:
     """Backends that can run on `device` here (triton needs CUDA or TRITON_INTERPRET=1)."""
     names = ["torch", "compiled"]
     dev = torch.device(device)
-    if _triton_available() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton_runs_on(dev):
         names.append("triton")
     return tuple(names)
 
@@ -63,7 +55,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"ChaCha20 backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        return "triton" if device.type == "cuda" and triton_importable() else "torch"
     if backend == "triton" and "triton" not in available_backends(device):
         raise ConfigError(f"the triton backend is not available on {device}")
     return backend
