@@ -27,7 +27,7 @@ def min_contributors(protocol: str, *, threshold: int, n_clients: int) -> int:
 
     SecAgg: every included client needs `threshold` share holders among the other survivors, so
     an unmaskable sum holds at least threshold + 1 inputs. Paillier: the key holder refuses to
-    decrypt fewer than `threshold` (it counts the members the server names). Plain: the server
+    decrypt fewer than `threshold` uploads, each tagged by its client. Plain: the server
     sees each vector alone, so each must carry the full noise by itself (local DP).
     """
     if protocol in ("secagg", "secagg+"):
