@@ -2,9 +2,9 @@
 
 Roles exchange bytes only (protocols.paillier_messages). The server holds the public key and
 never the private key. The key holder decrypts only products it computes itself, of uploads each
-tagged by its client under a key the two agreed at setup (X25519 + HKDF), so it learns each
-step's sum over at least its quorum of clients (and nothing else unless it colludes with the
-server).
+tagged by its client under a key the two agreed at setup (X25519 + HKDF), so a server cannot make
+it decrypt anything but a step's sum over at least its quorum of clients. It does receive every
+upload: it is trusted to run these checks (docs/paillier.md).
 Values are the session's fixed-point integers (one precision, no per-value exponents), packed
 many per plaintext (protocols.paillier_packing). Keys come from `phe`; the arithmetic uses gmpy2
 when it is installed.
@@ -118,8 +118,8 @@ def raw_multiply(modulus: int, uploads: Sequence[Sequence[int]]) -> list[int]:
 
 
 def raw_decrypt(private: PaillierPrivateKey, ciphertexts: Sequence[int]) -> list[int]:
-    """Plaintexts of any ciphertexts: no session, quorum or tag check. Tests and audits only;
-    PaillierKeyHolder.decrypt is the checked path."""
+    """Plaintexts of any ciphertexts, with no session, quorum or tag check: the unchecked step
+    that PaillierKeyHolder.decrypt wraps. Call it directly in tests and audits only."""
     return [private.raw_decrypt(c) for c in ciphertexts]
 
 
