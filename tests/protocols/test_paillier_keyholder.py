@@ -145,13 +145,12 @@ def test_uploads_replayed_from_another_step_or_session_are_refused(session, keyp
         s.key_holder.decrypt(_bundle(s, [relabelled, new[1], new[2]]))
     with PaillierSession(N, M, clip=1.0, keypair=keypair512, workers=1, rounding="nearest",
                          unsafe_small_keys=True) as other:  # same key, another session
-        theirs = _uploads(other, x)
-        other.server.open_step()  # step 2 there too
-        theirs = _uploads(other, x)
-    assert theirs[0].step == 3
+        other.server.open_step()
+        theirs = _uploads(other, x)  # its step 2
+    assert theirs[0].step == 2 and theirs[0].session_id != s.key_holder.session_id
     with pytest.raises(ReplayError, match="another session"):
         s.key_holder.decrypt(_bundle(s, [theirs[0], new[1], new[2]]))
-    moved = dataclasses.replace(theirs[0], session_id=s.key_holder.session_id, step=2)
+    moved = dataclasses.replace(theirs[0], session_id=s.key_holder.session_id)  # tag binds theirs
     with pytest.raises(IntegrityError, match="client 0's upload fails its tag"):
         s.key_holder.decrypt(_bundle(s, [moved, new[1], new[2]]))
     with pytest.raises(StageError, match="another session"):
@@ -163,9 +162,12 @@ def test_uploads_replayed_from_another_step_or_session_are_refused(session, keyp
 def test_duplicate_and_unknown_members_are_refused(session, keypair512):
     x, s = _inputs(6), session
     uploads = _uploads(s, x)
-    for members in ([uploads[0], uploads[0], uploads[1]], [uploads[1], uploads[0]]):
+    for members in ([uploads[0]] * N, [uploads[1], uploads[0]]):
         with pytest.raises(MalformedMessageError, match="one upload per client"):
             s.key_holder.decrypt(_bundle(s, members))
+    # control: N copies of one upload make a 'quorum' whose sum is N times that client's vector
+    copies = raw_multiply(keypair512[0].n, [uploads[0].values] * N)
+    np.testing.assert_array_equal(_values(s, raw_decrypt(keypair512[1], copies), N) / N, x[0])
     stranger = dataclasses.replace(uploads[2], members=frozenset({N}))  # no client N
     with pytest.raises(IntegrityError, match=f"unknown client {N}"):
         s.key_holder.decrypt(_bundle(s, [uploads[0], uploads[1], stranger]))
