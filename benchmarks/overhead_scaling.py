@@ -116,9 +116,9 @@ def threshold_for(protocol: str, point: Point) -> int:
 
 def make_dp_spec(option: DPOption, protocol: str, point: Point) -> Any:
     """The protocols.dp spec for this point; distributed noise is sized for the fewest
-    contributors the protocol can ever release (protocols.private.min_contributors)."""
-    from protocols.dp import DPSpec
-    from protocols.private import min_contributors
+    contributors the protocol can ever release (protocols.dp.private.min_contributors)."""
+    from protocols.dp.mechanisms import DPSpec
+    from protocols.dp.private import min_contributors
 
     extra = {}
     if option.mode == "distributed":
@@ -180,7 +180,7 @@ def flower_secaggplus(vectors: np.ndarray, point: Point) -> CallResult:
 def dp_supported() -> bool:
     """Whether secure_sum takes `dp=` and protocols.dp exists."""
     try:
-        import protocols.dp  # noqa: F401
+        import protocols.dp.mechanisms  # noqa: F401
     except ImportError:
         return False
     return "dp" in inspect.signature(secure_sum).parameters

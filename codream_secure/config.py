@@ -225,7 +225,7 @@ class SimulationConfig:
 
     def min_survivors(self) -> int:
         """The fewest clients whose sum the configured aggregator releases (at least 2)."""
-        from protocols.private import min_contributors
+        from protocols.dp.private import min_contributors
         from protocols.registry import release_threshold
 
         if self.aggregator in ("secagg", "secagg+") or (

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from codream_secure.config import SimulationConfig
 from codream_secure.errors import ConfigError
-from protocols import dp
+from protocols.dp import mechanisms as dp
+from protocols.dp.private import min_contributors
 from protocols.errors import ProtocolError
-from protocols.private import min_contributors
 from protocols.registry import release_scale_bits, release_threshold
 
 if TYPE_CHECKING:  # opacus loads only when a run plans DP

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from protocols.dp import DPSpec
+from protocols.dp.mechanisms import DPSpec
 from protocols.errors import NonFiniteInputError, TooFewSurvivorsError
 from protocols.registry import AggregationSession, open_session
 
@@ -111,7 +111,7 @@ class AggregationChannel:
         if close is not None:  # a Paillier session's encryption workers
             close()
         if self.aggregator == "paillier" and self._keypair is None:
-            from protocols.paillier import generate_keypair
+            from protocols.paillier.session import generate_keypair
 
             self._keypair = generate_keypair(self.key_bits)
         self.session = open_session(

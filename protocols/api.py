@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .codec import FixedPointCodec
-from .dp import DPSpec
+from .dp.mechanisms import DPSpec
 from .errors import NonFiniteInputError, ParameterError, TooFewSurvivorsError
 from .graph import (
     COMPLETE_GRAPH_BELOW,
@@ -256,7 +256,7 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
     With `weights` (e.g. sample counts, bounded by the public `max_weight`) the result holds
     sum_k w_k x_k and sum_k w_k over the survivors, and `.weighted_mean` is their ratio.
     With `dp` (a protocols.dp.DPSpec) every vector is clipped to L2 norm dp.l2_clip and the sum
-    is noised (protocols.private); dropouts then happen before or after the upload only.
+    is noised (protocols.dp.private); dropouts then happen before or after the upload only.
     """
     if protocol not in PROTOCOLS:
         raise ParameterError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -282,7 +282,7 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
     if protocol == "plain":
         return _plain_sum(stacked, plan)
     if protocol == "paillier":
-        from .paillier import paillier_sum  # phe is optional: import only when asked for
+        from .paillier.session import paillier_sum  # phe is optional: import only when asked for
 
         return paillier_sum(stacked, clip=clip, dropouts=plan.dropouts, ring_bits=ring_bits,
                             scale_bits=scale_bits, seed=seed)

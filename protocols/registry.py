@@ -1,7 +1,7 @@
 """Every aggregator behind one session interface: "plain" | "secagg" | "secagg+" | "paillier".
 
 `open_session` is what an application calls; differential privacy wraps any of them
-(`protocols.private`).
+(`protocols.dp.private`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .secagg.client import Masker, RingNoise
 from .secagg.server import StepOutcome, Unmasker
 
 if TYPE_CHECKING:
-    from .dp import DPSpec
+    from .dp.mechanisms import DPSpec
 
 __all__ = ["AggregationSession", "PlainSession", "open_session"]
 
@@ -121,7 +121,7 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
     must be one they expand.
 
     With `dp`, every client's vector is clipped to L2 norm dp.l2_clip (which then is also the
-    per-coordinate clip) and every release is noised (`protocols.private`).
+    per-coordinate clip) and every release is noised (`protocols.dp.private`).
     """
     if protocol not in PROTOCOLS:
         raise ParameterError(f"unknown aggregator {protocol!r}; choose one of "
@@ -151,7 +151,7 @@ def _paillier_session(n_clients: int, vector_length: int, *, clip: float, ring_b
                       noise: RingNoise | None, quorum: int) -> AggregationSession:
     """A Paillier session whose key holder decrypts sums of at least `quorum` uploads;
     RingNoise becomes its per-client noise hook at the session's scale."""
-    from .paillier import PaillierSession  # phe is optional: import only when asked for
+    from .paillier.session import PaillierSession  # phe is optional: import only when asked for
 
     if noise is None:
         return PaillierSession(n_clients, vector_length, clip=clip, key_bits=key_bits,
@@ -192,8 +192,8 @@ def release_threshold(protocol: str, n_clients: int, *, threshold: int | None = 
 def _private_session(protocol: str, n_clients: int, vector_length: int, *, dp: DPSpec,
                      threshold: int | None, degree: int | None,
                      **options) -> AggregationSession:
-    from .dp import DistributedNoise
-    from .private import PrivateSession, min_contributors
+    from .dp.mechanisms import DistributedNoise
+    from .dp.private import PrivateSession, min_contributors
 
     t = release_threshold(protocol, n_clients, threshold=threshold, degree=degree,
                           expected_dropout=options["expected_dropout"])

@@ -33,8 +33,8 @@ from codream_secure.dreams import DreamLossWeights, DreamSynthesizer, dream_grad
 from codream_secure.errors import ConfigError
 from codream_secure.federation import AggregationChannel, generator
 from codream_secure.privacy import INTEGER_ORDERS, PrivacyLedger
-from protocols.dp import DPSpec
-from protocols.private import min_contributors
+from protocols.dp.mechanisms import DPSpec
+from protocols.dp.private import min_contributors
 from protocols.registry import release_threshold
 
 __all__ = ["DEFAULT", "FULL", "MODES", "TINY", "Estimates", "ReconstructionSettings",

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from protocols.dp_samplers import (
+from protocols.dp.samplers import (
     MAX_SIGMA_UNITS,
     MIN_SIGMA_UNITS,
     _check_size,

@@ -12,12 +12,18 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from .dp import DPSpec, accounting_noise_multiplier, add_central_noise, check_contributors, clip_l2
-from .errors import ParameterError
-from .inputs import check_step_inputs
-from .network import Traffic
-from .registry import PLAIN_NOISE_SCALE_BITS
-from .secagg.server import StepOutcome
+from ..errors import ParameterError
+from ..inputs import check_step_inputs
+from ..network import Traffic
+from ..registry import PLAIN_NOISE_SCALE_BITS
+from ..secagg.server import StepOutcome
+from .mechanisms import (
+    DPSpec,
+    accounting_noise_multiplier,
+    add_central_noise,
+    check_contributors,
+    clip_l2,
+)
 
 __all__ = ["PrivateSession", "min_contributors"]
 

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ParameterError, ProtocolError
-from .inputs import check_count, check_step_inputs
-from .network import Dropout, FaultPlan, Stage, Traffic
-from .paillier_packing import SlotLayout
-from .paillier_roles import (
+from ..errors import ParameterError, ProtocolError
+from ..inputs import check_count, check_step_inputs
+from ..network import Dropout, FaultPlan, Stage, Traffic
+from ..primitives.kdf import derive_key
+from ..secagg.server import StepOutcome
+from .packing import SlotLayout
+from .roles import (
     DEFAULT_KEY_BITS,
     MIN_KEY_BITS,
     Keypair,
@@ -30,8 +32,6 @@ from .paillier_roles import (
     session_codec,
     unsafe_keypair_from_primes,
 )
-from .primitives.kdf import derive_key
-from .secagg.server import StepOutcome
 
 __all__ = [
     "DEFAULT_KEY_BITS", "MIN_KEY_BITS", "PaillierSession", "PaillierTraffic", "generate_keypair",
@@ -196,7 +196,7 @@ def paillier_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, clip: float | No
     never send; later dropouts change nothing, since uploads are all Paillier needs. `clip`
     defaults to the largest absolute input (a deployment declares it up front).
     """
-    from .api import SecureSumResult, check_vectors  # api may import this module: no cycle
+    from ..api import SecureSumResult, check_vectors  # api may import this module: no cycle
 
     stacked = check_vectors(vectors)
     n, m = stacked.shape

@@ -130,7 +130,7 @@ def test_capped_aggregators_run_at_their_cap_once():
 
 
 def test_dp_spec_sizes_distributed_noise_for_the_fewest_contributors():
-    pytest.importorskip("protocols.dp")
+    pytest.importorskip("protocols.dp.mechanisms")
     point = Point(10, 64, 0.0, "upload", (), 2.0, 0)
     spec = scaling.make_dp_spec(DPOption("distributed", 1.5), "secagg", point)
     assert spec.mode == "distributed" and spec.min_contributors == api.default_threshold(10) + 1
@@ -155,7 +155,7 @@ def test_every_full_dp_variant_runs_once():
 
 
 def test_dp_variants_join_the_table_when_secure_sum_takes_dp(monkeypatch):
-    pytest.importorskip("protocols.dp")
+    pytest.importorskip("protocols.dp.mechanisms")
     seen = []
 
     def fake_secure_sum(vectors, *, dp=None, **kwargs):

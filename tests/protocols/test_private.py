@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from protocols.dp import DPSpec
+from protocols.dp.mechanisms import DPSpec
+from protocols.dp.private import min_contributors
 from protocols.errors import ParameterError
-from protocols.private import min_contributors
 from protocols.registry import open_session, release_threshold
 
 M = 20_000

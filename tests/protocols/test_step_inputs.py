@@ -12,15 +12,15 @@ from hypothesis import strategies as st
 
 from protocols.api import SecAggSession, check_vectors, plan_parameters, secure_sum
 from protocols.codec import FixedPointCodec
-from protocols.dp import DPSpec
+from protocols.dp.mechanisms import DPSpec
 from protocols.errors import (
     NonFiniteInputError,
     OverflowBudgetError,
     ParameterError,
     TooFewSurvivorsError,
 )
-from protocols.paillier import PaillierSession, generate_keypair
-from protocols.paillier_roles import PaillierKeyHolder
+from protocols.paillier.roles import PaillierKeyHolder
+from protocols.paillier.session import PaillierSession, generate_keypair
 from protocols.registry import PlainSession, open_session
 
 N, M = 4, 6
