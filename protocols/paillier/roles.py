@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..inputs import check_count
 from ..primitives.kdf import derive_key
-from ..secagg.server import StepOutcome
+from ..session import StepOutcome
 from .messages import SESSION_ID_BYTES, Ciphertexts, Offer, PublicKeyMessage, StepRequest
 from .packing import SlotLayout, pack, unpack_sum
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
-from protocols.api import SecAggSession, SecureSumResult
+from protocols.api import SecAggSession
 from protocols.codec import FixedPointCodec
 from protocols.errors import (
     IntegrityError,
@@ -21,7 +21,6 @@ from protocols.errors import (
     ReplayError,
     TooFewSurvivorsError,
 )
-from protocols.network import Dropout, Stage
 from protocols.paillier.packing import SlotLayout, pack, unpack_sum
 from protocols.paillier.roles import (
     PaillierClient,
@@ -36,6 +35,7 @@ from protocols.paillier.session import (
     paillier_sum,
     unsafe_keypair_from_primes,
 )
+from protocols.session import Dropout, SecureSumResult, Stage
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "paillier_packed.json").read_text())
 

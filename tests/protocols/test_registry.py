@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from protocols.errors import NonFiniteInputError, ParameterError, TooFewSurvivorsError
-from protocols.registry import PlainSession, open_session
+from protocols.plain import PlainSession
+from protocols.registry import open_session
 
 
 @pytest.mark.parametrize("protocol", ["plain", "secagg", "secagg+", "paillier"])
