@@ -1,4 +1,4 @@
-"""CoDream rounds across clients; the only module that talks to the protocol layer.
+"""CoDream rounds across clients, and the channels that run their sums as aggregation sessions.
 
 The bridge is explicit: torch tensor -> float32 numpy -> aggregator session -> numpy -> tensor.
 """
