@@ -10,7 +10,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -81,6 +81,9 @@ class FaultPlan:
         return before, after
 
 
+_TrafficT = TypeVar("_TrafficT", bound="Traffic")
+
+
 @dataclass
 class Traffic:
     """Per-client bytes and compute seconds, and the server's compute seconds."""
@@ -91,7 +94,7 @@ class Traffic:
     server_seconds: float = 0.0
 
     @classmethod
-    def zeros(cls, n: int) -> Traffic:
+    def zeros(cls: type[_TrafficT], n: int) -> _TrafficT:
         return cls(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n), 0.0)
 
 

@@ -12,9 +12,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from ..codec import FixedPointCodec
 from ..inputs import check_step_inputs
 from ..plan import PLAIN_NOISE_SCALE_BITS
-from ..session import StepOutcome, Traffic
+from ..session import AggregationSession, StepOutcome, Traffic
 from .mechanisms import (
     DPSpec,
     accounting_noise_multiplier,
@@ -29,7 +30,7 @@ __all__ = ["PrivateSession"]
 class PrivateSession:
     """An aggregation session whose every released sum satisfies client-level DP."""
 
-    def __init__(self, inner, spec: DPSpec) -> None:
+    def __init__(self, inner: AggregationSession, spec: DPSpec) -> None:
         self.inner, self.spec = inner, spec
         self.n_clients, self.vector_length = inner.n_clients, inner.vector_length
         self.clipped = 0  # client vectors scaled down to the L2 clip so far
@@ -50,8 +51,9 @@ class PrivateSession:
         return self.inner.traffic
 
     @property
-    def codec(self):
-        return getattr(self.inner, "codec", None)
+    def codec(self) -> FixedPointCodec | None:
+        codec: FixedPointCodec | None = getattr(self.inner, "codec", None)
+        return codec
 
     @property
     def threshold(self) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import numpy as np
 
@@ -12,6 +12,7 @@ from ..session import RingNoise
 from ..spec import AggregatorSpec, SessionOptions
 
 if TYPE_CHECKING:
+    from .roles import Keypair
     from .session import PaillierSession
 
 __all__ = ["PaillierSpec"]
@@ -37,12 +38,12 @@ class PaillierSpec(AggregatorSpec):
         """RingNoise becomes the session's per-client noise hook at the session's scale."""
         from .session import PaillierSession
 
-        common = {"clip": clip, "key_bits": options.key_bits, "ring_bits": plan.ring_bits,
-                  "keypair": options.keypair, "rounding_seed": options.rounding_seed,
-                  "quorum": plan.threshold}
+        keypair = cast("Keypair | None", options.keypair)
         if noise is None:
-            return PaillierSession(plan.n_clients, vector_length, scale_bits=options.scale_bits,
-                                   **common)
+            return PaillierSession(plan.n_clients, vector_length, clip=clip,
+                                   key_bits=options.key_bits, ring_bits=plan.ring_bits,
+                                   keypair=keypair, rounding_seed=options.rounding_seed,
+                                   quorum=plan.threshold, scale_bits=options.scale_bits)
         scale_bits = plan.scale_bits(clip=clip, headroom=noise.headroom)
         assert scale_bits is not None
         # ceil(clip 2^f) + floor(headroom 2^f) <= ceil((clip + headroom) 2^f): the codec's budget
@@ -51,8 +52,11 @@ class PaillierSpec(AggregatorSpec):
         def hook(client: int, step: int, length: int) -> np.ndarray:
             return noise.sample(length, scale_bits)
 
-        return PaillierSession(plan.n_clients, vector_length, scale_bits=scale_bits, noise=hook,
-                               noise_bound=bound, **common)
+        return PaillierSession(plan.n_clients, vector_length, clip=clip,
+                               key_bits=options.key_bits, ring_bits=plan.ring_bits,
+                               keypair=keypair, rounding_seed=options.rounding_seed,
+                               quorum=plan.threshold, scale_bits=scale_bits, noise=hook,
+                               noise_bound=bound)
 
     def generate_keypair(self, key_bits: int) -> object:
         from .roles import generate_keypair

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ..codec import FixedPointCodec
+from ..codec import FixedPointCodec, Rounding
 from ..errors import NonFiniteInputError, TooFewSurvivorsError
 from ..inputs import check_count, check_step_inputs
 from ..network import InProcessNetwork
@@ -37,7 +37,7 @@ class PairwiseMaskSession:
                  sparse: bool, threshold: int | None = None, degree: int | None = None,
                  ring_bits: int = 32, scale_bits: int | None = None,
                  expected_dropout: float = 0.1, corrupt_rate: float = 0.05,
-                 rounding: str = "stochastic", faults: FaultPlan | None = None,
+                 rounding: Rounding = "stochastic", faults: FaultPlan | None = None,
                  rounding_seed: bytes | None = None, noise: RingNoise | None = None,
                  prg: str = "aes-256-ctr", maskers: Mapping[int, Masker] | None = None,
                  unmasker: Unmasker | None = None) -> None:
