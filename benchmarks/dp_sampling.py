@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from protocols.dp import DistributedNoise, DPSpec, add_central_noise
+from protocols.dp.mechanisms import DistributedNoise, DPSpec, add_central_noise
 
 SIZES = (4096, 786_432)  # one digits dream batch; one 256x3x32x32 batch
 SCALE_BITS = 24

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from protocols.api import SecAggSession, secure_sum
-from protocols.network import Dropout, Stage
+from protocols.session import Dropout, Stage
 
 
 @dataclass

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from benchmarks.reporting import save_figure
-from protocols import api
-from protocols.api import default_threshold, secure_sum
+from protocols import registry
+from protocols.api import secure_sum
 from protocols.graph import COMPLETE_GRAPH_BELOW, choose_parameters
-from protocols.network import Dropout, Stage
+from protocols.plan import majority_threshold
+from protocols.session import Dropout, Stage
 
 FLOAT32_BYTES = 4  # the plaintext every expansion is measured against: float32 per element
 
@@ -104,26 +105,22 @@ def secaggplus_parameters(n: int, rate: float) -> tuple[int, int] | None:
 
 def threshold_for(protocol: str, point: Point) -> int:
     """The Shamir (or decryption) threshold `protocol` runs with at this point."""
-    if protocol == "plain":
-        return 1
-    if protocol == "paillier":
-        from protocols.registry import release_threshold
-
-        return release_threshold("paillier", point.n)  # the quorum a DP session decrypts at
-    chosen = secaggplus_parameters(point.n, point.dropout_rate) if protocol == "secagg+" else None
-    return chosen[1] if chosen else default_threshold(point.n)
+    spec = registry.get(protocol)
+    if not spec.pairwise_masks:  # plain: 1; Paillier: the quorum a DP session decrypts at
+        return spec.plan(point.n, private=True).threshold
+    chosen = secaggplus_parameters(point.n, point.dropout_rate) if spec.sparse_graph else None
+    return chosen[1] if chosen else majority_threshold(point.n)
 
 
 def make_dp_spec(option: DPOption, protocol: str, point: Point) -> Any:
     """The protocols.dp spec for this point; distributed noise is sized for the fewest
-    contributors the protocol can ever release (protocols.private.min_contributors)."""
-    from protocols.dp import DPSpec
-    from protocols.private import min_contributors
+    contributors the protocol can ever release (its plan's min_contributors)."""
+    from protocols.dp.mechanisms import DPSpec
 
     extra = {}
     if option.mode == "distributed":
-        extra["min_contributors"] = min_contributors(
-            protocol, threshold=threshold_for(protocol, point), n_clients=point.n)
+        extra["min_contributors"] = registry.get(protocol).plan(
+            point.n, threshold=threshold_for(protocol, point), private=True).min_contributors
     return DPSpec(mode=option.mode, noise_multiplier=option.noise_multiplier,
                   l2_clip=option.l2(point), **extra)
 
@@ -134,7 +131,7 @@ def ours(protocol: str, *, dp: DPOption | None = None, **extra: Any) -> Runner:
     def run(vectors: np.ndarray, point: Point) -> CallResult:
         kwargs = dict(extra)
         chosen = secaggplus_parameters(point.n, point.dropout_rate)
-        if protocol == "secagg+" and chosen is not None:
+        if registry.get(protocol).sparse_graph and chosen is not None:
             # the graph is sized for the real dropout rate (secure_sum's own choice assumes 5%)
             kwargs["degree"], kwargs["threshold"] = chosen
         if dp is not None:
@@ -165,7 +162,7 @@ def flower_secaggplus(vectors: np.ndarray, point: Point) -> CallResult:
 
     n = point.n
     degree, threshold = secaggplus_parameters(n, point.dropout_rate) or (
-        n - 1, default_threshold(n))
+        n - 1, majority_threshold(n))
     drops = {"drop_before_upload" if point.stage in ("advertise", "upload")
              else "drop_after_upload": point.dropped}
     result = run_flower_secaggplus(vectors, num_shares=degree + 1,
@@ -180,7 +177,7 @@ def flower_secaggplus(vectors: np.ndarray, point: Point) -> CallResult:
 def dp_supported() -> bool:
     """Whether secure_sum takes `dp=` and protocols.dp exists."""
     try:
-        import protocols.dp  # noqa: F401
+        import protocols.dp.mechanisms  # noqa: F401
     except ImportError:
         return False
     return "dp" in inspect.signature(secure_sum).parameters
@@ -197,10 +194,10 @@ def aggregator_table(names: Sequence[str], *, dp_variants: Sequence[tuple[str, s
     """The aggregators this build offers among `names` (+ DP variants, + Flower), and notes."""
     table, notes = [], []
     for name in names:
-        if name not in api.PROTOCOLS:
-            notes.append(f"{name}: not in protocols.api.PROTOCOLS in this build; rows skipped")
+        if name not in registry.names():
+            notes.append(f"{name}: not in protocols.registry in this build; rows skipped")
             continue
-        if name == "paillier":
+        if registry.get(name).key_holder:  # slow key setup and encryption: capped
             n_cap, m_cap, reps = paillier_caps
             table.append(Aggregator(name, "codream-secure", name, ours(name),
                                     max_n=n_cap, max_m=m_cap, repeats=reps))
@@ -365,7 +362,7 @@ def _exponents(fit: PowerFit | None, tail: PowerFit | None) -> str:
 
 def _order(row: dict[str, Any]) -> tuple:
     """Ours before others, without DP before with, then the protocol registry's order."""
-    known = [*api.PROTOCOLS, row["protocol"]]
+    known = [*registry.names(), row["protocol"]]
     return (row["system"] != "codream-secure", row["dp"] != "none",
             known.index(row["protocol"]), row["aggregator"])
 

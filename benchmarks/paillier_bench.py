@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from protocols.api import secure_sum
-from protocols.paillier import PaillierSession, generate_keypair
-from protocols.paillier_roles import available_cores
+from protocols.paillier.roles import available_cores
+from protocols.paillier.session import PaillierSession, generate_keypair
 
 try:
     import gmpy2  # noqa: F401 - only to report whether phe and we run on it

@@ -31,7 +31,7 @@ from codream_secure.config import (
 )
 from codream_secure.data import DATASET_NAMES, PARTITION_SCHEMES
 from codream_secure.errors import CoDreamError, os_reason
-from protocols.api import PROTOCOLS
+from protocols import registry
 from protocols.errors import ProtocolError
 
 EXIT_BAD_INPUT = 2
@@ -112,7 +112,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "adaptive_after": (click.INT, "Rounds after which adaptive teaching starts: the dream "
                        "objective also pushes dreams to where the server model is unsure."),
     "adaptive_weight": (click.FLOAT, "Weight of the adaptive-teaching term (0 disables it)."),
-    "aggregator": (click.Choice(PROTOCOLS), "How cross-client sums are computed: 'plain' "
+    "aggregator": (click.Choice(registry.names()), "How cross-client sums are computed: 'plain' "
                    "(server sees each vector, the insecure baseline), 'secagg' (pairwise masks, "
                    "complete graph), 'secagg+' (masks over a sparse neighbour graph) or "
                    "'paillier' (packed Paillier: the server adds ciphertexts, a separate key "

@@ -19,8 +19,8 @@ from codream_secure.gpu import chacha20, masking
 from codream_secure.gpu.fast_dream import FastDreamStep, dream_gradients
 from codream_secure.gpu.send import UploadSender
 from codream_secure.models import build_model
-from protocols.api import default_threshold
 from protocols.codec import FixedPointCodec
+from protocols.plan import majority_threshold
 from protocols.primitives import envelope, kdf, shamir
 from protocols.secagg import keys
 
@@ -54,7 +54,7 @@ class SecureRound:
         self.n, self.m, self.device, self.fused = n, m, device, fused
         self.finite = FiniteCheck(deferred=deferred_check)
         self.fused_server = fused if fused_server is None else fused_server
-        self.threshold = default_threshold(n)  # the protocol's: a majority of the n - 1 others
+        self.threshold = majority_threshold(n)  # the protocol's: a majority of the n - 1 others
         self.codec = FixedPointCodec.for_clients(n, clip=clip, ring_bits=32,
                                                  rounding="stochastic", prg="chacha20")
         self.sid = os.urandom(16)

@@ -33,9 +33,8 @@ from codream_secure.dreams import DreamLossWeights, DreamSynthesizer, dream_grad
 from codream_secure.errors import ConfigError
 from codream_secure.federation import AggregationChannel, generator
 from codream_secure.privacy import INTEGER_ORDERS, PrivacyLedger
-from protocols.dp import DPSpec
-from protocols.private import min_contributors
-from protocols.registry import release_threshold
+from protocols import registry
+from protocols.dp.mechanisms import DPSpec
 
 __all__ = ["DEFAULT", "FULL", "MODES", "TINY", "Estimates", "ReconstructionSettings",
            "ServerView", "Truth", "attack", "dp_spec", "estimate", "make_truth", "open_channel",
@@ -142,8 +141,7 @@ def dp_spec(s: ReconstructionSettings, protocol: str, n: int, clip: float) -> DP
     vectors one release can hold: 1 under plain (each vector is seen alone: local DP), the SecAgg
     threshold + 1 under secure aggregation.
     """
-    quorum = release_threshold(protocol, n, expected_dropout=0.0)
-    t = min_contributors(protocol, threshold=quorum, n_clients=n)
+    t = registry.get(protocol).plan(n, expected_dropout=0.0, private=True).min_contributors
     return DPSpec(mode="distributed", noise_multiplier=s.dp_noise_multiplier, l2_clip=clip,
                   noise="skellam", min_contributors=t)
 
@@ -196,7 +194,7 @@ def attack(s: ReconstructionSettings, truth: Truth, mode: str) -> ServerView:
 
     view = ServerView(mode, n, queries=n * (s.dream_steps + 1))
     if dp:  # the noise in one release: one vector under plain, the sum of n under SecAgg
-        share = 1 if protocol == "plain" else n
+        share = n if registry.get(protocol).masks_inputs else 1
         view.noise_std, view.label_noise_std = (
             spec.central_sigma * np.sqrt(share / (spec.min_contributors or 1))
             for spec in (specs["grad"], specs["label"]))
@@ -224,7 +222,7 @@ def attack(s: ReconstructionSettings, truth: Truth, mode: str) -> ServerView:
         _step(synth, total / n)
     x = synth.dreams
     answers = {k: _labels(m, x) for k, m in enumerate(models)}
-    if protocol == "plain":  # each client's soft labels arrive in the clear
+    if not registry.get(protocol).masks_inputs:  # each client's soft labels arrive in the clear
         for k in range(n):
             seen, _ = channel("label", k).sum({k: answers[k]})
             view.dreams.append(x.numpy())

@@ -22,10 +22,12 @@ from codream_secure.data import LoadedDataset, load_dataset
 from codream_secure.distill import train_local
 from codream_secure.dreams import DreamLossWeights, DreamSynthesizer, dream_gradient
 from codream_secure.errors import ConfigError
-from protocols.api import SecAggSession, default_threshold
+from protocols import registry
+from protocols.api import SecAggSession
 from protocols.codec import FixedPointCodec
 from protocols.errors import TooFewSurvivorsError
 from protocols.graph import COMPLETE_GRAPH_BELOW, choose_parameters
+from protocols.plan import majority_threshold
 from protocols.primitives import shamir
 from protocols.secagg.messages import MaskedInput
 from protocols.wire import message_type
@@ -196,7 +198,7 @@ def colluder_table(s: ServerViewSettings) -> list[dict]:
     """Analytic: colluding clients (with the server) needed to isolate one honest input."""
     rows = []
     for n in s.table_clients:
-        configs = [("secagg", "complete", n - 1, default_threshold(n))]
+        configs = [("secagg", "complete", n - 1, majority_threshold(n))]
         if n >= COMPLETE_GRAPH_BELOW:
             p = choose_parameters(n, dropout_rate=s.dropout_rate, corrupt_rate=s.corrupt_rate)
             configs.append(("secagg+", "complete" if p.complete else "harary", p.degree,
@@ -244,7 +246,7 @@ def _shamir_check(s: ServerViewSettings) -> list[dict]:
     rows = []
     rng = np.random.default_rng(s.seed)
     for n in s.collusion_clients:
-        k, t = n - 1, default_threshold(n)
+        k, t = n - 1, majority_threshold(n)
         seed = rng.bytes(32)
         shares = shamir.split(seed, threshold=t, share_ids=list(range(1, k + 1)))
         got = shamir.combine(dict(list(shares.items())[:t]), threshold=t)
@@ -262,8 +264,9 @@ def run(settings: ServerViewSettings, out_dir: Path, progress=None) -> SectionRe
     """Record a SecAgg server's view of CoDream uploads and test what it reveals."""
     start = time.perf_counter()
     s = settings
-    if s.protocol not in ("secagg", "secagg+"):
-        raise ConfigError(f"protocol must be secagg or secagg+, got {s.protocol!r}")
+    masking = [name for name in registry.names() if registry.get(name).pairwise_masks]
+    if s.protocol not in masking:
+        raise ConfigError(f"protocol must be {' or '.join(masking)}, got {s.protocol!r}")
     previous = torch.get_num_threads()
     if s.threads:
         torch.set_num_threads(s.threads)

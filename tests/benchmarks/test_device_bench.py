@@ -154,11 +154,11 @@ def test_secure_round_check_bounds_float32_rounding_and_refuses_a_wrong_sum(monk
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_secure_round_shares_with_the_protocols_threshold_down_to_two_clients(n):
     from benchmarks.device import rounds
-    from protocols.api import default_threshold
+    from protocols.plan import majority_threshold
 
     secure = rounds.SecureRound(n, 256, clip=8.0, device=torch.device("cpu"), fused=False,
                                 side_stream=False)
-    assert secure.threshold == default_threshold(n) <= n - 1
+    assert secure.threshold == majority_threshold(n) <= n - 1
     gen = torch.Generator().manual_seed(n)
     report = secure.check([torch.randn(256, generator=gen) for _ in range(n)], step=0)
     assert report["max_abs_error"] <= report["bound"]

@@ -24,7 +24,8 @@ from benchmarks.overhead_scaling import (
     max_abs_error,
 )
 from benchmarks.overhead_suite import TINY, measure_grid, run_overhead
-from protocols import api
+from protocols import api, registry
+from protocols.plan import majority_threshold
 
 ROW_FIELDS = {
     "aggregator", "system", "protocol", "dp", "dp_sigma", "n", "m", "dropout_rate",
@@ -130,10 +131,10 @@ def test_capped_aggregators_run_at_their_cap_once():
 
 
 def test_dp_spec_sizes_distributed_noise_for_the_fewest_contributors():
-    pytest.importorskip("protocols.dp")
+    pytest.importorskip("protocols.dp.mechanisms")
     point = Point(10, 64, 0.0, "upload", (), 2.0, 0)
     spec = scaling.make_dp_spec(DPOption("distributed", 1.5), "secagg", point)
-    assert spec.mode == "distributed" and spec.min_contributors == api.default_threshold(10) + 1
+    assert spec.mode == "distributed" and spec.min_contributors == majority_threshold(10) + 1
     assert spec.l2_clip == pytest.approx(2.0 * 8)  # clip * sqrt(m): no input is scaled down
     central = scaling.make_dp_spec(DPOption("central", 1.5, l2_clip=3.0), "plain", point)
     assert central.central_sigma == pytest.approx(4.5)
@@ -141,7 +142,7 @@ def test_dp_spec_sizes_distributed_noise_for_the_fewest_contributors():
 
 def test_every_full_dp_variant_runs_once():
     # FULL's paillier + distributed DP variant crashed before its first point (session 9)
-    if "paillier" not in api.PROTOCOLS:
+    if "paillier" not in registry.names():
         pytest.skip("protocol 'paillier' not in this build")
     from benchmarks.overhead_suite import FULL
 
@@ -151,11 +152,11 @@ def test_every_full_dp_variant_runs_once():
     rows, failures = measure_grid(table, [(3, 64, 0.0)], TINY, section="t")
     assert not failures, failures
     private = [r for r in rows if r["aggregator"] == "paillier +dp-distributed"]
-    assert len(private) == 1 and private[0]["threshold"] == api.default_threshold(3)
+    assert len(private) == 1 and private[0]["threshold"] == majority_threshold(3)
 
 
 def test_dp_variants_join_the_table_when_secure_sum_takes_dp(monkeypatch):
-    pytest.importorskip("protocols.dp")
+    pytest.importorskip("protocols.dp.mechanisms")
     seen = []
 
     def fake_secure_sum(vectors, *, dp=None, **kwargs):
@@ -168,7 +169,7 @@ def test_dp_variants_join_the_table_when_secure_sum_takes_dp(monkeypatch):
     assert [a.name for a in table] == ["secagg", "secagg +dp-distributed"]
     rows, _ = measure_grid(table, [(3, 16, 0.0)], TINY, section="t")
     assert rows[1]["dp"] == "distributed" and rows[1]["dp_sigma"] == pytest.approx(8.0 * 4)
-    assert seen[0] is None and seen[1].min_contributors == api.default_threshold(3) + 1
+    assert seen[0] is None and seen[1].min_contributors == majority_threshold(3) + 1
 
 
 @pytest.mark.slow
@@ -210,7 +211,7 @@ def test_tiny_run_writes_the_report_rows_fits_and_plots(tmp_path):
 
 @pytest.mark.slow
 def test_paillier_rows_when_the_protocol_exists():
-    if "paillier" not in api.PROTOCOLS:
+    if "paillier" not in registry.names():
         pytest.skip("protocol 'paillier' not in this build")
     table, _ = aggregator_table(("paillier",), flower=False, paillier_caps=(3, 64, 1))
     rows, failures = measure_grid(table, [(3, 64, 0.0)], TINY, section="t")

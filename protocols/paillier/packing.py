@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import IntegrityError, MalformedMessageError, OverflowBudgetError, ParameterError
+from ..errors import IntegrityError, MalformedMessageError, OverflowBudgetError, ParameterError
 
 __all__ = ["SlotLayout", "pack", "unpack_sum"]
 

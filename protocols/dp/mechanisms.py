@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from protocols.dp_samplers import (
+from protocols.dp.samplers import (
     MAX_SIGMA_UNITS,
     MIN_SIGMA_UNITS,
     _check_size,
@@ -110,7 +110,7 @@ def clip_l2(vector: np.ndarray, max_norm: float) -> tuple[np.ndarray, bool]:
 
 
 class DistributedNoise:
-    """One client's share of distributed noise; implements protocols.secagg.client.RingNoise.
+    """One client's share of distributed noise; implements protocols.session.RingNoise.
 
     Each client adds integer noise of variance (z C 2^f)^2 / min_contributors to its encoding,
     conditioned on |noise| <= floor(headroom 2^f) so the codec budget (n * (clip + headroom))

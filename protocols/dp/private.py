@@ -12,37 +12,25 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from .dp import DPSpec, accounting_noise_multiplier, add_central_noise, check_contributors, clip_l2
-from .errors import ParameterError
-from .inputs import check_step_inputs
-from .network import Traffic
-from .registry import PLAIN_NOISE_SCALE_BITS
-from .secagg.server import StepOutcome
+from ..codec import FixedPointCodec
+from ..inputs import check_step_inputs
+from ..plan import PLAIN_NOISE_SCALE_BITS
+from ..session import AggregationSession, StepOutcome, Traffic
+from .mechanisms import (
+    DPSpec,
+    accounting_noise_multiplier,
+    add_central_noise,
+    check_contributors,
+    clip_l2,
+)
 
-__all__ = ["PrivateSession", "min_contributors"]
-
-
-def min_contributors(protocol: str, *, threshold: int, n_clients: int) -> int:
-    """The fewest client vectors a release under `protocol` can hold.
-
-    SecAgg: every included client needs `threshold` share holders among the other survivors, so
-    an unmaskable sum holds at least threshold + 1 inputs. Paillier: the key holder refuses to
-    decrypt fewer than `threshold` (it counts the members the server names). Plain: the server
-    sees each vector alone, so each must carry the full noise by itself (local DP).
-    """
-    if protocol in ("secagg", "secagg+"):
-        return min(threshold + 1, n_clients)
-    if protocol == "paillier":
-        return threshold
-    if protocol == "plain":
-        return 1
-    raise ParameterError(f"unknown aggregator {protocol!r}")
+__all__ = ["PrivateSession"]
 
 
 class PrivateSession:
     """An aggregation session whose every released sum satisfies client-level DP."""
 
-    def __init__(self, inner, spec: DPSpec) -> None:
+    def __init__(self, inner: AggregationSession, spec: DPSpec) -> None:
         self.inner, self.spec = inner, spec
         self.n_clients, self.vector_length = inner.n_clients, inner.vector_length
         self.clipped = 0  # client vectors scaled down to the L2 clip so far
@@ -63,8 +51,9 @@ class PrivateSession:
         return self.inner.traffic
 
     @property
-    def codec(self):
-        return getattr(self.inner, "codec", None)
+    def codec(self) -> FixedPointCodec | None:
+        codec: FixedPointCodec | None = getattr(self.inner, "codec", None)
+        return codec
 
     @property
     def threshold(self) -> int:
@@ -73,6 +62,13 @@ class PrivateSession:
     @property
     def degree(self) -> int:
         return self.inner.degree
+
+    @property
+    def active(self) -> frozenset[int]:
+        return self.inner.active
+
+    def close(self) -> None:
+        self.inner.close()
 
     def error_bound(self, n_summed: int) -> float:
         """Decode error of the un-noised sum (the noise itself is the point, not an error)."""

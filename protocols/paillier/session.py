@@ -1,7 +1,7 @@
 """Packed Paillier aggregation: clients encrypt, a server adds, a separate key holder decrypts.
 
 Front door of the Paillier path: `PaillierSession` (SecAggSession's surface, many steps over one
-key) and `paillier_sum` (one call, a protocols.api.SecureSumResult). The server never holds the
+key) and `paillier_sum` (one call, a protocols.session.SecureSumResult). The server never holds the
 private key; the key holder only sees aggregates and learns each step's sum. See docs/paillier.md.
 """
 
@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ParameterError, ProtocolError
-from .inputs import check_count, check_step_inputs
-from .network import Dropout, FaultPlan, Stage, Traffic
-from .paillier_packing import SlotLayout
-from .paillier_roles import (
+from ..errors import ParameterError, ProtocolError
+from ..inputs import check_count, check_step_inputs, check_vectors
+from ..primitives.kdf import derive_key
+from ..session import Dropout, FaultPlan, SecureSumResult, Stage, StepOutcome, Traffic
+from .packing import SlotLayout
+from .roles import (
     DEFAULT_KEY_BITS,
     MIN_KEY_BITS,
     Keypair,
@@ -30,8 +31,6 @@ from .paillier_roles import (
     session_codec,
     unsafe_keypair_from_primes,
 )
-from .primitives.kdf import derive_key
-from .secagg.server import StepOutcome
 
 __all__ = [
     "DEFAULT_KEY_BITS", "MIN_KEY_BITS", "PaillierSession", "PaillierTraffic", "generate_keypair",
@@ -189,15 +188,14 @@ def paillier_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, clip: float | No
                  dropouts: Iterable[Dropout | int] = (), dropout_rate: float = 0.0,
                  dropout_stage: Stage | str = Stage.SHARES, seed: int = 0, ring_bits: int = 32,
                  scale_bits: int | None = None, rounding: str = "stochastic",
-                 workers: int | None = None, unsafe_small_keys: bool = False):
-    """Sum n client vectors under packed Paillier; returns a protocols.api.SecureSumResult.
+                 workers: int | None = None, unsafe_small_keys: bool = False
+                 ) -> SecureSumResult:
+    """Sum n client vectors under packed Paillier; returns a protocols.session.SecureSumResult.
 
     `dropouts` name clients (ints, or Dropouts at a step <= 1 and stage advertise/upload) that
     never send; later dropouts change nothing, since uploads are all Paillier needs. `clip`
     defaults to the largest absolute input (a deployment declares it up front).
     """
-    from .api import SecureSumResult, check_vectors  # api may import this module: no cycle
-
     stacked = check_vectors(vectors)
     n, m = stacked.shape
     clip = float(clip if clip is not None else max(float(np.abs(stacked).max()), 1e-12))

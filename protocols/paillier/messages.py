@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .errors import MalformedMessageError
-from .wire import MAX_LIST, Reader, Writer
+from ..errors import MalformedMessageError
+from ..wire import MAX_LIST, Reader, Writer
 
 __all__ = ["Ciphertexts", "Offer", "PublicKeyMessage", "StepRequest"]
 

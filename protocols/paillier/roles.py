@@ -24,8 +24,8 @@ from fractions import Fraction
 import numpy as np
 from phe.paillier import PaillierPrivateKey, PaillierPublicKey, generate_paillier_keypair
 
-from .codec import FixedPointCodec
-from .errors import (
+from ..codec import FixedPointCodec
+from ..errors import (
     IntegrityError,
     MalformedMessageError,
     OverflowBudgetError,
@@ -35,11 +35,11 @@ from .errors import (
     StageError,
     TooFewSurvivorsError,
 )
-from .inputs import check_count
-from .paillier_messages import SESSION_ID_BYTES, Ciphertexts, Offer, PublicKeyMessage, StepRequest
-from .paillier_packing import SlotLayout, pack, unpack_sum
-from .primitives.kdf import derive_key
-from .secagg.server import StepOutcome
+from ..inputs import check_count
+from ..primitives.kdf import derive_key
+from ..session import StepOutcome
+from .messages import SESSION_ID_BYTES, Ciphertexts, Offer, PublicKeyMessage, StepRequest
+from .packing import SlotLayout, pack, unpack_sum
 
 try:
     from gmpy2 import mpz as _big
