@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import json
 import shutil
 import tempfile
@@ -14,10 +16,10 @@ import torch
 from click.testing import CliRunner, Result
 
 from codream_secure import simulation
+from codream_secure.checkpoint_file import HEADER_BYTES, config_sha256, read_sealed, write_sealed
 from codream_secure.cli import main
 from codream_secure.config import SimulationConfig
 from codream_secure.errors import ConfigError
-from codream_secure.federation import ChannelStats
 from codream_secure.report import ReportError, load_report, write_report
 from tests.core.test_report import synthetic_outcome, synthetic_report
 
@@ -56,7 +58,13 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint_state(finished_run: Path) -> dict:
-    return torch.load(finished_run / "checkpoint.pt", weights_only=False)  # made by the test
+    content = read_sealed(finished_run / "checkpoint.pt").content
+    return torch.load(io.BytesIO(content), weights_only=False)  # made by the test
+
+
+def _sealed(state: dict):
+    """A writer of `state` sealed with freshly computed digests, as a hand-made file would be."""
+    return lambda path: write_sealed(path, state, config_sha256(state.get("config", {})))
 
 
 def _resume_with(tmp_path: Path, write) -> Result:
@@ -77,8 +85,8 @@ def _edited(state: dict, edit) -> dict:
 
 
 def test_a_checkpoint_holds_only_tensors_and_plain_data(finished_run: Path) -> None:
-    path = finished_run / "checkpoint.pt"
-    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    content = read_sealed(finished_run / "checkpoint.pt").content
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(content)) == []
 
 
 def test_resuming_a_finished_run_reports_again(finished_run: Path, tmp_path: Path) -> None:
@@ -87,17 +95,6 @@ def test_resuming_a_finished_run_reports_again(finished_run: Path, tmp_path: Pat
     result = _simulate(out, "--resume")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "report.json").read_text())["timing"]["resumed"] is True
-
-
-def test_a_checkpoint_of_the_earlier_format_still_resumes(checkpoint_state: dict,
-                                                          tmp_path: Path) -> None:
-    def legacy(state: dict) -> None:  # ChannelStats objects and numpy arrays, as pickled before
-        state["channels"] = [(ChannelStats(**stats), np.array(up), np.array(down), clipped)
-                             for stats, up, down, clipped in state["channels"]]
-        state["broadcast_down"] = np.array(state["broadcast_down"])
-
-    result = _resume_with(tmp_path, lambda p: torch.save(_edited(checkpoint_state, legacy), p))
-    assert result.exit_code == 0, result.output
 
 
 class _RunsCode:
@@ -110,30 +107,50 @@ class _RunsCode:
         return (Path.touch, (self.target,))
 
 
+def _sealed_bytes(content: bytes):
+    """A writer of a sealed file around `content`, which need not be a torch file."""
+    def write(path: Path) -> None:
+        write_sealed(path, {}, config_sha256({}))
+        header = path.read_bytes()[:HEADER_BYTES].split(b"\n")
+        header[1] = b"content-bytes %016d" % len(content)
+        header[2] = b"content-sha256 " + hashlib.sha256(content).hexdigest().encode()
+        path.write_bytes(b"\n".join(header) + content)
+
+    return write
+
+
+def _torch_bytes(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 BAD_FILES = {
-    "garbage": (lambda p: p.write_bytes(b"garbage\nbytes"), "tensors and plain data"),
-    "empty": (lambda p: p.write_bytes(b""), "empty or cut short"),
-    "empty dict": (lambda p: torch.save({}, p), "no 'config'"),
-    "list": (lambda p: torch.save([1, 2], p), "holds a list"),
+    "garbage": (lambda p: p.write_bytes(b"garbage\nbytes"), "does not begin with the line"),
+    "empty": (lambda p: p.write_bytes(b""), "truncated: it holds only 0 bytes"),
+    "a bare torch file": (lambda p: torch.save({}, p), "does not begin with the line"),
+    "sealed garbage": (_sealed_bytes(b"garbage"), "not a torch file of tensors"),
+    "sealed empty dict": (_sealed({}), "no 'config'"),
+    "sealed nothing": (_sealed_bytes(b""), "unreadable content"),
+    "sealed list": (_sealed_bytes(_torch_bytes([1, 2])), "holds a list"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_a_checkpoint_that_is_no_checkpoint_is_one_error(name: str, tmp_path: Path) -> None:
     write, reason = BAD_FILES[name]
-    _bad_input(_resume_with(tmp_path, write), "--resume:", "checkpoint.pt is not a "
-               "codream-secure checkpoint", reason)
+    _bad_input(_resume_with(tmp_path, write), "--resume:", "checkpoint.pt ", reason)
 
 
 def test_a_truncated_checkpoint_is_one_error(finished_run: Path, tmp_path: Path) -> None:
     data = (finished_run / "checkpoint.pt").read_bytes()
     result = _resume_with(tmp_path, lambda p: p.write_bytes(data[: len(data) // 2]))
-    _bad_input(result, "not a codream-secure checkpoint", "unreadable")
+    _bad_input(result, "checkpoint.pt is truncated: its header promises")
 
 
 def test_a_checkpoint_never_runs_code_from_the_file(tmp_path: Path) -> None:
     target = tmp_path / "pwned"
-    result = _resume_with(tmp_path, lambda p: torch.save({"config": _RunsCode(target)}, p))
+    result = _resume_with(tmp_path, _sealed({"config": _RunsCode(target)}))
     _bad_input(result, "not a codream-secure checkpoint")
     assert not target.exists()
 
@@ -153,15 +170,15 @@ DAMAGED = {
 def test_a_damaged_checkpoint_is_one_error(name: str, checkpoint_state: dict,
                                            tmp_path: Path) -> None:
     edit, reason = DAMAGED[name]
-    result = _resume_with(tmp_path, lambda p: torch.save(_edited(checkpoint_state, edit), p))
+    result = _resume_with(tmp_path, _sealed(_edited(checkpoint_state, edit)))
     _bad_input(result, "not a codream-secure checkpoint", reason)
 
 
 def test_settings_only_the_new_version_has_are_named(checkpoint_state: dict,
                                                      tmp_path: Path) -> None:
     older = _edited(checkpoint_state, lambda s: s["config"].pop("dream_graph"))
-    result = _resume_with(tmp_path, lambda p: torch.save(older, p))
-    _bad_input(result, "different settings (dream_graph)")
+    result = _resume_with(tmp_path, _sealed(older))
+    _bad_input(result, "checkpoint.pt was written under different settings (dream_graph)")
 
 
 # ----------------------------------------------------------------------------- outputs
