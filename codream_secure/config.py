@@ -261,23 +261,44 @@ _FLOAT_FIELDS = tuple(f.name for f in fields(SimulationConfig)
                       if f.type in ("float", "float | None"))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few dozen lines
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML table of config keys; unknown keys and bad TOML raise ConfigError."""
+    """Read a flat TOML table of config keys; unknown keys and bad TOML raise ConfigError whose
+    one line names the file and, for a syntax or encoding error, the line."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     path = Path(path)
+    where = f"config file {str(path)!r}"
     try:
         with path.open("rb") as handle:
-            values = tomllib.load(handle)
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        raise ConfigError(f"{where} does not exist") from None
     except OSError as error:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
-    _check_keys(values, f"config file {str(path)!r}")
+        raise ConfigError(f"cannot read {where}: {error.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES:,} bytes; not a config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{where} is not valid TOML: line {line} is not UTF-8 text "
+                          f"(byte 0x{raw[error.start]:02x})") from None
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        # tomllib names the line, except at the very end of the file
+        reason = str(error).replace("(at end of document)",
+                                    f"(at line {text.count(chr(10)) + 1}, the end of the file)")
+        raise ConfigError(f"{where} is not valid TOML: {reason}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is not valid TOML: arrays or tables nested too "
+                          "deeply") from None
+    _check_keys(values, where)
     return values
 
 
