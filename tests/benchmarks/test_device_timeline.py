@@ -9,7 +9,7 @@ from benchmarks.device.timing import (
     render_timeline,
 )
 
-# names as session 5's H100 profile printed them (docs/results/*-s5-run1-profile-step.txt)
+# names as an H100 profile of the optimised step printed them (torch 2.11, cuDNN on sm_90)
 H100_NAMES = {
     "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution (cuDNN fprop)",
     "sm90_xmma_dgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32": (

@@ -1,7 +1,8 @@
-"""Session 11's probe: does inductor fuse one BN layer's moments into its BN/ReLU pass?
+"""Probe: does inductor fuse one BN layer's moments into its BN/ReLU pass?
 
 Run from the repository root where triton is installed (the CPU wheel is enough):
-    python docs/results/codegen-fusion-probe-s11.py > docs/results/codegen-fusion-probe-s11.txt
+    python docs/results/codegen-fusion-probe-2026-11-27.py \
+        > docs/results/codegen-fusion-probe-2026-11-27.txt
 Each form and setting compiles in its own process; printed: launches and MB by kind.
 """
 
