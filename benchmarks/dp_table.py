@@ -1,9 +1,9 @@
 """The README's accuracy-vs-epsilon table: CoDream on Fashion-MNIST with and without DP.
 
-    python -m benchmarks.dp_table            # the README settings (reduced for 2 CPUs)
-    python -m benchmarks.dp_table --epsilons 8 32 --sample-epsilons 8
+    python benchmarks/dp_table.py            # the README settings (reduced for 2 CPUs)
+    python benchmarks/dp_table.py --epsilons 8 32 --sample-epsilons 8
 
-Same reduced budget as benchmarks.fmnist_table (3000 training images, 5 rounds, 40 dream steps,
+Same reduced budget as benchmarks/fmnist_table.py (3000 training images, 5 rounds, 40 dream steps,
 four architectures, IID), secagg. Client level: distributed Skellam noise, z calibrated to each
 epsilon over all 205 releases. Sample level: DP-SGD local training at each epsilon. Writes
 table.md and runs.json into --out.
@@ -16,11 +16,11 @@ import json
 import time
 from pathlib import Path
 
+from fmnist_table import HETEROGENEOUS  # the sibling script: run this one as a file
+
 from codream_secure.config import SimulationConfig
 from codream_secure.report import write_report
 from codream_secure.simulation import run_simulation
-
-from .fmnist_table import HETEROGENEOUS
 
 
 def main(argv: list[str] | None = None) -> int:

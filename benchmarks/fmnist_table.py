@@ -1,7 +1,7 @@
 """The README's Fashion-MNIST table: CoDream vs isolated vs FedAvg vs centralized over seeds.
 
-    python -m benchmarks.fmnist_table                 # the README settings (reduced for 2 CPUs)
-    python -m benchmarks.fmnist_table --seeds 0 1 2 --partitions dirichlet iid
+    python benchmarks/fmnist_table.py                 # the README settings (reduced for 2 CPUs)
+    python benchmarks/fmnist_table.py --seeds 0 1 2 --partitions dirichlet iid
 
 Needs Fashion-MNIST (`apt-get install dataset-fashion-mnist`, or --data-dir with the IDX files).
 Heterogeneous runs use four architectures; FedAvg comes from a homogeneous run (all smallcnn),

@@ -1,7 +1,7 @@
 """Packed Paillier vs phe's per-value encryption, and vs pairwise masks, in the same run.
 
-    python -m benchmarks.paillier_bench                    # 2048 and 3072 bits, n=10, m=4096
-    python -m benchmarks.paillier_bench --key-bits 2048 --m 1024 --phe-values 50   # a quick look
+    python benchmarks/paillier_bench.py                    # 2048 and 3072 bits, n=10, m=4096
+    python benchmarks/paillier_bench.py --key-bits 2048 --m 1024 --phe-values 50   # a quick look
 
 Part 1 encrypts the same fixed-point integers two ways: phe's `public_key.encrypt(int)` (one
 ciphertext per value) and one client's packed upload (encode + pack + encrypt + serialise, one

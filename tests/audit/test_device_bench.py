@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import device
-from benchmarks.device import step as device_step
+from codream_secure.audit import device
+from codream_secure.audit.device import step as device_step
 from codream_secure.gpu.fast_dream import FastDreamStep
 from codream_secure.models import build_model
 
@@ -105,7 +105,7 @@ def test_graphed_round_rows_on_a_cpu_stand_in(monkeypatch):
     # returning every client's gradient) runs the section's timing, checks and table code here
     import argparse
 
-    from benchmarks.device import rounds
+    from codream_secure.audit.device import rounds
     from codream_secure.gpu import graphed
     from codream_secure.gpu.fast_dream import FastDreamStep
 
@@ -134,7 +134,7 @@ def test_secure_round_check_bounds_float32_rounding_and_refuses_a_wrong_sum(monk
     # check must allow the decoded sum's one float32 rounding, and nothing more
     import math
 
-    from benchmarks.device import rounds
+    from codream_secure.audit.device import rounds
 
     secure = rounds.SecureRound(3, 4096, clip=8.0, device=torch.device("cpu"), fused=False,
                                 side_stream=False)
@@ -153,7 +153,7 @@ def test_secure_round_check_bounds_float32_rounding_and_refuses_a_wrong_sum(monk
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_secure_round_shares_with_the_protocols_threshold_down_to_two_clients(n):
-    from benchmarks.device import rounds
+    from codream_secure.audit.device import rounds
     from protocols.api import default_threshold
 
     secure = rounds.SecureRound(n, 256, clip=8.0, device=torch.device("cpu"), fused=False,
@@ -181,7 +181,7 @@ def _round_inputs(n=3, m=64, bad=None):
 
 @pytest.mark.parametrize("kind", ["plain", "secure"])
 def test_a_deferred_check_refuses_the_round_at_its_end_naming_client_and_step(kind):
-    from benchmarks.device import rounds
+    from codream_secure.audit.device import rounds
     from codream_secure.dreams import NonFiniteGradientError
 
     def make(deferred):
@@ -207,7 +207,7 @@ def test_a_deferred_check_refuses_the_round_at_its_end_naming_client_and_step(ki
 
 
 def test_deferred_and_per_step_checks_give_the_same_plain_round():
-    from benchmarks.device import rounds
+    from codream_secure.audit.device import rounds
 
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(48, generator=gen) for _ in range(3)]
@@ -230,7 +230,7 @@ def test_deferred_and_per_step_checks_give_the_same_plain_round():
 def test_a_deferred_round_never_makes_the_host_wait_before_its_end(kind, monkeypatch):
     # torch's sync debug mode raises on any implicit synchronisation and names the op: a
     # deferred round's steps must have none (the host then runs ahead of the device)
-    from benchmarks.device import rounds
+    from codream_secure.audit.device import rounds
 
     cuda = torch.device("cuda")
     m, n = 4096, 3
@@ -255,18 +255,8 @@ def test_a_deferred_round_never_makes_the_host_wait_before_its_end(kind, monkeyp
     finish()  # the round's one synchronisation: all steps were finite
 
 
-def test_param_check_cost_runs_and_refuses_an_unknown_model(capsys):
-    from benchmarks import param_check_cost
-
-    assert param_check_cost.main(["smallcnn"]) == 0
-    assert capsys.readouterr().out.count("ratio") == 3
-    with pytest.raises(SystemExit) as exit_info:
-        param_check_cost.main(["nope"])
-    assert exit_info.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
-
-
 def test_targets_read_the_default_step_and_each_secure_rounds_own_plain():
-    from benchmarks.device import targets
+    from codream_secure.audit.device import targets
 
     result = {
         "dream_step": [
@@ -300,7 +290,7 @@ def _timed_result(seconds, sections, extras=None, **more):
 
 
 def test_the_tables_wall_time_leaves_out_extras_and_other_sections():
-    from benchmarks.device import targets
+    from codream_secure.audit.device import targets
 
     sections = {"step": 120.0, "keystream": 6.0, "graphed": 95.0, "round": 100.0,
                 "batched": 80.0}
@@ -316,7 +306,7 @@ def test_the_tables_wall_time_leaves_out_extras_and_other_sections():
 
 @pytest.mark.parametrize("why", ["errors", "skipped", "absent"])
 def test_the_tables_wall_time_needs_every_default_section(why):
-    from benchmarks.device import targets
+    from codream_secure.audit.device import targets
 
     sections = {"step": 60.0, "keystream": 6.0, "graphed": 95.0, "round": 100.0}
     more = {why: {"graphed": "needs CUDA"}} if why != "absent" else {}
@@ -333,7 +323,7 @@ def test_a_run_writes_its_targets_into_device_json_and_md(tmp_path):
     assert set(result["section_seconds"]) == {"step"}
     assert 0 < result["extra_seconds"]["step variants"] < result["section_seconds"]["step"]
     text = (tmp_path / "device.md").read_text()
-    assert "## Issue 6's targets" in text and "Sections: step " in text
+    assert "## Targets (stated for" in text and "Sections: step " in text
     assert "of which step variants" in text
 
 
@@ -348,7 +338,7 @@ def test_every_step_variant_builds_with_this_torch(name):
 
 
 def test_the_combined_variant_keeps_the_loss_and_every_part_of_its_settings():
-    from benchmarks.device.targets import NOT_THE_SAME_LOSS
+    from codream_secure.audit.device.targets import NOT_THE_SAME_LOSS
 
     assert not set(device_step.COMBINED) & set(NOT_THE_SAME_LOSS)
     combined = device_step.STEP_VARIANTS["combined"]
@@ -359,7 +349,7 @@ def test_the_combined_variant_keeps_the_loss_and_every_part_of_its_settings():
 
 
 def test_cuda_training_rows_include_simulates_training_graphs():
-    from benchmarks.device import training
+    from codream_secure.audit.device import training
 
     rows = training.variants(torch.device("cuda"))  # builds FastPaths only: no CUDA call
     precision, fast = rows["bf16 fast path + CUDA graphs"]

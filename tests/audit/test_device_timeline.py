@@ -2,14 +2,14 @@
 
 import pytest
 
-from benchmarks.device.timing import (
+from codream_secure.audit.device.timing import (
     SHORT_GAP_US,
     device_timeline,
     kernel_kind,
     render_timeline,
 )
 
-# names as session 5's H100 profile printed them (docs/results/*-s5-run1-profile-step.txt)
+# names as an H100 profile of 2026-11-26 printed them (docs/results/*-run1-profile-step.txt)
 H100_NAMES = {
     "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution (cuDNN fprop)",
     "sm90_xmma_dgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32": (

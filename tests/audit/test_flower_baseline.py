@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from benchmarks.flower_baseline import FlowerRunResult, run_flower_secaggplus
+from codream_secure.audit.overhead.flower_secaggplus import FlowerRunResult, run_flower_secaggplus
 
 N, M = 5, 1000
 CLIP, QRANGE = 8.0, 2**22

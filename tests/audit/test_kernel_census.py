@@ -1,11 +1,11 @@
-"""benchmarks.device.codegen: counting an inductor module's launches and bytes; its CLI."""
+"""audit.device.codegen: counting an inductor module's launches and bytes; its CLI."""
 
 import importlib.util
 import json
 
 import pytest
 
-from benchmarks.device import codegen
+from codream_secure.audit.device import codegen
 
 QUOTES = "'" * 3
 

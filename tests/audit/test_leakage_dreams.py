@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.leakage import dreams_vs_data as section
-from benchmarks.leakage.dreams_vs_data import METRICS, gap_rows, similarity_table
-from benchmarks.reporting import SectionResult, write_report
+from codream_secure.audit.leakage import dreams_vs_data as section
+from codream_secure.audit.leakage.dreams_vs_data import METRICS, gap_rows, similarity_table
+from codream_secure.audit.reporting import SectionResult, write_report
 
 
 def _flat(x: np.ndarray) -> np.ndarray:

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from benchmarks.leakage import membership
-from benchmarks.leakage import mia_metrics as mm
-from benchmarks.reporting import write_report
+from codream_secure.audit.leakage import membership
+from codream_secure.audit.leakage import mia_metrics as mm
+from codream_secure.audit.reporting import write_report
 
 
 def _labels(n_pos: int, n_neg: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.leakage.metrics import (
+from codream_secure.audit.leakage.metrics import (
     PSNR_CAP_DB,
     bootstrap_mean_ci,
     cap_psnr,

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.leakage import reconstruction as section
-from benchmarks.leakage.metrics import to_unit_pixels
-from benchmarks.leakage.reconstruction import (
+from codream_secure.audit.leakage import reconstruction as section
+from codream_secure.audit.leakage.metrics import to_unit_pixels
+from codream_secure.audit.leakage.reconstruction import (
     Estimates,
     ServerView,
     Truth,
@@ -20,7 +20,7 @@ from benchmarks.leakage.reconstruction import (
     score,
     summarise,
 )
-from benchmarks.reporting import SectionResult, write_report
+from codream_secure.audit.reporting import SectionResult, write_report
 from codream_secure.errors import ConfigError
 
 MEAN, STD = (0.3,), (0.4,)

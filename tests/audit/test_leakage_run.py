@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.leakage.run import SECTIONS, BenchmarkError, run_leakage, section_settings
+from codream_secure.audit.leakage.run import SECTIONS, BenchmarkError, run_leakage, section_settings
 
 
 def test_composed_report_holds_each_section_with_its_settings_and_seeds(tmp_path):

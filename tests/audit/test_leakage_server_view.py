@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.leakage import server_view as sv
-from benchmarks.reporting import write_report
+from codream_secure.audit.leakage import server_view as sv
+from codream_secure.audit.reporting import write_report
 from protocols.api import SecAggSession
 
 # Uniform words: each p-value is U(0, 1) under H0, so four tests at 1e-6 flag a correct

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import overhead_scaling as scaling
-from benchmarks.overhead_scaling import (
+from codream_secure.audit.overhead import scaling
+from codream_secure.audit.overhead.scaling import (
     Aggregator,
     CallResult,
     DPOption,
@@ -23,7 +23,7 @@ from benchmarks.overhead_scaling import (
     fit_power_law,
     max_abs_error,
 )
-from benchmarks.overhead_suite import TINY, measure_grid, run_overhead
+from codream_secure.audit.overhead.suite import TINY, measure_grid, run_overhead
 from protocols import api
 
 ROW_FIELDS = {
@@ -140,10 +140,10 @@ def test_dp_spec_sizes_distributed_noise_for_the_fewest_contributors():
 
 
 def test_every_full_dp_variant_runs_once():
-    # FULL's paillier + distributed DP variant crashed before its first point (session 9)
+    # FULL's paillier + distributed DP variant once crashed before its first point
     if "paillier" not in api.PROTOCOLS:
         pytest.skip("protocol 'paillier' not in this build")
-    from benchmarks.overhead_suite import FULL
+    from codream_secure.audit.overhead.suite import FULL
 
     table, _ = aggregator_table(FULL.aggregators, dp_variants=FULL.dp_variants, flower=False,
                                 paillier_caps=(3, 64, 1))

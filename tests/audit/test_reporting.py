@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.reporting import SectionResult, environment, write_csv, write_report
+from codream_secure.audit.reporting import SectionResult, environment, write_csv, write_report
 
 
 def _section() -> SectionResult:

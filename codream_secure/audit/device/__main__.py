@@ -1,5 +1,5 @@
-"""`python -m benchmarks.device`."""
+"""`python -m codream_secure.audit.device`."""
 
-from benchmarks.device.cli import main
+from codream_secure.audit.device.cli import main
 
 raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.device`: parse the flags, run the sections, write the results."""
+"""`python -m codream_secure.audit.device`: parse the flags, run the sections, write the results."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.device import keystream, rounds, step, training
-from benchmarks.device.report import _markdown, print_section, write_result
-from benchmarks.device.timing import matmul_ceiling
+from codream_secure.audit.device import keystream, rounds, step, training
+from codream_secure.audit.device.report import _markdown, print_section, write_result
+from codream_secure.audit.device.timing import matmul_ceiling
 
 SECTIONS = ("step", "keystream", "graphed", "round", "batched", "train")
-# The issue's table in under 5 minutes. On session 5's H100 (with --profile and two extra step
-# variants) step took 77 s, keystream 6, round 100, batched 80, graphed 95: 358 s for all five,
-# so the same-architecture (vmap) comparison joins the training steps as sections asked for.
+# The default sections in under 5 minutes. On an H100 (2026-11-26, with --profile and two extra
+# step variants) step took 77 s, keystream 6, round 100, batched 80, graphed 95: 358 s for all
+# five, so the same-architecture (vmap) comparison joins the training steps as sections asked for.
 DEFAULT_SECTIONS = ("step", "keystream", "graphed", "round")
 CUDA_ONLY = {"graphed": "one CUDA graph for all clients needs CUDA"}
 
@@ -42,7 +42,7 @@ def positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.device",
+        prog="python -m codream_secure.audit.device",
         description="Device benchmark: fp32 eager vs optimised dream step, secure vs plain "
                     "dream round, ChaCha20 keystream rates, local training and distillation "
                     "steps eager vs the fast path (docs/gpu.md).")
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "device": name or device.type, "date": datetime.date.today().isoformat(),
-        "command": "python -m benchmarks.device" + (" --quick" if args.quick else "") + (
+        "command": "python -m codream_secure.audit.device" + (" --quick" if args.quick else "") + (
             "" if args.sections == DEFAULT_SECTIONS
             else " --sections " + ",".join(args.sections)) + (
             " --step-variants " + ",".join(args.step_variants) if args.step_variants else ""),

@@ -1,9 +1,10 @@
 """Inductor's Triton kernels for the dream step, generated on a CPU and counted, never run.
 
-    python -m benchmarks.device.codegen                      # the variants that change kernels
-    python -m benchmarks.device.codegen --variants default,no-bn-term --top 8
-    python -m benchmarks.device.codegen --census DIR --modules   # an inductor cache, e.g. a
-                                                             # GPU call's inductor-code.tgz
+    python -m codream_secure.audit.device.codegen     # the variants that change kernels
+    python -m codream_secure.audit.device.codegen --variants default,no-bn-term --top 8
+    python -m codream_secure.audit.device.codegen --census DIR --modules
+                                                      # an inductor cache, e.g. a GPU run's
+                                                      # inductor-code.tgz
 
 Needs `triton` (its CPU wheel is enough: no GPU, no driver). Inductor is told to emit Triton for
 the CPU (`cpu_backend="triton"`) and to annotate each kernel with its own estimate of the bytes
@@ -150,7 +151,7 @@ def generate(variant: str, model_name: str, batch: int) -> None:
     import torch
     import torch._inductor.config as inductor
 
-    from benchmarks.device.step import STEP_VARIANTS, W
+    from codream_secure.audit.device.step import STEP_VARIANTS, W
     from codream_secure.gpu.fast_dream import FastDreamStep
     from codream_secure.models import build_model
 
@@ -199,7 +200,7 @@ def _op_megabytes(step, batch: int) -> dict:  # type: ignore[no-untyped-def]
 
 def structural_variants() -> list[str]:
     """The step variants whose kernels can differ (not only their launch configurations)."""
-    from benchmarks.device.step import STEP_VARIANTS
+    from codream_secure.audit.device.step import STEP_VARIANTS
 
     return ["default"] + [name for name, v in STEP_VARIANTS.items()
                           if not set(v.get("compile_options", {})) <= TUNING_OPTIONS
@@ -209,7 +210,7 @@ def structural_variants() -> list[str]:
 def _generate_in_child(variant: str, args: argparse.Namespace, cache: Path) -> None:
     """One variant per process and cache folder: Dynamo and inductor state stay apart."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    command = [sys.executable, "-m", "benchmarks.device.codegen", "--generate", variant,
+    command = [sys.executable, "-m", "codream_secure.audit.device.codegen", "--generate", variant,
                "--model", args.model, "--batch", str(args.batch)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -227,7 +228,7 @@ def _print(label: str, census: KernelCensus, top: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.device.codegen",
+        prog="python -m codream_secure.audit.device.codegen",
         description="Launches and inductor's byte estimates of the dream step's Triton kernels, "
                     "generated on this machine (CPU) and never run; or of an existing cache.")
     parser.add_argument("--variants", default=None,

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from benchmarks.device.timing import sync, timed_ms
+from codream_secure.audit.device.timing import sync, timed_ms
 from codream_secure.gpu import chacha20
 from protocols.primitives import prg
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmarks.device import targets
+from codream_secure.audit.device import targets
 
 
 def _round_lines(rows: list[dict]) -> list[str]:

@@ -12,9 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.device.finite import FiniteCheck
-from benchmarks.device.step import W
-from benchmarks.device.timing import extra, phase, profile_round, sync, sync_audit, timed_ms
+from codream_secure.audit.device.finite import FiniteCheck
+from codream_secure.audit.device.step import W
+from codream_secure.audit.device.timing import (
+    extra,
+    phase,
+    profile_round,
+    sync,
+    sync_audit,
+    timed_ms,
+)
 from codream_secure.gpu import chacha20, masking
 from codream_secure.gpu.fast_dream import FastDreamStep, dream_gradients
 from codream_secure.gpu.send import UploadSender
@@ -195,7 +202,7 @@ def aggregators(n: int, m: int, args: argparse.Namespace, device: torch.device, 
                                          deferred_check=True)}
     if not every_kernel_variant:
         return variants
-    if device.type == "cuda":  # what sending on a side stream saves (session 2 sent this way)
+    if device.type == "cuda":  # what sending on a side stream saves
         variants["secure, sends on the compute stream"] = SecureRound(
             n, m, clip=args.clip, device=device, fused=True, side_stream=False)
     if "triton" in chacha20.available_backends(device):  # elsewhere "secure" is unfused already

@@ -10,7 +10,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.device.timing import (
+from codream_secure.audit.device.timing import (
     agreement,
     extra,
     interleaved_ms,
@@ -109,18 +109,19 @@ STEP_VARIANTS = {
     # n-dimensional tiles for reductions (the BN statistics reduce the outer dims of NHWC)
     "tile-reductions": {"compile_options": {"triton.tile_reductions": True,
                                             "triton.prefer_nd_tiling": True}},
-    # the stem convolution's 3 input channels padded to 8 with zeros (same loss): session 5's
-    # profile showed one generic cuDNN kernel of 83 us per step, probably that convolution's
+    # the stem convolution's 3 input channels padded to 8 with zeros (same loss): an H100
+    # profile (2026-11-26) showed one generic cuDNN kernel of 83 us per step, probably that
+    # convolution's
     "pad-stem": {"stem_channels": 8},
     # independent small kernels (the BN term's per-layer norms among them) launched as one
     "combo-kernels": {"compile_options": {"combo_kernels": True}},
     # nodes fused even where they share no buffer: fewer, larger kernels
     "aggressive-fusion": {"compile_options": {"aggressive_fusion": True}},
     # the BN term's norms taken per channel width, not per layer (ResNet-18: 4 small reductions
-    # instead of 40; session 10's profile counted 81 reduction kernels per step)
+    # instead of 40; an H100 profile of 2026-11-27 counted 81 reduction kernels per step)
     "grouped-bn-norms": {"bn_norms": "grouped"},
     # each BatchNorm with its residual add, its ReLU and the BN term's moments in one pass of a
-    # hand-written Triton kernel (session 11): inductor reads every BatchNorm input twice
+    # hand-written Triton kernel (gpu.bn_act): inductor reads every BatchNorm input twice
     "fused-bn": {"fuse_bn": True, "bn_moments": "sums"},
     # Triton templates benchmarked against cuDNN for every convolution (minutes to compile)
     "max-autotune": {"compile_options": {"max_autotune": True}},
@@ -134,7 +135,7 @@ STEP_VARIANTS["combined"] = {
     "compile_options": {k: v for name in COMBINED
                         for k, v in STEP_VARIANTS[name].get("compile_options", {}).items()}}
 # Inductor settings go in as torch.compile options: patched around the call instead, Dynamo
-# reused the default compiled graph for them (session 2, run 1: a 0.04 s "compile").
+# reused the default compiled graph for them (an H100 run of 2026-11-26: a 0.04 s "compile").
 
 
 def build_variant(name: str, model: torch.nn.Module, x: torch.Tensor,

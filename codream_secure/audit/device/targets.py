@@ -1,4 +1,4 @@
-"""Issue 6's targets read off one run's rows: met, missed, or not measured in this run.
+"""The device benchmark's targets read off one run's rows: met, missed, or not measured.
 
 The targets are stated for an NVIDIA H100; on another device the verdicts only say how that
 device compares. Nothing here is timed: it reads the rows the sections wrote.
@@ -9,7 +9,7 @@ from __future__ import annotations
 STEP_MS = 2.5  # ResNet-18 (CIFAR), batch 256: optimised dream step, ms
 SPEEDUP = 10.0  # ... against the fp32 eager step the official code takes, same run
 ROUND_RATIO = 1.10  # 4-client heterogeneous round: secure / plain, same run
-TABLE_S = 300.0  # the default sections (the issue's table) in under 5 minutes
+TABLE_S = 300.0  # the default sections in under 5 minutes
 NOT_THE_SAME_LOSS = ("no-bn-term",)  # diagnostic step variants that change the objective
 
 
@@ -63,7 +63,7 @@ def _table_seconds(result: dict) -> tuple[float | None, str]:
 def targets(result: dict, *, model: str, batch: int) -> list[dict]:
     """One row per target: what was asked, what this run measured, the verdict.
 
-    The issue's step targets are for ResNet-18 at batch 256; `model` and `batch` name this run's.
+    The step targets are for ResNet-18 at batch 256; `model` and `batch` name this run's.
     """
     default, same_loss = _step_rows(result)
     best = min(same_loss, key=lambda r: r["ms"]) if same_loss else None
@@ -87,7 +87,7 @@ def targets(result: dict, *, model: str, batch: int) -> list[dict]:
                             for r in rounds) or None,
         "verdict": _verdict(None if best_round is None else best_round["ratio"] <= ROUND_RATIO)})
     seconds, detail = _table_seconds(result)
-    rows.append({"target": f"the default sections (the issue's table) in under {TABLE_S:.0f} s",
+    rows.append({"target": f"the default sections in under {TABLE_S:.0f} s",
                  "measured": seconds, "detail": detail,
                  "verdict": _verdict(None if seconds is None else seconds < TABLE_S)})
     return rows
@@ -95,7 +95,7 @@ def targets(result: dict, *, model: str, batch: int) -> list[dict]:
 
 def markdown(rows: list[dict], device: str) -> list[str]:
     """The targets as a table, with the device they were measured on."""
-    lines = [f"## Issue 6's targets (stated for an NVIDIA H100; this run: {device})", "",
+    lines = [f"## Targets (stated for an NVIDIA H100; this run: {device})", "",
              "| target | measured | verdict | detail |", "|---|---|---|---|"]
     for r in rows:
         value = "-" if r["measured"] is None else f"{r['measured']:.3f}"

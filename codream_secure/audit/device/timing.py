@@ -49,7 +49,7 @@ def agreement(got: torch.Tensor, ref: torch.Tensor) -> dict:
 
 @contextlib.contextmanager
 def extra(args: object, label: str):  # type: ignore[no-untyped-def]
-    """Time a block that is not part of the issue's table (step variants, profiles) into
+    """Time a block that is not part of the default sections (step variants, profiles) into
     args.extra_seconds[label], so the report can tell the table's own wall time."""
     start = time.perf_counter()
     try:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.device.timing import interleaved_ms, sync
+from codream_secure.audit.device.timing import interleaved_ms, sync
 from codream_secure.distill import distill, train_local
 from codream_secure.models import build_model
 from codream_secure.train_step import FastPath

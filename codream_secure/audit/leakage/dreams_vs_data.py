@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.leakage.metrics import (
+from codream_secure.audit.leakage.metrics import (
     PSNR_CAP_DB,
     bootstrap_mean_ci,
     cap_psnr,
@@ -28,7 +28,7 @@ from benchmarks.leakage.metrics import (
     subsampled_nearest,
     to_unit_pixels,
 )
-from benchmarks.reporting import SectionResult, save_figure
+from codream_secure.audit.reporting import SectionResult, save_figure
 from codream_secure.baselines import client_seed, seeded_model
 from codream_secure.config import SimulationConfig
 from codream_secure.data import LoadedDataset, load_dataset, partition, split_validation

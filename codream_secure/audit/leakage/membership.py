@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.leakage import mia_metrics as mm
-from benchmarks.reporting import SectionResult, save_figure
+from codream_secure.audit.leakage import mia_metrics as mm
+from codream_secure.audit.reporting import SectionResult, save_figure
 from codream_secure.baselines import (
     MOMENTUM,
     WEIGHT_DECAY,

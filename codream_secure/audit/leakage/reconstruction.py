@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.leakage.dreams_vs_data import torch_threads
-from benchmarks.leakage.metrics import (
+from codream_secure.audit.leakage.dreams_vs_data import torch_threads
+from codream_secure.audit.leakage.metrics import (
     histogram_from_probabilities,
     ssim_matrix,
     subsampled_nearest,
     to_unit_pixels,
     total_variation_distance,
 )
-from benchmarks.reporting import SectionResult, save_figure
+from codream_secure.audit.reporting import SectionResult, save_figure
 from codream_secure.baselines import client_seed, seeded_model
 from codream_secure.data import LoadedDataset, load_dataset, partition
 from codream_secure.distill import soft_labels, train_local

@@ -9,15 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.reporting import SectionResult, write_report
+from codream_secure.audit.reporting import SectionResult, write_report
 from codream_secure.errors import CoDreamError
 
 # section name -> module exposing run(settings, out_dir, progress) and TINY / DEFAULT / FULL
 SECTIONS: dict[str, str] = {
-    "dreams": "benchmarks.leakage.dreams_vs_data",
-    "reconstruction": "benchmarks.leakage.reconstruction",
-    "membership": "benchmarks.leakage.membership",
-    "server-view": "benchmarks.leakage.server_view",
+    "dreams": "codream_secure.audit.leakage.dreams_vs_data",
+    "reconstruction": "codream_secure.audit.leakage.reconstruction",
+    "membership": "codream_secure.audit.leakage.membership",
+    "server-view": "codream_secure.audit.leakage.server_view",
 }
 SETTINGS = ("tiny", "default", "full")
 

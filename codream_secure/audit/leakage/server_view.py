@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from benchmarks.reporting import SectionResult
+from codream_secure.audit.reporting import SectionResult
 from codream_secure.baselines import client_seed, seeded_model
 from codream_secure.data import LoadedDataset, load_dataset
 from codream_secure.distill import train_local

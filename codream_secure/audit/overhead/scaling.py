@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.reporting import save_figure
+from codream_secure.audit.reporting import save_figure
 from protocols import api
 from protocols.api import default_threshold, secure_sum
 from protocols.graph import COMPLETE_GRAPH_BELOW, choose_parameters
@@ -153,7 +153,7 @@ def ours(protocol: str, *, dp: DPOption | None = None, **extra: Any) -> Runner:
 def flower_available() -> bool:
     """Whether Flower (the optional `flower` extra) imports."""
     try:
-        import benchmarks.flower_baseline  # noqa: F401
+        import codream_secure.audit.overhead.flower_secaggplus  # noqa: F401
     except ImportError:
         return False
     return True
@@ -161,7 +161,7 @@ def flower_available() -> bool:
 
 def flower_secaggplus(vectors: np.ndarray, point: Point) -> CallResult:
     """Flower 1.42's SecAgg+ with the same degree and threshold as ours at this point."""
-    from benchmarks.flower_baseline import run_flower_secaggplus
+    from codream_secure.audit.overhead.flower_secaggplus import run_flower_secaggplus
 
     n = point.n
     degree, threshold = secaggplus_parameters(n, point.dropout_rate) or (

@@ -1,8 +1,10 @@
 """Overhead of secure aggregation across aggregators, n, m and dropout rate, and one CoDream round.
 
-    python -m benchmarks.overhead_suite --settings default --out runs/bench-overhead
+    codream-secure bench overhead --settings default --out runs/bench-overhead
+    python -m codream_secure.audit.overhead.suite --settings default --no-flower
 
-Writes a report folder (report.json, report.md, CSVs, log-log PNGs) through benchmarks.reporting.
+Writes a report folder (report.json, report.md, CSVs, log-log PNGs) through
+codream_secure.audit.reporting.
 Timings: one untimed warm-up call per aggregator, then repeats interleaved across aggregators at
 each point, medians reported; compare rows as ratios measured in the same run.
 """
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.overhead_scaling import (
+from codream_secure.audit.overhead.scaling import (
     Aggregator,
     Point,
     Timed,
@@ -30,7 +32,7 @@ from benchmarks.overhead_scaling import (
     plot_metrics,
     warm_up,
 )
-from benchmarks.reporting import SectionResult, write_report
+from codream_secure.audit.reporting import SectionResult, write_report
 
 FITTED = (("client_s", "client seconds"), ("server_s", "server seconds"),
           ("bytes_up", "bytes up per client"))
@@ -272,7 +274,7 @@ def codream_section(settings: OverheadSettings, out_dir: Path, progress: Any = N
     Runs go A B C, then C B A, ... after an untimed warm-up run, so drift of the shared
     machine cancels to first order; CPU seconds are this process's, which other jobs barely move.
     """
-    from benchmarks.overhead import session_step_ms
+    from codream_secure.audit.overhead.versus_flower import session_step_ms
     from codream_secure.config import SimulationConfig
     from codream_secure.errors import ConfigError
     from codream_secure.simulation import run_simulation

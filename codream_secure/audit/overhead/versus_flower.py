@@ -1,8 +1,10 @@
 """Overhead of secure aggregation: ours vs Flower's SecAgg+ in the same run, and a CoDream step.
 
-    python -m benchmarks.overhead                # README figures (n=100, m=2^20, 10% drop)
-    python -m benchmarks.overhead --n 20 --m 65536   # a quick look
-    python -m benchmarks.overhead --no-flower        # without the flwr extra
+    python -m codream_secure.audit.overhead.versus_flower           # README figures
+    python -m codream_secure.audit.overhead.versus_flower --n 20 --m 65536   # a quick look
+    python -m codream_secure.audit.overhead.versus_flower --no-flower  # without the flwr extra
+
+README figures: n=100, m=2^20, 10% drop.
 
 Prints a table and writes overhead.json / overhead.md into --out.
 """
@@ -65,7 +67,7 @@ def run_ours(vectors: np.ndarray, *, protocol: str, clip: float, drop: list[int]
 
 def run_flower(vectors: np.ndarray, *, clip: float, drop: list[int], num_shares: int,
                threshold: int) -> Row:
-    from benchmarks.flower_baseline import run_flower_secaggplus
+    from codream_secure.audit.overhead.flower_secaggplus import run_flower_secaggplus
 
     n, m = vectors.shape
     result = run_flower_secaggplus(vectors, drop_after_upload=drop, num_shares=num_shares,
