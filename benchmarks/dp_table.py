@@ -12,12 +12,12 @@ table.md and runs.json into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from fmnist_table import HETEROGENEOUS  # the sibling script: run this one as a file
 
+from codream_secure.audit.reporting import environment, write_json, write_text
 from codream_secure.config import SimulationConfig
 from codream_secure.report import write_report
 from codream_secure.simulation import run_simulation
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/dp-table"))
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "environment.json", environment())
     variants = [("none", {}, "isolated,centralized")]
     variants += [(f"client eps={e:g}", {"dp": "client", "dp_epsilon": e}, "") for e in
                  args.epsilons]
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                      "last_round": codream.get("last_round_mean_accuracy"),
                      "per_round": [r["codream"]["mean_test"] for r in report["rounds"]],
                      "seconds": report["timing"]["total_seconds"]})
-        (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
+        write_json(args.out / "runs.json", runs)
         print(runs[-1], flush=True)
     lines = ["| DP | epsilon (delta 1e-5) | noise multiplier z | CoDream accuracy (%), each "
              "client at its best-validation round | after the last round (%) | per round (%) |",
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {method} (no DP) | – | – | {100 * value:.1f} | | |")
     lines.append(f"\nTotal time {(time.perf_counter() - start) / 60:.1f} min, seed {args.seed}, "
                  f"partition {args.partition}.")
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    write_text(args.out / "table.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -1,8 +1,10 @@
-"""Report folders for the benchmarks: report.json, report.md, CSVs of raw arrays, PNG plots.
+"""The one report writer of every benchmark: JSON, Markdown, CSVs of raw arrays, PNG plots.
 
-Every benchmark section returns a `SectionResult`; `write_report` puts the sections, the config,
-the seeds and the environment (versions, git revision, machine) into one folder an auditor can
-read and re-run.
+Every `codream-secure bench` section returns a `SectionResult`; `write_report` puts the sections,
+the config, the seeds and the environment (versions, git revision, machine) into one folder an
+auditor can read and re-run. The single-table benchmarks (device, overhead against Flower,
+Paillier, the Fashion-MNIST and DP tables) write NAME.json and NAME.md through
+`write_table_report`, `write_json` and `write_text`, with the same environment record.
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SectionResult", "environment", "save_figure", "write_csv", "write_report"]
+__all__ = [
+    "SectionResult",
+    "environment",
+    "host",
+    "save_figure",
+    "write_csv",
+    "write_json",
+    "write_report",
+    "write_table_report",
+    "write_text",
+]
 
 _PACKAGES = ("numpy", "torch", "cryptography", "phe", "opacus", "flwr", "scikit-learn", "scipy")
 
@@ -43,7 +55,10 @@ class SectionResult:
 
 
 def _git_revision() -> str | None:
-    root = Path(__file__).resolve().parent.parent
+    """HEAD of the checkout this package runs from (+ "-dirty"); None when installed."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():  # a wheel in site-packages: no checkout to name
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10, check=True)
@@ -96,6 +111,12 @@ def environment() -> dict[str, Any]:
     }
 
 
+def host() -> dict[str, Any]:
+    """The short machine record that overhead.json and paillier.json have always carried."""
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "cpus": os.cpu_count()}
+
+
 def _jsonable(value: Any) -> Any:
     """numpy scalars/arrays and non-finite floats -> JSON (inf/nan become strings)."""
     if isinstance(value, Mapping):
@@ -111,6 +132,31 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def write_json(path: str | Path, data: Any, *, indent: int = 2) -> Path:
+    """data as JSON (numpy values made plain, inf and nan as strings), with a final newline."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(data), indent=indent) + "\n")
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """A Markdown or text file, ending in exactly one newline."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip("\n") + "\n")
+    return path
+
+
+def write_table_report(out_dir: str | Path, name: str, report: Mapping[str, Any], markdown: str,
+                       *, indent: int = 2) -> Path:
+    """out_dir/NAME.json (the report plus its `environment`) and out_dir/NAME.md."""
+    out = Path(out_dir)
+    write_json(out / f"{name}.json", {**report, "environment": environment()}, indent=indent)
+    write_text(out / f"{name}.md", markdown)
+    return out
 
 
 def write_csv(path: Path, data: np.ndarray | Sequence[Mapping[str, Any]]) -> Path:
@@ -215,6 +261,6 @@ def write_report(out_dir: str | Path, *, benchmark: str, config: Mapping[str, An
             for s in sections
         },
     }
-    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-    (out / "report.md").write_text(_markdown(benchmark, config, env, sections))
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", _markdown(benchmark, config, env, sections))
     return out

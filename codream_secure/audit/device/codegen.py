@@ -32,6 +32,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from codream_secure.audit.reporting import write_json
+
 # Options whose effect is a benchmarked launch configuration, never a different kernel.
 TUNING_OPTIONS = frozenset({"coordinate_descent_tuning", "max_autotune_pointwise",
                             "max_autotune"})
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{op['MB']:.0f} MB; in all {census.summary()['MB'] + op['MB']:.0f} MB",
                           flush=True)
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.json, results, indent=1)
     return 1 if any("error" in r for r in results.values()) else 0
 
 

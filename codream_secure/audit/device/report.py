@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from codream_secure.audit.device import targets
+from codream_secure.audit.reporting import write_table_report, write_text
 
 
 def _round_lines(rows: list[dict]) -> list[str]:
@@ -114,13 +114,11 @@ def write_result(result: dict, args: argparse.Namespace) -> None:
     """device.json, device.md and (with --profile) profile.txt under args.out."""
     result["extra_seconds"] = dict(getattr(args, "extra_seconds", {}))
     result["targets"] = targets.targets(result, model=args.model, batch=args.batch)
-    (args.out / "device.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "device.md").write_text(_markdown(result))
-    if getattr(args, "profile_text", None):
-        (args.out / "profile.txt").write_text(args.profile_text + "\n")
-    if getattr(args, "round_profile_text", None):
-        (args.out / "profile-round.txt").write_text(args.round_profile_text + "\n")
-    if getattr(args, "graphed_profile_text", None):
-        (args.out / "profile-graphed.txt").write_text(args.graphed_profile_text + "\n")
+    write_table_report(args.out, "device", result, _markdown(result), indent=1)
+    for attribute, name in (("profile_text", "profile.txt"),
+                            ("round_profile_text", "profile-round.txt"),
+                            ("graphed_profile_text", "profile-graphed.txt")):
+        if getattr(args, attribute, None):
+            write_text(args.out / name, getattr(args, attribute))
 
 

@@ -12,8 +12,6 @@ Prints a table and writes overhead.json / overhead.md into --out.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from codream_secure.audit.reporting import host, write_table_report
 from protocols.api import SecAggSession, secure_sum
 from protocols.network import Dropout, Stage
 
@@ -149,19 +148,16 @@ def main(argv: list[str] | None = None) -> int:
             "error_ours_over_flower": ours.max_abs_error / max(flower.max_abs_error, 1e-300),
         }
     step = session_step_ms(4, args.step_m, steps=args.step_repeats)
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
-               "python": platform.python_version(), "cpus": __import__("os").cpu_count()}
+    machine = host()
     table = _format(rows)
     print(table)
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}")
     print(f"session step n=4 m={step['m']}: secure {step['secure_ms']:.2f} ms, plain float sum "
           f"{step['plain_sum_ms']:.2f} ms, ratio {step['ratio']:.1f}x")
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {"config": vars(args) | {"out": str(args.out)}, "machine": machine,
               "rows": [asdict(r) for r in rows], "ratios": ratios, "session_step": step}
-    (args.out / "overhead.json").write_text(json.dumps(report, indent=2))
-    (args.out / "overhead.md").write_text(table + "\n")
+    write_table_report(args.out, "overhead", report, table)
     return 0
 
 
