@@ -29,7 +29,7 @@ def layer(form: str, settings: dict) -> None:
     import torch
     import torch._inductor.config as inductor
 
-    from benchmarks.device.codegen import _codegen_only
+    from codream_secure.audit.device.codegen import _codegen_only
 
     _codegen_only()
     inductor.cpu_backend, inductor.benchmark_kernel = "triton", True
@@ -61,7 +61,7 @@ def layer(form: str, settings: dict) -> None:
 
 
 def main() -> None:
-    from benchmarks.device.codegen import census_dir
+    from codream_secure.audit.device.codegen import census_dir
 
     for settings in SETTINGS:
         for form in FORMS:
