@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("protocols", "codream_secure", "benchmarks")
 
@@ -115,6 +113,5 @@ def test_protocols_imports_no_torch_flower_core_or_benchmarks():
     assert _importers("protocols", {"torch", "flwr", "codream_secure", "benchmarks"}) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="bench_cli still imports benchmarks")
 def test_the_core_imports_no_benchmarks():
     assert _importers("codream_secure", {"benchmarks"}) == {}
