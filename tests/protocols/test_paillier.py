@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
-from protocols.api import SecAggSession, SecureSumResult
+from protocols.api import SecAggSession
 from protocols.codec import FixedPointCodec
 from protocols.errors import (
     IntegrityError,
@@ -21,15 +21,8 @@ from protocols.errors import (
     ReplayError,
     TooFewSurvivorsError,
 )
-from protocols.network import Dropout, Stage
-from protocols.paillier import (
-    PaillierSession,
-    generate_keypair,
-    paillier_sum,
-    unsafe_keypair_from_primes,
-)
-from protocols.paillier_packing import SlotLayout, pack, unpack_sum
-from protocols.paillier_roles import (
+from protocols.paillier.packing import SlotLayout, pack, unpack_sum
+from protocols.paillier.roles import (
     PaillierClient,
     PaillierKeyHolder,
     PaillierServer,
@@ -39,6 +32,13 @@ from protocols.paillier_roles import (
     upload_key,
     upload_tag,
 )
+from protocols.paillier.session import (
+    PaillierSession,
+    generate_keypair,
+    paillier_sum,
+    unsafe_keypair_from_primes,
+)
+from protocols.session import Dropout, SecureSumResult, Stage
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "paillier_packed.json").read_text())
 
@@ -158,7 +158,7 @@ def test_paillier_sum_returns_a_secure_sum_result(keypair512):
     assert result.included == (0, 2, 3) and result.dropped == (1,)
     assert np.abs(result.total - x[[0, 2, 3]].sum(0)).max() <= result.error_bound
     # client 1 sent only its setup key, the others also their upload
-    from protocols.paillier_messages import ClientKey
+    from protocols.paillier.messages import ClientKey
 
     setup = len(ClientKey(b"\0" * 16, 1, b"\0" * 32).encode())
     assert result.bytes_up[1] == setup and result.bytes_up[0] > setup
@@ -194,7 +194,7 @@ def test_regression_vectors():
 
 def test_roles_reproduce_the_vector_aggregate():
     """Server and key holder, fed the vector uploads as tagged bytes, return the vector sums."""
-    from protocols.paillier_messages import Ciphertexts, ClientKey
+    from protocols.paillier.messages import Ciphertexts, ClientKey
     from protocols.primitives.kdf import agree
     from protocols.primitives.kdf import generate_keypair as x25519_keypair
 
@@ -308,7 +308,7 @@ def test_a_forged_upload_is_rejected_and_excluded(keypair512):
 
 def _messages(keypair) -> dict[str, tuple[bytes, callable]]:
     """Each genuine message with its decoder and the role that consumes it."""
-    from protocols.paillier_messages import (
+    from protocols.paillier.messages import (
         Ciphertexts,
         ClientKey,
         Offer,

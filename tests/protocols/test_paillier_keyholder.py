@@ -15,16 +15,16 @@ from protocols.errors import (
     StageError,
     TooFewSurvivorsError,
 )
-from protocols.paillier import PaillierSession, generate_keypair
-from protocols.paillier_messages import Ciphertexts, ClientKey, UploadBundle
-from protocols.paillier_packing import pack, unpack_sum
-from protocols.paillier_roles import (
+from protocols.paillier.messages import Ciphertexts, ClientKey, UploadBundle
+from protocols.paillier.packing import pack, unpack_sum
+from protocols.paillier.roles import (
     PaillierKeyHolder,
     raw_decrypt,
     raw_encrypt,
     raw_multiply,
     upload_tag,
 )
+from protocols.paillier.session import PaillierSession, generate_keypair
 
 N, M = 3, 40  # a 512-bit key holds 15 slots per plaintext: 3 ciphertexts per upload
 
