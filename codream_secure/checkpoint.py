@@ -28,9 +28,26 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def _comparable(config: SimulationConfig) -> dict:
+    """The sectioned config without [run] out: a run moved to another folder still resumes."""
     values = config.to_dict()
-    values.pop("out", None)
+    values["run"] = {k: v for k, v in values["run"].items() if k != "out"}
     return values
+
+
+def _changed(saved: dict, now: dict) -> list[str]:
+    """'[table] key' for every key whose value differs (or that only one side has)."""
+    changed = []
+    for table in sorted(saved.keys() | now.keys()):
+        old, new = saved.get(table), now.get(table)
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            changed += [str(table)] if old != new else []
+            continue
+        changed += [f"[{table}] {k}" for k in sorted(old.keys() | new.keys())
+                    if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+    return changed
+
+
+_ABSENT = object()
 
 
 def save_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> None:
@@ -133,9 +150,9 @@ def load_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation
         raise ConfigError(f"{not_ours} ({error})") from None
     saved, now = state["config"], _comparable(config)
     if saved != now:
-        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
         raise ConfigError(f"--resume: the checkpoint in {path.parent} was made with different "
-                          f"settings ({', '.join(changed)}); use the same flags or a new --out")
+                          f"settings ({', '.join(_changed(saved, now))}); use the same config "
+                          "and flags or a new --out")
     try:
         return _restore(state, fed)
     # a damaged or hand-made state fails in whichever part is wrong

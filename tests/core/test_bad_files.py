@@ -21,11 +21,9 @@ from codream_secure.federation import ChannelStats
 from codream_secure.report import ReportError, load_report, write_report
 from tests.core.test_report import synthetic_outcome, synthetic_report
 
-TINY_FLAGS = ["--max-train", "120", "--max-test", "60", "--clients", "2", "--models", "smallcnn",
-              "--server-model", "smallcnn", "--rounds", "1", "--warmup-epochs", "0",
-              "--local-epochs", "1", "--dream-batch", "4", "--dream-steps", "2",
-              "--buffer-size", "8", "--distill-epochs", "1", "--baselines", "none",
-              "--device", "cpu", "--threads", "1", "-q"]
+TINY_FLAGS = ["--config", str(Path(__file__).with_name("tiny.toml")), "--clients", "2",
+              "--models", "smallcnn", "--rounds", "1", "--dream-steps", "2", "--device", "cpu",
+              "-q"]
 
 
 def _cli(*args: str) -> Result:
@@ -159,9 +157,9 @@ def test_a_damaged_checkpoint_is_one_error(name: str, checkpoint_state: dict,
 
 def test_settings_only_the_new_version_has_are_named(checkpoint_state: dict,
                                                      tmp_path: Path) -> None:
-    older = _edited(checkpoint_state, lambda s: s["config"].pop("dream_graph"))
+    older = _edited(checkpoint_state, lambda s: s["config"]["device"].pop("dream_graph"))
     result = _resume_with(tmp_path, lambda p: torch.save(older, p))
-    _bad_input(result, "different settings (dream_graph)")
+    _bad_input(result, "different settings ([device] dream_graph)")
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -180,9 +178,10 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error(tmp_path: Path,
     monkeypatch.setattr(simulation, "check_output_folder", lambda *args: None)
     out = tmp_path / "out"
     (out / "checkpoint.pt").mkdir(parents=True)
-    config = SimulationConfig(max_train=120, max_test=60, clients=2, models=("smallcnn",),
-                              server_model="smallcnn", rounds=1, warmup_epochs=0, dream_batch=4,
-                              dream_steps=2, buffer_size=8, baselines=(), out=str(out))
+    config = SimulationConfig.from_keys(
+        max_train=120, max_test=60, clients=2, models=("smallcnn",), server_model="smallcnn",
+        rounds=1, warmup_epochs=0, dream_batch=4, dream_steps=2, buffer_size=8, baselines=(),
+        out=str(out))
     with pytest.raises(ConfigError, match=r"cannot write the checkpoint .*--resume"):
         simulation.run_simulation(config)
 
