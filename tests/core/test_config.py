@@ -335,3 +335,26 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> Non
     path.write_bytes(b"\xff\xfe rounds = 3")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         load_config(path)
+
+
+def test_the_configuration_page_lists_every_key_with_its_default_and_flag() -> None:
+    from codream_secure.cli_options import FLAGS
+
+    page = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    rows: dict[str, tuple[str, list[str]]] = {}
+    table = None
+    for line in page.splitlines():
+        if line.startswith("## `["):
+            table = line[5:line.index("]")]
+        elif table and line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = (table, cells)
+    assert set(rows) == set(KEY_SECTION)
+    for key, (table, cells) in rows.items():
+        assert table == KEY_SECTION[key], key
+        default = getattr(SECTIONS[table](), key)
+        shown = "none" if default is None else (
+            f"`{json.dumps(list(default) if isinstance(default, tuple) else default)}`")
+        assert cells[1].startswith(shown), (key, cells[1])
+        assert (cells[2] == "flag") == (key in FLAGS), key
+        assert cells[2] in ("flag", "file", "expert") and cells[3], key
