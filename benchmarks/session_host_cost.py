@@ -4,7 +4,7 @@
                                            [--unmasker host,device] [--turns 3]
                                            [--masker device,device-pageable,fixed]
 
-With device masking (`simulate --masking device`) each client's upload is built by a masker;
+With device masking (`[device] masking = "device"` in simulate's config) each client's upload is built by a masker;
 everything else (key derivation, Shamir shares, typed messages over authenticated links, the
 server's unmasking) stays on the host. This prints the median step time, the part spent
 outside the maskers (the cost device masking cannot remove) and, of that, the server's
