@@ -109,7 +109,8 @@ def test_bytes_after_the_content_are_refused(run, tmp_path: Path) -> None:
 def test_another_configs_checkpoint_is_refused(run, tmp_path: Path) -> None:
     path, _ = _copy(run, tmp_path)
     other = run[1].replace(seed=run[1].run.seed + 1, dream_steps=3)
-    _refused(path, other, "was written under different settings ([codream] dream_steps, [run] seed)")
+    _refused(path, other,
+             "was written under different settings ([codream] dream_steps, [run] seed)")
 
 
 def test_a_damaged_config_digest_is_called_corruption(run, tmp_path: Path) -> None:
