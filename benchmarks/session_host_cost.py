@@ -6,8 +6,8 @@
 
 With device masking (`[device] masking = "device"` in simulate's config) each client's
 upload is built by a masker; everything else (key derivation, Shamir shares, typed messages
-over authenticated links, the server's unmasking) stays on the host. This prints the median step time, the part spent
-outside the maskers (the cost device masking cannot remove) and, of that, the server's
+over authenticated links, the server's unmasking) stays on the host. This prints the median
+step time, the part spent outside the maskers (the cost device masking cannot remove) and, of that, the server's
 unmasking (ring sum and mask regeneration), which `--unmasker device` moves to the GPU
 (`simulate` does on CUDA). `--masker fixed` replaces the device maskers by one that returns a
 precomputed ring vector, and `--unmasker none` the server's unmasking by zeros (sums are then
