@@ -40,16 +40,17 @@ def main(argv: list[str] | None = None) -> int:
                  args.sample_epsilons]
     runs, start = [], time.perf_counter()
     for name, dp, baselines in variants:
-        config = SimulationConfig(
+        config = SimulationConfig.from_keys(
             dataset="fashion-mnist", data_dir=args.data_dir, max_train=3000, max_test=2000,
             models=HETEROGENEOUS, partition=args.partition, alpha=0.1, rounds=5, warmup_epochs=3,
             local_epochs=1, dream_steps=40, baselines=tuple(filter(None, baselines.split(","))),
             seed=args.seed, out=str(args.out / name.replace(" ", "-").replace("=", "")), **dp)
         outcome = run_simulation(config)
-        write_report(outcome, Path(config.out))
+        write_report(outcome, Path(config.run.out))
         report = outcome.report
         privacy, codream = report["privacy"], report["final"]["codream"]
-        runs.append({"variant": name, "epsilon": privacy["epsilon"], "delta": config.dp_delta,
+        runs.append({"variant": name, "epsilon": privacy["epsilon"],
+                     "delta": config.privacy.dp_delta,
                      "noise_multiplier": privacy.get("nominal_noise_multiplier"),
                      "final": {m: v["mean_accuracy"] for m, v in report["final"].items()},
                      "selected_round": codream.get("selected_round"),

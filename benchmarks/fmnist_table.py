@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("heterogeneous", HETEROGENEOUS, ("isolated", "centralized")),
                 ("homogeneous", ("smallcnn",), ("fedavg",)),
             ):
-                config = SimulationConfig(
+                config = SimulationConfig.from_keys(
                     dataset="fashion-mnist", data_dir=args.data_dir, max_train=args.max_train,
                     max_test=args.max_test, models=models, partition=part, alpha=0.1,
                     rounds=args.rounds, warmup_epochs=3, local_epochs=1,

@@ -4,13 +4,13 @@
                                            [--unmasker host,device] [--turns 3]
                                            [--masker device,device-pageable,fixed]
 
-With device masking (`simulate --masking device`) each client's upload is built by a masker;
-everything else (key derivation, Shamir shares, typed messages over authenticated links, the
-server's unmasking) stays on the host. This prints the median step time, the part spent
-outside the maskers (the cost device masking cannot remove) and, of that, the server's
-unmasking (ring sum and mask regeneration), which `--unmasker device` moves to the GPU
-(`simulate` does on CUDA). `--masker fixed` replaces the device maskers by one that returns a
-precomputed ring vector, and `--unmasker none` the server's unmasking by zeros (sums are then
+With device masking (`[device] masking = "device"` in simulate's config) each client's upload is
+built by a masker; everything else (key derivation, Shamir shares, typed messages over
+authenticated links, the server's unmasking) stays on the host. This prints the median step
+time, the part spent outside the maskers (the cost device masking cannot remove) and, of that,
+the server's unmasking (ring sum and mask regeneration), which `--unmasker device` moves to the
+GPU (`simulate` does on CUDA). `--masker fixed` replaces the device maskers by one that returns
+a precomputed ring vector, and `--unmasker none` the server's unmasking by zeros (sums are then
 meaningless): what remains is the protocol layer alone (keys, shares, messages, links).
 `--masker device-pageable` downloads each CUDA upload into pageable memory instead of pinned.
 Several maskers or unmaskers, comma-separated, run one session per pair, in interleaved turns.

@@ -30,14 +30,31 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def _comparable(config: SimulationConfig) -> dict:
+    """The sectioned config without [run] out: a run moved to another folder still resumes."""
     values = config.to_dict()
-    values.pop("out", None)
+    values["run"] = {k: v for k, v in values["run"].items() if k != "out"}
     return values
 
 
 def settings_digest(config: SimulationConfig) -> str:
     """SHA-256 of the settings a checkpoint belongs to: the config's canonical JSON, less --out."""
     return config_sha256(_comparable(config))
+
+
+def _changed(saved: dict, now: dict) -> list[str]:
+    """'[table] key' for every key whose value differs (or that only one side has)."""
+    changed = []
+    for table in sorted(saved.keys() | now.keys()):
+        old, new = saved.get(table), now.get(table)
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            changed += [str(table)] if old != new else []
+            continue
+        changed += [f"[{table}] {k}" for k in sorted(old.keys() | new.keys())
+                    if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+    return changed
+
+
+_ABSENT = object()
 
 
 def save_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> None:
@@ -162,12 +179,12 @@ def load_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation
 
 def _foreign(path: Path, saved: dict, now: dict) -> str:
     """Why a checkpoint whose config digest differs from this run's is refused."""
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    changed = _changed(saved, now)
     if not changed:  # the content's config is ours, so the digest in the header was damaged
         return (f"--resume: {path} is corrupted: its config-sha256 matches neither these "
                 "settings nor the ones stored inside it; nothing was restored")
     return (f"--resume: {path} was written under different settings ({', '.join(changed)}); "
-            "use the same flags or a new --out")
+            "use the same config and flags or a new --out")
 
 
 def _restore(state: dict, fed: CoDreamFederation) -> int:

@@ -1,4 +1,4 @@
-"""The run's --dp-* settings turned into mechanisms and one privacy ledger.
+"""The run's [privacy] settings turned into mechanisms and one privacy ledger.
 
 Client level: every dream-gradient sum and every soft-label sum is one release of a Gaussian
 mechanism with the same noise multiplier z (each channel with its own L2 clip), so the ledger
@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from codream_secure.config import SimulationConfig
+from codream_secure.config import PrivacyConfig
 from codream_secure.errors import ConfigError
 from protocols.dp import mechanisms as dp
 from protocols.errors import ProtocolError
@@ -32,32 +32,36 @@ class ClientDP:
     label_clip: float
 
 
-def label_clip(config: SimulationConfig) -> float:
+def label_clip(privacy: PrivacyConfig, dream_batch: int) -> float:
     """L2 clip of one client's soft-label matrix: sqrt(dream_batch) clips no probability matrix."""
-    return config.dp_label_clip or math.sqrt(config.dream_batch)
+    return privacy.dp_label_clip or math.sqrt(dream_batch)
 
 
-def _specs(config: SimulationConfig, z: float, t: int | None) -> tuple[dp.DPSpec, dp.DPSpec]:
-    kind = config.dp_noise_kind if config.dp_mode == "distributed" else None
-    make = [dp.DPSpec(mode=config.dp_mode, noise_multiplier=z, l2_clip=clip, noise=kind,
-                      min_contributors=t) for clip in (config.dp_clip, label_clip(config))]
+def _specs(privacy: PrivacyConfig, label_l2_clip: float, z: float, t: int | None
+           ) -> tuple[dp.DPSpec, dp.DPSpec]:
+    kind = privacy.dp_noise_kind if privacy.dp_mode == "distributed" else None
+    make = [dp.DPSpec(mode=privacy.dp_mode, noise_multiplier=z, l2_clip=clip, noise=kind,
+                      min_contributors=t) for clip in (privacy.dp_clip, label_l2_clip)]
     return make[0], make[1]
 
 
-def _accounting(config: SimulationConfig, plan: AggregationPlan, spec: dp.DPSpec,
-                dim: int) -> tuple[float, float]:
+def _accounting(plan: AggregationPlan, n_clients: int, spec: dp.DPSpec, dim: int
+                ) -> tuple[float, float]:
     """(accounting multiplier, truncation TV per release) of one channel's releases."""
     noise = dp.DistributedNoise(spec) if spec.mode == "distributed" else None
     bits = plan.scale_bits(clip=spec.l2_clip, headroom=0.0 if noise is None else noise.headroom)
     z = dp.accounting_noise_multiplier(spec, dim=dim, scale_bits=bits)
     tv = 0.0
     if noise is not None and bits is not None:
-        tv = config.clients * dim * noise.tail_probability(bits)
+        tv = n_clients * dim * noise.tail_probability(bits)
     return z, tv
 
 
-def plan_client_dp(config: SimulationConfig, *, grad_dim: int, label_dim: int) -> ClientDP:
-    """Specs (z given, or calibrated to --dp-epsilon over the run) and a fresh ledger."""
+def plan_client_dp(privacy: PrivacyConfig, plan: AggregationPlan, *, n_clients: int,
+                   rounds: int, dream_steps: int, dream_batch: int, grad_dim: int,
+                   label_dim: int) -> ClientDP:
+    """Specs (z given, or calibrated to dp_epsilon over the run's `rounds` x `dream_steps`
+    releases) and a fresh ledger."""
     from codream_secure.privacy import (
         INTEGER_ORDERS,
         PrivacyLedger,
@@ -65,26 +69,24 @@ def plan_client_dp(config: SimulationConfig, *, grad_dim: int, label_dim: int) -
         releases_per_run,
     )
 
-    n = config.clients
-    plan = config.aggregation_plan()
-    t = plan.min_contributors if config.dp_mode == "distributed" else None
+    n, labels_l2 = n_clients, label_clip(privacy, dream_batch)
+    t = plan.min_contributors if privacy.dp_mode == "distributed" else None
 
     def accounting(z: float) -> tuple[float, float]:
-        grad, labels = _specs(config, z, t)
-        pairs = [_accounting(config, plan, grad, grad_dim),
-                 _accounting(config, plan, labels, label_dim)]
+        grad, labels = _specs(privacy, labels_l2, z, t)
+        pairs = [_accounting(plan, n, grad, grad_dim), _accounting(plan, n, labels, label_dim)]
         return min(a for a, _ in pairs), max(tv for _, tv in pairs)
 
-    mechanism = "skellam" if config.dp_mode == "distributed" and \
-        config.dp_noise_kind == "skellam" else "gaussian"
+    mechanism = "skellam" if privacy.dp_mode == "distributed" and \
+        privacy.dp_noise_kind == "skellam" else "gaussian"
     try:
-        if config.dp_noise is not None:
-            z = config.dp_noise
+        if privacy.dp_noise is not None:
+            z = privacy.dp_noise
         else:
-            assert config.dp_epsilon is not None
-            target = calibrate_noise(config.dp_epsilon, config.dp_delta,
-                                     releases_per_run(config.rounds, config.dream_steps),
-                                     n_samples=n, accountant=config.dp_accountant,
+            assert privacy.dp_epsilon is not None
+            target = calibrate_noise(privacy.dp_epsilon, privacy.dp_delta,
+                                     releases_per_run(rounds, dream_steps),
+                                     n_samples=n, accountant=privacy.dp_accountant,
                                      mechanism=mechanism)
             z = target
             for _ in range(5):  # rounding and integer noise cost a little: raise z to cover it
@@ -93,21 +95,21 @@ def plan_client_dp(config: SimulationConfig, *, grad_dim: int, label_dim: int) -
                     break
                 z *= target / reached * (1 + 1e-9)
         z_acc, tv = accounting(z)
-        grad, labels = _specs(config, z, t)
+        grad, labels = _specs(privacy, labels_l2, z, t)
     except ProtocolError as error:
         hint = ""
         if "fixed-point units" in str(error):  # the library's advice names its own parameter
-            hint = (" (from the command line: z times the clip is too small or too large for "
-                    "the ring's precision; change --dp-noise, --dp-clip or --dp-label-clip, or "
-                    "use --ring-bits 64)")
+            hint = (" (z times the clip is too small or too large for the ring's precision; "
+                    "change [privacy] dp_noise, dp_clip or dp_label_clip, or set [aggregation] "
+                    "ring_bits = 64)")
         raise ConfigError(f"dp: {error}{hint}") from None
     ledger = PrivacyLedger(
-        unit="client", mechanism=grad.noise or "gaussian", mode=config.dp_mode,
-        noise_multiplier=z_acc, nominal_noise_multiplier=z, l2_clip=config.dp_clip,
-        delta=config.dp_delta, n_samples=n, accountant=config.dp_accountant,
+        unit="client", mechanism=grad.noise or "gaussian", mode=privacy.dp_mode,
+        noise_multiplier=z_acc, nominal_noise_multiplier=z, l2_clip=privacy.dp_clip,
+        delta=privacy.dp_delta, n_samples=n, accountant=privacy.dp_accountant,
         truncation_tv_per_release=tv,
         orders=INTEGER_ORDERS if grad.noise == "skellam" else None)
-    return ClientDP(grad, labels, ledger, label_clip(config))
+    return ClientDP(grad, labels, ledger, labels_l2)
 
 
 TRUST = {
@@ -119,11 +121,11 @@ TRUST = {
 }
 
 
-def privacy_report(config: SimulationConfig, fed: CoDreamFederation,
+def privacy_report(privacy: PrivacyConfig, aggregator: str, fed: CoDreamFederation,
                    client_dp: ClientDP | None) -> dict:
     """report.json's privacy section: enough for an auditor to recompute epsilon with Opacus."""
     per_round = [r.epsilon for r in fed.rounds]
-    if config.dp == "off":
+    if privacy.dp == "off":
         return {"enabled": False, "unit": None, "epsilon": None, "per_round_epsilon": per_round,
                 "note": "no differential privacy: secure aggregation hides individual vectors "
                         "from the server but every released sum is exact"}
@@ -137,11 +139,11 @@ def privacy_report(config: SimulationConfig, fed: CoDreamFederation,
                              "soft_label_sums": labels.stats.steps},
                 "clipped_vectors": {"dream_gradient": grad.dp_clipped,
                                     "soft_label": labels.dp_clipped},
-                "aggregator": config.aggregator, "trust": TRUST[config.dp_mode],
+                "aggregator": aggregator, "trust": TRUST[privacy.dp_mode],
                 "baselines": "run without DP"}
     trainers = fed.trainers or []
     return {"enabled": True, "unit": "sample", "mechanism": "dp-sgd", "mode": "local",
-            "epsilon": max(t.epsilon() for t in trainers), "delta": config.dp_delta,
+            "epsilon": max(t.epsilon() for t in trainers), "delta": privacy.dp_delta,
             "per_round_epsilon": per_round,
             "clients": [t.ledger.to_report() for t in trainers],
             "dream_loss": "BatchNorm-statistics term dropped: models use GroupNorm "

@@ -33,11 +33,9 @@ from codream_secure.npz_format import read_npz
 from codream_secure.report import ReportError, load_report, write_report
 from tests.core.test_report import synthetic_outcome, synthetic_report
 
-TINY_FLAGS = ["--max-train", "120", "--max-test", "60", "--clients", "2", "--models", "smallcnn",
-              "--server-model", "smallcnn", "--rounds", "1", "--warmup-epochs", "0",
-              "--local-epochs", "1", "--dream-batch", "4", "--dream-steps", "2",
-              "--buffer-size", "8", "--distill-epochs", "1", "--baselines", "none",
-              "--device", "cpu", "--threads", "1", "-q"]
+TINY_FLAGS = ["--config", str(Path(__file__).with_name("tiny.toml")), "--clients", "2",
+              "--models", "smallcnn", "--rounds", "1", "--dream-steps", "2", "--device", "cpu",
+              "-q"]
 
 
 def _cli(*args: str) -> Result:
@@ -186,9 +184,9 @@ def test_a_damaged_checkpoint_is_one_error(name: str, checkpoint_state: dict,
 
 def test_settings_only_the_new_version_has_are_named(checkpoint_state: dict,
                                                      tmp_path: Path) -> None:
-    older = _edited(checkpoint_state, lambda s: s["config"].pop("dream_graph"))
+    older = _edited(checkpoint_state, lambda s: s["config"]["device"].pop("dream_graph"))
     result = _resume_with(tmp_path, _sealed(older))
-    _bad_input(result, "checkpoint.pt was written under different settings (dream_graph)")
+    _bad_input(result, "checkpoint.pt was written under different settings ([device] dream_graph)")
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -207,9 +205,10 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error(tmp_path: Path,
     monkeypatch.setattr(simulation, "check_output_folder", lambda *args: None)
     out = tmp_path / "out"
     (out / "checkpoint.pt").mkdir(parents=True)
-    config = SimulationConfig(max_train=120, max_test=60, clients=2, models=("smallcnn",),
-                              server_model="smallcnn", rounds=1, warmup_epochs=0, dream_batch=4,
-                              dream_steps=2, buffer_size=8, baselines=(), out=str(out))
+    config = SimulationConfig.from_keys(
+        max_train=120, max_test=60, clients=2, models=("smallcnn",), server_model="smallcnn",
+        rounds=1, warmup_epochs=0, dream_batch=4, dream_steps=2, buffer_size=8, baselines=(),
+        out=str(out))
     with pytest.raises(ConfigError, match=r"cannot write the checkpoint .*--resume"):
         simulation.run_simulation(config)
 
@@ -471,17 +470,17 @@ def test_a_malformed_cifar_batch_is_one_error(blob: bytes, reason: str, tmp_path
 
 
 @pytest.mark.parametrize(("text", "reason"), [
-    (b"rounds = 2\nseed = [\n", "(at line 3, the end of the file)"),
-    (b"rounds = 2\n\nseed = = 1\n", "(at line 3, column 8)"),
-    (b"rounds = 2\nseed = \"\xff\"\n", "line 2 is not UTF-8 text"),
+    (b"[codream]\nrounds = 2\nx = [\n", "(at line 4, the end of the file)"),
+    (b"[codream]\nrounds = 2\n\nx = = 1\n", "(at line 4, column 5)"),
+    (b"[codream]\nrounds = \"\xff\"\n", "line 2 is not UTF-8 text"),
     (b"a = " + b"[" * 5000, "nested too deeply"),
-    (b"[rounds]\nx = 1\n", "rounds: expected an integer, got {'x': 1}"),
-    (b"rounds = \"2\"\n", "rounds: expected an integer, got '2'"),
+    (b"[codream.rounds]\nx = 1\n", "[codream] rounds: expected an integer, got {'x': 1}"),
+    (b"[codream]\nrounds = \"2\"\n", "[codream] rounds: expected an integer, got '2'"),
 ])
 def test_a_malformed_toml_config_is_one_error(text: bytes, reason: str, tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_bytes(text)
     with pytest.raises(ConfigError) as caught:
-        build_config(load_config(tmp_path / "c.toml"), {}).validate()
+        build_config(load_config(tmp_path / "c.toml"), {})
     assert reason in str(caught.value) and "\n" not in str(caught.value)
 
 

@@ -3,7 +3,6 @@ restore; writes are atomic; and the digests are shown to be no defence against a
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import shutil
@@ -40,7 +39,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SimulationConfi
                              "--out", str(out)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     state = torch.load(io.BytesIO(read_sealed(out / "checkpoint.pt").content), weights_only=True)
-    config = SimulationConfig(**state["config"], out=str(out))
+    config = SimulationConfig.from_dict(state["config"]).replace(out=str(out))
     assert read_sealed(out / "checkpoint.pt").config_sha256 == settings_digest(config)
     return out, config
 
@@ -109,8 +108,9 @@ def test_bytes_after_the_content_are_refused(run, tmp_path: Path) -> None:
 
 def test_another_configs_checkpoint_is_refused(run, tmp_path: Path) -> None:
     path, _ = _copy(run, tmp_path)
-    other = dataclasses.replace(run[1], seed=run[1].seed + 1, dream_steps=3)
-    _refused(path, other, "was written under different settings (dream_steps, seed)")
+    other = run[1].replace(seed=run[1].run.seed + 1, dream_steps=3)
+    _refused(path, other,
+             "was written under different settings ([codream] dream_steps, [run] seed)")
 
 
 def test_a_damaged_config_digest_is_called_corruption(run, tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_a_flipped_weight_resumes_silently_without_the_digest(run, tmp_path: Pat
                                                               monkeypatch) -> None:
     out = tmp_path / "out"
     shutil.copytree(run[0], out)
-    config = dataclasses.replace(run[1], out=str(out))
+    config = run[1].replace(out=str(out))
     raw = (out / "checkpoint.pt").read_bytes()
     offset, name = _first_weight_offset(raw)
     bad = bytearray(raw)

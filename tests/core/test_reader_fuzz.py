@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codream_secure.config import FIELD_NAMES, build_config, load_config
+from codream_secure.config import KEY_SECTION, SECTIONS, build_config, load_config
 from codream_secure.errors import ConfigError, DataError
 from codream_secure.formats import MAX_CLASSES, read_cifar_batch, read_idx_split
 from codream_secure.npz_format import MAX_PIXEL, read_npz
@@ -287,12 +287,17 @@ def test_npz_files_with_wrong_fields(folder: Path, changes: list, compressed: bo
 # ----------------------------------------------------------------------------- TOML
 
 VALID_TOML = b"""# a config
+[data]
 dataset = "digits"
 clients = 3
+[models]
 models = ["smallcnn", "resnet8"]
+[codream]
 rounds = 2
 dream_lr = 0.05
+[privacy]
 dp = "off"
+[run]
 baselines = ["isolated"]
 seed = 7
 """
@@ -304,6 +309,7 @@ _TOML_VALUES = st.sampled_from([
     '"x"', "''", "[]", "[1, 2]", '["a", 1]', "{}", "{a = 1}", "[[1]]", "1979-05-27",
     "07:32:00", "1979-05-27T07:32:00Z", '"digits"', '["smallcnn"]', '"none"', "0x10", "1_000",
 ])
+_TABLES = [f"[{name}]" for name in SECTIONS] + ["[section]", "[codream.rounds]"]
 
 
 @st.composite
@@ -312,7 +318,7 @@ def _toml(draw: st.DrawFn) -> bytes:
         return draw(_mutated(VALID_TOML, TOML_FIELDS))
     lines = VALID_TOML.decode().splitlines()
     for _ in range(draw(st.integers(1, 3))):
-        key = draw(st.sampled_from([*FIELD_NAMES, "unknown_key", "[section]", "a.b"]))
+        key = draw(st.sampled_from([*KEY_SECTION, *_TABLES, "unknown_key", "a.b"]))
         lines.append(key if key.startswith("[") else f"{key} = {draw(_TOML_VALUES)}")
     return "\n".join(lines).encode()
 
@@ -325,9 +331,9 @@ def test_mutated_toml_configs(folder: Path, text: bytes) -> None:
 
     def read() -> object:
         values = load_config(path)
-        assert set(values) <= set(FIELD_NAMES)
-        config = build_config(values, {})
-        config.validate()
-        return config
+        assert set(values) <= set(SECTIONS)
+        assert all(set(keys) <= set(SECTIONS[table].key_names())
+                   for table, keys in values.items())
+        return build_config(values, {})
 
     _read_or_refuse(read, ConfigError)

@@ -20,7 +20,8 @@ TINY = {**TINY_RUN, "clients": 4, "baselines": ()}
 
 
 def _run(tmp_path, name, **overrides):
-    return run_simulation(SimulationConfig(**{**TINY, **overrides, "out": str(tmp_path / name)}))
+    config = SimulationConfig.from_keys(**{**TINY, **overrides, "out": str(tmp_path / name)})
+    return run_simulation(config)
 
 
 def _recomputed(privacy: dict) -> float:
@@ -70,7 +71,7 @@ def test_dp_off_still_writes_a_privacy_section(tmp_path):
 
 def test_resumed_dp_run_spends_the_same_epsilon(tmp_path, monkeypatch):
     whole = _run(tmp_path, "whole", dp="client", dp_noise=3.0).report["privacy"]
-    config = SimulationConfig(**{**TINY, "dp": "client", "dp_noise": 3.0,
+    config = SimulationConfig.from_keys(**{**TINY, "dp": "client", "dp_noise": 3.0,
                                  "out": str(tmp_path / "killed")})
     resumed = killed_then_resumed(monkeypatch, config)["privacy"]
     assert resumed["releases"] == whole["releases"]
@@ -81,7 +82,7 @@ def test_a_resumed_dp_sgd_run_equals_an_uninterrupted_one(tmp_path, monkeypatch)
     # each client's DP-SGD generator (batches, noise) runs across rounds: the checkpoint keeps it
     dp = {"dp": "sample", "dp_noise": 1.0}
     whole = _run(tmp_path, "whole-sgd", **dp).report
-    config = SimulationConfig(**{**TINY, **dp, "out": str(tmp_path / "killed-sgd")})
+    config = SimulationConfig.from_keys(**{**TINY, **dp, "out": str(tmp_path / "killed-sgd")})
     resumed = killed_then_resumed(monkeypatch, config)
     assert resumed["final"] == whole["final"]
     assert [r["codream"] for r in resumed["rounds"]] == [r["codream"] for r in whole["rounds"]]
@@ -98,7 +99,7 @@ def test_a_resumed_dp_sgd_run_equals_an_uninterrupted_one(tmp_path, monkeypatch)
 ])
 def test_bad_dp_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        SimulationConfig(**overrides)
+        SimulationConfig.from_keys(**overrides)
 
 
 def test_a_budget_too_small_for_the_run_is_exit_status_2(tmp_path):
@@ -108,8 +109,8 @@ def test_a_budget_too_small_for_the_run_is_exit_status_2(tmp_path):
     assert "too small" in result.output and "Traceback" not in result.output
 
 
-def test_noise_too_small_for_the_ring_names_the_flags_to_change(tmp_path):
+def test_noise_too_small_for_the_ring_names_the_keys_to_change(tmp_path):
     result = CliRunner().invoke(main, ["simulate", "--dp", "client", "--dp-noise", "1e-7",
                                        "--out", str(tmp_path / "z"), "--quiet"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "fixed-point units" in result.output and "--ring-bits 64" in result.output
+    assert "fixed-point units" in result.output and "ring_bits = 64" in result.output

@@ -38,7 +38,7 @@ def variants(device: torch.device) -> dict[str, tuple[str, FastPath | None]]:
                 "fp32 traced (aot_eager)": ("fp32", FastPath(compile_backend="aot_eager"))}
     rows = {"fp32 eager": ("fp32", None), "bf16 eager": ("bf16", None),
             "bf16 fast path (simulate's default)": ("bf16", FastPath.optimised(device, "bf16"))}
-    # what `simulate --train-cuda-graphs on` runs
+    # what simulate's `[device] train_cuda_graphs = "on"` runs
     rows["bf16 fast path + CUDA graphs"] = ("bf16", FastPath.optimised(device, "bf16",
                                                                        cuda_graphs=True))
     return rows

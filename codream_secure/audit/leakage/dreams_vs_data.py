@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from codream_secure.config import SimulationConfig
 from codream_secure.data import LoadedDataset, load_dataset, partition, split_validation
 from codream_secure.distill import evaluate, train_local
 from codream_secure.dreams import model_mode
-from codream_secure.federation import AggregationChannel, CoDreamFederation, CoDreamSettings
+from codream_secure.federation import AggregationChannel, CoDreamFederation
 from codream_secure.federation import generator as seeded_generator
 from codream_secure.results import ClientData
 
@@ -107,11 +107,11 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 def _config(s: DreamsSettings) -> SimulationConfig:
-    return SimulationConfig(clients=s.clients, models=s.models, server_model=s.server_model,
-                            alpha=s.alpha, rounds=s.rounds, warmup_epochs=s.warmup_epochs,
-                            local_epochs=s.local_epochs, dream_batch=s.dream_batch,
-                            dream_steps=s.dream_steps, buffer_size=s.buffer_size,
-                            aggregator=s.aggregator, seed=s.seed, device="cpu")
+    return SimulationConfig.from_keys(
+        clients=s.clients, models=s.models, server_model=s.server_model, alpha=s.alpha,
+        rounds=s.rounds, warmup_epochs=s.warmup_epochs, local_epochs=s.local_epochs,
+        dream_batch=s.dream_batch, dream_steps=s.dream_steps, buffer_size=s.buffer_size,
+        aggregator=s.aggregator, seed=s.seed, device="cpu")
 
 
 def embedder(model: torch.nn.Module, mean: tuple[float, ...], std: tuple[float, ...]
@@ -147,15 +147,14 @@ def _run_codream(s: DreamsSettings, data: LoadedDataset, pool: np.ndarray, val: 
               enumerate(config.client_models)]
     server = seeded_model(s.server_model, input_shape=shape, num_classes=classes,
                           seed=client_seed(s.seed, 999))
-    channels = [AggregationChannel(s.aggregator, s.clients, clip=clip, ring_bits=config.ring_bits,
-                                   expected_dropout=0.0, purpose=purpose)
-                for clip, purpose in ((config.grad_clip, "dream-gradient"),
-                                      (config.label_clip, "soft-label"))]
-    # the algorithm's knobs that the config carries; the rest keep their defaults
-    settings = CoDreamSettings(**{f.name: getattr(config, f.name) for f in
-                                  fields(CoDreamSettings) if hasattr(config, f.name)})
+    aggregation = config.aggregation
+    channels = [AggregationChannel(s.aggregator, s.clients, clip=clip,
+                                   ring_bits=aggregation.ring_bits, expected_dropout=0.0,
+                                   purpose=purpose)
+                for clip, purpose in ((aggregation.grad_clip, "dream-gradient"),
+                                      (aggregation.label_clip, "soft-label"))]
     fed = CoDreamFederation(clients, models, server, torch.from_numpy(data.x_test),
-                            torch.from_numpy(data.y_test), settings=settings,
+                            torch.from_numpy(data.y_test), codream=config.codream, seed=s.seed,
                             grad_channel=channels[0], label_channel=channels[1],
                             device=torch.device("cpu"))
     fed.warm_up()

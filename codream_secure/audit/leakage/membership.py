@@ -28,10 +28,11 @@ from codream_secure.baselines import (
     seeded_model,
     weighted_mean,
 )
+from codream_secure.config import CoDreamConfig
 from codream_secure.data import load_dataset
 from codream_secure.distill import evaluate, train_local
 from codream_secure.errors import ConfigError
-from codream_secure.federation import AggregationChannel, CoDreamFederation, CoDreamSettings
+from codream_secure.federation import AggregationChannel, CoDreamFederation
 from codream_secure.results import ClientData
 
 ATTACKS = ("lira-online", "lira-offline", "confidence")
@@ -202,19 +203,18 @@ class _Game:
     def _codream(self, parts: list[np.ndarray], world_seed: int, aggregator: str
                  ) -> list[torch.nn.Module]:
         s = self.s
-        settings = CoDreamSettings(
+        codream = CoDreamConfig(
             rounds=s.rounds, warmup_epochs=s.warmup_epochs, local_epochs=s.local_epochs,
             local_lr=s.lr, batch_size=s.batch_size, dream_batch=s.dream_batch,
             dream_steps=s.dream_steps, dream_lr=0.05, distill_epochs=s.distill_epochs,
             distill_lr=0.05, kd_temperature=20.0, buffer_size=10 * s.dream_batch,
-            soft_labels="probs", adaptive_after=s.rounds, adaptive_weight=10.0,
-            dropout_rate=0.0, dropout_clients=(), seed=world_seed)
+            soft_labels="probs", adaptive_after=s.rounds, adaptive_weight=10.0)
         channels = [AggregationChannel(aggregator, len(parts), clip=clip, ring_bits=32,
                                        expected_dropout=0.0, purpose=purpose)
                     for clip, purpose in ((8.0, "dream-gradient"), (1.0, "soft-label"))]
         models = [self._model(client_seed(world_seed, k)) for k in range(len(parts))]
         fed = CoDreamFederation(self._clients(parts), models, self._model(world_seed * 1000 + 999),
-                                self.x_probe, self.y_probe, settings=settings,
+                                self.x_probe, self.y_probe, codream=codream, seed=world_seed,
                                 grad_channel=channels[0], label_channel=channels[1],
                                 device=torch.device("cpu"))
         fed.warm_up()

@@ -285,7 +285,7 @@ def codream_section(settings: OverheadSettings, out_dir: Path, progress: Any = N
     for label, overrides in settings.codream_variants:
         try:
             configs[label] = {**base, **dict(overrides)}
-            SimulationConfig(**configs[label])
+            SimulationConfig.from_keys(**configs[label])
         except (TypeError, ConfigError) as error:  # a field this build does not have yet
             configs.pop(label)
             notes.append(f"CoDream variant {label!r} skipped: {error}")
@@ -296,12 +296,12 @@ def codream_section(settings: OverheadSettings, out_dir: Path, progress: Any = N
     extra: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         warm = {**base, "rounds": 1, "dream_steps": 1, "warmup_epochs": 0}
-        run_simulation(SimulationConfig(**warm, aggregator="plain", out=f"{tmp}/warm"))
+        run_simulation(SimulationConfig.from_keys(**warm, aggregator="plain", out=f"{tmp}/warm"))
         for i, label in enumerate(order):
             clock = _RoundClock()
             try:
-                report = run_simulation(SimulationConfig(**configs[label], out=f"{tmp}/{i}"),
-                                        progress=clock).report
+                config = SimulationConfig.from_keys(**configs[label], out=f"{tmp}/{i}")
+                report = run_simulation(config, progress=clock).report
             except ValueError as error:  # ProtocolError and friends: record, go on
                 notes.append(f"CoDream variant {label!r} failed: {error}")
                 continue
