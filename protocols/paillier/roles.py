@@ -1,19 +1,24 @@
 """The three Paillier roles (client, server, key holder), their keys and their arithmetic.
 
-Roles exchange bytes only (protocols.paillier_messages). The server holds the public key and
-never the private key; the key holder sees only aggregate ciphertexts and returns their
-plaintexts, so it learns each step's sum (and nothing else unless it colludes with the server).
+Roles exchange bytes only (protocols.paillier.messages). The server holds the public key and
+never the private key. The key holder decrypts only products it computes itself, of uploads each
+tagged by its client under a key the two agreed at setup (X25519 + HKDF), so a server cannot make
+it decrypt anything but a step's sum over at least its quorum of clients. It does receive every
+upload: it is trusted to run these checks (docs/paillier.md).
 Values are the session's fixed-point integers (one precision, no per-value exponents), packed
-many per plaintext (protocols.paillier_packing). Keys come from `phe`; the arithmetic uses gmpy2
-when it is installed.
+many per plaintext (protocols.paillier.packing). Keys come from `phe`; the arithmetic uses
+gmpy2.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import multiprocessing
 import os
 import secrets
+import struct
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -36,21 +41,31 @@ from ..errors import (
     TooFewSurvivorsError,
 )
 from ..inputs import check_count
-from ..primitives.kdf import derive_key
+from ..primitives.kdf import DOMAIN, agree, derive_key, encode_info
+from ..primitives.kdf import generate_keypair as generate_auth_keypair
 from ..session import StepOutcome
-from .messages import SESSION_ID_BYTES, Ciphertexts, Offer, PublicKeyMessage, StepRequest
+from .messages import (
+    SESSION_ID_BYTES,
+    Ciphertexts,
+    ClientKey,
+    Offer,
+    PublicKeyMessage,
+    StepRequest,
+    UploadBundle,
+)
 from .packing import SlotLayout, pack, unpack_sum
 
 try:
     from gmpy2 import mpz as _big
     from gmpy2 import powmod as _powmod
-except ImportError:  # pragma: no cover - gmpy2 is the `fast` extra
+except ImportError:  # pragma: no cover - gmpy2 is a dependency; plain ints if it will not load
     _big, _powmod = int, pow
 
 __all__ = [
     "DEFAULT_KEY_BITS", "MIN_KEY_BITS", "PaillierClient", "PaillierKeyHolder", "PaillierServer",
-    "ParallelEncryptor", "check_key_bits", "generate_keypair", "raw_encrypt", "session_codec",
-    "session_layout", "unsafe_keypair_from_primes",
+    "ParallelEncryptor", "check_key_bits", "generate_keypair", "raw_decrypt", "raw_encrypt",
+    "raw_multiply", "session_codec", "session_layout", "unsafe_keypair_from_primes", "upload_key",
+    "upload_tag",
 ]
 
 MIN_KEY_BITS, DEFAULT_KEY_BITS = 2048, 3072
@@ -91,6 +106,21 @@ def raw_encrypt(modulus: int, plaintext: int, r: int) -> int:
     n = _big(modulus)
     nsq = n * n
     return int((1 + n * plaintext) * _powmod(_big(r), n, nsq) % nsq)
+
+
+def raw_multiply(modulus: int, uploads: Sequence[Sequence[int]]) -> list[int]:
+    """Coordinate-wise product of ciphertext lists mod N^2 (adds the plaintexts); no checks."""
+    nsq = _big(modulus) ** 2
+    products = [_big(c) for c in uploads[0]]
+    for values in uploads[1:]:
+        products = [p * c % nsq for p, c in zip(products, values, strict=True)]
+    return [int(p) for p in products]
+
+
+def raw_decrypt(private: PaillierPrivateKey, ciphertexts: Sequence[int]) -> list[int]:
+    """Plaintexts of any ciphertexts, with no session, quorum or tag check: the unchecked step
+    that PaillierKeyHolder.decrypt wraps. Call it directly in tests and audits only."""
+    return [private.raw_decrypt(c) for c in ciphertexts]
 
 
 def _encrypt_chunk(modulus: int, plaintexts: Sequence[int]) -> list[int]:
@@ -207,15 +237,47 @@ def _check_residues(values: Sequence[int], bound: int) -> None:
         raise MalformedMessageError("a ciphertext lies outside (0, N^2)")
 
 
+# ---- upload authentication ----------------------------------------------------------------------
+
+def upload_key(shared_secret: bytes, *, session_id: bytes, client_id: int, client_key: bytes,
+               holder_key: bytes) -> bytes:
+    """The key a client and the key holder tag that client's uploads with, from their X25519
+    secret; bound to the session, the client and both public keys."""
+    return derive_key(shared_secret, session_id=session_id, purpose="paillier-upload-tag-key",
+                      context=(client_id, client_key, holder_key))
+
+
+def upload_tag(key: bytes, *, session_id: bytes, step: int, client_id: int, width: int,
+               values: Sequence[int]) -> bytes:
+    """HMAC-SHA256 over (session, step, client, SHA-256 of the fixed-width ciphertexts)."""
+    digest = hashlib.sha256(struct.pack(">II", width, len(values)))
+    for v in values:
+        digest.update(int(v).to_bytes(width, "big"))
+    info = encode_info(DOMAIN, "paillier-upload-tag", session_id, step, client_id,
+                       digest.digest())
+    return hmac.new(key, info, hashlib.sha256).digest()
+
+
 # ---- roles ------------------------------------------------------------------------------------
 
 class PaillierKeyHolder:
-    """The decryptor: holds the private key and decrypts aggregates only, once per step, and
-    only of at least `quorum` clients (a sum of fewer may carry too little DP noise)."""
+    """The decryptor: holds the private key and decrypts, at most once per step, only a product
+    it computes itself from at least `quorum` uploads, each tagged by its client.
 
-    def __init__(self, keypair: Keypair | None = None, *, key_bits: int = DEFAULT_KEY_BITS,
-                 unsafe_small_keys: bool = False, quorum: int = 1) -> None:
+    `n_clients`, `vector_length`, `codec`, `noise_bound` and `guard_bits` are the session's
+    parameters, given to it by the deployment as to the server: it checks every upload against
+    the layout they fix. Each client enrolls at setup with its X25519 public key (`enroll`).
+    """
+
+    def __init__(self, keypair: Keypair | None = None, *, n_clients: int, vector_length: int,
+                 codec: FixedPointCodec, noise_bound: int = 0, guard_bits: int = 1,
+                 key_bits: int = DEFAULT_KEY_BITS, unsafe_small_keys: bool = False,
+                 quorum: int = 1) -> None:
         quorum = check_count("quorum", quorum)  # before a keypair that takes seconds to draw
+        n_clients = check_count("the key holder's number of clients", n_clients, low=2)
+        if quorum > n_clients:
+            raise ParameterError(f"quorum must be at most the {n_clients} clients, got {quorum}")
+        self.vector_length = check_count("vector_length", vector_length)
         public, private = keypair or generate_keypair(key_bits,
                                                       unsafe_small_keys=unsafe_small_keys)
         if (not isinstance(public, PaillierPublicKey) or not isinstance(private, PaillierPrivateKey)
@@ -223,38 +285,88 @@ class PaillierKeyHolder:
             raise ParameterError("keypair must be a matching (PaillierPublicKey, "
                                  "PaillierPrivateKey) pair, e.g. from generate_keypair()")
         check_key_bits(public.n.bit_length(), unsafe_small_keys=unsafe_small_keys)
+        self.layout = session_layout(codec, n_clients, public.n, noise_bound=noise_bound,
+                                     guard_bits=guard_bits)
         self.session_id = os.urandom(SESSION_ID_BYTES)
         self._modulus, self._private = public.n, private
-        self._last_step, self.quorum = 0, quorum
+        self._auth_private, self.auth_key = generate_auth_keypair()
+        self._upload_keys: dict[int, bytes] = {}  # client id -> the key its uploads are tagged with
+        self.n_clients, self.quorum, self._last_step = n_clients, quorum, 0
 
     def announce(self) -> bytes:
         """The public key message for the server."""
-        return PublicKeyMessage(self.session_id, self._modulus).encode()
+        return PublicKeyMessage(self.session_id, self._modulus, self.auth_key).encode()
+
+    def enroll(self, data: bytes) -> None:
+        """Register one client's X25519 public key (setup: before the first decryption, once per
+        client). The key holder trusts that it is that client's real key."""
+        msg = ClientKey.decode(data)
+        if msg.session_id != self.session_id:
+            raise StageError("client key of another session")
+        if self._last_step:
+            raise StageError("clients enroll at setup, before the first decryption")
+        if not 0 <= msg.client_id < self.n_clients:
+            raise IntegrityError(f"unknown client {msg.client_id}: this session has clients "
+                                 f"0..{self.n_clients - 1}")
+        if msg.client_id in self._upload_keys:
+            raise StageError(f"client {msg.client_id} has already enrolled")
+        secret = agree(self._auth_private, msg.auth_key)
+        self._upload_keys[msg.client_id] = upload_key(
+            secret, session_id=self.session_id, client_id=msg.client_id,
+            client_key=msg.auth_key, holder_key=self.auth_key)
+
+    def _check_bundle(self, bundle: UploadBundle) -> None:
+        """Every refusal happens here, before any arithmetic on the private key."""
+        if bundle.session_id != self.session_id:
+            raise StageError("uploads of another session")
+        if bundle.step <= self._last_step:
+            raise ReplayError(f"step {bundle.step} comes after step {self._last_step} was "
+                              "decrypted")
+        for cid in sorted(bundle.members):  # distinct: the decoder refuses a repeated client
+            if cid not in self._upload_keys:
+                raise IntegrityError(f"unknown client {cid}: no enrolled key")
+        if len(bundle.members) < self.quorum:
+            raise TooFewSurvivorsError(needed=self.quorum, remaining=len(bundle.members),
+                                       context=f"key holder, step {bundle.step}")
+        count, width = self.layout.plaintexts_for(self.vector_length), _width(self._modulus)
+        for upload in bundle.uploads:
+            cid = upload.sender
+            if upload.session_id != self.session_id or upload.step != bundle.step:
+                raise ReplayError(f"client {cid}'s upload is of another session or step "
+                                  f"({upload.step}), not step {bundle.step}")
+            # exactly one aggregate's worth: a longer list could carry several clients' uploads
+            if upload.width != width or len(upload.values) != count:
+                raise MalformedMessageError(f"client {cid}'s upload must hold {count} "
+                                            f"ciphertexts of {width} bytes")
+            _check_residues(upload.values, self._modulus**2)
+            expected = upload_tag(self._upload_keys[cid], session_id=self.session_id,
+                                  step=bundle.step, client_id=cid, width=width,
+                                  values=upload.values)
+            if not hmac.compare_digest(expected, upload.tag):
+                raise IntegrityError(f"client {cid}'s upload fails its tag: forged or altered")
 
     def decrypt(self, data: bytes) -> bytes:
-        """Plaintexts of an aggregate; steps only move forward, so no step is decrypted twice."""
-        msg = Ciphertexts.decode(data, Ciphertexts.AGGREGATE)
-        if msg.session_id != self.session_id:
-            raise StageError("aggregate of another session")
-        if msg.step <= self._last_step:
-            raise ReplayError(f"step {msg.step} comes after step {self._last_step} was decrypted")
-        if msg.width != _width(self._modulus):
-            raise MalformedMessageError(f"ciphertexts must be {_width(self._modulus)} bytes")
-        _check_residues(msg.values, self._modulus**2)
-        self._last_step = msg.step  # a refused step stays spent: no retry with padded members
-        if len(msg.members) < self.quorum:
-            raise TooFewSurvivorsError(needed=self.quorum, remaining=len(msg.members),
-                                       context=f"key holder, step {msg.step}")
-        plain = tuple(self._private.raw_decrypt(c) for c in msg.values)
-        return Ciphertexts(self.session_id, msg.step, Ciphertexts.PLAINTEXT, msg.members,
-                           -(-self._modulus.bit_length() // 8), plain).encode()
+        """Plaintexts of the product of a step's uploads, after every check in _check_bundle.
+
+        Steps only move forward, so no step is decrypted twice. A refused bundle decrypts
+        nothing and leaves its step open: every member must be an enrolled client whose tag
+        binds this session and step, so a retry cannot pad or replay members.
+        """
+        bundle = UploadBundle.decode(data)
+        self._check_bundle(bundle)
+        product = raw_multiply(self._modulus, [u.values for u in bundle.uploads])
+        self._last_step = bundle.step
+        plain = raw_decrypt(self._private, product)
+        return Ciphertexts(self.session_id, bundle.step, Ciphertexts.PLAINTEXT, bundle.members,
+                           -(-self._modulus.bit_length() // 8), tuple(plain)).encode()
 
 
 class PaillierServer:
-    """The aggregator: multiplies ciphertexts (adds plaintexts), knowing only the public key.
+    """The relay: checks uploads, forwards them to the key holder (which multiplies them), and
+    unpacks the sum it gets back, knowing only the public key.
 
     A reply that fails to decode or validate excludes its sender, as a dropout would; the reason
-    is kept in `rejections`.
+    is kept in `rejections`. The server cannot check tags: the key holder does.
     """
 
     def __init__(self, announcement: bytes, *, n_clients: int, vector_length: int,
@@ -262,21 +374,21 @@ class PaillierServer:
                  unsafe_small_keys: bool = False) -> None:
         key = PublicKeyMessage.decode(announcement)
         check_key_bits(key.modulus.bit_length(), unsafe_small_keys=unsafe_small_keys)
-        self.session_id, self.modulus = key.session_id, key.modulus
+        self.session_id, self.modulus, self.holder_key = key.session_id, key.modulus, key.auth_key
         self.n_clients, self.vector_length, self.codec = n_clients, vector_length, codec
         self.noise_bound, self.guard_bits = noise_bound, guard_bits
         self.layout = session_layout(codec, n_clients, key.modulus, noise_bound=noise_bound,
                                      guard_bits=guard_bits)
         self.last_step = 0
         self.rejections: list[tuple[int, int, ProtocolError]] = []  # (step, client, error)
-        self._sent: Ciphertexts | None = None  # the aggregate awaiting decryption
+        self._sent: UploadBundle | None = None  # the uploads awaiting decryption
 
     def offer(self, client_id: int) -> bytes:
         """The session parameters and public key for one client."""
         c = self.codec
         return Offer(self.session_id, client_id, self.n_clients, self.vector_length, c.clip,
                      c.scale_bits, c.ring_bits, c.rounding, self.noise_bound, self.guard_bits,
-                     self.modulus).encode()
+                     self.modulus, self.holder_key).encode()
 
     def open_step(self) -> bytes:
         """The request for the next step's uploads."""
@@ -284,7 +396,7 @@ class PaillierServer:
         self.last_step += 1
         return StepRequest(self.session_id, self.last_step).encode()
 
-    def _check_upload(self, cid: int, data: bytes) -> list[int]:
+    def _check_upload(self, cid: int, data: bytes) -> Ciphertexts:
         msg = Ciphertexts.decode(data, Ciphertexts.UPLOAD)
         if msg.session_id != self.session_id or msg.step != self.last_step:
             raise StageError(f"upload for another session or step (step {msg.step})")
@@ -294,10 +406,10 @@ class PaillierServer:
         if msg.width != _width(self.modulus) or len(msg.values) != count:
             raise MalformedMessageError(f"an upload must hold {count} ciphertexts")
         _check_residues(msg.values, self.modulus**2)
-        return list(msg.values)
+        return msg
 
-    def aggregate(self, uploads: Mapping[int, bytes]) -> bytes:
-        """The product of the valid uploads' ciphertexts, for the key holder."""
+    def forward(self, uploads: Mapping[int, bytes]) -> bytes:
+        """The valid uploads, as their clients sent them, for the key holder to multiply."""
         valid = {}
         for cid, data in sorted(uploads.items()):
             try:
@@ -306,24 +418,17 @@ class PaillierServer:
                 self.rejections.append((self.last_step, cid, error))
         if not valid:
             raise TooFewSurvivorsError(needed=1, remaining=0, context=f"step {self.last_step}")
-        nsq = _big(self.modulus) ** 2
-        uploads_left = iter(valid.values())
-        products = [_big(c) for c in next(uploads_left)]
-        for values in uploads_left:
-            products = [p * c % nsq for p, c in zip(products, values, strict=True)]
-        members = frozenset(valid)
-        self._sent = Ciphertexts(self.session_id, self.last_step, Ciphertexts.AGGREGATE, members,
-                                 _width(self.modulus), tuple(int(p) for p in products))
+        self._sent = UploadBundle(self.session_id, self.last_step, tuple(valid.values()))
         return self._sent.encode()
 
     def finish(self, data: bytes) -> StepOutcome:
         """Unpack the key holder's plaintexts into the step's outcome."""
         sent = self._sent
         if sent is None:
-            raise StageError("no aggregate awaits decryption")
+            raise StageError("no uploads await decryption")
         msg = Ciphertexts.decode(data, Ciphertexts.PLAINTEXT)
         if (msg.session_id, msg.step, msg.members) != (sent.session_id, sent.step, sent.members):
-            raise StageError("the decrypted sum is not the aggregate that was sent")
+            raise StageError("the decrypted sum is not the one of the uploads that were sent")
         if any(v >= self.modulus for v in msg.values):
             raise MalformedMessageError("a plaintext lies outside [0, N)")
         sums = unpack_sum(self.layout, msg.values, length=self.vector_length,
@@ -336,7 +441,11 @@ class PaillierServer:
 
 
 class PaillierClient:
-    """Encodes, noises (optionally), packs and encrypts one vector per step."""
+    """Encodes, noises (optionally), packs, encrypts and tags one vector per step.
+
+    At setup it draws an X25519 key and agrees a tag key with the key holder's (from the offer);
+    `enrollment()` is the message that gives the key holder its public half.
+    """
 
     def __init__(self, client_id: int, offer: bytes, *, rounding_seed: bytes | None = None,
                  noise: Noise | None = None, encryptor: ParallelEncryptor | None = None,
@@ -353,6 +462,14 @@ class PaillierClient:
         self._rounding_seed, self._noise = rounding_seed, noise
         self._encryptor = encryptor or ParallelEncryptor(1)
         self._last_step = 0
+        auth_private, self.auth_key = generate_auth_keypair()
+        self._upload_key = upload_key(
+            agree(auth_private, msg.auth_key), session_id=msg.session_id, client_id=client_id,
+            client_key=self.auth_key, holder_key=msg.auth_key)
+
+    def enrollment(self) -> bytes:
+        """The client's X25519 public key for the key holder (relayed at setup)."""
+        return ClientKey(self.offer.session_id, self.client_id, self.auth_key).encode()
 
     def _noise_for(self, step: int) -> np.ndarray:
         m, bound = self.offer.vector_length, self.offer.noise_bound
@@ -383,6 +500,8 @@ class PaillierClient:
             values += self._noise_for(req.step)
         ciphertexts = self._encryptor.encrypt(self.offer.modulus, pack(self.layout, values))
         self._last_step = req.step
+        width = _width(self.offer.modulus)
+        tag = upload_tag(self._upload_key, session_id=req.session_id, step=req.step,
+                         client_id=self.client_id, width=width, values=ciphertexts)
         return Ciphertexts(req.session_id, req.step, Ciphertexts.UPLOAD,
-                           frozenset({self.client_id}), _width(self.offer.modulus),
-                           tuple(ciphertexts)).encode()
+                           frozenset({self.client_id}), width, tuple(ciphertexts), tag).encode()

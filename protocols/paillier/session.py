@@ -1,8 +1,9 @@
-"""Packed Paillier aggregation: clients encrypt, a server adds, a separate key holder decrypts.
+"""Packed Paillier aggregation: clients encrypt and tag, a server relays, a key holder decrypts.
 
 Front door of the Paillier path: `PaillierSession` (SecAggSession's surface, many steps over one
-key) and `paillier_sum` (one call, a protocols.session.SecureSumResult). The server never holds the
-private key; the key holder only sees aggregates and learns each step's sum. See docs/paillier.md.
+key) and `paillier_sum` (one call, a protocols.session.SecureSumResult). The server never holds
+the private key; the key holder multiplies client-tagged uploads itself and decrypts only their
+product, so it learns each step's sum of at least its quorum. See docs/paillier.md.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ __all__ = [
 
 @dataclass
 class PaillierTraffic(Traffic):
-    """Traffic, plus the key holder's seconds and bytes (in: aggregates, out: key and sums)."""
+    """Traffic, plus the key holder's seconds and bytes (in: client keys and each step's
+    uploads; out: its public keys and the sums)."""
 
     key_holder_seconds: float = 0.0
     key_holder_bytes_in: int = 0
@@ -65,12 +67,12 @@ class PaillierSession:
     """A multi-step packed-Paillier session with SecAggSession's surface.
 
     One key holder, one server and n clients in process, talking in bytes. The key holder
-    decrypts only sums of at least `quorum` uploads (`threshold` reports it; 1 by default, and
-    what distributed DP noise is sized for), and `degree` is 0 (clients share no pairwise
-    keys). Every client stays `active`: one that misses a step may send in the next.
-    `key_bits` is ignored when `keypair` (from generate_keypair) is given. `noise(client, step,
-    length)` returns int64 noise in fixed-point units, |noise| <= noise_bound, added to the
-    client's encoding before packing.
+    decrypts only its own product of at least `quorum` client-tagged uploads (`threshold`
+    reports it; 1 by default, and what distributed DP noise is sized for), and `degree` is 0
+    (clients share no pairwise keys). Every client stays `active`: one that misses a step may
+    send in the next. `key_bits` is ignored when `keypair` (from generate_keypair) is given.
+    `noise(client, step, length)` returns int64 noise in fixed-point units, |noise| <=
+    noise_bound, added to the client's encoding before packing.
     """
 
     protocol = "paillier"
@@ -97,8 +99,10 @@ class PaillierSession:
         self.traffic = PaillierTraffic.zeros(n_clients)
         self.refusals: list[tuple[int, int, ProtocolError]] = []  # (step, client, error)
         with _Clock() as clock:
-            self.key_holder = PaillierKeyHolder(keypair, key_bits=key_bits, quorum=quorum,
-                                                unsafe_small_keys=unsafe_small_keys)
+            self.key_holder = PaillierKeyHolder(
+                keypair, n_clients=n_clients, vector_length=vector_length, codec=self.codec,
+                noise_bound=noise_bound, guard_bits=guard_bits, key_bits=key_bits,
+                quorum=quorum, unsafe_small_keys=unsafe_small_keys)
             announcement = self.key_holder.announce()
         self.traffic.key_holder_seconds += clock.seconds
         self.traffic.key_holder_bytes_out += len(announcement)
@@ -119,7 +123,14 @@ class PaillierSession:
                 self.clients[cid] = PaillierClient(cid, offer, rounding_seed=seed, noise=noise,
                                                    encryptor=self.encryptor,
                                                    unsafe_small_keys=unsafe_small_keys)
+                enrollment = self.clients[cid].enrollment()
             self.traffic.client_seconds[cid] += clock.seconds
+            # relayed by the server; the key holder trusts it is the client's real key
+            self.traffic.bytes_up[cid] += len(enrollment)
+            with _Clock() as clock:
+                self.key_holder.enroll(enrollment)
+            self.traffic.key_holder_seconds += clock.seconds
+            self.traffic.key_holder_bytes_in += len(enrollment)
 
     @property
     def active(self) -> frozenset[int]:
@@ -160,12 +171,12 @@ class PaillierSession:
                 t.client_seconds[cid] += clock.seconds
             t.bytes_up[cid] += len(uploads[cid])
         with _Clock() as clock:
-            aggregate = self.server.aggregate(uploads)
+            bundle = self.server.forward(uploads)
         t.server_seconds += clock.seconds
         with _Clock() as clock:
-            plaintexts = self.key_holder.decrypt(aggregate)
+            plaintexts = self.key_holder.decrypt(bundle)
         t.key_holder_seconds += clock.seconds
-        t.key_holder_bytes_in += len(aggregate)
+        t.key_holder_bytes_in += len(bundle)
         t.key_holder_bytes_out += len(plaintexts)
         with _Clock() as clock:
             outcome = self.server.finish(plaintexts)

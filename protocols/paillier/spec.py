@@ -19,8 +19,9 @@ __all__ = ["PaillierSpec"]
 
 
 class PaillierSpec(AggregatorSpec):
-    """"paillier": clients encrypt, the server adds ciphertexts, a key holder decrypts sums of at
-    least `threshold` uploads (1 by default; a majority under DP, which its noise is sized for)."""
+    """"paillier": clients encrypt and tag uploads, the server relays them, a key holder checks
+    the tags, multiplies and decrypts only products of at least `threshold` uploads (1 by
+    default; a majority under DP, which its noise is sized for)."""
 
     name: ClassVar[str] = "paillier"
     key_holder: ClassVar[bool] = True
