@@ -13,7 +13,12 @@ import numpy as np
 
 from .codec import FixedPointCodec
 from .dp import DPSpec
-from .errors import NonFiniteInputError, ParameterError, TooFewSurvivorsError
+from .errors import (
+    ConsistencyAbortError,
+    NonFiniteInputError,
+    ParameterError,
+    TooFewSurvivorsError,
+)
 from .graph import (
     COMPLETE_GRAPH_BELOW,
     NeighbourGraph,
@@ -139,6 +144,8 @@ class SecAggSession:
     `prg` picks the keystream of masks and dither ("aes-256-ctr" or "chacha20"); `maskers`
     gives chosen clients a device masker (codream_secure.gpu.masking.protocol_masker), and
     `unmasker` the server a device unmasker (codream_secure.gpu.masking.protocol_unmasker).
+    `threat_model` "active" (default) adds the consistency round that keeps a lying server
+    from unmasking anyone with fewer than t colluders; "semi-honest" skips it.
     """
 
     def __init__(self, n_clients: int, vector_length: int, *, clip: float,
@@ -148,7 +155,7 @@ class SecAggSession:
                  rounding: str = "stochastic", faults: FaultPlan | None = None,
                  rounding_seed: bytes | None = None, noise: RingNoise | None = None,
                  prg: str = "aes-256-ctr", maskers: Mapping[int, Masker] | None = None,
-                 unmasker: Unmasker | None = None) -> None:
+                 unmasker: Unmasker | None = None, threat_model: str = "active") -> None:
         if protocol not in ("secagg", "secagg+"):
             raise ParameterError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
         n_clients = check_count("secure aggregation's number of clients", n_clients, low=2)
@@ -163,10 +170,11 @@ class SecAggSession:
         self._pending: dict[int, np.ndarray] = {}
         self._masked_elsewhere = frozenset(maskers or {})
         self.server = SecAggServer(graph=graph, threshold=threshold, codec=self.codec,
-                                   vector_length=vector_length, unmasker=unmasker)
+                                   vector_length=vector_length, unmasker=unmasker,
+                                   threat_model=threat_model)
         clients = {
             cid: SecAggClient(self._provider(cid), noise=noise,
-                              masker=(maskers or {}).get(cid),
+                              masker=(maskers or {}).get(cid), threat_model=threat_model,
                               rounding_seed=None if rounding_seed is None
                               else derive_key(rounding_seed, session_id=b"rounding",
                                               purpose="client-rounding", context=(cid,)))
@@ -209,35 +217,53 @@ class SecAggSession:
         Active clients missing from `inputs` drop before uploading; those in `drop_after_upload`
         upload and then fall silent (their self masks are recovered from shares). Inputs no
         client could send (an unknown id, a wrong length, NaN) are refused before any message.
+        A client silent in the consistency round aborts the step; the same inputs are then
+        summed at the next step id without it (the outcome's `step` is that id, `dropped`
+        covers both tries, and the traffic counts both).
         """
         dropping = check_step_inputs(inputs, drop_after_upload, active=self.active,
                                      length=self.vector_length, floats_only=True,
                                      masked_elsewhere=self._masked_elsewhere)
-        upcoming = self.server.last_step + 1
+        first = upcoming = self.server.last_step + 1
         self.network.add_dropouts(
             [Dropout(c, upcoming, Stage.UPLOAD) for c in self.active if c not in inputs]
-            + [Dropout(c, upcoming, Stage.SHARES) for c in dropping]
         )
+        before, gone = self.active, frozenset()
         self._pending = dict(inputs)
         try:
-            outcome = self.network.step()
+            while True:
+                # re-scheduled each try: a late dropout falls silent after that try's upload
+                self.network.add_dropouts([Dropout(c, upcoming, Stage.SHARES)
+                                           for c in dropping if c in self.active])
+                try:
+                    outcome = self.network.step()
+                    break
+                except ConsistencyAbortError as error:
+                    # nothing of the aborted step can be unmasked (no share was released), and
+                    # the retry masks its inputs with fresh per-step secrets
+                    self.server.abandon_step()
+                    gone |= error.silent
+                    upcoming = self.server.last_step + 1
         except TooFewSurvivorsError as error:
             # the next step starts afresh with this one's survivors (safe: every secret
             # revealed during a step is specific to it), instead of a StageError
             self.server.abandon_step()
-            self._refuse_masker_errors(upcoming, cause=error)
+            self._refuse_masker_errors(first, upcoming, cause=error)
             raise
         finally:
             self._pending = {}
-        self._refuse_masker_errors(upcoming)
+        self._refuse_masker_errors(first, upcoming)
+        if upcoming != first:
+            outcome = dataclasses.replace(outcome, dropped=frozenset(before - outcome.included))
         return outcome
 
-    def _refuse_masker_errors(self, step: int, *, cause: Exception | None = None) -> None:
+    def _refuse_masker_errors(self, first: int, last: int, *,
+                              cause: Exception | None = None) -> None:
         """A device masker that refused its client's vector mid-step: no sum is returned."""
         for when, client, error in self.network.refusals:
-            if when == step and isinstance(error, NonFiniteInputError):
+            if first <= when <= last and isinstance(error, NonFiniteInputError):
                 raise NonFiniteInputError(
-                    f"client {client}'s masker refused its vector at step {step} ({error}); "
+                    f"client {client}'s masker refused its vector at step {when} ({error}); "
                     "the client has left the session and the step's sum is discarded"
                 ) from cause
 
@@ -248,7 +274,8 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
                threshold: int | None = None, degree: int | None = None, ring_bits: int = 32,
                scale_bits: int | None = None, seed: int = 0,
                weights: Sequence[float] | None = None,
-               max_weight: float | None = None, dp: DPSpec | None = None) -> SecureSumResult:
+               max_weight: float | None = None, dp: DPSpec | None = None,
+               threat_model: str = "active") -> SecureSumResult:
     """Sum n client vectors under `protocol`, with dropouts, and report the bytes and the time.
 
     `clip` defaults to the largest absolute input (a real deployment declares it up front).
@@ -257,6 +284,7 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
     sum_k w_k x_k and sum_k w_k over the survivors, and `.weighted_mean` is their ratio.
     With `dp` (a protocols.dp.DPSpec) every vector is clipped to L2 norm dp.l2_clip and the sum
     is noised (protocols.private); dropouts then happen before or after the upload only.
+    `threat_model` ("active" or "semi-honest") applies to SecAgg and SecAgg+.
     """
     if protocol not in PROTOCOLS:
         raise ParameterError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -271,12 +299,13 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
         if weights is not None:
             raise ParameterError("weights and dp together are not supported")
         return _private_sum(stacked, protocol, plan, dp, threshold=threshold, degree=degree,
-                            ring_bits=ring_bits, expected_dropout=max(dropout_rate, 0.05))
+                            ring_bits=ring_bits, expected_dropout=max(dropout_rate, 0.05),
+                            threat_model=threat_model)
     if weights is not None:
         stacked, clip = _weighted_rows(stacked, weights, clip, max_weight)
         result = secure_sum(stacked, protocol=protocol, clip=clip, dropouts=plan.dropouts,
                             threshold=threshold, degree=degree, ring_bits=ring_bits,
-                            scale_bits=scale_bits, seed=seed)
+                            scale_bits=scale_bits, seed=seed, threat_model=threat_model)
         return dataclasses.replace(result, total=result.total[:m],
                                    weight_sum=float(result.total[m]))
     if protocol == "plain":
@@ -288,7 +317,8 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
                             scale_bits=scale_bits, seed=seed)
     session = SecAggSession(n, stacked.shape[1], clip=clip, protocol=protocol, threshold=threshold,
                             degree=degree, ring_bits=ring_bits, scale_bits=scale_bits,
-                            expected_dropout=max(dropout_rate, 0.05), faults=plan)
+                            expected_dropout=max(dropout_rate, 0.05), faults=plan,
+                            threat_model=threat_model)
     outcome = session.step({cid: stacked[cid] for cid in range(n)})
     traffic = session.network.traffic
     return SecureSumResult(
@@ -301,13 +331,14 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
 
 def _private_sum(stacked: np.ndarray, protocol: str, plan: FaultPlan, dp: DPSpec, *,
                  threshold: int | None, degree: int | None, ring_bits: int,
-                 expected_dropout: float) -> SecureSumResult:
+                 expected_dropout: float, threat_model: str) -> SecureSumResult:
     """One DP release through protocols.registry (clients silent before uploading are absent)."""
     from .registry import open_session
 
     n, m = stacked.shape
     session = open_session(protocol, n, m, clip=dp.l2_clip, ring_bits=ring_bits, dp=dp,
-                           threshold=threshold, degree=degree, expected_dropout=expected_dropout)
+                           threshold=threshold, degree=degree, expected_dropout=expected_dropout,
+                           threat_model=threat_model)
     before = {d.client for d in plan.dropouts if d.stage in (Stage.ADVERTISE, Stage.UPLOAD)}
     after = [d.client for d in plan.dropouts if d.client not in before]
     outcome = session.step({c: stacked[c] for c in range(n) if c not in before},

@@ -113,7 +113,8 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
                  threshold: int | None = None, degree: int | None = None,
                  dp: DPSpec | None = None, prg: str = "aes-256-ctr",
                  maskers: Mapping[int, Masker] | None = None,
-                 unmasker: Unmasker | None = None) -> AggregationSession:
+                 unmasker: Unmasker | None = None,
+                 threat_model: str = "active") -> AggregationSession:
     """A fresh session of `protocol` for `n_clients` vectors of `vector_length` values.
 
     `maskers` (SecAgg only) builds chosen clients' uploads elsewhere, e.g. on a GPU, and
@@ -122,6 +123,7 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
 
     With `dp`, every client's vector is clipped to L2 norm dp.l2_clip (which then is also the
     per-coordinate clip) and every release is noised (`protocols.private`).
+    `threat_model` ("active" or "semi-honest") applies to SecAgg and SecAgg+.
     """
     if protocol not in PROTOCOLS:
         raise ParameterError(f"unknown aggregator {protocol!r}; choose one of "
@@ -130,7 +132,8 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
         return _private_session(protocol, n_clients, vector_length, dp=dp, ring_bits=ring_bits,
                                 expected_dropout=expected_dropout, rounding_seed=rounding_seed,
                                 key_bits=key_bits, keypair=keypair, threshold=threshold,
-                                degree=degree, prg=prg, maskers=maskers, unmasker=unmasker)
+                                degree=degree, prg=prg, maskers=maskers, unmasker=unmasker,
+                                threat_model=threat_model)
     if (maskers or unmasker) and protocol not in ("secagg", "secagg+"):
         raise ParameterError(f"maskers and unmaskers handle pairwise-mask uploads; {protocol!r} "
                              "has none")
@@ -143,7 +146,8 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
     return SecAggSession(n_clients, vector_length, clip=clip, protocol=protocol,
                          ring_bits=ring_bits, expected_dropout=max(expected_dropout, 0.05),
                          rounding_seed=rounding_seed, noise=noise, threshold=threshold,
-                         degree=degree, prg=prg, maskers=maskers, unmasker=unmasker)
+                         degree=degree, prg=prg, maskers=maskers, unmasker=unmasker,
+                         threat_model=threat_model)
 
 
 def _paillier_session(n_clients: int, vector_length: int, *, clip: float, ring_bits: int,
