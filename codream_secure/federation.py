@@ -104,8 +104,9 @@ class AggregationChannel:
     def open(self, vector_length: int, *, seed: tuple) -> None:
         """Start a session (one key setup) for vectors of this length.
 
-        `seed` makes the clients' stochastic rounding reproducible, so a resumed run equals an
-        uninterrupted one; masks stay fresh randomness (they cancel exactly anyway).
+        `seed` keys the clients' stochastic rounding; SecAgg clients mix in a secret of their
+        own and the session id, so there a resumed run matches an uninterrupted one only to
+        within the rounding of each sum. Masks stay fresh randomness (they cancel exactly).
         """
         close = getattr(self.session, "close", None)
         if close is not None:  # a Paillier session's encryption workers
