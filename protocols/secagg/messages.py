@@ -192,7 +192,7 @@ class PairwiseReveal:
     session_id: bytes
     client_id: int
     step: int
-    seeds: dict[int, bytes]
+    seeds: dict[int, bytes] = field(repr=False)  # secrets: never in a log line
 
     def encode(self) -> bytes:
         return (Writer(self.TYPE).fixed(self.session_id, SESSION_ID_BYTES).u32(self.client_id)
@@ -235,7 +235,7 @@ class ConsistencyReply:
     session_id: bytes
     client_id: int
     step: int
-    tokens: dict[int, bytes]
+    tokens: dict[int, bytes] = field(repr=False)
 
     def encode(self) -> bytes:
         return (Writer(self.TYPE).fixed(self.session_id, SESSION_ID_BYTES).u32(self.client_id)
@@ -262,7 +262,7 @@ class ShareRequest:
     step: int
     survivors: frozenset[int]
     envelopes: dict[int, bytes]
-    tokens: dict[int, bytes] = field(default_factory=dict)
+    tokens: dict[int, bytes] = field(default_factory=dict, repr=False)
 
     def encode(self) -> bytes:
         return (Writer(self.TYPE).fixed(self.session_id, SESSION_ID_BYTES).u32(self.step)
@@ -286,7 +286,7 @@ class ShareReveal:
     session_id: bytes
     client_id: int
     step: int
-    shares: dict[int, bytes]
+    shares: dict[int, bytes] = field(repr=False)
     share_bytes: int = 33
 
     def encode(self) -> bytes:

@@ -87,9 +87,9 @@ class _ServerStep:
     inputs: dict[int, MaskedInput] = field(default_factory=dict)
     survivors: set[int] = field(default_factory=set)
     dropped: set[int] = field(default_factory=set)
-    pair_seeds: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    pair_seeds: dict[tuple[int, int], bytes] = field(default_factory=dict, repr=False)
     asked: set[int] = field(default_factory=set)
-    tokens: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (owner, holder)
+    tokens: dict[tuple[int, int], bytes] = field(default_factory=dict, repr=False)
 
 
 class SecAggServer:
