@@ -33,6 +33,7 @@ from codream_secure.data import DATASET_NAMES, PARTITION_SCHEMES
 from codream_secure.errors import CoDreamError, os_reason
 from protocols.api import PROTOCOLS
 from protocols.errors import ProtocolError
+from protocols.secagg.messages import THREAT_MODELS
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -117,6 +118,10 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                    "complete graph), 'secagg+' (masks over a sparse neighbour graph) or "
                    "'paillier' (packed Paillier: the server adds ciphertexts, a separate key "
                    "holder decrypts only the sum; seconds per step, see docs/paillier.md)."),
+    "threat_model": (click.Choice(THREAT_MODELS), "What a secagg/secagg+ server is trusted to "
+                     "do: 'active' (default) adds a consistency round so a server lying about "
+                     "who dropped still needs t colluding clients to unmask one; 'semi-honest' "
+                     "skips it and is safe only if the server follows the protocol."),
     "paillier_bits": (click.INT, "Paillier modulus size for --aggregator paillier: 3072 "
                       "(128-bit security) or 2048; smaller or odd sizes are refused."),
     "grad_clip": (click.FLOAT, "Each client clips every element of its dream gradient to "

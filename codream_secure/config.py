@@ -13,6 +13,7 @@ from codream_secure.data import DATASET_NAMES, PARTITION_SCHEMES
 from codream_secure.errors import ConfigError
 from protocols.api import PROTOCOLS
 from protocols.codec import MAX_RING_BITS, MIN_RING_BITS
+from protocols.secagg.messages import THREAT_MODELS
 
 # Mirrors codream_secure.models.MODEL_NAMES without importing torch, so `--help` stays fast;
 # tests/core/test_config.py fails if the two ever differ.
@@ -63,6 +64,7 @@ class SimulationConfig:
     adaptive_after: int = 3
     adaptive_weight: float = 10.0
     aggregator: str = "secagg"
+    threat_model: str = "active"
     paillier_bits: int = 3072
     grad_clip: float = 8.0
     label_clip: float = 1.0
@@ -147,6 +149,7 @@ class SimulationConfig:
                               f"(dream_batch={self.dream_batch}); use at least {self.dream_batch}")
         _choice("soft_labels", self.soft_labels, SOFT_LABELS)
         _choice("aggregator", self.aggregator, PROTOCOLS)
+        _choice("threat_model", self.threat_model, THREAT_MODELS)
         _count("paillier_bits", self.paillier_bits, minimum=2048)
         if self.paillier_bits % 2:  # phe draws two primes of half the size: it never halts
             raise ConfigError(f"paillier_bits: must be even (2048 or 3072 are usual), got "

@@ -205,7 +205,8 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
                                    ring_bits=config.ring_bits, expected_dropout=config.dropout_rate,
                                    purpose=purpose, key_bits=config.paillier_bits, dp=spec,
                                    ledger=None if client_dp is None else client_dp.ledger,
-                                   masking=masking, device=device)
+                                   masking=masking, device=device,
+                                   threat_model=config.threat_model)
                 for clip, purpose, spec, masking in (
                     (config.grad_clip, "dream-gradient", client_dp and client_dp.grad,
                      resolve_masking(config, device)),
