@@ -1,21 +1,18 @@
 """What the consistency round costs: one SecAgg step under "semi-honest" and "active".
 
-    python -m benchmarks.consistency_cost                 # n=4, m=786432 and n=100, m=2^20
-    python -m benchmarks.consistency_cost --reps 1 --quick  # a quick look (small vectors)
+    python benchmarks/consistency_cost.py                   # n=4, m=786432 and n=100, m=2^20
+    python benchmarks/consistency_cost.py --reps 1 --quick  # a quick look (small vectors)
 
 Each repetition opens a fresh session per threat model (a client that drops after its upload
 leaves the session), runs one step, and records that step's wall time, the clients' and the
 server's compute seconds, and the bytes per client; the two models alternate so both see the
-same machine load. Writes consistency_cost.json into --out.
+same machine load. Writes consistency_cost.json (rows and the environment record) into --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from codream_secure.audit.reporting import environment, write_json
 from protocols.api import SecAggSession
 
 THREAT_MODELS = ("semi-honest", "active")
@@ -79,17 +77,10 @@ def measure(cases, reps: int) -> list[dict]:
     return rows
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/consistency_cost.py",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="steps per case and threat model")
     parser.add_argument("--quick", action="store_true", help="small vectors, for a smoke run")
     parser.add_argument("--out", type=Path, default=Path("runs/consistency_cost"))
@@ -97,20 +88,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.reps < 1:
         parser.error("--reps must be at least 1")
     rows = measure(QUICK_CASES if args.quick else CASES, args.reps)
-    result = {"command": " ".join(["python -m benchmarks.consistency_cost", *argv]),
-              "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-              "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": _commit(),
-              "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "consistency_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"command": " ".join(["python benchmarks/consistency_cost.py", *argv]),
+              "rows": rows, "environment": environment()}
+    write_json(args.out / "consistency_cost.json", result)
     print(f"{'n':>4} {'m':>8} {'drop':>4} {'model':>11} {'step s':>8} {'client s':>9} "
           f"{'server s':>9} {'up B/client':>12} {'down B/client':>13}")
     for r in rows:
         print(f"{r['n']:>4} {r['m']:>8} {r['dropped_after_upload']:>4} {r['threat_model']:>11} "
               f"{r['step_seconds']:>8.3f} {r['client_seconds']:>9.3f} "
               f"{r['server_seconds']:>9.3f} {r['bytes_up']:>12.0f} {r['bytes_down']:>13.0f}")
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

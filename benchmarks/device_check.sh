@@ -43,6 +43,8 @@ for name in $stages; do
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# the scripts run as files: the checkout provides codream_secure and protocols
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # the device image lacks these three (KINDS.md's package list): they travel as wheels
 absent=$(python3 - << 'PY'
@@ -135,8 +137,9 @@ untimed=fused-bn,combined,grouped-bn-norms,coordesc,combo-kernels,autotune-point
 for name in $stages; do
     case $name in
     benchmark)
-        stage benchmark "${BENCH_S:-330}" "$out/bench.log" python3 -m benchmarks.device \
-            --profile --out "$out" ${BENCH_ARGS---step-variants pad-stem,tile-reductions} ;;
+        stage benchmark "${BENCH_S:-330}" "$out/bench.log" \
+            python3 -m codream_secure.audit.device --profile --out "$out" \
+            ${BENCH_ARGS---step-variants pad-stem,tile-reductions} ;;
     tests)
         # session 11's one-pass BatchNorm kernel, then the tests session 10's time limit cut
         # (all but distillation with CUDA graphs passed in session 5, before sessions 6-9
@@ -144,7 +147,7 @@ for name in $stages; do
         stage "gpu and triton tests" "${TEST_S:-210}" "$out/tests.log" python3 -m pytest -v \
             --tb=short -rfE --durations=20 -p no:cacheprovider -m "gpu or triton" \
             tests/core/test_bn_act.py tests/core/test_fast_dream.py tests/core/test_gpu_send.py \
-            tests/benchmarks/test_device_bench.py tests/core/test_dreams.py \
+            tests/audit/test_device_bench.py tests/core/test_dreams.py \
             tests/core/test_train_step.py tests/core/test_gpu_interop.py \
             tests/core/test_gpu_masking.py tests/core/test_gpu_chacha20.py \
             tests/core/test_triton_compile.py tests/core/test_federation.py \
@@ -155,14 +158,15 @@ for name in $stages; do
         simulate graphs-off "${SIMG_S:-100}" --precision bf16 ;;
     server)
         stage "session host cost (server unmasking on the host, then on the GPU)" \
-            "${SERVER_S:-25}" "$out/server.log" python3 -m benchmarks.session_host_cost \
+            "${SERVER_S:-25}" "$out/server.log" python3 benchmarks/session_host_cost.py \
             --masker device,device-pageable --unmasker host,device --turns 3 ;;
     variants)
-        stage variants "${VARIANTS_S:-330}" "$out/variants.log" python3 -m benchmarks.device \
-            --sections step --out "$out/variants" --step-variants "${VARIANTS:-$untimed}" ;;
+        stage variants "${VARIANTS_S:-330}" "$out/variants.log" \
+            python3 -m codream_secure.audit.device --sections step --out "$out/variants" \
+            --step-variants "${VARIANTS:-$untimed}" ;;
     training)
-        stage "training steps" "${TRAIN_S:-160}" "$out/train.log" python3 -m benchmarks.device \
-            --sections train --iters 10 --out "$out/train" ;;
+        stage "training steps" "${TRAIN_S:-160}" "$out/train.log" \
+            python3 -m codream_secure.audit.device --sections train --iters 10 --out "$out/train" ;;
     simulate)
         simulate device-masking "${SIM_S:-25}" --masking device --rounds 1 ;;
     host-malloc)
@@ -170,7 +174,7 @@ for name in $stages; do
         # uploads reuse memory instead of page-faulting fresh mappings every step
         stage "session host cost, glibc keeping freed memory" "${MALLOC_S:-25}" \
             "$out/server-malloc.log" env MALLOC_MMAP_THRESHOLD_=33554432 \
-            MALLOC_TRIM_THRESHOLD_=1073741824 python3 -m benchmarks.session_host_cost \
+            MALLOC_TRIM_THRESHOLD_=1073741824 python3 benchmarks/session_host_cost.py \
             --masker device,device-pageable --unmasker host,device --turns 3 ;;
     esac
 done

@@ -31,7 +31,7 @@ from codream_secure.config import (
 )
 from codream_secure.data import DATASET_NAMES, PARTITION_SCHEMES
 from codream_secure.errors import CoDreamError, os_reason
-from protocols.api import PROTOCOLS
+from protocols import registry
 from protocols.errors import ProtocolError
 from protocols.secagg.messages import THREAT_MODELS
 
@@ -113,7 +113,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "adaptive_after": (click.INT, "Rounds after which adaptive teaching starts: the dream "
                        "objective also pushes dreams to where the server model is unsure."),
     "adaptive_weight": (click.FLOAT, "Weight of the adaptive-teaching term (0 disables it)."),
-    "aggregator": (click.Choice(PROTOCOLS), "How cross-client sums are computed: 'plain' "
+    "aggregator": (click.Choice(registry.names()), "How cross-client sums are computed: 'plain' "
                    "(server sees each vector, the insecure baseline), 'secagg' (pairwise masks, "
                    "complete graph), 'secagg+' (masks over a sparse neighbour graph) or "
                    "'paillier' (packed Paillier: the server adds ciphertexts, a separate key "
@@ -186,10 +186,9 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                     "'per-client' (one CUDA graph per architecture group, launched in turn) or "
                     "'one' (every client's step captured in one CUDA graph, one launch per "
                     "dream step; needs CUDA and --precision bf16). In the device benchmark on "
-                    "an H100 one graph took a plain 4-client round from 12.66 to 8.06 ms/step "
-                    "in one run and left it as it was in another (7.99 against 7.95); a short "
-                    "simulation with it gained nothing over its capture time, so it is opt-in "
-                    "(docs/gpu.md)."),
+                    "an H100 a plain 4-client round step took 7.95 ms with one graph against "
+                    "7.99 ms with a graph per client; a short simulation with it gained nothing "
+                    "over its capture time, so it is opt-in (docs/gpu.md)."),
     "seed": (click.INT, "Seed of partitions, model initialisation, dreams and dropouts, in "
              "[0, 2^32 - 1]. Masks never derive from it: they come from fresh cryptographic "
              "keys."),

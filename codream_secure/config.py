@@ -11,9 +11,12 @@ from typing import Any
 
 from codream_secure.data import DATASET_NAMES, PARTITION_SCHEMES
 from codream_secure.errors import ConfigError
-from protocols.api import PROTOCOLS
+from protocols import registry
 from protocols.codec import MAX_RING_BITS, MIN_RING_BITS
+from protocols.errors import ParameterError
+from protocols.plan import AggregationPlan
 from protocols.secagg.messages import THREAT_MODELS
+from protocols.spec import AggregatorSpec
 
 # Mirrors codream_secure.models.MODEL_NAMES without importing torch, so `--help` stays fast;
 # tests/core/test_config.py fails if the two ever differ.
@@ -148,7 +151,7 @@ class SimulationConfig:
             raise ConfigError(f"buffer_size: {self.buffer_size} cannot hold one dream batch "
                               f"(dream_batch={self.dream_batch}); use at least {self.dream_batch}")
         _choice("soft_labels", self.soft_labels, SOFT_LABELS)
-        _choice("aggregator", self.aggregator, PROTOCOLS)
+        spec = self.aggregator_spec()
         _choice("threat_model", self.threat_model, THREAT_MODELS)
         _count("paillier_bits", self.paillier_bits, minimum=2048)
         if self.paillier_bits % 2:  # phe draws two primes of half the size: it never halts
@@ -165,7 +168,7 @@ class SimulationConfig:
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("masking", self.masking, MASKINGS)
-        if self.masking == "device" and self.aggregator not in ("secagg", "secagg+"):
+        if self.masking == "device" and not spec.pairwise_masks:
             raise ConfigError(f"masking: 'device' masks pairwise-mask uploads; aggregator "
                               f"{self.aggregator!r} has none (use --masking auto or host)")
         if self.masking == "device" and self.dp == "client":
@@ -226,19 +229,27 @@ class SimulationConfig:
                 f"needs at least {need}: no round could exchange anything"
             )
 
+    def aggregator_spec(self) -> AggregatorSpec:
+        """The registered aggregator `aggregator` names."""
+        try:
+            return registry.get(self.aggregator)
+        except ParameterError:
+            raise ConfigError(f"aggregator: unknown value {self.aggregator!r}; choose from "
+                              f"{', '.join(registry.names())}") from None
+
+    def aggregation_plan(self) -> AggregationPlan:
+        """Threshold, degree and release floor of the run's sessions.
+
+        Planned as private under distributed DP, whose noise is sized for the release floor
+        (Paillier's key holder then decrypts only majority sums).
+        """
+        private = self.dp == "client" and self.dp_mode == "distributed"
+        return self.aggregator_spec().plan(self.clients, expected_dropout=self.dropout_rate,
+                                           ring_bits=self.ring_bits, private=private)
+
     def min_survivors(self) -> int:
         """The fewest clients whose sum the configured aggregator releases (at least 2)."""
-        from protocols.private import min_contributors
-        from protocols.registry import release_threshold
-
-        if self.aggregator in ("secagg", "secagg+") or (
-                self.aggregator == "paillier" and self.dp == "client"
-                and self.dp_mode == "distributed"):
-            t = release_threshold(self.aggregator, self.clients,
-                                  expected_dropout=self.dropout_rate)
-            return max(2, min_contributors(self.aggregator, threshold=t,
-                                           n_clients=self.clients))
-        return 2
+        return max(2, self.aggregation_plan().min_contributors)
 
 
 def max_threads() -> int:
@@ -253,23 +264,44 @@ _FLOAT_FIELDS = tuple(f.name for f in fields(SimulationConfig)
                       if f.type in ("float", "float | None"))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few dozen lines
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML table of config keys; unknown keys and bad TOML raise ConfigError."""
+    """Read a flat TOML table of config keys; unknown keys and bad TOML raise ConfigError whose
+    one line names the file and, for a syntax or encoding error, the line."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     path = Path(path)
+    where = f"config file {str(path)!r}"
     try:
         with path.open("rb") as handle:
-            values = tomllib.load(handle)
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        raise ConfigError(f"{where} does not exist") from None
     except OSError as error:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
-    _check_keys(values, f"config file {str(path)!r}")
+        raise ConfigError(f"cannot read {where}: {error.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES:,} bytes; not a config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{where} is not valid TOML: line {line} is not UTF-8 text "
+                          f"(byte 0x{raw[error.start]:02x})") from None
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        # tomllib names the line, except at the very end of the file
+        reason = str(error).replace("(at end of document)",
+                                    f"(at line {text.count(chr(10)) + 1}, the end of the file)")
+        raise ConfigError(f"{where} is not valid TOML: {reason}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is not valid TOML: arrays or tables nested too "
+                          "deeply") from None
+    _check_keys(values, where)
     return values
 
 

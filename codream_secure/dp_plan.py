@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING
 
 from codream_secure.config import SimulationConfig
 from codream_secure.errors import ConfigError
-from protocols import dp
+from protocols.dp import mechanisms as dp
 from protocols.errors import ProtocolError
-from protocols.private import min_contributors
-from protocols.registry import release_scale_bits, release_threshold
+from protocols.plan import AggregationPlan
 
 if TYPE_CHECKING:  # opacus loads only when a run plans DP
     from codream_secure.federation import CoDreamFederation
@@ -45,12 +44,11 @@ def _specs(config: SimulationConfig, z: float, t: int | None) -> tuple[dp.DPSpec
     return make[0], make[1]
 
 
-def _accounting(config: SimulationConfig, spec: dp.DPSpec, dim: int) -> tuple[float, float]:
+def _accounting(config: SimulationConfig, plan: AggregationPlan, spec: dp.DPSpec,
+                dim: int) -> tuple[float, float]:
     """(accounting multiplier, truncation TV per release) of one channel's releases."""
     noise = dp.DistributedNoise(spec) if spec.mode == "distributed" else None
-    bits = release_scale_bits(config.aggregator, config.clients, clip=spec.l2_clip,
-                              ring_bits=config.ring_bits,
-                              headroom=0.0 if noise is None else noise.headroom)
+    bits = plan.scale_bits(clip=spec.l2_clip, headroom=0.0 if noise is None else noise.headroom)
     z = dp.accounting_noise_multiplier(spec, dim=dim, scale_bits=bits)
     tv = 0.0
     if noise is not None and bits is not None:
@@ -68,14 +66,13 @@ def plan_client_dp(config: SimulationConfig, *, grad_dim: int, label_dim: int) -
     )
 
     n = config.clients
-    t = None
-    if config.dp_mode == "distributed":
-        quorum = release_threshold(config.aggregator, n, expected_dropout=config.dropout_rate)
-        t = min_contributors(config.aggregator, threshold=quorum, n_clients=n)
+    plan = config.aggregation_plan()
+    t = plan.min_contributors if config.dp_mode == "distributed" else None
 
     def accounting(z: float) -> tuple[float, float]:
         grad, labels = _specs(config, z, t)
-        pairs = [_accounting(config, grad, grad_dim), _accounting(config, labels, label_dim)]
+        pairs = [_accounting(config, plan, grad, grad_dim),
+                 _accounting(config, plan, labels, label_dim)]
         return min(a for a, _ in pairs), max(tv for _, tv in pairs)
 
     mechanism = "skellam" if config.dp_mode == "distributed" and \

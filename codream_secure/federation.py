@@ -1,4 +1,4 @@
-"""CoDream rounds across clients; the only module that talks to the protocol layer.
+"""CoDream rounds across clients, and the channels that run their sums as aggregation sessions.
 
 The bridge is explicit: torch tensor -> float32 numpy -> aggregator session -> numpy -> tensor.
 """
@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from protocols.dp import DPSpec
+from protocols import registry
+from protocols.dp.mechanisms import DPSpec
 from protocols.errors import NonFiniteInputError, TooFewSurvivorsError
-from protocols.registry import AggregationSession, open_session
+from protocols.registry import open_session
+from protocols.session import AggregationSession
 
 from .distill import distill, evaluate, soft_labels, train_local
 from .dreams import (
@@ -94,6 +96,7 @@ class AggregationChannel:
         self.device = device
         self.dp_clipped = 0  # client vectors scaled down to the DP L2 clip
         self.aggregator, self.n_clients, self.clip = aggregator, n_clients, clip
+        self.spec = registry.get(aggregator)
         self.ring_bits, self.expected_dropout, self.key_bits = ring_bits, expected_dropout, key_bits
         self.stats = ChannelStats()
         self.bytes_up = np.zeros(n_clients, np.int64)
@@ -112,10 +115,8 @@ class AggregationChannel:
         close = getattr(self.session, "close", None)
         if close is not None:  # a Paillier session's encryption workers
             close()
-        if self.aggregator == "paillier" and self._keypair is None:
-            from protocols.paillier import generate_keypair
-
-            self._keypair = generate_keypair(self.key_bits)
+        if self.spec.key_holder and self._keypair is None:
+            self._keypair = self.spec.generate_keypair(self.key_bits)
         self.session = open_session(
             self.aggregator, self.n_clients, vector_length, clip=self.clip,
             ring_bits=self.ring_bits, expected_dropout=self.expected_dropout,
@@ -184,7 +185,7 @@ class AggregationChannel:
         members = sorted(outcome.included)
         # the reference is what a plain run would have summed: clipping counts as error here
         plain, clipped = _plain_reference([inputs[c] for c in members], self.clip)
-        if self.aggregator == "plain":
+        if not self.spec.fixed_point:  # floats in the clear: nothing was clipped
             clipped = 0
         self.stats.observe(outcome.total, plain, clipped, seconds)
         return outcome.total, outcome.included

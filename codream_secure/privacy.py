@@ -19,7 +19,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from codream_secure.errors import ConfigError
-from protocols import dp
+from protocols.dp import mechanisms as dp
 
 __all__ = [
     "ACCOUNTANTS",

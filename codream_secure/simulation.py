@@ -57,7 +57,7 @@ def resolve_masking(config: SimulationConfig, device: torch.device) -> str:
     """Where dream gradients are masked: 'auto' is the device on CUDA with SecAgg, else host."""
     if config.masking != "auto":
         return config.masking
-    secagg = config.aggregator in ("secagg", "secagg+") and config.dp != "client"
+    secagg = config.aggregator_spec().pairwise_masks and config.dp != "client"
     return "device" if secagg and device.type == "cuda" else "host"
 
 
@@ -142,7 +142,7 @@ def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict
     if config.dp == "client":  # the released sums carry noise on purpose: no error to compare
         report["measured"].update(max_abs_error_vs_plain=None, mean_abs_error_vs_plain=None,
                                   steps_compared=0)
-    if session is not None and config.aggregator != "plain":
+    if session is not None and config.aggregator_spec().masks_inputs:
         report.update(threshold=session.threshold, degree=session.degree,
                       ring_bits=config.ring_bits)
     codecs = [getattr(c.session, "codec", None) for c in (grad, labels)]

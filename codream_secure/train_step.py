@@ -49,8 +49,8 @@ class FastPath:
         """The simulate default: compiled, channels_last and fused with bf16 on CUDA, else None.
 
         Same rule as FastDreamStep.optimised. CUDA graphs are opt-in (simulate
-        --train-cuda-graphs on): 4.45 vs 11.89 ms per ResNet-18 training step on an H100, but no
-        whole simulation has run with them on a GPU yet (docs/gpu.md).
+        --train-cuda-graphs on): 4.45 vs 11.89 ms per ResNet-18 training step on an H100, but a
+        short simulation gained nothing over their compile time (docs/gpu-measurements.md).
         """
         if device.type == "cuda" and precision == "bf16":
             return cls(channels_last=True, cuda_graphs=cuda_graphs)

@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
 
 import numpy as np
 
@@ -22,6 +21,7 @@ from ..errors import (
 )
 from ..graph import NeighbourGraph, complete_graph, harary_graph
 from ..primitives import envelope, kdf, prg, shamir
+from ..session import RingNoise
 from . import keys
 from .messages import (
     THREAT_MODELS,
@@ -43,18 +43,6 @@ InputProvider = Callable[[int], np.ndarray]
 SELF_SEED_BYTES = 32  # a fresh AES-256-CTR key per client and step
 DITHER_SECRET_BYTES = 32  # client-local: the server cannot recompute a client's rounding
 SEALED_SHARE_BYTES = shamir.FIELD_256.element_bytes + envelope.TAG_BYTES  # one share, GCM-sealed
-
-
-class RingNoise(Protocol):
-    """Integer noise a client adds to its encoding before masking (distributed DP).
-
-    `headroom` bounds |noise| in value units; `sample` returns int64 fixed-point units with
-    |sample| <= ceil(headroom * 2^scale_bits), so the session's overflow budget can hold it.
-    """
-
-    headroom: float
-
-    def sample(self, length: int, scale_bits: int) -> np.ndarray: ...
 
 
 class ClientStage(Enum):

@@ -22,6 +22,7 @@ from ..errors import (
 from ..graph import NeighbourGraph
 from ..inputs import check_count
 from ..primitives import prg, shamir
+from ..session import StepOutcome
 from ..wire import MAX_VECTOR
 from . import keys
 from .client import SEALED_SHARE_BYTES, validate_threshold
@@ -67,17 +68,6 @@ def host_unmask(uploads: Sequence[np.ndarray], signed_seeds: Sequence[tuple[byte
         np.add(total, upload, out=total)
     prg.add_uniform_rings(total, signed_seeds, ring_bits=codec.ring_bits, algorithm=codec.prg)
     return total
-
-
-@dataclass(frozen=True, eq=False)
-class StepOutcome:
-    """The result of one aggregation step: the decoded sum and who is in it."""
-
-    step: int
-    total: np.ndarray
-    ring_total: np.ndarray
-    included: frozenset[int]
-    dropped: frozenset[int]
 
 
 @dataclass

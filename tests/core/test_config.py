@@ -226,7 +226,7 @@ def test_the_survivors_needed_follow_the_aggregator() -> None:
     for aggregator in ("plain", "paillier"):
         assert SimulationConfig(clients=4, aggregator=aggregator).min_survivors() == 2
         SimulationConfig(clients=4, aggregator=aggregator, dropout_clients=(0, 1))  # accepted
-    # distributed DP under Paillier: the key holder's quorum, default_threshold(5) = 3
+    # distributed DP under Paillier: the key holder's quorum, majority_threshold(5) = 3
     dp = {"dp": "client", "dp_noise": 1.0, "aggregator": "paillier"}
     assert SimulationConfig(clients=5, **dp).min_survivors() == 3
     with pytest.raises(ConfigError, match="needs at least 3"):

@@ -11,7 +11,7 @@ from opacus.accountants.analysis.gdp import eps_from_mu
 
 from codream_secure import privacy
 from codream_secure.errors import ConfigError
-from protocols import dp
+from protocols.dp import mechanisms as dp
 
 
 def sample_ledger(accountant: str) -> privacy.PrivacyLedger:

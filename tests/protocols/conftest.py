@@ -7,10 +7,11 @@ import pytest
 
 from protocols.codec import FixedPointCodec
 from protocols.graph import complete_graph
-from protocols.network import FaultPlan, InProcessNetwork
+from protocols.network import InProcessNetwork
 from protocols.secagg.client import SecAggClient
 from protocols.secagg.messages import ConsistencyReply, ConsistencyRequest
 from protocols.secagg.server import SecAggServer
+from protocols.session import FaultPlan
 
 
 class Inputs:

@@ -13,7 +13,6 @@ from protocols.errors import (
     PolicyViolationError,
     ReplayError,
 )
-from protocols.network import Dropout, FaultPlan, Stage
 from protocols.secagg import keys
 from protocols.secagg.client import SecAggClient
 from protocols.secagg.messages import (
@@ -25,6 +24,7 @@ from protocols.secagg.messages import (
     ShareRequest,
     ShareReveal,
 )
+from protocols.session import Dropout, FaultPlan, Stage
 from protocols.wire import message_type
 
 from .conftest import confirm, make_session
@@ -183,3 +183,4 @@ def test_secure_sum_hides_the_retry():
     honest = secure_sum(x, protocol="secagg", clip=1.0, threat_model="semi-honest",
                         dropouts=[Dropout(1, 1, Stage.CONSISTENCY)])
     assert honest.included == (0, 1, 2, 3, 4)  # no round to be silent in
+

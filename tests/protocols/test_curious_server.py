@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from protocols.errors import PolicyViolationError, ReplayError, StageError, TooFewSurvivorsError
-from protocols.network import Dropout, FaultPlan, Stage
 from protocols.primitives import prg, shamir
 from protocols.secagg import keys
 from protocols.secagg.messages import (
@@ -17,6 +16,7 @@ from protocols.secagg.messages import (
     ShareReveal,
     StepRequest,
 )
+from protocols.session import Dropout, FaultPlan, Stage
 
 from .conftest import confirm, make_session
 

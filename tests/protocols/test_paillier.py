@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
-from protocols.api import SecAggSession, SecureSumResult
+from protocols.api import SecAggSession
 from protocols.codec import FixedPointCodec
 from protocols.errors import (
     IntegrityError,
@@ -21,21 +21,21 @@ from protocols.errors import (
     ReplayError,
     TooFewSurvivorsError,
 )
-from protocols.network import Dropout, Stage
-from protocols.paillier import (
-    PaillierSession,
-    generate_keypair,
-    paillier_sum,
-    unsafe_keypair_from_primes,
-)
-from protocols.paillier_packing import SlotLayout, pack, unpack_sum
-from protocols.paillier_roles import (
+from protocols.paillier.packing import SlotLayout, pack, unpack_sum
+from protocols.paillier.roles import (
     PaillierClient,
     PaillierKeyHolder,
     PaillierServer,
     ParallelEncryptor,
     raw_encrypt,
 )
+from protocols.paillier.session import (
+    PaillierSession,
+    generate_keypair,
+    paillier_sum,
+    unsafe_keypair_from_primes,
+)
+from protocols.session import Dropout, SecureSumResult, Stage
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "paillier_packed.json").read_text())
 
@@ -186,7 +186,7 @@ def test_regression_vectors():
 
 def test_roles_reproduce_the_vector_aggregate():
     """Server and key holder, fed the vector uploads as bytes, return the vector sums."""
-    from protocols.paillier_messages import Ciphertexts
+    from protocols.paillier.messages import Ciphertexts
 
     v = VECTORS
     keypair = unsafe_keypair_from_primes(int(v["p"], 16), int(v["q"], 16))
@@ -289,7 +289,7 @@ def test_a_forged_upload_is_rejected_and_excluded(keypair512):
 
 def _messages(keypair) -> dict[str, tuple[bytes, callable]]:
     """Each genuine message with its decoder and the role that consumes it."""
-    from protocols.paillier_messages import Ciphertexts, Offer, PublicKeyMessage, StepRequest
+    from protocols.paillier.messages import Ciphertexts, Offer, PublicKeyMessage, StepRequest
 
     s = _session(2, 30, keypair)
     request = s.server.open_step()

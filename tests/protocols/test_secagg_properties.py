@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from protocols.errors import ConsistencyAbortError, TooFewSurvivorsError
 from protocols.graph import complete_graph, harary_graph
-from protocols.network import Dropout, FaultPlan, Stage
+from protocols.session import Dropout, FaultPlan, Stage
 
 from .conftest import make_session
 

@@ -8,12 +8,12 @@ import types
 import numpy as np
 
 from protocols.api import SecAggSession
-from protocols.network import Dropout, FaultPlan, Stage
 from protocols.primitives import kdf, shamir
 from protocols.secagg import client as client_module
 from protocols.secagg import keys
 from protocols.secagg.client import StepSecrets
 from protocols.secagg.messages import decode_message
+from protocols.session import Dropout, FaultPlan, Stage
 
 
 def _spellings(secret: bytes) -> list[str]:

@@ -17,10 +17,10 @@ import copy
 import numpy as np
 import pytest
 
-from protocols.api import plan_graph
 from protocols.codec import FixedPointCodec
 from protocols.errors import ProtocolError
 from protocols.network import InProcessNetwork
+from protocols.plan import mask_graph
 from protocols.primitives import envelope, shamir
 from protocols.secagg import keys
 from protocols.secagg.client import SecAggClient
@@ -49,7 +49,7 @@ class Loot:
 
 
 def _session(n: int, threat_model: str):
-    graph, threshold = plan_graph(n, protocol="secagg+")
+    graph, threshold = mask_graph(n, sparse=True)
     codec = FixedPointCodec.for_clients(n, clip=1.0, rounding="stochastic")
     values = np.random.default_rng(n).uniform(-1, 1, (n, M))
     server = SecAggServer(graph=graph, threshold=threshold, codec=codec, vector_length=M,
