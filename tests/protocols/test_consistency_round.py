@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from protocols.api import SecAggSession, secure_sum
+from protocols.dp.mechanisms import DPSpec
 from protocols.errors import (
     ConsistencyAbortError,
     IntegrityError,
@@ -13,6 +14,7 @@ from protocols.errors import (
     PolicyViolationError,
     ReplayError,
 )
+from protocols.registry import open_session
 from protocols.secagg import keys
 from protocols.secagg.client import SecAggClient
 from protocols.secagg.messages import (
@@ -184,3 +186,25 @@ def test_secure_sum_hides_the_retry():
                         dropouts=[Dropout(1, 1, Stage.CONSISTENCY)])
     assert honest.included == (0, 1, 2, 3, 4)  # no round to be silent in
 
+
+@pytest.mark.parametrize("protocol", ["secagg", "secagg+"])
+def test_the_registry_opens_pairwise_mask_sessions_under_the_threat_model(protocol):
+    dp = DPSpec(mode="central", noise_multiplier=1e-9, l2_clip=100.0)
+    for model in ("active", "semi-honest"):
+        for session in (open_session(protocol, 4, 8, clip=1.0, threat_model=model),
+                        open_session(protocol, 4, 8, clip=1.0, dp=dp, threat_model=model).inner):
+            assert session.server.threat_model == model
+            assert {c._threat_model for c in session.network.clients.values()} == {model}
+    with pytest.raises(ParameterError, match="threat_model"):
+        open_session(protocol, 4, 8, clip=1.0, threat_model="malicious")
+
+
+def test_secure_sum_runs_the_round_only_under_active_and_other_aggregators_ignore_it():
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 16))
+    up = {model: secure_sum(x, protocol="secagg", threat_model=model).bytes_up.sum()
+          for model in ("semi-honest", "active")}
+    assert up["active"] > up["semi-honest"]  # the consistency replies
+    plain = secure_sum(x, protocol="plain", threat_model="semi-honest")
+    np.testing.assert_allclose(plain.total, x.sum(0), atol=1e-6)  # the plain sum is float32
+    with pytest.raises(ParameterError, match="threat_model"):
+        secure_sum(x, protocol="plain", threat_model="malicious")
