@@ -20,6 +20,7 @@ from codream_secure.config import (
 )
 from codream_secure.data import DATASET_NAMES, PARTITION_SCHEMES
 from protocols import registry
+from protocols.secagg.messages import THREAT_MODELS
 
 
 class CommaList(click.ParamType):
@@ -70,6 +71,11 @@ FLAGS: dict[str, tuple[Any, str]] = {
                    "complete graph), 'secagg+' (masks over a sparse neighbour graph) or "
                    "'paillier' (packed Paillier: a separate key holder decrypts only the sum; "
                    "slow, see docs/paillier.md)."),
+    "threat_model": (click.Choice(THREAT_MODELS), "What a secagg/secagg+ server is trusted to "
+                     "do: 'active' adds a consistency round so that a server lying about who "
+                     "dropped still needs t colluding clients to unmask an input; "
+                     "'semi-honest' skips it and is safe only if the server follows the "
+                     "protocol (docs/protocol.md)."),
     "dropout_rate": (click.FLOAT, "Chance in [0, 1) that a client drops out of a round's "
                      "aggregation; secure aggregation must still finish with the survivors."),
     "dp": (click.Choice(DP_UNITS), "Differential privacy: 'client' protects each client's whole "
@@ -94,7 +100,7 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Data [data]", ("--dataset", "--data-dir", "--clients", "--partition", "--alpha")),
     ("Models [models]", ("--models",)),
     ("CoDream [codream]", ("--rounds", "--dream-steps")),
-    ("Aggregation [aggregation]", ("--aggregator", "--dropout-rate")),
+    ("Aggregation [aggregation]", ("--aggregator", "--threat-model", "--dropout-rate")),
     ("Privacy [privacy]", ("--dp", "--dp-epsilon", "--dp-noise")),
     ("Device [device]", ("--device", "--precision")),
     ("Run [run]", ("--seed", "--out", "--config", "--resume", "--quiet", "--help")),

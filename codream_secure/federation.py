@@ -82,10 +82,11 @@ class AggregationChannel:
                  expected_dropout: float, purpose: str = "dream-gradient",
                  key_bits: int = 3072, dp: DPSpec | None = None,
                  ledger: PrivacyLedger | None = None, masking: str = "host",
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, threat_model: str = "active") -> None:
         if masking not in ("host", "device"):
             raise ConfigError(f"masking must be 'host' or 'device', got {masking!r}")
         self.purpose, self.dp, self.ledger = purpose, dp, ledger
+        self.threat_model = threat_model
         # device: each client's upload is quantised and masked where its tensor lives (ChaCha20
         # session PRG, bit-identical to a host client); vectors may then be torch tensors
         self.device_masking = masking == "device"
@@ -108,8 +109,9 @@ class AggregationChannel:
     def open(self, vector_length: int, *, seed: tuple) -> None:
         """Start a session (one key setup) for vectors of this length.
 
-        `seed` makes the clients' stochastic rounding reproducible, so a resumed run equals an
-        uninterrupted one; masks stay fresh randomness (they cancel exactly anyway).
+        `seed` keys the clients' stochastic rounding; SecAgg clients mix in a secret of their
+        own and the session id, so there a resumed run matches an uninterrupted one only to
+        within the rounding of each sum. Masks stay fresh randomness (they cancel exactly).
         """
         close = getattr(self.session, "close", None)
         if close is not None:  # a Paillier session's encryption workers
@@ -121,6 +123,7 @@ class AggregationChannel:
             ring_bits=self.ring_bits, expected_dropout=self.expected_dropout,
             rounding_seed=hashlib.sha256(repr(seed).encode()).digest(),
             key_bits=self.key_bits, keypair=self._keypair, dp=self.dp,
+            threat_model=self.threat_model,
             **self._masking_options(),
         )
         self._traffic_seen = (np.zeros(self.n_clients, np.int64),

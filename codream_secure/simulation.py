@@ -183,7 +183,8 @@ def _channels(aggregation: AggregationConfig, n_clients: int, masking: str,
                                expected_dropout=aggregation.dropout_rate, purpose=purpose,
                                key_bits=aggregation.paillier_bits, dp=spec,
                                ledger=None if client_dp is None else client_dp.ledger,
-                               masking=channel_masking, device=device)
+                               masking=channel_masking, device=device,
+                               threat_model=aggregation.threat_model)
             for clip, purpose, spec, channel_masking in (
                 (aggregation.grad_clip, "dream-gradient", client_dp and client_dp.grad, masking),
                 (aggregation.label_clip, "soft-label", client_dp and client_dp.labels, "host"))]

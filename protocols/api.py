@@ -41,7 +41,8 @@ def _weighted_rows(stacked: np.ndarray, weights: Sequence[float], clip: float,
 
 class SecAggSession(PairwiseMaskSession):
     """A multi-step SecAgg/SecAgg+ session opened by aggregator name, with every option of
-    protocols.secagg.session.PairwiseMaskSession (a graph, a threshold, faults, device maskers).
+    protocols.secagg.session.PairwiseMaskSession (a graph, a threshold, faults, device maskers,
+    the threat model).
     """
 
     def __init__(self, n_clients: int, vector_length: int, *, clip: float,
@@ -59,7 +60,8 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
                threshold: int | None = None, degree: int | None = None, ring_bits: int = 32,
                scale_bits: int | None = None, seed: int = 0,
                weights: Sequence[float] | None = None,
-               max_weight: float | None = None, dp: DPSpec | None = None) -> SecureSumResult:
+               max_weight: float | None = None, dp: DPSpec | None = None,
+               threat_model: str = "active") -> SecureSumResult:
     """Sum n client vectors under `protocol`, with dropouts, and report the bytes and the time.
 
     `clip` defaults to the largest absolute input (a real deployment declares it up front).
@@ -68,6 +70,7 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
     sum_k w_k x_k and sum_k w_k over the survivors, and `.weighted_mean` is their ratio.
     With `dp` (a protocols.dp.DPSpec) every vector is clipped to L2 norm dp.l2_clip and the sum
     is noised (protocols.dp.private); dropouts then happen before or after the upload only.
+    `threat_model` ("active" or "semi-honest") applies to SecAgg and SecAgg+.
     """
     spec = get(protocol)
     stacked = check_vectors(vectors)
@@ -81,28 +84,31 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
         if weights is not None:
             raise ParameterError("weights and dp together are not supported")
         return _private_sum(stacked, protocol, plan, dp, threshold=threshold, degree=degree,
-                            ring_bits=ring_bits, expected_dropout=max(dropout_rate, 0.05))
+                            ring_bits=ring_bits, expected_dropout=max(dropout_rate, 0.05),
+                            threat_model=threat_model)
     if weights is not None:
         stacked, clip = _weighted_rows(stacked, weights, clip, max_weight)
         result = secure_sum(stacked, protocol=protocol, clip=clip, dropouts=plan.dropouts,
                             threshold=threshold, degree=degree, ring_bits=ring_bits,
-                            scale_bits=scale_bits, seed=seed)
+                            scale_bits=scale_bits, seed=seed, threat_model=threat_model)
         return dataclasses.replace(result, total=result.total[:m],
                                    weight_sum=float(result.total[m]))
     session = open_session(spec.name, n, m, clip=clip, threshold=threshold, degree=degree,
                            ring_bits=ring_bits, scale_bits=scale_bits,
                            expected_dropout=max(dropout_rate, 0.05),
-                           faults=plan if spec.network_faults else None)
+                           faults=plan if spec.network_faults else None,
+                           threat_model=threat_model)
     return _one_step(session, stacked, plan, spec.name, played=spec.network_faults)
 
 
 def _private_sum(stacked: np.ndarray, protocol: str, plan: FaultPlan, dp: DPSpec, *,
                  threshold: int | None, degree: int | None, ring_bits: int,
-                 expected_dropout: float) -> SecureSumResult:
+                 expected_dropout: float, threat_model: str) -> SecureSumResult:
     """One DP release (a client silent before uploading is absent, one silent after is not)."""
     n, m = stacked.shape
     session = open_session(protocol, n, m, clip=dp.l2_clip, ring_bits=ring_bits, dp=dp,
-                           threshold=threshold, degree=degree, expected_dropout=expected_dropout)
+                           threshold=threshold, degree=degree, expected_dropout=expected_dropout,
+                           threat_model=threat_model)
     return _one_step(session, stacked, plan, protocol, played=False)
 
 

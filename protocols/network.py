@@ -24,7 +24,8 @@ from .wire import message_type
 
 # request type code -> the stage a client answering it is in
 _REQUEST_STAGE = {
-    1: Stage.ADVERTISE, 3: Stage.ADVERTISE, 4: Stage.UPLOAD, 6: Stage.PAIRWISE, 8: Stage.SHARES,
+    1: Stage.ADVERTISE, 3: Stage.ADVERTISE, 4: Stage.UPLOAD, 6: Stage.PAIRWISE,
+    10: Stage.CONSISTENCY, 8: Stage.SHARES,
 }
 
 
@@ -157,7 +158,8 @@ class InProcessNetwork:
         self._exchange(rosters)  # rosters need no reply
 
     def step(self) -> StepOutcome:
-        """Run one aggregation step to its outcome (or its TooFewSurvivorsError)."""
+        """Run one aggregation step to its outcome (or its TooFewSurvivorsError or
+        ConsistencyAbortError)."""
         self._step = self.server.last_step + 1
         requests = self._server_call(self.server.open_step)
         while True:

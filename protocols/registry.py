@@ -65,12 +65,15 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
                  dp: DPSpec | None = None, prg: str = "aes-256-ctr",
                  maskers: Mapping[int, Masker] | None = None,
                  unmasker: Unmasker | None = None, scale_bits: int | None = None,
-                 faults: FaultPlan | None = None) -> AggregationSession:
+                 faults: FaultPlan | None = None,
+                 threat_model: str = "active") -> AggregationSession:
     """A fresh session of aggregator `protocol` for `n_clients` vectors of `vector_length` values.
 
     `maskers` (pairwise-mask aggregators only) builds chosen clients' uploads elsewhere, e.g. on a
     GPU, and `unmasker` the server's unmasked sum; the session's `prg` must be one they expand.
     `faults` (aggregators with an in-process network) drops, delays or alters chosen messages.
+    `threat_model` ("active" or "semi-honest") is what a pairwise-mask server is trusted to do;
+    other aggregators ignore it.
 
     With `dp`, every client's vector is clipped to L2 norm dp.l2_clip (which then is also the
     per-coordinate clip) and every release is noised (`protocols.dp.private`).
@@ -78,7 +81,8 @@ def open_session(protocol: str, n_clients: int, vector_length: int, *, clip: flo
     spec = get(protocol)
     options = SessionOptions(rounding_seed=rounding_seed, scale_bits=scale_bits,
                              key_bits=key_bits, keypair=keypair, prg=prg,
-                             maskers=dict(maskers or {}), unmasker=unmasker, faults=faults)
+                             maskers=dict(maskers or {}), unmasker=unmasker, faults=faults,
+                             threat_model=threat_model)
     plan = spec.plan(n_clients, threshold=threshold, degree=degree,
                      expected_dropout=expected_dropout, ring_bits=ring_bits,
                      private=dp is not None)

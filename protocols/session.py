@@ -28,6 +28,7 @@ class Stage(str, Enum):
     ADVERTISE = "advertise"  # setup: the client never sends its keys
     UPLOAD = "upload"  # before sending its masked input
     PAIRWISE = "pairwise"  # after uploading, before revealing pair seeds
+    CONSISTENCY = "consistency"  # before sending its consistency tokens (active model)
     SHARES = "shares"  # after uploading, before revealing self-mask shares
 
 

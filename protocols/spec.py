@@ -10,6 +10,7 @@ from typing import ClassVar
 from .errors import ParameterError
 from .plan import AggregationPlan
 from .secagg.client import Masker
+from .secagg.messages import THREAT_MODELS
 from .secagg.server import Unmasker
 from .session import AggregationSession, FaultPlan, RingNoise
 
@@ -32,6 +33,12 @@ class SessionOptions:
     maskers: Mapping[int, Masker] = field(default_factory=dict)
     unmasker: Unmasker | None = None
     faults: FaultPlan | None = None
+    threat_model: str = "active"  # pairwise-mask aggregators: "active" adds a consistency round
+
+    def __post_init__(self) -> None:
+        if self.threat_model not in THREAT_MODELS:
+            raise ParameterError(f"threat_model must be one of {', '.join(THREAT_MODELS)}, "
+                                 f"got {self.threat_model!r}")
 
 
 class AggregatorSpec:

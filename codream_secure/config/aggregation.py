@@ -13,17 +13,19 @@ from codream_secure.config.section import Section
 from protocols import registry
 from protocols.codec import MAX_RING_BITS, MIN_RING_BITS
 from protocols.errors import ParameterError
+from protocols.secagg.messages import THREAT_MODELS
 from protocols.spec import AggregatorSpec
 
 
 @dataclass(frozen=True)
 class AggregationConfig(Section):
-    """The aggregator, its clips and ring, and the simulated client dropouts."""
+    """The aggregator, its threat model, clips and ring, and the simulated client dropouts."""
 
     SECTION = "aggregation"
     TUPLES = ("dropout_clients",)
 
     aggregator: str = "secagg"
+    threat_model: str = "active"
     grad_clip: float = 8.0
     label_clip: float = 1.0
     ring_bits: int = 32
@@ -33,6 +35,7 @@ class AggregationConfig(Section):
 
     def validate(self, check: Checks) -> None:
         check.choice("aggregator", self.aggregator, registry.names())
+        check.choice("threat_model", self.threat_model, THREAT_MODELS)
         for key in ("grad_clip", "label_clip"):
             check.real(key, getattr(self, key), low=0.0)
         check.count("ring_bits", self.ring_bits, minimum=MIN_RING_BITS, maximum=MAX_RING_BITS)

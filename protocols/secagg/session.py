@@ -6,12 +6,13 @@ session interface of protocols.session.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from ..codec import FixedPointCodec, Rounding
-from ..errors import NonFiniteInputError, TooFewSurvivorsError
+from ..errors import ConsistencyAbortError, NonFiniteInputError, TooFewSurvivorsError
 from ..inputs import check_count, check_step_inputs
 from ..network import InProcessNetwork
 from ..plan import mask_graph
@@ -30,7 +31,9 @@ class PairwiseMaskSession:
     `aggregator` is the name the session reports. `prg` picks the keystream of masks and dither
     ("aes-256-ctr" or "chacha20"); `maskers` gives chosen clients a device masker
     (codream_secure.gpu.masking.protocol_masker), and `unmasker` the server a device unmasker
-    (codream_secure.gpu.masking.protocol_unmasker).
+    (codream_secure.gpu.masking.protocol_unmasker). `threat_model` "active" (default) adds the
+    consistency round that keeps a lying server from unmasking anyone with fewer than t
+    colluders; "semi-honest" skips it.
     """
 
     def __init__(self, n_clients: int, vector_length: int, *, clip: float, aggregator: str,
@@ -40,7 +43,7 @@ class PairwiseMaskSession:
                  rounding: Rounding = "stochastic", faults: FaultPlan | None = None,
                  rounding_seed: bytes | None = None, noise: RingNoise | None = None,
                  prg: str = "aes-256-ctr", maskers: Mapping[int, Masker] | None = None,
-                 unmasker: Unmasker | None = None) -> None:
+                 unmasker: Unmasker | None = None, threat_model: str = "active") -> None:
         n_clients = check_count("secure aggregation's number of clients", n_clients, low=2)
         vector_length = check_count("vector_length", vector_length)
         self.codec = FixedPointCodec.for_clients(
@@ -53,10 +56,11 @@ class PairwiseMaskSession:
         self._pending: dict[int, np.ndarray] = {}
         self._masked_elsewhere = frozenset(maskers or {})
         self.server = SecAggServer(graph=graph, threshold=threshold, codec=self.codec,
-                                   vector_length=vector_length, unmasker=unmasker)
+                                   vector_length=vector_length, unmasker=unmasker,
+                                   threat_model=threat_model)
         clients = {
             cid: SecAggClient(self._provider(cid), noise=noise,
-                              masker=(maskers or {}).get(cid),
+                              masker=(maskers or {}).get(cid), threat_model=threat_model,
                               rounding_seed=None if rounding_seed is None
                               else derive_key(rounding_seed, session_id=b"rounding",
                                               purpose="client-rounding", context=(cid,)))
@@ -102,34 +106,51 @@ class PairwiseMaskSession:
         Active clients missing from `inputs` drop before uploading; those in `drop_after_upload`
         upload and then fall silent (their self masks are recovered from shares). Inputs no
         client could send (an unknown id, a wrong length, NaN) are refused before any message.
+        A client silent in the consistency round aborts the step; the same inputs are then
+        summed at the next step id without it (the outcome's `step` is that id, `dropped`
+        covers both tries, and the traffic counts both).
         """
         dropping = check_step_inputs(inputs, drop_after_upload, active=self.active,
                                      length=self.vector_length, floats_only=True,
                                      masked_elsewhere=self._masked_elsewhere)
-        upcoming = self.server.last_step + 1
+        first = upcoming = self.server.last_step + 1
         self.network.add_dropouts(
             [Dropout(c, upcoming, Stage.UPLOAD) for c in self.active if c not in inputs]
-            + [Dropout(c, upcoming, Stage.SHARES) for c in dropping]
         )
+        before = self.active
         self._pending = dict(inputs)
         try:
-            outcome = self.network.step()
+            while True:
+                # re-scheduled each try: a late dropout falls silent after that try's upload
+                self.network.add_dropouts([Dropout(c, upcoming, Stage.SHARES)
+                                           for c in dropping if c in self.active])
+                try:
+                    outcome = self.network.step()
+                    break
+                except ConsistencyAbortError:
+                    # nothing of the aborted step can be unmasked (no share was released), and
+                    # the retry masks its inputs with fresh per-step secrets
+                    self.server.abandon_step()
+                    upcoming = self.server.last_step + 1
         except TooFewSurvivorsError as error:
             # the next step starts afresh with this one's survivors (safe: every secret
             # revealed during a step is specific to it), instead of a StageError
             self.server.abandon_step()
-            self._refuse_masker_errors(upcoming, cause=error)
+            self._refuse_masker_errors(first, upcoming, cause=error)
             raise
         finally:
             self._pending = {}
-        self._refuse_masker_errors(upcoming)
+        self._refuse_masker_errors(first, upcoming)
+        if upcoming != first:
+            outcome = dataclasses.replace(outcome, dropped=frozenset(before - outcome.included))
         return outcome
 
-    def _refuse_masker_errors(self, step: int, *, cause: Exception | None = None) -> None:
+    def _refuse_masker_errors(self, first: int, last: int, *,
+                              cause: Exception | None = None) -> None:
         """A device masker that refused its client's vector mid-step: no sum is returned."""
         for when, client, error in self.network.refusals:
-            if when == step and isinstance(error, NonFiniteInputError):
+            if first <= when <= last and isinstance(error, NonFiniteInputError):
                 raise NonFiniteInputError(
-                    f"client {client}'s masker refused its vector at step {step} ({error}); "
+                    f"client {client}'s masker refused its vector at step {when} ({error}); "
                     "the client has left the session and the step's sum is discarded"
                 ) from cause

@@ -39,7 +39,8 @@ class SecAggSpec(AggregatorSpec):
             sparse=self.sparse_graph, threshold=plan.threshold, degree=plan.degree,
             ring_bits=plan.ring_bits, scale_bits=options.scale_bits, faults=options.faults,
             rounding_seed=options.rounding_seed, noise=noise, prg=options.prg,
-            maskers=options.maskers, unmasker=options.unmasker)
+            maskers=options.maskers, unmasker=options.unmasker,
+            threat_model=options.threat_model)
 
 
 class SecAggPlusSpec(SecAggSpec):

@@ -107,6 +107,7 @@ BAD_VALUES = [
     ({"soft_labels": "hard"}, "soft_labels", "logits"),
     ({"adaptive_weight": -1.0}, "adaptive_weight", ">= 0"),
     ({"aggregator": "rot13"}, "aggregator", "paillier"),
+    ({"threat_model": "malicious"}, "threat_model", "semi-honest"),
     ({"paillier_bits": 1024}, "paillier_bits", "at least 2048"),
     ({"dp": "on"}, "dp", "client"),
     ({"dp_mode": "local"}, "dp_mode", "distributed"),

@@ -70,7 +70,8 @@ def test_device_masked_channel_sums_torch_tensors_like_the_host_channel(aggregat
 
 def test_a_device_unmasking_channel_sums_exactly_like_a_host_unmasking_one(monkeypatch):
     # on the CPU the channel keeps numpy's server; force the device unmasker (torch on the CPU
-    # here) to check the channel's wiring: same seed, same dither, so the same sums bit for bit
+    # here) to check the channel's wiring. Each client keys its dither with its own secret, so
+    # two channels agree within the codec's bound, not bit for bit.
     from codream_secure.gpu import masking
 
     calls, original = [], masking.protocol_unmasker
@@ -96,7 +97,9 @@ def test_a_device_unmasking_channel_sums_exactly_like_a_host_unmasking_one(monke
         dropped = [2] if step == 1 else []
         (a, a_in), (b, b_in) = (c.sum(grads, drop_after_upload=dropped) for c in channels)
         assert a_in == b_in
-        np.testing.assert_array_equal(a, b)
+        exact = np.sum([grads[c].numpy() for c in a_in], axis=0, dtype=np.float64)
+        np.testing.assert_allclose(a, exact, atol=channels[0].error_bound)
+        np.testing.assert_allclose(b, exact, atol=channels[1].error_bound)
     assert calls == [4, 4]  # client 2 dropped after its upload: its self mask is recovered
 
 

@@ -25,6 +25,9 @@ def _inputs(n: int, m: int) -> dict[int, np.ndarray]:
 
 
 def _session(maskers=None, prg="chacha20", **kw) -> SecAggSession:
+    # nearest rounding: stochastic rounding is keyed by each client's own secret, so two
+    # sessions agree bit for bit only without it (test_gpu_masking checks the stochastic path)
+    kw.setdefault("rounding", "nearest")
     return SecAggSession(4, 300, clip=1.0, protocol="secagg", prg=prg, maskers=maskers,
                          rounding_seed=b"r" * 32, **kw)
 
@@ -140,7 +143,7 @@ def test_offer_carries_the_prg_and_refuses_unknown_codes():
     offer = SessionOffer(b"s" * 16, 0, 4, 3, 2, b"g" * 32, 32, 20, 1.0, 10, "nearest", "chacha20")
     assert SessionOffer.decode(offer.encode()) == offer
     bad = bytearray(offer.encode())
-    bad[-1] = 7
+    bad[-2] = 7  # the PRG code; the threat model's code follows it
     with pytest.raises(MalformedMessageError, match="PRG"):
         SessionOffer.decode(bytes(bad))
 
