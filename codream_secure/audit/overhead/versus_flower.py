@@ -30,6 +30,7 @@ class Row:
 
     system: str
     protocol: str
+    threat_model: str
     n: int
     m: int
     dropped_after_upload: int
@@ -52,12 +53,14 @@ def _dropped(n: int, rate: float) -> list[int]:
     return list(range(n - round(rate * n), n))
 
 
-def run_ours(vectors: np.ndarray, *, protocol: str, clip: float, drop: list[int]) -> Row:
+def run_ours(vectors: np.ndarray, *, protocol: str, clip: float, drop: list[int],
+             threat_model: str = "active") -> Row:
     n, m = vectors.shape
-    result = secure_sum(vectors, protocol=protocol, clip=clip,
+    result = secure_sum(vectors, protocol=protocol, clip=clip, threat_model=threat_model,
                         dropouts=[Dropout(c, 1, Stage.SHARES) for c in drop])
     exact = vectors[list(result.included)].astype(np.float64).sum(0)
-    return Row("codream-secure", protocol, n, m, len(drop), result.degree, result.threshold,
+    return Row("codream-secure", protocol, threat_model, n, m, len(drop), result.degree,
+               result.threshold,
                float(result.client_seconds.mean()), result.server_seconds,
                float(result.bytes_up.mean()), float(result.bytes_down.mean()),
                float(result.bytes_up.mean()) / (4 * m),
@@ -72,17 +75,18 @@ def run_flower(vectors: np.ndarray, *, clip: float, drop: list[int], num_shares:
     result = run_flower_secaggplus(vectors, drop_after_upload=drop, num_shares=num_shares,
                                    reconstruction_threshold=threshold, clipping_range=clip)
     exact = vectors[list(result.included)].astype(np.float64).sum(0)
-    return Row("flower 1.42", "secagg+", n, m, len(drop), num_shares - 1, threshold,
+    return Row("flower 1.42", "secagg+", "semi-honest", n, m, len(drop), num_shares - 1, threshold,
                float(result.client_seconds.mean()), result.server_seconds,
                float(result.bytes_up.mean()), float(result.bytes_down.mean()),
                float(result.bytes_up.mean()) / (4 * m),
                float(np.max(np.abs(result.sum - exact))))
 
 
-def session_step_ms(n: int, m: int, *, steps: int, clip: float = 1.0) -> dict[str, float]:
+def session_step_ms(n: int, m: int, *, steps: int, clip: float = 1.0,
+                    threat_model: str = "active") -> dict[str, float | str]:
     """Median per-step cost inside one long session (setup excluded), and a plain float sum."""
     vectors = _inputs(n, m, clip, seed=1)
-    session = SecAggSession(n, m, clip=clip, protocol="secagg")
+    session = SecAggSession(n, m, clip=clip, protocol="secagg", threat_model=threat_model)
     traffic = session.network.traffic
     totals = []
     for _ in range(steps + 2):
@@ -96,17 +100,18 @@ def session_step_ms(n: int, m: int, *, steps: int, clip: float = 1.0) -> dict[st
         plain.append(time.perf_counter() - start)
     secure_ms = 1e3 * statistics.median(totals[2:])
     plain_ms = 1e3 * statistics.median(plain[2:])
-    return {"n": n, "m": m, "steps": steps, "secure_ms": secure_ms, "plain_sum_ms": plain_ms,
-            "ratio": secure_ms / plain_ms}
+    return {"threat_model": threat_model, "n": n, "m": m, "steps": steps,
+            "secure_ms": secure_ms, "plain_sum_ms": plain_ms, "ratio": secure_ms / plain_ms}
 
 
 def _format(rows: list[Row]) -> str:
-    head = ("| system | protocol | n | m | dropped | k | t | client s | server s | up/client "
-            "| down/client | expansion | max abs error |\n|" + "---|" * 13)
+    head = ("| system | protocol | threat model | n | m | dropped | k | t | client s | server s "
+            "| up/client | down/client | expansion | max abs error |\n|" + "---|" * 14)
     lines = [head]
     for r in rows:
         lines.append(
-            f"| {r.system} | {r.protocol} | {r.n} | {r.m} | {r.dropped_after_upload} | {r.degree} "
+            f"| {r.system} | {r.protocol} | {r.threat_model} | {r.n} | {r.m} "
+            f"| {r.dropped_after_upload} | {r.degree} "
             f"| {r.threshold} | {r.client_seconds_mean:.3f} | {r.server_seconds:.3f} "
             f"| {r.bytes_up_per_client / 2**20:.3f} MiB "
             f"| {r.bytes_down_per_client / 2**10:.1f} KiB "
@@ -123,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fraction of clients that drop after their masked upload")
     parser.add_argument("--clip", type=float, default=8.0, help="clipping range (Flower's default)")
     parser.add_argument("--protocols", default="secagg+,secagg", help="ours, comma-separated")
+    parser.add_argument("--threat-models", default="active,semi-honest",
+                        help="ours, comma-separated; Flower is compared with the first")
     parser.add_argument("--no-flower", action="store_true", help="skip Flower's SecAgg+")
     parser.add_argument("--step-m", type=int, default=786_432,
                         help="vector length of the CoDream session step (one dream batch)")
@@ -132,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
     vectors = _inputs(args.n, args.m, args.clip, seed=0)
     drop = _dropped(args.n, args.dropout)
-    rows = [run_ours(vectors, protocol=p.strip(), clip=args.clip, drop=drop)
-            for p in args.protocols.split(",")]
+    models = [t.strip() for t in args.threat_models.split(",")]
+    rows = [run_ours(vectors, protocol=p.strip(), clip=args.clip, drop=drop, threat_model=t)
+            for t in models for p in args.protocols.split(",")]
     ratios = {}
     if not args.no_flower:
         ours = rows[0]
@@ -147,16 +155,20 @@ def main(argv: list[str] | None = None) -> int:
             "bytes_up_ours_over_flower": ours.bytes_up_per_client / flower.bytes_up_per_client,
             "error_ours_over_flower": ours.max_abs_error / max(flower.max_abs_error, 1e-300),
         }
-    step = session_step_ms(4, args.step_m, steps=args.step_repeats)
+    steps = [session_step_ms(4, args.step_m, steps=args.step_repeats, threat_model=t)
+             for t in models]
     machine = host()
     table = _format(rows)
     print(table)
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}")
-    print(f"session step n=4 m={step['m']}: secure {step['secure_ms']:.2f} ms, plain float sum "
-          f"{step['plain_sum_ms']:.2f} ms, ratio {step['ratio']:.1f}x")
+    for step in steps:
+        print(f"session step n=4 m={step['m']} ({step['threat_model']}): secure "
+              f"{step['secure_ms']:.2f} ms, plain float sum {step['plain_sum_ms']:.2f} ms, "
+              f"ratio {step['ratio']:.1f}x")
     report = {"config": vars(args) | {"out": str(args.out)}, "machine": machine,
-              "rows": [asdict(r) for r in rows], "ratios": ratios, "session_step": step}
+              "rows": [asdict(r) for r in rows], "ratios": ratios, "session_step": steps[0],
+              "session_steps": steps}
     write_table_report(args.out, "overhead", report, table)
     return 0
 
