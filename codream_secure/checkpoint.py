@@ -48,9 +48,6 @@ def save_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation
                      for c in (fed.grad_channel, fed.label_channel)],
         "accountants": [ledger.accountant.state_dict() for ledger in _ledgers(fed)],
         "dp_epochs": [t.epochs_done for t in fed.trainers or ()],
-        # DP-SGD draws batches and noise from one generator per client for the whole run
-        "dp_generators": [None if t.generator is None else t.generator.get_state()
-                          for t in fed.trainers or ()],
         "broadcast_down": fed.broadcast_down.tolist(),
     }
     tmp = path.with_suffix(".tmp")
@@ -174,10 +171,7 @@ def _restore(state: dict, fed: CoDreamFederation) -> int:
         ledger.accountant.load_state_dict(accountant)
     for trainer, epochs in zip(fed.trainers or (), state["dp_epochs"], strict=True):
         trainer.epochs_done = int(epochs)
-    # absent from checkpoints before 2026-11-27: those resume with fresh generators
-    for trainer, rng in zip(fed.trainers or (), state.get("dp_generators") or (), strict=True):
-        if rng is not None and trainer.generator is not None:
-            trainer.generator.set_state(rng)
+    # DP-SGD batches and noise come from fresh os.urandom keys: no generator state to restore
     fed.broadcast_down = _counts(state["broadcast_down"], fed.n)
     return state["round"]
 
