@@ -3,6 +3,8 @@
 Client level: every dream-gradient sum and every soft-label sum is one release of a Gaussian
 mechanism with the same noise multiplier z (each channel with its own L2 clip), so the ledger
 counts releases at q = 1 with the smaller of the two channels' accounting multipliers.
+Distributed noise is truncated: its tail is sized so that accountant delta + truncation delta
+stays within --dp-delta (privacy.TRUNCATION_DELTA_SHARE of it goes to the truncation).
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ def label_clip(config: SimulationConfig) -> float:
     return config.dp_label_clip or math.sqrt(config.dream_batch)
 
 
-def _specs(config: SimulationConfig, z: float, t: int | None) -> tuple[dp.DPSpec, dp.DPSpec]:
+def _specs(config: SimulationConfig, z: float, t: int | None,
+           tail_bits: int = dp.DEFAULT_TAIL_BITS) -> tuple[dp.DPSpec, dp.DPSpec]:
     kind = config.dp_noise_kind if config.dp_mode == "distributed" else None
     make = [dp.DPSpec(mode=config.dp_mode, noise_multiplier=z, l2_clip=clip, noise=kind,
-                      min_contributors=t) for clip in (config.dp_clip, label_clip(config))]
+                      min_contributors=t, tail_bits=tail_bits)
+            for clip in (config.dp_clip, label_clip(config))]
     return make[0], make[1]
 
 
@@ -59,44 +63,63 @@ def _accounting(config: SimulationConfig, spec: dp.DPSpec, dim: int) -> tuple[fl
 
 
 def plan_client_dp(config: SimulationConfig, *, grad_dim: int, label_dim: int) -> ClientDP:
-    """Specs (z given, or calibrated to --dp-epsilon over the run) and a fresh ledger."""
+    """Specs (z given, or calibrated to --dp-epsilon over the run), tail bits that keep the total
+    delta within --dp-delta, and a fresh ledger."""
     from codream_secure.privacy import (
         INTEGER_ORDERS,
+        TRUNCATION_DELTA_SHARE,
         PrivacyLedger,
         calibrate_noise,
         releases_per_run,
+        truncation_tail_bits,
     )
 
     n = config.clients
     t = None
-    if config.dp_mode == "distributed":
+    distributed = config.dp_mode == "distributed"
+    if distributed:
         quorum = release_threshold(config.aggregator, n, expected_dropout=config.dropout_rate)
         t = min_contributors(config.aggregator, threshold=quorum, n_clients=n)
+    budget = TRUNCATION_DELTA_SHARE * config.dp_delta if distributed else 0.0
+    releases = releases_per_run(config.rounds, config.dream_steps)
 
-    def accounting(z: float) -> tuple[float, float]:
-        grad, labels = _specs(config, z, t)
+    def accounting(z: float, bits: int) -> tuple[float, float]:
+        grad, labels = _specs(config, z, t, bits)
         pairs = [_accounting(config, grad, grad_dim), _accounting(config, labels, label_dim)]
         return min(a for a, _ in pairs), max(tv for _, tv in pairs)
 
-    mechanism = "skellam" if config.dp_mode == "distributed" and \
-        config.dp_noise_kind == "skellam" else "gaussian"
+    mechanism = "skellam" if distributed and config.dp_noise_kind == "skellam" else "gaussian"
+    orders = INTEGER_ORDERS if mechanism == "skellam" else None
+
+    def ledger_for(z: float, bits: int) -> PrivacyLedger:
+        z_acc, tv = accounting(z, bits)
+        return PrivacyLedger(
+            unit="client", mechanism=config.dp_noise_kind if distributed else "gaussian",
+            mode=config.dp_mode, noise_multiplier=z_acc,
+            nominal_noise_multiplier=z, l2_clip=config.dp_clip, delta=config.dp_delta,
+            n_samples=n, accountant=config.dp_accountant, truncation_tv_per_release=tv,
+            truncation_delta_budget=budget, orders=orders)
+
     try:
-        if config.dp_noise is not None:
-            z = config.dp_noise
+        target = None if config.dp_noise is not None else calibrate_noise(
+            config.dp_epsilon, config.dp_delta - budget, releases, n_samples=n,
+            accountant=config.dp_accountant, mechanism=mechanism)
+        bits = dp.DEFAULT_TAIL_BITS
+        for _ in range(8):  # more tail bits -> more headroom -> a coarser grid: iterate
+            z = config.dp_noise if target is None else _raised(
+                target, lambda zz, b=bits: accounting(zz, b)[0])
+            planned = ledger_for(z, bits)
+            if not distributed or releases == 0:
+                break
+            planned.record(releases)
+            need = truncation_tail_bits(planned.epsilon(), releases * n * max(grad_dim, label_dim),
+                                        budget)
+            if need <= bits:
+                break
+            bits = need
         else:
-            assert config.dp_epsilon is not None
-            target = calibrate_noise(config.dp_epsilon, config.dp_delta,
-                                     releases_per_run(config.rounds, config.dream_steps),
-                                     n_samples=n, accountant=config.dp_accountant,
-                                     mechanism=mechanism)
-            z = target
-            for _ in range(5):  # rounding and integer noise cost a little: raise z to cover it
-                reached = accounting(z)[0]
-                if reached >= target:
-                    break
-                z *= target / reached * (1 + 1e-9)
-        z_acc, tv = accounting(z)
-        grad, labels = _specs(config, z, t)
+            raise ConfigError("dp: the noise's tail bits did not settle; report this run")
+        grad, labels = _specs(config, z, t, bits)
     except ProtocolError as error:
         hint = ""
         if "fixed-point units" in str(error):  # the library's advice names its own parameter
@@ -104,13 +127,19 @@ def plan_client_dp(config: SimulationConfig, *, grad_dim: int, label_dim: int) -
                     "the ring's precision; change --dp-noise, --dp-clip or --dp-label-clip, or "
                     "use --ring-bits 64)")
         raise ConfigError(f"dp: {error}{hint}") from None
-    ledger = PrivacyLedger(
-        unit="client", mechanism=grad.noise or "gaussian", mode=config.dp_mode,
-        noise_multiplier=z_acc, nominal_noise_multiplier=z, l2_clip=config.dp_clip,
-        delta=config.dp_delta, n_samples=n, accountant=config.dp_accountant,
-        truncation_tv_per_release=tv,
-        orders=INTEGER_ORDERS if grad.noise == "skellam" else None)
-    return ClientDP(grad, labels, ledger, label_clip(config))
+    return ClientDP(grad, labels, ledger_for(z, bits), label_clip(config))
+
+
+def _raised(target: float, reached) -> float:
+    """z whose accounting multiplier reached(z) covers target (rounding and integer noise cost
+    a little, so z is raised until it does)."""
+    z = target
+    for _ in range(5):
+        got = reached(z)
+        if got >= target:
+            break
+        z *= target / got * (1 + 1e-9)
+    return z
 
 
 TRUST = {
@@ -136,6 +165,8 @@ def privacy_report(config: SimulationConfig, fed: CoDreamFederation,
         return {"enabled": True, **ledger.to_report(), "per_round_epsilon": per_round,
                 "label_l2_clip": client_dp.label_clip,
                 "min_contributors": client_dp.grad.min_contributors,
+                "noise_tail_bits": client_dp.grad.tail_bits if config.dp_mode == "distributed"
+                else None,
                 "released": {"dream_gradient_sums": grad.stats.steps,
                              "soft_label_sums": labels.stats.steps},
                 "clipped_vectors": {"dream_gradient": grad.dp_clipped,
@@ -145,6 +176,8 @@ def privacy_report(config: SimulationConfig, fed: CoDreamFederation,
     trainers = fed.trainers or []
     return {"enabled": True, "unit": "sample", "mechanism": "dp-sgd", "mode": "local",
             "epsilon": max(t.epsilon() for t in trainers), "delta": config.dp_delta,
+            "accountant_delta": config.dp_delta, "truncation_delta": 0.0,
+            "delta_total": config.dp_delta,  # DP-SGD's Gaussian noise is not truncated
             "per_round_epsilon": per_round,
             "clients": [t.ledger.to_report() for t in trainers],
             "dream_loss": "BatchNorm-statistics term dropped: models use GroupNorm "
