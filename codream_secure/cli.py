@@ -71,6 +71,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "data_dir": (click.Path(exists=True, path_type=str), "Folder with the dataset's files "
                  "(IDX for (fashion-)mnist, python batches for CIFAR), or the .npz file for "
                  "--dataset npz."),
+    "data_mean": (CommaList(click.FLOAT, "X[,X...]"), "Per-channel mean to normalise inputs "
+                  "with (with --data-std); default: fixed public constants per dataset, never "
+                  "statistics of the clients' data (docs/privacy.md)."),
+    "data_std": (CommaList(click.FLOAT, "X[,X...]"), "Per-channel standard deviation, with "
+                 "--data-mean."),
     "max_train": (click.INT, "Keep a stratified sample of at most N training images, "
                   "for quick-look runs."),
     "max_test": (click.INT, "Keep a stratified sample of at most N test images."),

@@ -39,6 +39,8 @@ class SimulationConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
+    data_mean: tuple[float, ...] = ()  # () = data.public_normalization's constants
+    data_std: tuple[float, ...] = ()
     max_train: int | None = None
     max_test: int | None = None
     clients: int = 4
@@ -155,6 +157,7 @@ class SimulationConfig:
         self._validate_dp()
         _real("dropout_rate", self.dropout_rate, low=0.0, high=1.0, closed_low=True)
         self._validate_dropout_clients()
+        self._validate_normalization()
         for name in self.baselines:
             _choice("baselines", name, BASELINES)
         if len(set(self.baselines)) != len(self.baselines):
@@ -209,6 +212,16 @@ class SimulationConfig:
                               "continuous Gaussian); use --dp-accountant rdp, or --dp-mode "
                               "central for PRV or GDP")
 
+    def _validate_normalization(self) -> None:
+        if len(self.data_mean) != len(self.data_std):
+            raise ConfigError(f"data_std: give as many values as data_mean, one per channel; got "
+                              f"{list(self.data_std)} and {list(self.data_mean)}")
+        for name, values in (("data_mean", self.data_mean), ("data_std", self.data_std)):
+            for value in values:
+                if isinstance(value, int) and not isinstance(value, bool):
+                    value = float(value)
+                _real(name, value, low=0.0 if name == "data_std" else -math.inf)
+
     def _validate_dropout_clients(self) -> None:
         for cid in self.dropout_clients:
             _count("dropout_clients", cid, minimum=0, maximum=self.clients - 1)
@@ -245,7 +258,7 @@ def max_threads() -> int:
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(SimulationConfig))
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SimulationConfig)}
-_TUPLE_FIELDS = ("models", "dropout_clients", "baselines")
+_TUPLE_FIELDS = ("models", "dropout_clients", "baselines", "data_mean", "data_std")
 _FLOAT_FIELDS = tuple(f.name for f in fields(SimulationConfig)
                       if f.type in ("float", "float | None"))
 

@@ -25,7 +25,6 @@ from .federation import (
     AggregationChannel,
     CoDreamFederation,
     CoDreamSettings,
-    generator,
 )
 from .progress import NullProgress, Progress
 from .report import REPORT_FILES
@@ -152,6 +151,17 @@ def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict
     return report
 
 
+def _histograms(config: SimulationConfig, data: LoadedDataset, parts: list[np.ndarray]) -> dict:
+    """Per-client label histograms, published only without DP: they describe private data."""
+    if config.dp != "off":
+        return {"client_label_histograms_withheld": "a DP run publishes no statistic of a "
+                                                    "client's data outside its accounting"}
+    return {"client_label_histograms": label_histogram(data.y_train, parts,
+                                                       data.num_classes).tolist(),
+            "client_label_histograms_note": "each client's label counts: a statistic of its "
+                                            "private data, published because DP is off"}
+
+
 def _sample_trainers(config: SimulationConfig, clients: list[ClientData]
                      ) -> list[SampleLevelTrainer]:
     """One DP-SGD trainer (and accountant) per client, for every local epoch of the run."""
@@ -162,9 +172,8 @@ def _sample_trainers(config: SimulationConfig, clients: list[ClientData]
                "planned_epochs": config.warmup_epochs + config.rounds * config.local_epochs})
     return [SampleLevelTrainer(n_samples=len(c.y_train), batch_size=config.batch_size,
                                max_grad_norm=config.dp_clip, delta=config.dp_delta,
-                               accountant=config.dp_accountant, lr=config.local_lr,
-                               generator=generator(config.seed, "dp-sgd", k), **budget)
-            for k, c in enumerate(clients)]
+                               accountant=config.dp_accountant, lr=config.local_lr, **budget)
+            for c in clients]
 
 
 def run_simulation(config: SimulationConfig, *, progress: Progress | None = None,
@@ -178,7 +187,9 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir, max_train=config.max_train,
-                        max_test=config.max_test, seed=config.seed)
+                        max_test=config.max_test, seed=config.seed,
+                        normalization=(config.data_mean, config.data_std)
+                        if config.data_mean else None)
     clients, parts = _split_clients(data, config, device)
     x_test = torch.from_numpy(data.x_test).to(device)
     y_test = torch.from_numpy(data.y_test).to(device)
@@ -239,8 +250,8 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
         "dataset": {"name": data.name, "source": str(data.source), "train": len(data.y_train),
                     "test": len(data.y_test), "input_shape": list(data.input_shape),
                     "num_classes": data.num_classes, "client_sizes": [len(p) for p in parts],
-                    "client_label_histograms":
-                        label_histogram(data.y_train, parts, data.num_classes).tolist()},
+                    "normalization": {"mean": list(data.mean), "std": list(data.std)},
+                    **_histograms(config, data, parts)},
         "aggregator": _aggregator_report(config, fed),
         "privacy": privacy_report(config, fed, client_dp),
         "rounds": [r.to_dict() for r in fed.rounds],
