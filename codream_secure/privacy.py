@@ -49,7 +49,8 @@ def truncation_delta(epsilon: float, tv: float) -> float:
     P[M'(D) in S] <= P[M(D) in S] + tv <= e^eps (P[M'(D') in S] + tv) + delta + tv."""
     if tv == 0.0:
         return 0.0
-    return (1.0 + math.exp(min(epsilon, 700.0))) * tv
+    log = max(epsilon, 0.0) + math.log1p(math.exp(-abs(epsilon))) + math.log(tv)
+    return math.exp(log) if log < 700.0 else math.inf  # never capped below the true value
 
 
 def truncation_tail_bits(epsilon: float, draws: int, budget: float, *,
