@@ -1,27 +1,23 @@
 #!/bin/bash
-# What issue 6 still has to measure on a CUDA machine, in two calls sent back to back (the
-# machine stays warm for 30 s after a call; a fresh start costs a minute or more of a 15-minute
-# lease):
-#   bash benchmarks/device_check.sh /tmp/d1 $OUT/call1.tgz                        # call 1, <= 585 s
-#   STAGES="training host-malloc" bash benchmarks/device_check.sh /tmp/d2 $OUT/call2.tgz
-#                                                                                 # call 2, <= 215 s
+# The GPU measurements that need a CUDA machine, as stages run in order, each with its own time
+# limit, so that one call of limited length returns what its finished stages wrote:
+#   bash benchmarks/device_check.sh /tmp/d1 $OUT/call1.tgz                        # <= 585 s
+#   STAGES="training host-malloc" bash benchmarks/device_check.sh /tmp/d2 $OUT/call2.tgz  # <= 215 s
 # Results go to the folder in $1 (default benchmarks/results/device). With $2, that folder is
-# packed into one .tgz after every stage (plots, dream arrays and checkpoints left out): the
-# device tool returns at most 8 files, so a call writes one, and a call stopped at its time limit
-# still returns what its finished stages wrote. The folder also gets inductor-code.tgz, the
-# Python source inductor generated (graphs and Triton kernels; dropped above KERNELS_MB, 6).
-# Call 1 (the default STAGES, "variants tests", since session 10 saw the issue's whole table):
-# the dream step with the settings never yet timed (inductor's, and the BN term's norms per
-# channel width), all of them at once first (`combined`), each timed in turn with the default
-# step right after its compile and printed at once, then the GPU and Triton tests, the ones
-# session 10's time limit did not reach first.
-# Call 2: the local-training and distillation steps (distillation with CUDA graphs never timed),
-# then the simulated session's host cost with glibc keeping freed memory. Other stages:
-# `benchmark` (the issue's table with profiles and two step variants: rerun it after changing
-# the step), `simulate-graphs` (two short bf16 simulations, with --train-cuda-graphs on
-# --dream-graph one and then as by default), `server` (the host cost: server unmasking on the
+# packed into one .tgz after every stage (plots, dream arrays and checkpoints left out), so a run
+# stopped at its time limit still returns what its finished stages wrote. The folder also gets
+# inductor-code.tgz, the Python source inductor generated (graphs and Triton kernels; dropped
+# above KERNELS_MB, 6).
+# The default STAGES, "variants tests": the dream step with the settings not yet timed on a GPU
+# (inductor's, and the BN term's norms per channel width), all of them at once first
+# (`combined`), each timed in turn with the default step right after its compile, then the GPU
+# and Triton tests. `training`: the local-training and distillation steps; `host-malloc`: the
+# simulated session's host cost with glibc keeping freed memory. Other stages: `benchmark` (the
+# device benchmark's table with profiles and two step variants: rerun it after changing the
+# step), `simulate-graphs` (two short bf16 simulations, with [device] train_cuda_graphs = "on"
+# and dream_graph = "one", then as by default), `server` (the host cost: server unmasking on the
 # host and on the GPU, uploads downloaded into pinned or pageable memory), `simulate` (device
-# masking, one round).
+# masking, two rounds).
 # Time limits per stage, in seconds (0 skips a stage): BENCH_S (330), TEST_S (210), SIMG_S (100,
 # each of the two simulations), SERVER_S (25), VARIANTS_S (330), TRAIN_S (160), SIM_S (25),
 # MALLOC_S (25). A stage past its limit gets SIGINT (so pytest still reports its failures), then
@@ -43,6 +39,8 @@ for name in $stages; do
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# the scripts run as files: the checkout provides codream_secure and protocols
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # the device image lacks these three (KINDS.md's package list): they travel as wheels
 absent=$(python3 - << 'PY'
@@ -119,14 +117,20 @@ stage() {  # stage NAME LIMIT LOG COMMAND...: run COMMAND with a time limit, the
     pack_results
 }
 
-simulate() {  # simulate NAME LIMIT FLAGS...: a short bf16 run of 3 clients, 2 architectures
-    local name=$1 limit=$2
+simulate() {  # simulate NAME LIMIT [DEVICE-KEY=VALUE...]: a short bf16 run of 3 clients
+    local name=$1 limit=$2 config="$out/sim-$1.toml"
     shift 2
     # clients 0 and 2 share an architecture: one vmapped group and one single step
+    {
+        printf '[data]\nclients = 3\n[models]\nmodels = ["smallcnn", "resnet8"]\n'
+        printf 'server_model = "resnet8"\n[codream]\nrounds = 2\ndream_steps = 10\n'
+        printf 'warmup_epochs = 2\ndistill_epochs = 1\n[run]\nbaselines = []\n'
+        printf '[device]\ndevice = "cuda"\n'
+        for pair in "$@"; do printf '%s = "%s"\n' "${pair%%=*}" "${pair#*=}"; done
+    } > "$config"
     stage "simulate ($name)" "$limit" "$out/sim-$name.log" python3 -c \
-        "from codream_secure.cli import main; main()" simulate --device cuda --clients 3 \
-        --models smallcnn,resnet8 --server-model resnet8 --warmup-epochs 2 --distill-epochs 1 \
-        --baselines none --rounds 2 --dream-steps 10 --out "$out/sim-$name" "$@"
+        "from codream_secure.cli import main; main()" simulate --config "$config" \
+        --out "$out/sim-$name"
 }
 
 # the step variants never timed on a GPU (the variants stage's default): the one-pass BN kernel
@@ -135,42 +139,41 @@ untimed=fused-bn,combined,grouped-bn-norms,coordesc,combo-kernels,autotune-point
 for name in $stages; do
     case $name in
     benchmark)
-        stage benchmark "${BENCH_S:-330}" "$out/bench.log" python3 -m benchmarks.device \
-            --profile --out "$out" ${BENCH_ARGS---step-variants pad-stem,tile-reductions} ;;
+        stage benchmark "${BENCH_S:-330}" "$out/bench.log" \
+            python3 -m codream_secure.audit.device --profile --out "$out" \
+            ${BENCH_ARGS---step-variants pad-stem,tile-reductions} ;;
     tests)
-        # session 11's one-pass BatchNorm kernel, then the tests session 10's time limit cut
-        # (all but distillation with CUDA graphs passed in session 5, before sessions 6-9
-        # changed the code around them), then those that passed in session 10
+        # the one-pass BatchNorm kernel's tests first, then the rest of the GPU tests
         stage "gpu and triton tests" "${TEST_S:-210}" "$out/tests.log" python3 -m pytest -v \
             --tb=short -rfE --durations=20 -p no:cacheprovider -m "gpu or triton" \
             tests/core/test_bn_act.py tests/core/test_fast_dream.py tests/core/test_gpu_send.py \
-            tests/benchmarks/test_device_bench.py tests/core/test_dreams.py \
+            tests/audit/test_device_bench.py tests/core/test_dreams.py \
             tests/core/test_train_step.py tests/core/test_gpu_interop.py \
             tests/core/test_gpu_masking.py tests/core/test_gpu_chacha20.py \
             tests/core/test_triton_compile.py tests/core/test_federation.py \
             tests/core/test_gpu_graphed.py ;;
     simulate-graphs)
-        simulate graphs-on "${SIMG_S:-100}" --precision bf16 --train-cuda-graphs on \
-            --dream-graph one
-        simulate graphs-off "${SIMG_S:-100}" --precision bf16 ;;
+        simulate graphs-on "${SIMG_S:-100}" precision=bf16 train_cuda_graphs=on dream_graph=one
+        simulate graphs-off "${SIMG_S:-100}" precision=bf16 ;;
     server)
         stage "session host cost (server unmasking on the host, then on the GPU)" \
-            "${SERVER_S:-25}" "$out/server.log" python3 -m benchmarks.session_host_cost \
+            "${SERVER_S:-25}" "$out/server.log" python3 benchmarks/session_host_cost.py \
             --masker device,device-pageable --unmasker host,device --turns 3 ;;
     variants)
-        stage variants "${VARIANTS_S:-330}" "$out/variants.log" python3 -m benchmarks.device \
-            --sections step --out "$out/variants" --step-variants "${VARIANTS:-$untimed}" ;;
+        stage variants "${VARIANTS_S:-330}" "$out/variants.log" \
+            python3 -m codream_secure.audit.device --sections step --out "$out/variants" \
+            --step-variants "${VARIANTS:-$untimed}" ;;
     training)
-        stage "training steps" "${TRAIN_S:-160}" "$out/train.log" python3 -m benchmarks.device \
-            --sections train --iters 10 --out "$out/train" ;;
+        stage "training steps" "${TRAIN_S:-160}" "$out/train.log" \
+            python3 -m codream_secure.audit.device --sections train --iters 10 --out "$out/train" ;;
     simulate)
-        simulate device-masking "${SIM_S:-25}" --masking device --rounds 1 ;;
+        simulate device-masking "${SIM_S:-25}" masking=device ;;
     host-malloc)
         # glibc: serve buffers under 32 MiB from the heap and never trim it, so the 3 MiB
         # uploads reuse memory instead of page-faulting fresh mappings every step
         stage "session host cost, glibc keeping freed memory" "${MALLOC_S:-25}" \
             "$out/server-malloc.log" env MALLOC_MMAP_THRESHOLD_=33554432 \
-            MALLOC_TRIM_THRESHOLD_=1073741824 python3 -m benchmarks.session_host_cost \
+            MALLOC_TRIM_THRESHOLD_=1073741824 python3 benchmarks/session_host_cost.py \
             --masker device,device-pageable --unmasker host,device --turns 3 ;;
     esac
 done

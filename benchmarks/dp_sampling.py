@@ -1,4 +1,4 @@
-"""`python -m benchmarks.dp_sampling`: how long one client's DP noise takes to draw.
+"""`python benchmarks/dp_sampling.py`: how long one client's DP noise takes to draw.
 
 Times the distributed mechanisms' integer noise (Skellam, discrete Gaussian; one client's share,
 `protocols.dp.DistributedNoise.sample`) and the central Gaussian added to a decoded sum
@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from protocols.dp import DistributedNoise, DPSpec, add_central_noise
+from protocols.dp.mechanisms import DistributedNoise, DPSpec, add_central_noise
 
 SIZES = (4096, 786_432)  # one digits dream batch; one 256x3x32x32 batch
 SCALE_BITS = 24
@@ -30,14 +30,18 @@ def _median_ms(call, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.dp_sampling",
+    parser = argparse.ArgumentParser(prog="python benchmarks/dp_sampling.py",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per row (median)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
+                        help="values per release (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if min(args.sizes) < 1:
+        parser.error("--sizes must be at least 1")
     spec = {"noise_multiplier": 1.0, "l2_clip": 1.0}
-    for size in SIZES:
+    for size in args.sizes:
         for kind in ("skellam", "discrete_gaussian"):
             noise = DistributedNoise(DPSpec(mode="distributed", noise=kind, min_contributors=3,
                                             **spec))

@@ -1,7 +1,7 @@
 """The README's Fashion-MNIST table: CoDream vs isolated vs FedAvg vs centralized over seeds.
 
-    python -m benchmarks.fmnist_table                 # the README settings (reduced for 2 CPUs)
-    python -m benchmarks.fmnist_table --seeds 0 1 2 --partitions dirichlet iid
+    python benchmarks/fmnist_table.py                 # the README settings (reduced for 2 CPUs)
+    python benchmarks/fmnist_table.py --seeds 0 1 2 --partitions dirichlet iid
 
 Needs Fashion-MNIST (`apt-get install dataset-fashion-mnist`, or --data-dir with the IDX files).
 Heterogeneous runs use four architectures; FedAvg comes from a homogeneous run (all smallcnn),
@@ -11,12 +11,12 @@ whose CoDream row is reported too. Writes table.md and runs.json into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from codream_secure.audit.reporting import environment, write_json, write_text
 from codream_secure.config import SimulationConfig
 from codream_secure.simulation import run_simulation
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dream-steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fmnist"))
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "environment.json", environment())
     runs, start = [], time.perf_counter()
     for part in args.partitions:
         for seed in args.seeds:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("heterogeneous", HETEROGENEOUS, ("isolated", "centralized")),
                 ("homogeneous", ("smallcnn",), ("fedavg",)),
             ):
-                config = SimulationConfig(
+                config = SimulationConfig.from_keys(
                     dataset="fashion-mnist", data_dir=args.data_dir, max_train=args.max_train,
                     max_test=args.max_test, models=models, partition=part, alpha=0.1,
                     rounds=args.rounds, warmup_epochs=3, local_epochs=1,
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append({"partition": part, "variant": variant, "seed": seed,
                              "final": {m: v["mean_accuracy"] for m, v in report["final"].items()},
                              "seconds": report["timing"]["total_seconds"]})
-                (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
+                write_json(args.out / "runs.json", runs)
                 print(runs[-1], flush=True)
     lines = ["| partition | method | mean accuracy (%) | std over seeds | seeds |",
              "|---|---|---|---|---|"]
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{np.std(values):.1f} | {len(values)} |")
     minutes = (time.perf_counter() - start) / 60
     lines.append(f"\nTotal time {minutes:.1f} min for {len(runs)} runs.")
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    write_text(args.out / "table.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -1,7 +1,7 @@
 """Packed Paillier vs phe's per-value encryption, and vs pairwise masks, in the same run.
 
-    python -m benchmarks.paillier_bench                    # 2048 and 3072 bits, n=10, m=4096
-    python -m benchmarks.paillier_bench --key-bits 2048 --m 1024 --phe-values 50   # a quick look
+    python benchmarks/paillier_bench.py                    # 2048 and 3072 bits, n=10, m=4096
+    python benchmarks/paillier_bench.py --key-bits 2048 --m 1024 --phe-values 50   # a quick look
 
 Part 1 encrypts the same fixed-point integers two ways: phe's `public_key.encrypt(int)` (one
 ciphertext per value) and one client's packed upload (encode + pack + encrypt + serialise, one
@@ -13,9 +13,6 @@ paillier.md into --out.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -23,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from codream_secure.audit.reporting import host, write_table_report
 from protocols.api import secure_sum
-from protocols.paillier import PaillierSession, generate_keypair
-from protocols.paillier_roles import available_cores
+from protocols.paillier.roles import available_cores
+from protocols.paillier.session import PaillierSession, generate_keypair
 
 try:
     import gmpy2  # noqa: F401 - only to report whether phe and we run on it
@@ -197,19 +195,15 @@ def main(argv: list[str] | None = None) -> int:
                                         workers=args.workers, repeats=args.repeats)
         enc.append(row)
         sums.append(bench_paillier_sum(keypair, vectors, workers=args.workers))
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
-               "python": platform.python_version(), "cpus": os.cpu_count(),
-               "usable_cores": available_cores(), "gmpy2": HAVE_GMPY2,
+    machine = {**host(), "usable_cores": available_cores(), "gmpy2": HAVE_GMPY2,
                "note": "2-core CPU shared with other jobs: expect +-30% between runs"}
     table = _tables(enc, sums)
     print(table)
     print(f"total {time.perf_counter() - started:.1f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {"config": vars(args) | {"out": str(args.out)}, "machine": machine,
               "encryption": [asdict(r) for r in enc], "sums": [asdict(r) for r in sums],
               "seconds": time.perf_counter() - started}
-    (args.out / "paillier.json").write_text(json.dumps(report, indent=2))
-    (args.out / "paillier.md").write_text(table + "\n")
+    write_table_report(args.out, "paillier", report, table)
     return 0
 
 

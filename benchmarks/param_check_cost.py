@@ -1,6 +1,6 @@
 """Host time of FastDreamStep's "have the parameters moved?" check, against the named walk.
 
-`python -m benchmarks.param_check_cost [MODEL]`: microseconds per check for the check the step
+`python benchmarks/param_check_cost.py [MODEL]`: microseconds per check for the check the step
 runs (each module's own dicts) and for the walk it replaced (named_parameters + named_buffers
 and a layout tuple), timed in turn three times in one run; the ratio is what to compare.
 """
@@ -24,7 +24,7 @@ def per_call_us(fn, calls: int = 2000) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.param_check_cost",
+    parser = argparse.ArgumentParser(prog="python benchmarks/param_check_cost.py",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="resnet18", choices=MODEL_NAMES,
                         help="zoo model, CIFAR-shaped input (default resnet18)")

@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from codream_secure.errors import ConfigError, os_reason
+from codream_secure.errors import os_reason
 
 SETTINGS = ("tiny", "default", "full")
 _SETTINGS_HELP = ("Size of the run: 'default' finishes in about 3-4 minutes on 2 CPU cores, "
                   "'tiny' in seconds (a smoke test), 'full' {full}.")
 LEAKAGE_SETTINGS_HELP = _SETTINGS_HELP.format(full="in about an hour (docs/leakage.md)")
 OVERHEAD_SETTINGS_HELP = _SETTINGS_HELP.format(full="in about 45 minutes (docs/overhead.md)")
-
-
-def _use_checkout_benchmarks() -> None:
-    """Make `benchmarks` mean this checkout's folder, not opacus' stray top-level package.
-
-    opacus 1.6 installs a package named `benchmarks` into site-packages, which shadows ours for
-    an installed console script; the benchmarks ship with the source checkout (pip install -e).
-    """
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "reporting.py").is_file():
-        raise ConfigError("the benchmarks live in the source checkout: clone the repository and "
-                          "install it with pip install -e . to run codream-secure bench")
-    loaded = sys.modules.get("benchmarks")
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent != \
-            root / "benchmarks":
-        for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
-            del sys.modules[name]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
 
 
 def _make_out(out: Path) -> None:
@@ -75,8 +55,7 @@ def bench() -> None:
               default=Path("runs/bench-leakage"), show_default=True, help="Report folder.")
 def leakage(setting: str, sections: str | None, out: Path) -> None:
     """Measure what an attacker learns from a CoDream run, against held-out baselines."""
-    _use_checkout_benchmarks()
-    from benchmarks.leakage.run import checked_sections, run_leakage
+    from codream_secure.audit.leakage.run import checked_sections, run_leakage
     from codream_secure.progress import RichProgress
 
     names = checked_sections(
@@ -94,12 +73,10 @@ def leakage(setting: str, sections: str | None, out: Path) -> None:
               default=Path("runs/bench-overhead"), show_default=True, help="Report folder.")
 def overhead(setting: str, out: Path) -> None:
     """Cost of every aggregator (with and without DP) across n, m and dropout, vs Flower."""
-    _use_checkout_benchmarks()
     _make_out(out)
-    from benchmarks import overhead_suite
+    from codream_secure.audit.overhead import suite
     from codream_secure.progress import RichProgress
 
     with RichProgress() as progress:
-        path = overhead_suite.run_overhead(getattr(overhead_suite, setting.upper()), out,
-                                           progress=progress)
+        path = suite.run_overhead(getattr(suite, setting.upper()), out, progress=progress)
     _report(path)

@@ -1,13 +1,13 @@
-"""Resume checkpoints of a simulation: written after every round, read back without running
-code from the file (torch.load with weights_only), and checked part by part before use."""
+"""Resume checkpoints of a simulation: written atomically after every round, sealed with the
+SHA-256 of their content and of their config, and on --resume verified before anything is
+restored, read back without running code from the file (torch.load with weights_only) and
+checked part by part."""
 
 from __future__ import annotations
 
-import contextlib
-import os
+import io
 import pickle
 import tempfile
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .checkpoint_file import BrokenCheckpoint, config_sha256, read_sealed, write_sealed
 from .config import SimulationConfig
 from .errors import ConfigError, os_reason
 from .federation import ChannelStats, CoDreamFederation, RoundRecord
@@ -22,20 +23,54 @@ from .federation import ChannelStats, CoDreamFederation, RoundRecord
 if TYPE_CHECKING:  # opacus loads only for runs with DP
     from .privacy import PrivacyLedger
 
-__all__ = ["CHECKPOINT", "check_output_folder", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "check_output_folder", "checkpoint_state", "load_checkpoint",
+           "save_checkpoint", "settings_digest", "verified_state"]
 
 CHECKPOINT = "checkpoint.pt"
 
 
 def _comparable(config: SimulationConfig) -> dict:
+    """The sectioned config without [run] out: a run moved to another folder still resumes."""
     values = config.to_dict()
-    values.pop("out", None)
+    values["run"] = {k: v for k, v in values["run"].items() if k != "out"}
     return values
 
 
+def settings_digest(config: SimulationConfig) -> str:
+    """SHA-256 of the settings a checkpoint belongs to: the config's canonical JSON, less --out."""
+    return config_sha256(_comparable(config))
+
+
+def _changed(saved: dict, now: dict) -> list[str]:
+    """'[table] key' for every key whose value differs (or that only one side has)."""
+    changed = []
+    for table in sorted(saved.keys() | now.keys()):
+        old, new = saved.get(table), now.get(table)
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            changed += [str(table)] if old != new else []
+            continue
+        changed += [f"[{table}] {k}" for k in sorted(old.keys() | new.keys())
+                    if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+    return changed
+
+
+_ABSENT = object()
+
+
 def save_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> None:
-    """Write the run's state after a round: tensors and plain data only (weights_only loads)."""
-    state = {
+    """Seal the run's state after a round into `path`, atomically (the previous file survives
+    any failure); ConfigError when the folder refuses the write."""
+    try:
+        write_sealed(path, checkpoint_state(config, fed), settings_digest(config))
+    except OSError as error:
+        raise ConfigError(f"--out: cannot write the checkpoint {path} ({os_reason(error)}); the "
+                          "previous checkpoint is kept: fix the folder and rerun with "
+                          "--resume") from None
+
+
+def checkpoint_state(config: SimulationConfig, fed: CoDreamFederation) -> dict:
+    """The run's state after a round: tensors and plain data only (weights_only loads)."""
+    return {
         "config": _comparable(config),
         "round": fed.rounds[-1].round,
         "models": [m.state_dict() for m in fed.models],
@@ -50,16 +85,6 @@ def save_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation
         "dp_epochs": [t.epochs_done for t in fed.trainers or ()],
         "broadcast_down": fed.broadcast_down.tolist(),
     }
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise ConfigError(f"--out: cannot write the checkpoint {path} ({os_reason(error)}); the "
-                          "previous checkpoint is kept: fix the folder and rerun with "
-                          "--resume") from None
 
 
 def _ledgers(fed: CoDreamFederation) -> list[PrivacyLedger]:
@@ -90,28 +115,22 @@ def check_output_folder(out: Path, files: tuple[str, ...] = ()) -> None:
 
 
 class _NotACheckpoint(Exception):
-    """What makes a file unusable as a checkpoint; _load_checkpoint names the file."""
+    """What makes a file's content unusable as a checkpoint; load_checkpoint names the file."""
 
 
 _CHECKPOINT_KEYS = ("config", "round", "models", "server_model", "buffer", "result", "rounds",
                     "last_dreams", "channels", "accountants", "dp_epochs", "broadcast_down")
-# checkpoints of earlier versions also pickled these: ChannelStats and numpy int64 arrays
-_LEGACY_GLOBALS = [ChannelStats, np.ndarray, np.dtype, type(np.dtype(np.int64)),
-                   np.ndarray.__reduce__(np.zeros(0))[0]]
 
 
-def _read_checkpoint(path: Path, device: torch.device) -> dict:
-    """torch.load without running code from the file; a dict with a 'config' dict."""
+def _read_state(content: bytes, device: torch.device) -> dict:
+    """torch.load without running code from the content; a dict with a 'config' dict."""
     try:
-        with torch.serialization.safe_globals(_LEGACY_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's note on the pickle protocol of old files
-            state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(content), map_location=device, weights_only=True)
     except pickle.UnpicklingError:
-        raise _NotACheckpoint("it is not a torch file of tensors and plain data") from None
-    except EOFError:
-        raise _NotACheckpoint("the file is empty or cut short") from None
-    except (OSError, RuntimeError, ValueError) as error:  # torch's first sentence says enough
-        raise _NotACheckpoint(f"unreadable: {str(error).split('. ')[0]}") from None
+        raise _NotACheckpoint("its content is not a torch file of tensors and plain "
+                              "data") from None
+    except (EOFError, OSError, RuntimeError, ValueError) as error:  # torch's first sentence
+        raise _NotACheckpoint(f"unreadable content: {str(error).split('. ')[0]}") from None
     if not isinstance(state, dict):
         raise _NotACheckpoint(f"it holds a {type(state).__name__}, not a dict")
     if not isinstance(state.get("config"), dict):
@@ -119,26 +138,49 @@ def _read_checkpoint(path: Path, device: torch.device) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> int:
-    """Restore `fed` from `path`; ConfigError for a missing, foreign or mismatched file."""
+def verified_state(path: Path, config: SimulationConfig, device: torch.device) -> dict:
+    """The state sealed in `path` once its content digest and its config digest (this run's
+    settings) check out; ConfigError naming the file for a missing, truncated, corrupted,
+    foreign or unreadable one."""
     if not path.is_file():
         raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
-    not_ours = f"--resume: {path} is not a codream-secure checkpoint"
     try:
-        state = _read_checkpoint(path, fed.device)
+        sealed = read_sealed(path)
+    except BrokenCheckpoint as error:
+        raise ConfigError(f"--resume: {path} {error}; nothing was restored") from None
+    except OSError as error:
+        raise ConfigError(f"--resume: cannot read {path} ({os_reason(error)})") from None
+    try:
+        state = _read_state(sealed.content, device)
     except _NotACheckpoint as error:
-        raise ConfigError(f"{not_ours} ({error})") from None
-    saved, now = state["config"], _comparable(config)
-    if saved != now:
-        changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-        raise ConfigError(f"--resume: the checkpoint in {path.parent} was made with different "
-                          f"settings ({', '.join(changed)}); use the same flags or a new --out")
+        raise ConfigError(f"--resume: {path} is not a codream-secure checkpoint "
+                          f"({error})") from None
+    if sealed.config_sha256 != settings_digest(config):
+        raise ConfigError(_foreign(path, state["config"], _comparable(config)))
+    return state
+
+
+def load_checkpoint(path: Path, config: SimulationConfig, fed: CoDreamFederation) -> int:
+    """Restore `fed` from the verified state in `path`; the last round it completed.
+    ConfigError for a file that fails verification or does not fit this run."""
+    state = verified_state(path, config, fed.device)
     try:
         return _restore(state, fed)
-    # a damaged or hand-made state fails in whichever part is wrong
+    # a hand-made state with recomputed digests fails in whichever part is wrong
     except (_NotACheckpoint, ConfigError, KeyError, TypeError, ValueError, RuntimeError,
             AttributeError, IndexError) as error:
-        raise ConfigError(f"{not_ours} ({_short(error)})") from None
+        raise ConfigError(f"--resume: {path} is not a codream-secure checkpoint "
+                          f"({_short(error)})") from None
+
+
+def _foreign(path: Path, saved: dict, now: dict) -> str:
+    """Why a checkpoint whose config digest differs from this run's is refused."""
+    changed = _changed(saved, now)
+    if not changed:  # the content's config is ours, so the digest in the header was damaged
+        return (f"--resume: {path} is corrupted: its config-sha256 matches neither these "
+                "settings nor the ones stored inside it; nothing was restored")
+    return (f"--resume: {path} was written under different settings ({', '.join(changed)}); "
+            "use the same config and flags or a new --out")
 
 
 def _restore(state: dict, fed: CoDreamFederation) -> int:
@@ -162,7 +204,7 @@ def _restore(state: dict, fed: CoDreamFederation) -> int:
     fed.rounds = [RoundRecord(**r) for r in state["rounds"]]
     for channel, (stats, up, down, clipped) in zip((fed.grad_channel, fed.label_channel),
                                                    state["channels"], strict=True):
-        channel.stats = stats if isinstance(stats, ChannelStats) else ChannelStats(**stats)
+        channel.stats = ChannelStats(**stats)
         channel.bytes_up, channel.bytes_down = _counts(up, fed.n), _counts(down, fed.n)
         channel.dp_clipped = int(clipped)
     for ledger, accountant in zip(_ledgers(fed), state["accountants"], strict=True):
@@ -207,7 +249,7 @@ def _per_client_rows(pair: object, clients: int) -> tuple[list, list]:
 
 
 def _counts(values: object, clients: int) -> np.ndarray:
-    """Per-client byte counts (a list, or a numpy array in older checkpoints) as int64."""
+    """Per-client byte counts (a list) as int64."""
     counts = np.asarray(values, dtype=np.int64)
     if counts.shape != (clients,):
         raise _NotACheckpoint(f"byte counts need one entry per client ({clients})")

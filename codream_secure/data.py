@@ -10,14 +10,14 @@ from typing import Literal
 import numpy as np
 
 from codream_secure.errors import ConfigError, DataError
-from codream_secure.formats import read_cifar_dataset, read_idx_dataset, read_npz
+from codream_secure.formats import MAX_CLASSES, read_cifar_dataset, read_idx_dataset
+from codream_secure.npz_format import read_npz
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "npz")
 DEFAULT_DATASET = "digits"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
 TEST_FRACTION = 0.25  # fixed held-out share for datasets that ship without a test split
 SPLIT_SEED = 0  # that split never depends on the run's seed, so test sets stay comparable
-MAX_CLASSES = 100_000  # labels are class indices; a label of 2e8 would mean a 2e8-unit output layer
 
 # Normalisation constants that never come from the clients' data (statistics of the pooled
 # training data are known to no client, and releasing them would be an unaccounted DP release).

@@ -1,4 +1,4 @@
-"""CoDream rounds across clients; the only module that talks to the protocol layer.
+"""CoDream rounds across clients, and the channels that run their sums as aggregation sessions.
 
 The bridge is explicit: torch tensor -> float32 numpy -> aggregator session -> numpy -> tensor.
 """
@@ -16,10 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from protocols.dp import DPSpec
+from protocols import registry
+from protocols.dp.mechanisms import DPSpec
 from protocols.errors import NonFiniteInputError, TooFewSurvivorsError
-from protocols.registry import AggregationSession, open_session
+from protocols.registry import open_session
+from protocols.session import AggregationSession
 
+from .config import AggregationConfig, CoDreamConfig, DeviceConfig
 from .distill import distill, evaluate, soft_labels, train_local
 from .dreams import (
     DreamBuffer,
@@ -79,10 +82,11 @@ class AggregationChannel:
                  expected_dropout: float, purpose: str = "dream-gradient",
                  key_bits: int = 3072, dp: DPSpec | None = None,
                  ledger: PrivacyLedger | None = None, masking: str = "host",
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, threat_model: str = "active") -> None:
         if masking not in ("host", "device"):
             raise ConfigError(f"masking must be 'host' or 'device', got {masking!r}")
         self.purpose, self.dp, self.ledger = purpose, dp, ledger
+        self.threat_model = threat_model
         # device: each client's upload is quantised and masked where its tensor lives (ChaCha20
         # session PRG, bit-identical to a host client); vectors may then be torch tensors
         self.device_masking = masking == "device"
@@ -93,6 +97,7 @@ class AggregationChannel:
         self.device = device
         self.dp_clipped = 0  # client vectors scaled down to the DP L2 clip
         self.aggregator, self.n_clients, self.clip = aggregator, n_clients, clip
+        self.spec = registry.get(aggregator)
         self.ring_bits, self.expected_dropout, self.key_bits = ring_bits, expected_dropout, key_bits
         self.stats = ChannelStats()
         self.bytes_up = np.zeros(n_clients, np.int64)
@@ -104,21 +109,21 @@ class AggregationChannel:
     def open(self, vector_length: int, *, seed: tuple) -> None:
         """Start a session (one key setup) for vectors of this length.
 
-        `seed` makes the clients' stochastic rounding reproducible, so a resumed run equals an
-        uninterrupted one; masks stay fresh randomness (they cancel exactly anyway).
+        `seed` keys the clients' stochastic rounding; SecAgg clients mix in a secret of their
+        own and the session id, so there a resumed run matches an uninterrupted one only to
+        within the rounding of each sum. Masks stay fresh randomness (they cancel exactly).
         """
         close = getattr(self.session, "close", None)
         if close is not None:  # a Paillier session's encryption workers
             close()
-        if self.aggregator == "paillier" and self._keypair is None:
-            from protocols.paillier import generate_keypair
-
-            self._keypair = generate_keypair(self.key_bits)
+        if self.spec.key_holder and self._keypair is None:
+            self._keypair = self.spec.generate_keypair(self.key_bits)
         self.session = open_session(
             self.aggregator, self.n_clients, vector_length, clip=self.clip,
             ring_bits=self.ring_bits, expected_dropout=self.expected_dropout,
             rounding_seed=hashlib.sha256(repr(seed).encode()).digest(),
             key_bits=self.key_bits, keypair=self._keypair, dp=self.dp,
+            threat_model=self.threat_model,
             **self._masking_options(),
         )
         self._traffic_seen = (np.zeros(self.n_clients, np.int64),
@@ -181,7 +186,7 @@ class AggregationChannel:
         members = sorted(outcome.included)
         # the reference is what a plain run would have summed: clipping counts as error here
         plain, clipped = _plain_reference([inputs[c] for c in members], self.clip)
-        if self.aggregator == "plain":
+        if not self.spec.fixed_point:  # floats in the clear: nothing was clipped
             clipped = 0
         self.stats.observe(outcome.total, plain, clipped, seconds)
         return outcome.total, outcome.included
@@ -240,49 +245,28 @@ class RoundRecord:
         }
 
 
-@dataclass
-class CoDreamSettings:
-    """The algorithm's knobs (a view of SimulationConfig that this module needs)."""
-
-    rounds: int
-    warmup_epochs: int
-    local_epochs: int
-    local_lr: float
-    batch_size: int
-    dream_batch: int
-    dream_steps: int
-    dream_lr: float
-    distill_epochs: int
-    distill_lr: float
-    kd_temperature: float
-    buffer_size: int
-    soft_labels: str
-    adaptive_after: int
-    adaptive_weight: float
-    dropout_rate: float
-    dropout_clients: tuple[int, ...]
-    seed: int
-    use_bn_statistics: bool = True
-    precision: str = "fp32"
-    train_cuda_graphs: str = "off"
-    dream_graph: str = "per-client"
-
-
 class CoDreamFederation:
     """Clients with their own models and data, a server model, and the dream buffer."""
 
     def __init__(self, clients: Sequence[ClientData], models: Sequence[nn.Module],
                  server_model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, *,
-                 settings: CoDreamSettings, grad_channel: AggregationChannel,
+                 codream: CoDreamConfig, seed: int, grad_channel: AggregationChannel,
                  label_channel: AggregationChannel, device: torch.device,
+                 aggregation: AggregationConfig | None = None,
+                 device_options: DeviceConfig | None = None, use_bn_statistics: bool = True,
                  weights: DreamLossWeights | None = None,
                  trainers: Sequence[SampleLevelTrainer] | None = None) -> None:
+        """`codream` drives the rounds; `aggregation` supplies the simulated dropouts (none by
+        default), `device_options` the precision and CUDA graphs (fp32, none by default)."""
         self.clients, self.models, self.server_model = list(clients), list(models), server_model
         self.trainers = None if trainers is None else list(trainers)  # sample-level DP-SGD
-        self.x_test, self.y_test, self.s, self.device = x_test, y_test, settings, device
+        self.x_test, self.y_test, self.s, self.device = x_test, y_test, codream, device
+        self.seed, self.use_bn_statistics = seed, use_bn_statistics
+        self.dropout = aggregation or AggregationConfig()
+        self.compute = device_options or DeviceConfig()
         self.grad_channel, self.label_channel = grad_channel, label_channel
         self.weights = weights or DreamLossWeights()
-        self.buffer = DreamBuffer(settings.buffer_size)
+        self.buffer = DreamBuffer(codream.buffer_size)
         self.result = MethodResult("codream")
         self.rounds: list[RoundRecord] = []
         self.last_dreams: torch.Tensor | None = None
@@ -290,8 +274,8 @@ class CoDreamFederation:
         self._fast_steps: list[tuple[list[int], object]] | None = None
         # local training and distillation: compiled with bf16 on CUDA (replayed as CUDA graphs
         # with train_cuda_graphs="on"), eager elsewhere
-        self.train_path = FastPath.optimised(device, settings.precision,
-                                             cuda_graphs=settings.train_cuda_graphs == "on")
+        self.train_path = FastPath.optimised(device, self.compute.precision,
+                                             cuda_graphs=self.compute.train_cuda_graphs == "on")
 
     @property
     def n(self) -> int:
@@ -319,9 +303,9 @@ class CoDreamFederation:
                     self.trainers[k].train(model, data.x_train, data.y_train, epochs=epochs)
                 continue
             train_local(model, data.x_train, data.y_train, epochs=epochs, lr=self.s.local_lr,
-                        precision=self.s.precision, fast=self.train_path,
+                        precision=self.compute.precision, fast=self.train_path,
                         batch_size=self.s.batch_size,
-                        generator=generator(self.s.seed, "local", round_index, k))
+                        generator=generator(self.seed, "local", round_index, k))
 
     def warm_up(self) -> None:
         """Local training before any collaboration; recorded as round 0."""
@@ -338,9 +322,9 @@ class CoDreamFederation:
         """Each client's grad_x of its dream loss: the reference fp32 path, or the fast path
         (bf16; clients sharing an architecture in one vmapped step; on CUDA compiled with CUDA
         graphs, one per group or, with dream_graph="one", one for every client)."""
-        if self.s.precision == "fp32":
+        if self.compute.precision == "fp32":
             return [dream_gradient(self.models[c], x, self.weights,
-                                   use_bn_statistics=self.s.use_bn_statistics) for c in clients]
+                                   use_bn_statistics=self.use_bn_statistics) for c in clients]
         from .gpu.fast_dream import FastDreamStep
 
         grads: dict[int, torch.Tensor] = {}
@@ -361,8 +345,8 @@ class CoDreamFederation:
         if self._fast_steps is None:
             from .gpu.fast_dream import BatchedDreamStep, FastDreamStep, group_by_architecture
 
-            options = {"use_bn_statistics": self.s.use_bn_statistics, "precision": "bf16"}
-            if self.s.dream_graph == "one":
+            options = {"use_bn_statistics": self.use_bn_statistics, "precision": "bf16"}
+            if self.compute.dream_graph == "one":
                 from .gpu.graphed import GraphedDreamGradients
 
                 graphed = GraphedDreamGradients(self.models, x_shape, self.weights,
@@ -381,10 +365,10 @@ class CoDreamFederation:
 
     def _dropouts(self, round_index: int) -> dict[int, tuple[int, bool]]:
         """Client -> (dream step at which it drops, whether after its upload) for this round."""
-        rng = random.Random(derived_seed(self.s.seed, "dropout", round_index))
-        plan = {c: (1, False) for c in self.s.dropout_clients}
+        rng = random.Random(derived_seed(self.seed, "dropout", round_index))
+        plan = {c: (1, False) for c in self.dropout.dropout_clients}
         for c in range(self.n):
-            if c not in plan and rng.random() < self.s.dropout_rate:
+            if c not in plan and rng.random() < self.dropout.dropout_rate:
                 plan[c] = (rng.randint(1, self.s.dream_steps), rng.random() < 0.5)
         return plan
 
@@ -394,9 +378,9 @@ class CoDreamFederation:
         shape = (self.s.dream_batch, *self.clients[0].x_train.shape[1:])
         # the dreams and their Adam state live where the models do: one upload of the mean
         # gradient per step instead of the dreams going up and the optimiser running on the host
-        synth = DreamSynthesizer(shape, generator=generator(self.s.seed, "dreams", round_index),
+        synth = DreamSynthesizer(shape, generator=generator(self.seed, "dreams", round_index),
                                  lr=self.s.dream_lr, device=self.device)
-        self.grad_channel.open(int(np.prod(shape)), seed=(self.s.seed, "dreams", round_index))
+        self.grad_channel.open(int(np.prod(shape)), seed=(self.seed, "dreams", round_index))
         active = set(range(self.n))
         task = progress.task(f"round {round_index} dreams", self.s.dream_steps) \
             if progress else None
@@ -434,7 +418,7 @@ class CoDreamFederation:
         outputs = {c: soft_labels(self.models[c], dreams.to(self.device), kind=self.s.soft_labels)
                    .cpu().numpy().reshape(-1) for c in sorted(members)}
         self.label_channel.open(next(iter(outputs.values())).size,
-                                seed=(self.s.seed, "labels", round_index))
+                                seed=(self.seed, "labels", round_index))
         total, included = self.label_channel.sum(outputs)
         mean = (total / len(included)).reshape(dreams.shape[0], -1)
         if self.label_channel.dp is not None and self.s.soft_labels == "probs":
@@ -453,7 +437,7 @@ class CoDreamFederation:
                 name = "the server's model" if k == "server" else f"client {k}'s model"
                 raise ModelDivergedError(
                     f"{name} holds NaN or inf after round {round_index}'s distillation (lower "
-                    "--distill-lr or --kd-temperature)")
+                    "[codream] distill_lr or kd_temperature)")
 
     def _bytes_down(self) -> np.ndarray:
         return self.grad_channel.bytes_down + self.label_channel.bytes_down + self.broadcast_down
@@ -490,13 +474,13 @@ class CoDreamFederation:
                 distill(self.models[k], bx, by, epochs=self.s.distill_epochs,
                         lr=self.s.distill_lr, batch_size=self.s.batch_size,
                         temperature=self.s.kd_temperature, teacher_kind=self.s.soft_labels,
-                        generator=generator(self.s.seed, "distill", round_index, k),
-                        precision=self.s.precision, fast=self.train_path)
+                        generator=generator(self.seed, "distill", round_index, k),
+                        precision=self.compute.precision, fast=self.train_path)
             distill(self.server_model, bx, by, epochs=self.s.distill_epochs, lr=self.s.distill_lr,
                     batch_size=self.s.batch_size, temperature=self.s.kd_temperature,
                     teacher_kind=self.s.soft_labels,
-                    generator=generator(self.s.seed, "distill", round_index, "server"),
-                    precision=self.s.precision, fast=self.train_path)
+                    generator=generator(self.seed, "distill", round_index, "server"),
+                    precision=self.compute.precision, fast=self.train_path)
             seconds["distill"] = time.perf_counter() - start
             self._check_finite(round_index, [*sorted(members), "server"])
         val, test = self._evaluate()

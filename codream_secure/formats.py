@@ -1,4 +1,10 @@
-"""Strict readers for on-disk dataset formats: IDX (MNIST family), CIFAR pickle batches, npz."""
+"""Strict readers for on-disk dataset formats: IDX (MNIST family) and CIFAR pickle batches
+(npz: npz_format.py).
+
+Every reader either returns arrays that meet its contract (uint8 or finite float32 images with
+no empty dimension, int64 labels in range, as many labels as images) or raises DataError with a
+one-line reason; sizes a header claims are checked before anything that size is allocated.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import gzip
 import io
 import math
 import pickle
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +30,49 @@ except ImportError:  # pragma: no cover - old numpy
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _IDX_UBYTE = 0x08
+_CHUNK = 1 << 20
+MAX_FILE_BYTES = 1 << 34  # 16 GiB of (decompressed) data per file: far above CIFAR or MNIST
+MAX_IMAGE_SIDE = 8192  # pixels per image side; a larger IDX header is damage, not data
+MAX_CLASSES = 100_000  # labels are class indices; a label of 2e8 would mean a 2e8-unit output layer
 
 
-def read_bytes(path: Path) -> bytes:
-    """Read a file, transparently gunzipping it (by content, not by name)."""
+def read_bytes(path: Path, *, limit: int = MAX_FILE_BYTES, prefix: bool = False) -> bytes:
+    """Read a file, transparently gunzipping it (by content, not by name), in chunks.
+
+    More than `limit` bytes raise DataError before they are held, unless `prefix`: then the
+    first `limit` bytes come back (an IDX header, read before its body is).
+    """
     try:
-        raw = path.read_bytes()
+        handle = path.open("rb")
     except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    if raw[:2] == _GZIP_MAGIC:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with handle:
+        gzipped = handle.read(2) == _GZIP_MAGIC
+        handle.seek(0)
+        stream = gzip.GzipFile(fileobj=handle, mode="rb") if gzipped else handle
+        chunks, held = [], 0
         try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path} is not a valid gzip file: {exc}") from exc
-    return raw
+            while held <= limit:
+                chunk = stream.read(min(_CHUNK, limit + 1 - held))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                held += len(chunk)
+        except (OSError, EOFError, zlib.error) as exc:
+            if gzipped:
+                raise DataError(f"{path} is not a valid gzip file: {exc}") from None
+            raise DataError(f"cannot read {path}: {exc}") from None
+    data = b"".join(chunks)
+    if prefix:
+        return data[:limit]
+    if len(data) > limit:
+        raise DataError(f"{path} holds more than {limit:,} bytes{' once unzipped' * gzipped}, "
+                        "more than this reader takes")
+    return data
 
 
-def parse_idx(raw: bytes, *, ndim: int, where: str) -> np.ndarray:
-    """Parse an unsigned-byte IDX blob with exactly `ndim` dimensions."""
+def _idx_dims(raw: bytes, *, ndim: int, where: str) -> tuple[int, ...]:
+    """Check an IDX header (magic, type, rank, sane dimensions); its dimensions."""
     if len(raw) < 4:
         raise DataError(f"{where}: too short for an IDX header ({len(raw)} bytes)")
     zero, dtype_code, got_ndim = raw[0:2], raw[2], raw[3]
@@ -49,16 +82,45 @@ def parse_idx(raw: bytes, *, ndim: int, where: str) -> np.ndarray:
         raise DataError(f"{where}: IDX data type 0x{dtype_code:02x} unsupported (need 0x08 ubyte)")
     if got_ndim != ndim:
         raise DataError(f"{where}: IDX file has {got_ndim} dimensions, expected {ndim}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    if len(raw) < 4 + 4 * ndim:
         raise DataError(f"{where}: truncated IDX header")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    size = math.prod(dims)  # Python ints: a hostile header cannot overflow
+    if 0 in dims:
+        raise DataError(f"{where}: IDX header says {dims}: no "
+                        f"{'images' if dims[0] == 0 else 'pixels'}")
+    if any(side > MAX_IMAGE_SIDE for side in dims[1:]):
+        raise DataError(f"{where}: IDX header says images of {dims[1:]} pixels, beyond "
+                        f"{MAX_IMAGE_SIDE} per side: a damaged header")
+    if math.prod(dims) > MAX_FILE_BYTES:  # Python ints: a hostile header cannot overflow
+        raise DataError(f"{where}: IDX header says {dims} = {math.prod(dims):,} bytes, more "
+                        f"than this reader takes ({MAX_FILE_BYTES:,})")
+    return dims
+
+
+def parse_idx(raw: bytes, *, ndim: int, where: str) -> np.ndarray:
+    """Parse an unsigned-byte IDX blob with exactly `ndim` non-empty dimensions."""
+    dims = _idx_dims(raw, ndim=ndim, where=where)
+    header, size = 4 + 4 * ndim, math.prod(dims)
     if len(raw) - header != size:
         raise DataError(
             f"{where}: IDX header says {dims} = {size} bytes but the file holds {len(raw) - header}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx(path: Path, *, ndim: int) -> np.ndarray:
+    """Read an IDX file: its header first, then no more body than that header promises."""
+    header = 4 + 4 * ndim
+    dims = _idx_dims(read_bytes(path, limit=header, prefix=True), ndim=ndim, where=str(path))
+    size = math.prod(dims)
+    try:
+        raw = read_bytes(path, limit=header + size)
+    except DataError as exc:
+        if "more than" not in str(exc):
+            raise
+        raise DataError(f"{path}: IDX header says {dims} = {size} bytes but the file holds "
+                        "more") from None
+    return parse_idx(raw, ndim=ndim, where=str(path))
 
 
 def find_idx_file(folder: Path, stem: str) -> Path:
@@ -74,34 +136,40 @@ def read_idx_split(folder: Path, prefix: str, *, num_classes: int) -> tuple[np.n
     """Read one (images, labels) pair such as train-* or t10k-* from `folder`."""
     img_path = find_idx_file(folder, f"{prefix}-images-idx3-ubyte")
     lab_path = find_idx_file(folder, f"{prefix}-labels-idx1-ubyte")
-    images = parse_idx(read_bytes(img_path), ndim=3, where=str(img_path))
-    labels = parse_idx(read_bytes(lab_path), ndim=1, where=str(lab_path))
+    images = read_idx(img_path, ndim=3)
+    labels = read_idx(lab_path, ndim=1)
     if len(images) != len(labels):
         raise DataError(f"{img_path} has {len(images)} images but {lab_path} {len(labels)} labels")
     check_labels(labels, num_classes, where=str(lab_path))
     return images[:, None, :, :], labels.astype(np.int64)
 
 
-def _safe_builtins() -> dict[tuple[str, str], Any]:
-    names = ("list", "dict", "tuple", "set", "frozenset", "bytearray", "bytes", "int", "float",
-             "complex", "bool", "str", "slice", "range")  # fmt: skip
-    import builtins
+class _NdarrayName:
+    """numpy.ndarray as a pickle names it: the type argument of _reconstruct, never called,
+    so a pickle cannot ask for a huge uninitialised array that it does not hold the bytes of."""
 
-    out: dict[tuple[str, str], Any] = {}
-    for n in names:
-        out[("builtins", n)] = getattr(builtins, n)
-        out[("__builtin__", n)] = getattr(builtins, n)  # Python 2 pickles (the real CIFAR files)
-    return out
+    def __call__(self, *args: object) -> None:
+        raise DataError("pickle calls numpy.ndarray itself, which numpy's own pickles never do")
 
 
-# Everything a pickled numpy array needs, under numpy 1.x and 2.x module names, plus harmless
-# builtins. Notably absent: eval/exec/getattr/__import__, os, subprocess, functools, copyreg.
+_NDARRAY = _NdarrayName()
+
+
+def _reconstruct(subtype: object, shape: object, dtype: object) -> np.ndarray:
+    """numpy's own pickles start every array empty, shape (0,), and fill it from their bytes."""
+    if subtype is not _NDARRAY or shape != (0,):
+        raise DataError(f"pickle builds an array as {shape!r}, not as numpy pickles do")
+    return _multiarray._reconstruct(np.ndarray, (0,), dtype)
+
+
+# Exactly what numpy's pickles of arrays need (protocols 2 to 5, numpy 1.x and 2.x module names,
+# Python 2 pickles such as the real CIFAR files). No builtins: none is needed, and some (bytes,
+# bytearray, range) would let a few bytes of pickle allocate gigabytes.
 _PICKLE_ALLOWED: dict[tuple[str, str], Any] = {
-    **_safe_builtins(),
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.multiarray", "scalar"): _multiarray.scalar,
     ("numpy._core.multiarray", "scalar"): _multiarray.scalar,
     ("numpy.core.numeric", "_frombuffer"): _numeric._frombuffer,
@@ -120,6 +188,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise DataError(f"pickle refers to {module}.{name}, which is not allowed") from None
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one line of at most `limit` characters, for DataError messages."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_pickle(path: Path) -> Any:
     """Unpickle a dataset file with the restricted unpickler (bytes keys, as in CIFAR)."""
     raw = read_bytes(path)
@@ -128,7 +202,17 @@ def load_pickle(path: Path) -> Any:
     except DataError as exc:
         raise DataError(f"{path}: {exc}") from None
     except Exception as exc:  # any malformed pickle is a data problem, not a crash
-        raise DataError(f"{path} is not a readable pickle: {type(exc).__name__}: {exc}") from None
+        raise DataError(f"{path} is not a readable pickle: {one_line(exc)}") from None
+
+
+def _as_label_array(labels: object, where: str) -> np.ndarray:
+    """Labels (a list or an array) as an array; any numpy complaint becomes DataError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return np.asarray(labels)
+    except Exception as exc:
+        raise DataError(f"{where}: labels are not an array: {one_line(exc)}") from None
 
 
 def read_cifar_batch(
@@ -138,18 +222,20 @@ def read_cifar_batch(
     obj = load_pickle(path)
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a dict batch, got {type(obj).__name__}")
-    obj = {k.encode() if isinstance(k, str) else k: v for k, v in obj.items()}
+    obj = {k.encode("utf-8", "surrogatepass") if isinstance(k, str) else k: v
+           for k, v in obj.items()}
     if b"data" not in obj or label_key not in obj:
-        raise DataError(f"{path}: batch lacks b'data' or {label_key!r} (keys: {sorted(obj)})")
+        keys = ", ".join(sorted(map(repr, obj)))
+        raise DataError(f"{path}: batch lacks b'data' or {label_key!r} (keys: "
+                        f"{keys if len(keys) < 200 else keys[:197] + '...'})")
     data, labels = obj[b"data"], obj[label_key]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
         raise DataError(f"{path}: b'data' must be a 2-D uint8 array")
     if data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: b'data' rows have {data.shape[1]} values, expected 3072")
-    try:
-        labels = np.asarray(labels)
-    except Exception as exc:
-        raise DataError(f"{path}: labels are not an array: {exc}") from None
+    if len(data) == 0:
+        raise DataError(f"{path}: b'data' holds no images")
+    labels = _as_label_array(labels, str(path))
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"{path}: {label_key!r} must be a flat list of integers")
     if len(labels) != len(data):
@@ -165,65 +251,6 @@ def check_labels(labels: np.ndarray, num_classes: int, *, where: str) -> None:
             f"{where}: labels out of range [0, {num_classes}): "
             f"found {int(labels.min())}..{int(labels.max())}"
         )
-
-
-def _to_nchw(x: np.ndarray, where: str) -> np.ndarray:
-    if x.ndim == 3:
-        return x[:, None, :, :]
-    if x.ndim != 4:
-        raise DataError(f"{where}: images must be N×H×W, N×H×W×C or N×C×H×W, got shape {x.shape}")
-    # Channels-last iff the last axis looks like channels and axis 1 does not; ties go to NCHW.
-    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    return x
-
-
-def _images_to_float(x: np.ndarray, where: str) -> np.ndarray:
-    if x.dtype == np.uint8:
-        out = x.astype(np.float32) / np.float32(255.0)
-    elif x.dtype.kind == "f":
-        out = x.astype(np.float32)
-        if not np.isfinite(out).all():
-            raise DataError(f"{where}: images contain NaN or infinity")
-    else:
-        raise DataError(f"{where}: images must be uint8 or floating point, got {x.dtype}")
-    return _to_nchw(out, where)
-
-
-def _labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise DataError(f"{where}: labels must be a 1-D integer array, got {y.dtype} {y.shape}")
-    if len(y) != n:
-        raise DataError(f"{where}: {n} images but {len(y)} labels")
-    if y.size and y.min() < 0:
-        raise DataError(f"{where}: labels out of range: negative label {int(y.min())}")
-    return y.astype(np.int64)
-
-
-def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Read x, y (and optional x_test, y_test) from an npz; images come back float32 NCHW."""
-    if not path.is_file():
-        raise DataError(f"npz file not found: {path}" + (" (it is a folder; --data-dir takes "
-                        "the .npz file itself for --dataset npz)" if path.is_dir() else ""))
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as exc:
-        raise DataError(f"{path} is not a readable .npz file: {exc}") from None
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise DataError(f"{path}: missing array(s) {missing} (found {sorted(arrays)})")
-    if ("x_test" in arrays) != ("y_test" in arrays):
-        raise DataError(f"{path}: x_test and y_test must be given together")
-    x = _images_to_float(arrays["x"], f"{path}[x]")
-    y = _labels(arrays["y"], len(x), f"{path}[y]")
-    if "x_test" not in arrays:
-        return x, y, None, None
-    x_test = _images_to_float(arrays["x_test"], f"{path}[x_test]")
-    y_test = _labels(arrays["y_test"], len(x_test), f"{path}[y_test]")
-    if x_test.shape[1:] != x.shape[1:]:
-        raise DataError(f"{path}: x_test images {x_test.shape[1:]} differ from x {x.shape[1:]}")
-    return x, y, x_test, y_test
 
 
 _Split4 = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Path]

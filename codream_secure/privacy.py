@@ -20,7 +20,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from codream_secure.errors import ConfigError, DeltaBudgetError
-from protocols import dp
+from protocols.dp import mechanisms as dp
 
 __all__ = [
     "ACCOUNTANTS",
@@ -72,7 +72,7 @@ def truncation_tail_bits(epsilon: float, draws: int, budget: float, *,
             f"below 2^-{bits}, past the samplers' limit of 2^-{dp.MAX_TAIL_BITS}: the "
             f"truncation would add (1 + e^epsilon) * TV > {budget:.3g} to delta, so the total "
             f"delta could not stay within the stated one. Lower epsilon (raise the noise), "
-            f"release fewer aggregates, or use --dp-mode central (no truncation)")
+            f"release fewer aggregates, or set [privacy] dp_mode = \"central\" (no truncation)")
     return bits
 
 

@@ -209,9 +209,14 @@ def ordered_methods(final: dict) -> list[str]:
     return [m for m in METHOD_ORDER if m in final] + sorted(set(final) - set(METHOD_ORDER))
 
 
+def config_values(config: dict) -> dict:
+    """report.json's sectioned config as one {key: value} dict (key names are unique)."""
+    return {k: v for keys in config.values() if isinstance(keys, dict) for k, v in keys.items()}
+
+
 def render_markdown(report: dict, *, images: list[str] = ()) -> str:
     """The human summary of one run, built only from report.json's fields."""
-    cfg, timing = report["config"], report.get("timing", {})
+    cfg, timing = config_values(report["config"]), report.get("timing", {})
     agg, data = report.get("aggregator", {}), report.get("dataset", {})
     lines = ["# CoDream run report", ""]
     if timing:
@@ -236,8 +241,9 @@ def render_markdown(report: dict, *, images: list[str] = ()) -> str:
     lines += _aggregator_section(agg) + privacy_section(report.get("privacy"))
     lines += _rounds_section(report["rounds"])
     lines += _dataset_section(data)
-    lines += _section("Configuration", ["key", "value"],
-                      [[k, f"`{_num(v)}`"] for k, v in cfg.items()])
+    lines += _section("Configuration", ["key", "value"], [
+        [f"[{table}] {k}", f"`{_num(v)}`"] for table, keys in report["config"].items()
+        if isinstance(keys, dict) for k, v in keys.items()])
     env = [[f"{section}.{k}", _num(v)] for section in ("versions", "machine", "seeds")
            for k, v in report.get(section, {}).items()]
     lines += _section("Environment", ["what", "value"], env)
@@ -346,8 +352,8 @@ def plot_accuracy(report: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"CoDream on {report['config'].get('dataset')} "
-                 f"({report['config'].get('aggregator')})")
+    cfg = config_values(report["config"])
+    ax.set_title(f"CoDream on {cfg.get('dataset')} ({cfg.get('aggregator')})")
     _save(fig, path)
 
 

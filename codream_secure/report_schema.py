@@ -48,7 +48,8 @@ def _optional_objects(section: dict, keys: tuple[str, ...], where: str) -> None:
 
 def validate_report(report: dict) -> None:
     """Check the types that rendering (markdown, plots, the CLI summary) relies on."""
-    _object(report["config"], "config")
+    for table, keys in _object(report["config"], "config").items():  # {table: {key: value}}
+        _object(keys, f"config.{table}")
     if report.get("privacy") is not None:
         _object(report["privacy"], "privacy")
     for key in ("versions", "seeds", "machine", "dataset", "aggregator", "timing",

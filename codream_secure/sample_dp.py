@@ -4,7 +4,7 @@ One SampleLevelTrainer per client keeps one accountant for the client's whole ru
 accumulates over rounds. Distillation trains on dreams, not private data, and needs no DP; dream
 gradients and soft labels of a DP-trained model are post-processing (docs/privacy.md).
 Poisson batches and the Gaussian noise come from the AES-CTR keystream keyed from os.urandom
-(protocols.dp_samplers), never from the run's seed: the seed is published in every report.
+(protocols.dp.samplers), never from the run's seed: the seed is published in every report.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.utils.data._utils.collate import default_collate
 from codream_secure.dreams import model_mode
 from codream_secure.errors import ConfigError
 from codream_secure.privacy import PrivacyLedger, calibrate_noise
-from protocols.dp_samplers import gaussian, uniform
+from protocols.dp.samplers import gaussian, uniform
 
 __all__ = ["KeystreamPoissonSampler", "SampleLevelTrainer", "add_keystream_noise",
            "make_private_ready"]

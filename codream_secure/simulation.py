@@ -14,23 +14,30 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from protocols import registry
+
 from . import __version__
 from .baselines import client_seed, run_centralized, run_fedavg, run_isolated, seeded_model
 from .checkpoint import CHECKPOINT, check_output_folder, load_checkpoint, save_checkpoint
-from .config import SimulationConfig
+from .config import (
+    AggregationConfig,
+    CoDreamConfig,
+    DataConfig,
+    DeviceConfig,
+    PrivacyConfig,
+    RunConfig,
+    SimulationConfig,
+)
 from .data import LoadedDataset, label_histogram, load_dataset, partition, split_validation
 from .dp_plan import privacy_report
 from .errors import ConfigError
-from .federation import (
-    AggregationChannel,
-    CoDreamFederation,
-    CoDreamSettings,
-)
+from .federation import AggregationChannel, CoDreamFederation
 from .progress import NullProgress, Progress
 from .report import REPORT_FILES
 from .results import ClientData, MethodResult
 
 if TYPE_CHECKING:  # opacus loads only for runs with DP
+    from .dp_plan import ClientDP
     from .sample_dp import SampleLevelTrainer
 
 @dataclass
@@ -52,15 +59,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_masking(config: SimulationConfig, device: torch.device) -> str:
-    """Where dream gradients are masked: 'auto' is the device on CUDA with SecAgg, else host."""
-    if config.masking != "auto":
-        return config.masking
-    secagg = config.aggregator in ("secagg", "secagg+") and config.dp != "client"
+def resolve_masking(masking: str, aggregator: str, dp: str, device: torch.device) -> str:
+    """Where dream gradients are masked ([device] masking): 'auto' is the device on CUDA with
+    SecAgg (and no client-level DP), else host."""
+    if masking != "auto":
+        return masking
+    secagg = registry.get(aggregator).pairwise_masks and dp != "client"
     return "device" if secagg and device.type == "cuda" else "host"
 
 
-def _split_clients(data: LoadedDataset, config: SimulationConfig, device: torch.device
+def _load_data(section: DataConfig, seed: int) -> LoadedDataset:
+    """The [data] section's data set, sampled down to its max_train / max_test."""
+    return load_dataset(section.dataset, section.data_dir, max_train=section.max_train,
+                        max_test=section.max_test, seed=seed,
+                        normalization=(section.data_mean, section.data_std)
+                        if section.data_mean else None)
+
+
+def _split_clients(data: LoadedDataset, section: DataConfig, seed: int, device: torch.device
                    ) -> tuple[list[ClientData], list[np.ndarray]]:
     """Hold out one stratified validation set, then partition the rest among the clients.
 
@@ -70,11 +86,11 @@ def _split_clients(data: LoadedDataset, config: SimulationConfig, device: torch.
     nothing.
     """
     everything = np.arange(len(data.y_train))
-    pool, val = split_validation(everything, data.y_train, fraction=config.val_fraction,
-                                 seed=config.seed)
-    parts = [pool[p] for p in partition(data.y_train[pool], config.clients,
-                                        scheme=config.partition, alpha=config.alpha,
-                                        seed=config.seed)]
+    pool, val = split_validation(everything, data.y_train, fraction=section.val_fraction,
+                                 seed=seed)
+    parts = [pool[p] for p in partition(data.y_train[pool], section.clients,
+                                        scheme=section.partition, alpha=section.alpha,
+                                        seed=seed)]
     x_val = torch.from_numpy(data.x_train[val]).to(device)
     y_val = torch.from_numpy(data.y_train[val]).to(device)
     clients = [ClientData(torch.from_numpy(data.x_train[idx]).to(device),
@@ -83,29 +99,23 @@ def _split_clients(data: LoadedDataset, config: SimulationConfig, device: torch.
     return clients, parts
 
 
-def _settings(config: SimulationConfig) -> CoDreamSettings:
-    names = [name for name in CoDreamSettings.__dataclass_fields__ if hasattr(config, name)]
-    return CoDreamSettings(**{name: getattr(config, name) for name in names},
-                           use_bn_statistics=config.dp != "sample")
-
-
-def _baselines(config: SimulationConfig, clients: list[ClientData], data: LoadedDataset,
-               x_test: torch.Tensor, y_test: torch.Tensor, progress: Progress
-               ) -> dict[str, MethodResult]:
+def _baselines(run: RunConfig, codream: CoDreamConfig, models: tuple[str, ...],
+               clients: list[ClientData], data: LoadedDataset, x_test: torch.Tensor,
+               y_test: torch.Tensor, progress: Progress) -> dict[str, MethodResult]:
+    """The [run] baselines, trained as [codream]'s local training trains, on the same split."""
     common = dict(input_shape=data.input_shape, num_classes=data.num_classes,
-                  warmup_epochs=config.warmup_epochs, rounds=config.rounds,
-                  local_epochs=config.local_epochs, lr=config.local_lr,
-                  batch_size=config.batch_size, seed=config.seed, progress=progress)
-    models = config.client_models
+                  warmup_epochs=codream.warmup_epochs, rounds=codream.rounds,
+                  local_epochs=codream.local_epochs, lr=codream.local_lr,
+                  batch_size=codream.batch_size, seed=run.seed, progress=progress)
     results = {}
-    if "isolated" in config.baselines:
+    if "isolated" in run.baselines:
         results["isolated"] = run_isolated(clients, x_test, y_test, models=models, **common)
-    if "fedavg" in config.baselines:
+    if "fedavg" in run.baselines:
         if len(set(models)) == 1:
             results["fedavg"] = run_fedavg(clients, x_test, y_test, model=models[0], **common)
         else:
             progress.log("fedavg skipped: it needs every client on the same architecture")
-    if "centralized" in config.baselines:
+    if "centralized" in run.baselines:
         results["centralized"] = run_centralized(clients, x_test, y_test, models=models, **common)
     return results
 
@@ -118,13 +128,14 @@ def _versions() -> dict[str, str]:
             "cryptography": cryptography.__version__}
 
 
-def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict:
+def _aggregator_report(aggregation: AggregationConfig, dp: str, fed: CoDreamFederation
+                       ) -> dict:
     grad, labels = fed.grad_channel, fed.label_channel
     session = grad.session or labels.session
     stats = [c.stats for c in (grad, labels)]
     compared = sum(s.steps for s in stats)
     values = sum(s.values for s in stats)
-    report = {"name": config.aggregator, "threshold": None, "degree": None, "ring_bits": None,
+    report = {"name": aggregation.aggregator, "threshold": None, "degree": None, "ring_bits": None,
               "scale_bits": None, "error_bound_per_step": None,
               "masking": {"dream": "device" if grad.device_masking else "host",
                           "labels": "device" if labels.device_masking else "host"},
@@ -138,12 +149,12 @@ def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict
                   "steps_compared": compared,
                   "clipped_values": sum(s.clipped for s in stats),
                   "seconds": sum(s.seconds for s in stats)}}
-    if config.dp == "client":  # the released sums carry noise on purpose: no error to compare
+    if dp == "client":  # the released sums carry noise on purpose: no error to compare
         report["measured"].update(max_abs_error_vs_plain=None, mean_abs_error_vs_plain=None,
                                   steps_compared=0)
-    if session is not None and config.aggregator != "plain":
+    if session is not None and aggregation.spec().masks_inputs:
         report.update(threshold=session.threshold, degree=session.degree,
-                      ring_bits=config.ring_bits)
+                      ring_bits=aggregation.ring_bits)
     codecs = [getattr(c.session, "codec", None) for c in (grad, labels)]
     if all(codec is not None for codec in codecs):
         report["scale_bits"] = {"dream": codecs[0].scale_bits, "labels": codecs[1].scale_bits}
@@ -151,9 +162,9 @@ def _aggregator_report(config: SimulationConfig, fed: CoDreamFederation) -> dict
     return report
 
 
-def _histograms(config: SimulationConfig, data: LoadedDataset, parts: list[np.ndarray]) -> dict:
+def _histograms(privacy: PrivacyConfig, data: LoadedDataset, parts: list[np.ndarray]) -> dict:
     """Per-client label histograms, published only without DP: they describe private data."""
-    if config.dp != "off":
+    if privacy.dp != "off":
         return {"client_label_histograms_withheld": "a DP run publishes no statistic of a "
                                                     "client's data outside its accounting"}
     return {"client_label_histograms": label_histogram(data.y_train, parts,
@@ -162,67 +173,84 @@ def _histograms(config: SimulationConfig, data: LoadedDataset, parts: list[np.nd
                                             "private data, published because DP is off"}
 
 
-def _sample_trainers(config: SimulationConfig, clients: list[ClientData]
-                     ) -> list[SampleLevelTrainer]:
+def _sample_trainers(privacy: PrivacyConfig, codream: CoDreamConfig,
+                     clients: list[ClientData]) -> list[SampleLevelTrainer]:
     """One DP-SGD trainer (and accountant) per client, for every local epoch of the run."""
     from .sample_dp import SampleLevelTrainer
 
-    budget = ({"noise_multiplier": config.dp_noise} if config.dp_noise is not None else
-              {"target_epsilon": config.dp_epsilon,
-               "planned_epochs": config.warmup_epochs + config.rounds * config.local_epochs})
-    return [SampleLevelTrainer(n_samples=len(c.y_train), batch_size=config.batch_size,
-                               max_grad_norm=config.dp_clip, delta=config.dp_delta,
-                               accountant=config.dp_accountant, lr=config.local_lr, **budget)
+    budget = ({"noise_multiplier": privacy.dp_noise} if privacy.dp_noise is not None else
+              {"target_epsilon": privacy.dp_epsilon,
+               "planned_epochs": codream.warmup_epochs + codream.rounds * codream.local_epochs})
+    return [SampleLevelTrainer(n_samples=len(c.y_train), batch_size=codream.batch_size,
+                               max_grad_norm=privacy.dp_clip, delta=privacy.dp_delta,
+                               accountant=privacy.dp_accountant, lr=codream.local_lr, **budget)
             for c in clients]
+
+
+def _channels(aggregation: AggregationConfig, n_clients: int, masking: str,
+              client_dp: ClientDP | None, device: torch.device) -> list[AggregationChannel]:
+    """The dream-gradient and the soft-label channels of the [aggregation] section."""
+    return [AggregationChannel(aggregation.aggregator, n_clients, clip=clip,
+                               ring_bits=aggregation.ring_bits,
+                               expected_dropout=aggregation.dropout_rate, purpose=purpose,
+                               key_bits=aggregation.paillier_bits, dp=spec,
+                               ledger=None if client_dp is None else client_dp.ledger,
+                               masking=channel_masking, device=device,
+                               threat_model=aggregation.threat_model)
+            for clip, purpose, spec, channel_masking in (
+                (aggregation.grad_clip, "dream-gradient", client_dp and client_dp.grad, masking),
+                (aggregation.label_clip, "soft-label", client_dp and client_dp.labels, "host"))]
+
+
+def _use_threads(device: DeviceConfig) -> None:
+    if device.threads:
+        torch.set_num_threads(device.threads)
 
 
 def run_simulation(config: SimulationConfig, *, progress: Progress | None = None,
                    resume: bool = False) -> SimulationOutcome:
     """Run CoDream and its baselines on the same splits; checkpoint after every round."""
     progress = progress or NullProgress()
-    out = Path(config.out)
+    out = Path(config.run.out)
     check_output_folder(out, REPORT_FILES)
     started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    data = load_dataset(config.dataset, config.data_dir, max_train=config.max_train,
-                        max_test=config.max_test, seed=config.seed,
-                        normalization=(config.data_mean, config.data_std)
-                        if config.data_mean else None)
-    clients, parts = _split_clients(data, config, device)
+    _use_threads(config.device)
+    device = resolve_device(config.device.device)
+    seed, codream, privacy = config.run.seed, config.codream, config.privacy
+    data = _load_data(config.data, seed)
+    clients, parts = _split_clients(data, config.data, seed, device)
     x_test = torch.from_numpy(data.x_test).to(device)
     y_test = torch.from_numpy(data.y_test).to(device)
     # client k starts from the same weights here as in every baseline, so the comparison is fair
+    client_models = config.models.client_models(config.data.clients)
     models = [seeded_model(name, input_shape=data.input_shape, num_classes=data.num_classes,
-                           seed=client_seed(config.seed, k)).to(device)
-              for k, name in enumerate(config.client_models)]
-    server_model = seeded_model(config.server_model, input_shape=data.input_shape,
+                           seed=client_seed(seed, k)).to(device)
+              for k, name in enumerate(client_models)]
+    server_model = seeded_model(config.models.server_model, input_shape=data.input_shape,
                                 num_classes=data.num_classes,
-                                seed=client_seed(config.seed, 999)).to(device)
+                                seed=client_seed(seed, 999)).to(device)
     client_dp = trainers = None
-    if config.dp == "client":
+    if privacy.dp == "client":
         from .dp_plan import plan_client_dp
 
-        client_dp = plan_client_dp(config,
-                                   grad_dim=config.dream_batch * int(np.prod(data.input_shape)),
-                                   label_dim=config.dream_batch * data.num_classes)
-    elif config.dp == "sample":
+        client_dp = plan_client_dp(privacy, config.aggregation_plan(),
+                                   n_clients=config.data.clients,
+                                   rounds=codream.rounds, dream_steps=codream.dream_steps,
+                                   dream_batch=codream.dream_batch,
+                                   grad_dim=codream.dream_batch * int(np.prod(data.input_shape)),
+                                   label_dim=codream.dream_batch * data.num_classes)
+    elif privacy.dp == "sample":
         from .sample_dp import make_private_ready
 
         models = [make_private_ready(m) for m in models]  # BatchNorm -> GroupNorm
-        trainers = _sample_trainers(config, clients)
-    channels = [AggregationChannel(config.aggregator, config.clients, clip=clip,
-                                   ring_bits=config.ring_bits, expected_dropout=config.dropout_rate,
-                                   purpose=purpose, key_bits=config.paillier_bits, dp=spec,
-                                   ledger=None if client_dp is None else client_dp.ledger,
-                                   masking=masking, device=device)
-                for clip, purpose, spec, masking in (
-                    (config.grad_clip, "dream-gradient", client_dp and client_dp.grad,
-                     resolve_masking(config, device)),
-                    (config.label_clip, "soft-label", client_dp and client_dp.labels, "host"))]
-    fed = CoDreamFederation(clients, models, server_model, x_test, y_test,
-                            settings=_settings(config), grad_channel=channels[0],
+        trainers = _sample_trainers(privacy, codream, clients)
+    masking = resolve_masking(config.device.masking, config.aggregation.aggregator, privacy.dp,
+                              device)
+    channels = _channels(config.aggregation, config.data.clients, masking, client_dp, device)
+    fed = CoDreamFederation(clients, models, server_model, x_test, y_test, codream=codream,
+                            seed=seed, aggregation=config.aggregation,
+                            device_options=config.device,
+                            use_bn_statistics=privacy.dp != "sample", grad_channel=channels[0],
                             label_channel=channels[1], device=device, trainers=trainers)
     checkpoint = out / CHECKPOINT
     done = load_checkpoint(checkpoint, config, fed) if resume else -1
@@ -230,30 +258,31 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
         fed.warm_up()
         save_checkpoint(checkpoint, config, fed)
         done = 0
-    rounds_task = progress.task("CoDream rounds", config.rounds)
+    rounds_task = progress.task("CoDream rounds", codream.rounds)
     progress.advance(rounds_task, done)
-    for r in range(done + 1, config.rounds + 1):
+    for r in range(done + 1, codream.rounds + 1):
         record = fed.run_round(r, progress)
         save_checkpoint(checkpoint, config, fed)
         progress.advance(rounds_task)
         progress.log(f"round {r}: mean client accuracy {np.mean(record.test):.3f}")
     progress.done(rounds_task)
-    baselines = _baselines(config, clients, data, x_test, y_test, progress)
+    baselines = _baselines(config.run, codream, client_models, clients, data, x_test, y_test,
+                           progress)
     finished = dt.datetime.now(dt.timezone.utc)
     report = {
         "schema_version": 1,
         "config": config.to_dict(),
         "versions": _versions(),
-        "seeds": {"seed": config.seed},
+        "seeds": {"seed": seed},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "device": str(device), "torch_threads": torch.get_num_threads()},
         "dataset": {"name": data.name, "source": str(data.source), "train": len(data.y_train),
                     "test": len(data.y_test), "input_shape": list(data.input_shape),
                     "num_classes": data.num_classes, "client_sizes": [len(p) for p in parts],
                     "normalization": {"mean": list(data.mean), "std": list(data.std)},
-                    **_histograms(config, data, parts)},
-        "aggregator": _aggregator_report(config, fed),
-        "privacy": privacy_report(config, fed, client_dp),
+                    **_histograms(privacy, data, parts)},
+        "aggregator": _aggregator_report(config.aggregation, privacy.dp, fed),
+        "privacy": privacy_report(privacy, config.aggregation.aggregator, fed, client_dp),
         "rounds": [r.to_dict() for r in fed.rounds],
         "final": {"codream": fed.result.summary(),
                   **{name: result.summary() for name, result in baselines.items()}},

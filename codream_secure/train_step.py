@@ -48,9 +48,9 @@ class FastPath:
                   cuda_graphs: bool = False) -> FastPath | None:
         """The simulate default: compiled, channels_last and fused with bf16 on CUDA, else None.
 
-        Same rule as FastDreamStep.optimised. CUDA graphs are opt-in (simulate
-        --train-cuda-graphs on): 4.45 vs 11.89 ms per ResNet-18 training step on an H100, but no
-        whole simulation has run with them on a GPU yet (docs/gpu.md).
+        Same rule as FastDreamStep.optimised. CUDA graphs are opt-in (simulate's [device]
+        train_cuda_graphs = "on"): 4.45 vs 11.89 ms per ResNet-18 training step on an H100, but a
+        short simulation gained nothing over their compile time (docs/gpu-measurements.md).
         """
         if device.type == "cuda" and precision == "bf16":
             return cls(channels_last=True, cuda_graphs=cuda_graphs)

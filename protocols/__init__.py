@@ -1,13 +1,15 @@
 """The protocol layer: secure aggregation on numpy and cryptography only (never torch).
 
-Front door: `secure_sum` for a one-call sum, `SecAggSession` for many steps over one key setup.
+Front door: `secure_sum` for a one-call sum, `open_session` for many steps of any registered
+aggregator (protocols.registry), `SecAggSession` for SecAgg's own options.
 """
 
-from .api import PROTOCOLS, SecAggSession, SecureSumResult, secure_sum
+from .api import SecAggSession, secure_sum
 from .errors import ProtocolError, TooFewSurvivorsError
-from .network import Dropout, FaultPlan, Stage
+from .registry import open_session
+from .session import Dropout, FaultPlan, SecureSumResult, Stage
 
 __all__ = [
-    "PROTOCOLS", "Dropout", "FaultPlan", "ProtocolError", "SecAggSession", "SecureSumResult",
-    "Stage", "TooFewSurvivorsError", "secure_sum",
+    "Dropout", "FaultPlan", "ProtocolError", "SecAggSession", "SecureSumResult", "Stage",
+    "TooFewSurvivorsError", "open_session", "secure_sum",
 ]

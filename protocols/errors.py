@@ -50,3 +50,20 @@ class TooFewSurvivorsError(ProtocolError):
             f"too few surviving clients{where}: the threshold needs {needed}, "
             f"only {remaining} remain"
         )
+
+
+class ConsistencyAbortError(ProtocolError):
+    """Survivors fell silent in the consistency round: the step cannot finish and is abandoned.
+
+    Nobody may release a silent survivor's self-mask shares without its tokens, and its
+    neighbours have frozen their dropped sets, so its upload can be neither unmasked nor removed.
+    The caller abandons the step and reruns its inputs at the next step without `silent`.
+    """
+
+    def __init__(self, *, step: int, silent: frozenset[int]) -> None:
+        self.step = step
+        self.silent = frozenset(silent)
+        super().__init__(
+            f"step {step} abandoned: clients {sorted(self.silent)} did not answer the "
+            "consistency round"
+        )

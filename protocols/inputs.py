@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import NonFiniteInputError, ParameterError
 
-__all__ = ["check_count", "check_step_inputs", "real_array"]
+__all__ = ["check_count", "check_step_inputs", "check_vectors", "real_array"]
 
 _REAL_KINDS = "biuf"  # bool, signed, unsigned, float: what converts to float64 exactly enough
 
@@ -81,3 +81,24 @@ def check_step_inputs(inputs: Mapping[int, object], drop_after_upload: Iterable[
             raise ParameterError(f"client {client}'s vector has {size} values, the session "
                                  f"expects {length}")
     return dropping
+
+
+def check_vectors(vectors: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Stack client vectors into an n x m float array, refusing ragged, complex, non-numeric
+    or non-finite input."""
+    rows = [real_array(v, who=f"client {c}'s vector").reshape(-1)
+            for c, v in enumerate(vectors)]
+    if len({row.size for row in rows}) > 1:
+        raise ParameterError(f"client vectors must all have the same length, got sizes "
+                             f"{sorted({row.size for row in rows})}")
+    stacked = np.stack(rows).astype(np.float64, copy=False) if rows else np.empty((0, 0))
+    if stacked.shape[0] < 2:
+        raise ParameterError(f"a secure sum needs at least 2 clients, got {stacked.shape[0]}")
+    bad = ~np.isfinite(stacked)
+    if bad.any():
+        client, index = map(int, np.argwhere(bad)[0])
+        raise NonFiniteInputError(
+            f"client {client}'s vector holds {int(bad[client].sum())} NaN/inf values "
+            f"(first at index {index})"
+        )
+    return stacked

@@ -8,91 +8,28 @@ but never silently changes a sum.
 from __future__ import annotations
 
 import os
-import random
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from enum import Enum
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
-import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import IntegrityError, ParameterError, ProtocolError
+from .errors import IntegrityError, ProtocolError
 from .secagg.client import SecAggClient
-from .secagg.server import SecAggServer, StepOutcome
+from .secagg.server import SecAggServer
+from .session import Dropout, FaultPlan, Stage, StepOutcome, Traffic
 from .wire import message_type
-
-
-class Stage(str, Enum):
-    """The points of a session at which a client can fail to answer."""
-
-    ADVERTISE = "advertise"  # setup: the client never sends its keys
-    UPLOAD = "upload"  # before sending its masked input
-    PAIRWISE = "pairwise"  # after uploading, before revealing pair seeds
-    SHARES = "shares"  # after uploading, before revealing self-mask shares
-
 
 # request type code -> the stage a client answering it is in
 _REQUEST_STAGE = {
-    1: Stage.ADVERTISE, 3: Stage.ADVERTISE, 4: Stage.UPLOAD, 6: Stage.PAIRWISE, 8: Stage.SHARES,
+    1: Stage.ADVERTISE, 3: Stage.ADVERTISE, 4: Stage.UPLOAD, 6: Stage.PAIRWISE,
+    10: Stage.CONSISTENCY, 8: Stage.SHARES,
 }
 
 
-@dataclass(frozen=True)
-class Dropout:
-    """`client` goes silent at `stage` of `step` (step 0 is the key setup) and stays silent."""
-
-    client: int
-    step: int
-    stage: Stage
-
-
-@dataclass
-class FaultPlan:
-    """Everything that goes wrong in a simulated session."""
-
-    dropouts: list[Dropout] = field(default_factory=list)
-    # (step, client): the upload reaches the server after its deadline
-    late: set[tuple[int, int]] = field(default_factory=set)
-    # (step, client, stage): that reply is altered on the wire
-    tamper: set[tuple[int, int, Stage]] = field(default_factory=set)
-
-    @classmethod
-    def random(cls, n_clients: int, *, rate: float, stage: Stage | str,
-               steps: Iterable[int] = (1,), seed: int = 0) -> FaultPlan:
-        """Each client drops with probability `rate` at `stage` of a uniformly chosen step."""
-        if not 0.0 <= rate < 1.0:
-            raise ParameterError(f"dropout rate must be in [0, 1), got {rate}")
-        try:
-            stage = Stage(stage)
-        except ValueError:
-            raise ParameterError(f"dropout stage must be one of "
-                                 f"{', '.join(s.value for s in Stage)}, got {stage!r}") from None
-        rng = random.Random(seed)  # simulation randomness, public by nature
-        steps = list(steps)
-        chosen = [c for c in range(n_clients) if rng.random() < rate]
-        return cls([Dropout(c, rng.choice(steps), stage) for c in chosen])
-
-    def silent_from(self) -> dict[int, tuple[int, int]]:
-        order = list(Stage)
-        return {d.client: (d.step, order.index(Stage(d.stage))) for d in self.dropouts}
-
-
-@dataclass
-class Traffic:
-    """Per-client bytes and compute seconds, and the server's compute seconds."""
-
-    bytes_up: np.ndarray
-    bytes_down: np.ndarray
-    client_seconds: np.ndarray
-    server_seconds: float = 0.0
-
-    @classmethod
-    def zeros(cls, n: int) -> Traffic:
-        return cls(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n), 0.0)
-
-
+_R = TypeVar("_R")
 _NONCE_BYTES, _TAG_BYTES = 12, 16  # AES-256-GCM framing of each link message
 
 
@@ -176,7 +113,7 @@ class InProcessNetwork:
         point = self._silent_from.get(cid)
         return point is not None and (self._step, list(Stage).index(stage)) >= point
 
-    def _server_call(self, fn, *args):
+    def _server_call(self, fn: Callable[..., _R], *args: object) -> _R:
         start = time.perf_counter()
         try:
             return fn(*args)
@@ -221,7 +158,8 @@ class InProcessNetwork:
         self._exchange(rosters)  # rosters need no reply
 
     def step(self) -> StepOutcome:
-        """Run one aggregation step to its outcome (or its TooFewSurvivorsError)."""
+        """Run one aggregation step to its outcome (or its TooFewSurvivorsError or
+        ConsistencyAbortError)."""
         self._step = self.server.last_step + 1
         requests = self._server_call(self.server.open_step)
         while True:

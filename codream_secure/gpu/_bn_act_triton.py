@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from codream_secure.gpu.bn_act import BLOCK_M, row_blocks, rows_per_block
+from codream_secure.gpu.bn_act_blocks import BLOCK_M, row_blocks, rows_per_block
 
 # 32 x 64 tiles on 4 warps: 16 elements per thread. ptxas for sm_90 gives at most 96
 # registers and no spills (71 with a residual and several tiles); 64-row tiles took 190

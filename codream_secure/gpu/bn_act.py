@@ -13,25 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from codream_secure.gpu.bn_act_blocks import row_blocks, rows_per_block
 from codream_secure.gpu.triton_support import triton_runs_on
 
 __all__ = ["bn_act_moments", "row_blocks", "rows_per_block", "triton_path"]
-
-# The Triton kernel's tiles: 32 rows (positions) x up to 64 channels, 8 tiles per program on
-# large maps. Its partial sums are per block of rows_per_block(M) positions, and so are the
-# torch path's, so that both return the same shape.
-BLOCK_M, TILES = 32, 8
-
-
-def rows_per_block(m: int) -> int:
-    """Positions (rows of the (M, C) view) in one partial sum: one program's rows."""
-    return BLOCK_M * (TILES if m >= 64 * BLOCK_M * TILES else 1)  # small maps: more programs
-
-
-def row_blocks(m: int) -> int:
-    """How many partial sums an (M, C) view gets: one per block of rows_per_block(M) rows."""
-    return -(-m // rows_per_block(m))
-
 
 def _rows(t: torch.Tensor) -> torch.Tensor | None:
     """t as an (M, C) row-major view of its storage (NHWC or (N, C)), or None if it is not."""

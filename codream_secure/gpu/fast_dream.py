@@ -143,8 +143,8 @@ class _PaddedStemConv(nn.Conv2d):
     """A convolution that pads its input and weight with zero channels up to `channels`.
 
     The output is unchanged (zero weights times zero inputs), and grad_x of the real channels
-    too: autograd slices the padding off. Why: on an H100 one generic cuDNN kernel took 83 us of
-    each ResNet-18 step, probably the 3-channel stem's; wider convolutions get tensor cores.
+    too: autograd slices the padding off. Why: cuDNN may run a 3-channel stem on a generic kernel
+    (83 us of a ResNet-18 step in one H100 profile); wider convolutions get tensor cores.
     """
 
     channels: int = 8
@@ -358,8 +358,8 @@ class FastDreamStep:
                   **overrides: object) -> FastDreamStep:
         """bf16 + channels_last + compile with CUDA graphs + one-pass BN moments on CUDA.
 
-        Elsewhere fp32 eager. One-pass moments ("sums") measured 0.1-0.2 ms faster per ResNet-18
-        step on an H100 (docs/gpu.md).
+        Elsewhere fp32 eager. One-pass moments ("sums") took 2.74 ms per ResNet-18 step on an
+        H100 against 2.96 ms with Welford's var_mean (docs/gpu-measurements.md).
         """
         cuda = _model_device(model).type == "cuda"
         options: dict = {"precision": "bf16" if cuda else "fp32", "channels_last": cuda,

@@ -2,11 +2,10 @@
 
 With one CUDA graph per client (FastDreamStep.optimised), the host prepares and launches each
 client's replay in turn; a small client's step is likely shorter than that host work, so the
-device would idle between clients (session 2 measured the plain round 2.8-5.2 ms/step slower
-than the clients' steps alone; where that time goes is not yet profiled). Here each client's
-step is compiled without graphs of its own and all of them are captured into one graph,
-replayed with one launch per dream step. Clients sharing an architecture may form one
-vmapped step inside the graph (`groups`), as simulate's fast path does.
+device would idle between clients and a plain round would take longer than the clients' steps
+alone. Here each client's step is compiled without graphs of its own and all of them are
+captured into one graph, replayed with one launch per dream step. Clients sharing an
+architecture may form one vmapped step inside the graph (`groups`), as simulate's fast path does.
 """
 
 from __future__ import annotations

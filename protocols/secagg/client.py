@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
 
 import numpy as np
 
@@ -22,8 +21,12 @@ from ..errors import (
 )
 from ..graph import NeighbourGraph, complete_graph, harary_graph
 from ..primitives import envelope, kdf, prg, shamir
+from ..session import RingNoise
 from . import keys
 from .messages import (
+    THREAT_MODELS,
+    ConsistencyReply,
+    ConsistencyRequest,
     DropRequest,
     KeyAdvertisement,
     MaskedInput,
@@ -38,19 +41,8 @@ from .messages import (
 
 InputProvider = Callable[[int], np.ndarray]
 SELF_SEED_BYTES = 32  # a fresh AES-256-CTR key per client and step
+DITHER_SECRET_BYTES = 32  # client-local: the server cannot recompute a client's rounding
 SEALED_SHARE_BYTES = shamir.FIELD_256.element_bytes + envelope.TAG_BYTES  # one share, GCM-sealed
-
-
-class RingNoise(Protocol):
-    """Integer noise a client adds to its encoding before masking (distributed DP).
-
-    `headroom` bounds |noise| in value units; `sample` returns int64 fixed-point units with
-    |sample| <= ceil(headroom * 2^scale_bits), so the session's overflow budget can hold it.
-    """
-
-    headroom: float
-
-    def sample(self, length: int, scale_bits: int) -> np.ndarray: ...
 
 
 class ClientStage(Enum):
@@ -61,6 +53,7 @@ class ClientStage(Enum):
     READY = "ready"
     UPLOADED = "uploaded"
     PAIRWISE_REVEALED = "pairwise-revealed"
+    CONFIRMED = "confirmed"
     SHARES_REVEALED = "shares-revealed"
 
 
@@ -72,6 +65,7 @@ class _StepState:
     active: frozenset[int]
     dropped: set[int] = field(default_factory=set)
     pair_revealed: set[int] = field(default_factory=set)
+    frozen: bool = False  # consistency tokens were issued: the dropped set may not grow
     shares_revealed: bool = False
 
 
@@ -110,11 +104,11 @@ class StepSecrets:
 
     client_id: int
     step: int
-    self_seed: bytes
-    pair_seeds: dict[int, bytes]
-    rounding_key: bytes | None
+    self_seed: bytes = field(repr=False)
+    pair_seeds: dict[int, bytes] = field(repr=False)
+    rounding_key: bytes | None = field(repr=False)
     prg: str
-    noise: np.ndarray | None
+    noise: np.ndarray | None = field(repr=False)
 
 
 Masker = Callable[[object, FixedPointCodec, StepSecrets], np.ndarray]
@@ -125,12 +119,19 @@ class SecAggClient:
 
     def __init__(self, input_provider: InputProvider, *,
                  rounding_seed: bytes | None = None, noise: RingNoise | None = None,
-                 masker: Masker | None = None) -> None:
-        """`rounding_seed` makes stochastic rounding reproducible (a fresh key per step is
-        derived from it); without it every step draws fresh randomness. `noise` is added to
-        every encoded input before masking, so no party ever sees this client's un-noised value."""
+                 masker: Masker | None = None, threat_model: str = "active") -> None:
+        """`rounding_seed` keys stochastic rounding together with a secret this client draws
+        and never sends, and the session id, so no other party can recompute it; without it
+        every step draws fresh randomness. `noise` is added to every encoded input before
+        masking, so no party ever sees this client's un-noised value. With `threat_model`
+        "active" the client refuses a session offered without the consistency round."""
+        if threat_model not in THREAT_MODELS:
+            raise ParameterError(f"threat_model must be one of {', '.join(THREAT_MODELS)}, "
+                                 f"got {threat_model!r}")
         self._inputs = input_provider
+        self._threat_model = threat_model
         self._rounding_seed = rounding_seed
+        self._dither_secret = os.urandom(DITHER_SECRET_BYTES)
         self._noise = noise
         self._masker = masker  # e.g. codream_secure.gpu: the same upload, computed on a GPU
         self.stage = ClientStage.NEW
@@ -142,8 +143,12 @@ class SecAggClient:
         self._pair_keys: dict[int, bytes] = {}
         self._seal_keys: dict[int, bytes] = {}
         self._open_keys: dict[int, bytes] = {}
+        self._confirm_keys: dict[int, bytes] = {}
         self._last_step = 0
         self._step: _StepState | None = None
+
+    def __repr__(self) -> str:
+        return f"SecAggClient(client_id={self.client_id}, stage={self.stage.value!r})"
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -162,6 +167,8 @@ class SecAggClient:
             return self._on_step(msg)
         if isinstance(msg, DropRequest):
             return self._on_drop(msg)
+        if isinstance(msg, ConsistencyRequest):
+            return self._on_consistency(msg)
         if isinstance(msg, ShareRequest):
             return self._on_share_request(msg)
         raise StageError(f"a client does not accept {type(msg).__name__}")
@@ -180,6 +187,11 @@ class SecAggClient:
                 f"client id {offer.client_id} is not valid for {offer.n_clients} clients"
             )
         validate_threshold(offer.threshold, offer.degree, offer.n_clients)
+        if self._threat_model == "active" and offer.threat_model != "active":
+            raise PolicyViolationError(
+                f"session offered under the {offer.threat_model!r} threat model; this client "
+                "requires 'active' (a consistency round before any self-mask share)"
+            )
         codec = FixedPointCodec(clip=offer.clip, scale_bits=offer.scale_bits,
                                 ring_bits=offer.ring_bits, rounding=offer.rounding,
                                 prg=offer.prg)
@@ -217,6 +229,8 @@ class SecAggClient:
                                                       sender=self.client_id, receiver=peer)
             self._open_keys[peer] = keys.envelope_key(secret, session_id=sid,
                                                       sender=peer, receiver=self.client_id)
+            self._confirm_keys[peer] = keys.confirmation_key(secret, session_id=sid,
+                                                             a=self.client_id, b=peer)
         self._active = frozenset(roster.public_keys)
         del self._private_key  # no further key agreement in this session
         self.stage = ClientStage.READY
@@ -232,7 +246,7 @@ class SecAggClient:
 
     def _on_step(self, request: StepRequest) -> bytes:
         self._expect(ClientStage.READY, ClientStage.UPLOADED, ClientStage.PAIRWISE_REVEALED,
-                     ClientStage.SHARES_REVEALED)
+                     ClientStage.CONFIRMED, ClientStage.SHARES_REVEALED)
         if request.step <= self._last_step:
             raise ReplayError(f"step {request.step} was already opened (last {self._last_step})")
         if request.step != self._last_step + 1:
@@ -255,9 +269,11 @@ class SecAggClient:
                 f"input of step {request.step} has {size} values, the session expects "
                 f"{offer.vector_length}"
             )
+        # keyed by this client's own secret under the session id: reproducible for the client
+        # within a session, unpredictable to the server and different in every session
         rounding_key = None if self._rounding_seed is None else kdf.derive_key(
-            self._rounding_seed, session_id=b"rounding", purpose="stochastic-rounding",
-            context=(request.step,))
+            self._dither_secret, session_id=offer.session_id, purpose="stochastic-rounding",
+            context=(self._rounding_seed, request.step))
         self_seed = os.urandom(SELF_SEED_BYTES)
         ring = offer.ring_bits
         pair_seeds = {peer: keys.pair_step_seed(self._pair_keys[peer],
@@ -346,7 +362,13 @@ class SecAggClient:
             raise PolicyViolationError(
                 f"refusing pair seeds for step {request.step}: self-mask shares were revealed"
             )
-        self._expect(ClientStage.UPLOADED, ClientStage.PAIRWISE_REVEALED)
+        if state.frozen and not request.dropped <= state.dropped:
+            # consistency tokens promised the other neighbours their pair seeds stay secret
+            raise PolicyViolationError(
+                f"refusing pair seeds of {sorted(request.dropped - state.dropped)} at step "
+                f"{request.step}: the dropped set was frozen by the consistency round"
+            )
+        self._expect(ClientStage.UPLOADED, ClientStage.PAIRWISE_REVEALED, ClientStage.CONFIRMED)
         offer = self._offer
         assert offer is not None
         if self.client_id in request.dropped:
@@ -369,14 +391,46 @@ class SecAggClient:
         state.dropped = set(request.dropped)
         state.pair_revealed |= fresh
         self._active = state.active - request.dropped  # a dropped client never comes back
-        self.stage = ClientStage.PAIRWISE_REVEALED
+        if not state.frozen:
+            self.stage = ClientStage.PAIRWISE_REVEALED
         return PairwiseReveal(offer.session_id, self.client_id, request.step, seeds).encode()
+
+    def _on_consistency(self, request: ConsistencyRequest) -> bytes:
+        """Freeze this step's dropped set and vouch, per neighbour outside it, for its pair seed.
+
+        A holder releases this client's self-mask share only with its token, so every honest
+        share-giver w keeps the pair mask s_uw on this client's input: the server then needs t
+        colluding holders to unmask it, whatever it told whom.
+        """
+        state = self._current_step(request.step)
+        if state.frozen:
+            raise ReplayError(f"consistency tokens of step {request.step} were already issued")
+        if state.shares_revealed:
+            raise StageError(f"consistency request after the share reveal of step {request.step}")
+        self._expect(ClientStage.UPLOADED, ClientStage.PAIRWISE_REVEALED)
+        offer = self._offer
+        assert offer is not None
+        if request.dropped != state.dropped:
+            raise PolicyViolationError(
+                f"consistency request names dropped set {sorted(request.dropped)} at step "
+                f"{request.step}, but this client answered for {sorted(state.dropped)}"
+            )
+        partners = state.active - state.pair_revealed
+        self._require_holders(len(partners), f"step {request.step} consistency round")
+        state.frozen = True
+        tokens = {
+            peer: keys.consistency_token(self._confirm_keys[peer], session_id=offer.session_id,
+                                         step=request.step, owner=self.client_id, holder=peer)
+            for peer in sorted(partners)
+        }
+        self.stage = ClientStage.CONFIRMED
+        return ConsistencyReply(offer.session_id, self.client_id, request.step, tokens).encode()
 
     def _on_share_request(self, request: ShareRequest) -> bytes:
         state = self._current_step(request.step)
         if state.shares_revealed:
             raise ReplayError(f"self-mask shares of step {request.step} were already revealed")
-        self._expect(ClientStage.UPLOADED, ClientStage.PAIRWISE_REVEALED)
+        self._expect(ClientStage.UPLOADED, ClientStage.PAIRWISE_REVEALED, ClientStage.CONFIRMED)
         offer = self._offer
         assert offer is not None
         if self.client_id not in request.survivors:
@@ -395,22 +449,49 @@ class SecAggClient:
                 f"{request.step} were already revealed"
             )
         self._require_holders(len(peers), f"step {request.step} share reveal")
+        active_model = offer.threat_model == "active"
+        if active_model and not state.frozen:
+            raise PolicyViolationError(
+                f"share request for step {request.step} before this client's consistency round"
+            )
         if set(request.envelopes) != peers:
             raise IntegrityError("share request must carry exactly one envelope per survivor")
+        if active_model and not set(request.tokens) <= peers:
+            raise IntegrityError("share request carries tokens of clients it does not list")
         shares, failed = self._open_shares(request)
+        if active_model:
+            self._withhold_unconfirmed(request, shares, failed)
         # A sender whose envelope fails is left out: the reply is then exactly what a request
         # naming one survivor fewer would get (never-both was checked for every survivor
         # named, and the t-holders check is repeated on what is revealed), so a forged
         # envelope costs only its sender's share, never the whole reply, and reveals nothing.
         if len(shares) < offer.threshold:
             raise IntegrityError(
-                f"envelopes of {sorted(failed)} failed to open at step {request.step}; the "
-                f"{len(shares)} shares left are fewer than the threshold {offer.threshold}"
+                f"envelopes or tokens of {sorted(failed)} failed to verify at step "
+                f"{request.step}; the {len(shares)} shares left are fewer than the threshold "
+                f"{offer.threshold}"
             ) from next(iter(failed.values()), None)
         self.stage = ClientStage.SHARES_REVEALED
         state.shares_revealed = True
         return ShareReveal(offer.session_id, self.client_id, request.step, shares,
                            shamir.FIELD_256.element_bytes).encode()
+
+    def _withhold_unconfirmed(self, request: ShareRequest, shares: dict[int, bytes],
+                              failed: dict[int, ProtocolError]) -> None:
+        """Drop the share of every owner whose consistency token for this holder is missing or
+        forged: that owner may have revealed its pair seed with this holder (a split view)."""
+        assert self._offer is not None
+        for owner in sorted(shares):
+            token = request.tokens.get(owner)
+            try:
+                if token is None:
+                    raise IntegrityError(f"no consistency token of client {owner}")
+                keys.check_consistency_token(
+                    self._confirm_keys[owner], token, session_id=self._offer.session_id,
+                    step=request.step, owner=owner, holder=self.client_id)
+            except IntegrityError as error:
+                failed[owner] = error
+                del shares[owner]
 
     def _open_shares(self, request: ShareRequest
                      ) -> tuple[dict[int, bytes], dict[int, ProtocolError]]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 from ..errors import IntegrityError, MalformedMessageError
 from ..primitives.kdf import PUBLIC_KEY_BYTES, derive_key, encode_info
 
@@ -67,6 +70,33 @@ def envelope_nonce(step: int) -> bytes:
 def envelope_aad(*, session_id: bytes, step: int, sender: int, receiver: int) -> bytes:
     """Associated data binding an envelope to its session, step, sender and receiver."""
     return encode_info("self-mask-share", session_id, step, sender, receiver)
+
+
+def confirmation_key(shared_secret: bytes, *, session_id: bytes, a: int, b: int) -> bytes:
+    """Pair key for consistency tokens: only the two clients can compute it, never the server."""
+    low, high = sorted((a, b))
+    return derive_key(
+        shared_secret, session_id=session_id, purpose="consistency-token", context=(low, high)
+    )
+
+
+def consistency_token(key: bytes, *, session_id: bytes, step: int, owner: int,
+                      holder: int) -> bytes:
+    """HMAC-SHA256 token of `owner` for `holder`: owner never reveals their pair seed at step.
+
+    Ordered (owner, holder): the token one client issues cannot pass as its partner's.
+    """
+    message = encode_info("consistency", session_id, step, owner, holder)
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def check_consistency_token(key: bytes, token: bytes, *, session_id: bytes, step: int,
+                            owner: int, holder: int) -> None:
+    """Raise IntegrityError unless `token` is owner's token for holder (constant-time compare)."""
+    expected = consistency_token(key, session_id=session_id, step=step, owner=owner,
+                                 holder=holder)
+    if not hmac.compare_digest(expected, token):
+        raise IntegrityError(f"consistency token of client {owner} does not verify")
 
 
 def pair_sign(own: int, peer: int) -> int:

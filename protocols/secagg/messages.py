@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -20,6 +20,11 @@ ROUNDING_MODES = ("stochastic", "nearest")
 ROUNDING_CODES = {mode: code for code, mode in enumerate(ROUNDING_MODES)}
 PRG_NAMES = ALGORITHMS  # the keystream of masks and dither; its wire code is the index
 PRG_CODES = {name: code for code, name in enumerate(PRG_NAMES)}
+# "active": a consistency round before any self-mask share is released (the server may lie);
+# "semi-honest": the server follows the protocol, so that round is skipped.
+THREAT_MODELS = ("active", "semi-honest")
+THREAT_MODEL_CODES = {model: code for code, model in enumerate(THREAT_MODELS)}
+TOKEN_BYTES = 32  # HMAC-SHA256 consistency token
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class SessionOffer:
     vector_length: int
     rounding: str = "stochastic"
     prg: str = "aes-256-ctr"
+    threat_model: str = "active"
 
     def encode(self) -> bytes:
         return (
@@ -46,7 +52,7 @@ class SessionOffer:
             .u32(self.n_clients).u32(self.degree).u32(self.threshold)
             .fixed(self.graph_seed, GRAPH_SEED_BYTES).u8(self.ring_bits).u8(self.scale_bits)
             .f64(self.clip).u64(self.vector_length).u8(ROUNDING_CODES[self.rounding])
-            .u8(PRG_CODES[self.prg]).finish()
+            .u8(PRG_CODES[self.prg]).u8(THREAT_MODEL_CODES[self.threat_model]).finish()
         )
 
     @classmethod
@@ -54,13 +60,15 @@ class SessionOffer:
         r = Reader(data, cls.TYPE)
         head = (r.fixed(SESSION_ID_BYTES), r.u32(), r.u32(), r.u32(), r.u32(),
                 r.fixed(GRAPH_SEED_BYTES), r.u8(), r.u8(), r.f64(), r.u64())
-        code, prg_code = r.u8(), r.u8()
+        code, prg_code, threat_code = r.u8(), r.u8(), r.u8()
         r.done()
         if code >= len(ROUNDING_MODES):
             raise MalformedMessageError(f"unknown rounding mode code {code}")
         if prg_code >= len(PRG_NAMES):
             raise MalformedMessageError(f"unknown PRG code {prg_code}")
-        msg = cls(*head, ROUNDING_MODES[code], PRG_NAMES[prg_code])
+        if threat_code >= len(THREAT_MODELS):
+            raise MalformedMessageError(f"unknown threat model code {threat_code}")
+        msg = cls(*head, ROUNDING_MODES[code], PRG_NAMES[prg_code], THREAT_MODELS[threat_code])
         if not math.isfinite(msg.clip) or msg.clip <= 0:
             raise MalformedMessageError(f"clip must be a positive finite number, got {msg.clip}")
         return msg
@@ -184,7 +192,7 @@ class PairwiseReveal:
     session_id: bytes
     client_id: int
     step: int
-    seeds: dict[int, bytes]
+    seeds: dict[int, bytes] = field(repr=False)  # secrets: never in a log line
 
     def encode(self) -> bytes:
         return (Writer(self.TYPE).fixed(self.session_id, SESSION_ID_BYTES).u32(self.client_id)
@@ -199,23 +207,73 @@ class PairwiseReveal:
 
 
 @dataclass(frozen=True)
+class ConsistencyRequest:
+    """Server -> survivor: the final dropped set of its neighbours at `step` (active model)."""
+
+    TYPE: ClassVar[int] = 10
+    session_id: bytes
+    step: int
+    dropped: frozenset[int]
+
+    def encode(self) -> bytes:
+        return (Writer(self.TYPE).fixed(self.session_id, SESSION_ID_BYTES).u32(self.step)
+                .ids(self.dropped).finish())
+
+    @classmethod
+    def decode(cls, data: bytes) -> ConsistencyRequest:
+        r = Reader(data, cls.TYPE)
+        msg = cls(r.fixed(SESSION_ID_BYTES), r.u32(), r.ids())
+        r.done()
+        return msg
+
+
+@dataclass(frozen=True)
+class ConsistencyReply:
+    """Survivor -> server: one token per neighbour whose pair seed it never reveals at `step`."""
+
+    TYPE: ClassVar[int] = 11
+    session_id: bytes
+    client_id: int
+    step: int
+    tokens: dict[int, bytes] = field(repr=False)
+
+    def encode(self) -> bytes:
+        return (Writer(self.TYPE).fixed(self.session_id, SESSION_ID_BYTES).u32(self.client_id)
+                .u32(self.step).keyed_fixed(list(self.tokens.items()), TOKEN_BYTES).finish())
+
+    @classmethod
+    def decode(cls, data: bytes) -> ConsistencyReply:
+        r = Reader(data, cls.TYPE)
+        msg = cls(r.fixed(SESSION_ID_BYTES), r.u32(), r.u32(), r.keyed_fixed(TOKEN_BYTES))
+        r.done()
+        return msg
+
+
+@dataclass(frozen=True)
 class ShareRequest:
-    """Server -> survivor: the final survivors of `step` and the sealed shares addressed to it."""
+    """Server -> survivor: the final survivors of `step` and the sealed shares addressed to it.
+
+    `tokens[u]` (active model) is survivor u's consistency token for this holder; without a
+    valid one the holder keeps u's share.
+    """
 
     TYPE: ClassVar[int] = 8
     session_id: bytes
     step: int
     survivors: frozenset[int]
     envelopes: dict[int, bytes]
+    tokens: dict[int, bytes] = field(default_factory=dict, repr=False)
 
     def encode(self) -> bytes:
         return (Writer(self.TYPE).fixed(self.session_id, SESSION_ID_BYTES).u32(self.step)
-                .ids(self.survivors).keyed_blobs(list(self.envelopes.items())).finish())
+                .ids(self.survivors).keyed_blobs(list(self.envelopes.items()))
+                .keyed_fixed(list(self.tokens.items()), TOKEN_BYTES).finish())
 
     @classmethod
     def decode(cls, data: bytes) -> ShareRequest:
         r = Reader(data, cls.TYPE)
-        msg = cls(r.fixed(SESSION_ID_BYTES), r.u32(), r.ids(), r.keyed_blobs())
+        msg = cls(r.fixed(SESSION_ID_BYTES), r.u32(), r.ids(), r.keyed_blobs(),
+                  r.keyed_fixed(TOKEN_BYTES))
         r.done()
         return msg
 
@@ -228,7 +286,7 @@ class ShareReveal:
     session_id: bytes
     client_id: int
     step: int
-    shares: dict[int, bytes]
+    shares: dict[int, bytes] = field(repr=False)
     share_bytes: int = 33
 
     def encode(self) -> bytes:
@@ -248,12 +306,12 @@ class ShareReveal:
 
 Message = (
     SessionOffer | KeyAdvertisement | Roster | StepRequest | MaskedInput | DropRequest
-    | PairwiseReveal | ShareRequest | ShareReveal
+    | PairwiseReveal | ConsistencyRequest | ConsistencyReply | ShareRequest | ShareReveal
 )
 MESSAGE_TYPES: dict[int, type] = {
     cls.TYPE: cls
     for cls in (SessionOffer, KeyAdvertisement, Roster, StepRequest, MaskedInput, DropRequest,
-                PairwiseReveal, ShareRequest, ShareReveal)
+                PairwiseReveal, ConsistencyRequest, ConsistencyReply, ShareRequest, ShareReveal)
 }
 
 

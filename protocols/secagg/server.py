@@ -11,6 +11,7 @@ import numpy as np
 
 from ..codec import FixedPointCodec
 from ..errors import (
+    ConsistencyAbortError,
     IntegrityError,
     MalformedMessageError,
     ParameterError,
@@ -21,11 +22,15 @@ from ..errors import (
 from ..graph import NeighbourGraph
 from ..inputs import check_count
 from ..primitives import prg, shamir
+from ..session import StepOutcome
 from ..wire import MAX_VECTOR
 from . import keys
 from .client import SEALED_SHARE_BYTES, validate_threshold
 from .messages import (
     SESSION_ID_BYTES,
+    THREAT_MODELS,
+    ConsistencyReply,
+    ConsistencyRequest,
     DropRequest,
     KeyAdvertisement,
     MaskedInput,
@@ -46,6 +51,7 @@ class ServerStage(Enum):
     READY = "ready"
     INPUTS = "collecting-inputs"
     PAIRWISE = "collecting-pair-seeds"
+    CONSISTENCY = "collecting-consistency-tokens"
     SHARES = "collecting-shares"
 
 
@@ -64,17 +70,6 @@ def host_unmask(uploads: Sequence[np.ndarray], signed_seeds: Sequence[tuple[byte
     return total
 
 
-@dataclass(frozen=True, eq=False)
-class StepOutcome:
-    """The result of one aggregation step: the decoded sum and who is in it."""
-
-    step: int
-    total: np.ndarray
-    ring_total: np.ndarray
-    included: frozenset[int]
-    dropped: frozenset[int]
-
-
 @dataclass
 class _ServerStep:
     step: int
@@ -82,8 +77,9 @@ class _ServerStep:
     inputs: dict[int, MaskedInput] = field(default_factory=dict)
     survivors: set[int] = field(default_factory=set)
     dropped: set[int] = field(default_factory=set)
-    pair_seeds: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    pair_seeds: dict[tuple[int, int], bytes] = field(default_factory=dict, repr=False)
     asked: set[int] = field(default_factory=set)
+    tokens: dict[tuple[int, int], bytes] = field(default_factory=dict, repr=False)
 
 
 class SecAggServer:
@@ -93,11 +89,17 @@ class SecAggServer:
     that fails to decode or validate excludes its sender, as a dropout would; the reason is kept
     in `rejections`. `unmasker` does the vector work of the last stage elsewhere (e.g. on a GPU,
     codream_secure.gpu.masking.protocol_unmasker); it must return what `host_unmask` returns.
+    `threat_model` "active" (the default) runs the consistency round before the share round;
+    "semi-honest" skips it and is safe only against a server that follows the protocol.
     """
 
     def __init__(self, *, graph: NeighbourGraph, threshold: int, codec: FixedPointCodec,
                  vector_length: int, session_id: bytes | None = None,
-                 unmasker: Unmasker | None = None) -> None:
+                 unmasker: Unmasker | None = None, threat_model: str = "active") -> None:
+        if threat_model not in THREAT_MODELS:
+            raise ParameterError(f"threat_model must be one of {', '.join(THREAT_MODELS)}, "
+                                 f"got {threat_model!r}")
+        self.threat_model = threat_model
         self.vector_length = check_count("vector_length", vector_length)
         if self.vector_length > MAX_VECTOR:  # a message cannot carry more
             raise ParameterError(f"vector_length must be at most {MAX_VECTOR}, got "
@@ -124,7 +126,7 @@ class SecAggServer:
             cid: SessionOffer(
                 self.session_id, cid, self.graph.n, self.graph.degree, self.threshold,
                 self.graph.seed, self.codec.ring_bits, self.codec.scale_bits, self.codec.clip,
-                self.vector_length, self.codec.rounding, self.codec.prg,
+                self.vector_length, self.codec.rounding, self.codec.prg, self.threat_model,
             ).encode()
             for cid in range(self.graph.n)
         }
@@ -135,6 +137,7 @@ class SecAggServer:
             ServerStage.KEYS: self._receive_keys,
             ServerStage.INPUTS: self._receive_inputs,
             ServerStage.PAIRWISE: self._receive_pairwise,
+            ServerStage.CONSISTENCY: self._receive_consistency,
             ServerStage.SHARES: self._receive_shares,
         }.get(self.stage)
         if handler is None:
@@ -277,6 +280,8 @@ class SecAggServer:
             self.stage = ServerStage.PAIRWISE
             st.asked = set(requests)
             return requests
+        if self.threat_model == "active":
+            return self._request_consistency()
         return self._request_shares()
 
     def _receive_pairwise(self, replies: Mapping[int, bytes]) -> dict[int, bytes]:
@@ -295,6 +300,41 @@ class SecAggServer:
         st.survivors -= st.asked - answered  # silent survivors become dropouts of this step
         return self._settle_dropouts()
 
+    def _request_consistency(self) -> dict[int, bytes]:
+        """Tell every survivor the final dropped set of its neighbours; it freezes and vouches."""
+        st = self._step
+        assert st is not None
+        self.stage = ServerStage.CONSISTENCY
+        st.asked = set(st.survivors)
+        return {
+            cid: ConsistencyRequest(self.session_id, st.step,
+                                    frozenset(self.graph.neighbours(cid) & st.dropped)).encode()
+            for cid in sorted(st.survivors)
+        }
+
+    def _receive_consistency(self, replies: Mapping[int, bytes]) -> dict[int, bytes]:
+        """Keep each survivor's tokens; a silent survivor makes the step unfinishable.
+
+        Its shares cannot be released without its tokens, and its neighbours have frozen
+        their dropped sets, so its pair masks cannot be removed either.
+        """
+        st = self._step
+        assert st is not None
+        answered = set()
+        for cid, msg in self._decode(replies, ConsistencyReply, st.asked, st.step).items():
+            if set(msg.tokens) != self.graph.neighbours(cid) & st.survivors:
+                self._reject(cid, IntegrityError(f"client {cid} sent tokens for the wrong "
+                                                 "neighbours"))
+                continue
+            for holder, token in msg.tokens.items():
+                st.tokens[(cid, holder)] = token
+            answered.add(cid)
+        silent = st.survivors - answered
+        if silent:
+            st.survivors -= silent  # abandon_step keeps them out of the next step
+            raise ConsistencyAbortError(step=st.step, silent=frozenset(silent))
+        return self._request_shares()
+
     def _request_shares(self) -> dict[int, bytes]:
         st = self._step
         assert st is not None
@@ -303,8 +343,9 @@ class SecAggServer:
         for cid in sorted(st.survivors):
             peers = self.graph.neighbours(cid) & st.survivors
             envelopes = {peer: st.inputs[peer].envelopes[cid] for peer in peers}
+            tokens = {peer: st.tokens[(peer, cid)] for peer in peers if (peer, cid) in st.tokens}
             requests[cid] = ShareRequest(self.session_id, st.step, frozenset(peers | {cid}),
-                                         envelopes).encode()
+                                         envelopes, tokens).encode()
         return requests
 
     def _receive_shares(self, replies: Mapping[int, bytes]) -> StepOutcome:

@@ -1,16 +1,19 @@
-"""benchmarks.dp_sampling: one line per size and mechanism, and a refused repeat count."""
+"""benchmarks/dp_sampling.py, run as a file: one line per size and mechanism, refused counts."""
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+from functools import partial
 
-from benchmarks import dp_sampling
+from tests.benchmarks.scripts import run_script
+
+_run: partial[subprocess.CompletedProcess] = partial(run_script, "dp_sampling")
 
 
-def test_prints_every_mechanism_at_every_size(capsys, monkeypatch):
-    monkeypatch.setattr(dp_sampling, "SIZES", (64, 128))
-    assert dp_sampling.main(["--repeats", "1"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+def test_prints_every_mechanism_at_every_size():
+    result = _run("--repeats", "1", "--sizes", "64", "128")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
     assert len(lines) == 6
     for size in ("64", "128"):
         rows = [line for line in lines if line.split()[0] == size]
@@ -18,7 +21,8 @@ def test_prints_every_mechanism_at_every_size(capsys, monkeypatch):
         assert all(float(r.split()[-2]) >= 0 for r in rows)
 
 
-def test_repeats_must_be_positive():
-    with pytest.raises(SystemExit) as caught:
-        dp_sampling.main(["--repeats", "0"])
-    assert caught.value.code == 2
+def test_repeats_and_sizes_must_be_positive():
+    for args in (("--repeats", "0"), ("--sizes", "0")):
+        result = _run(*args)
+        assert result.returncode == 2
+        assert args[0] in result.stderr and "Traceback" not in result.stderr

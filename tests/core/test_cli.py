@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -13,8 +14,9 @@ from click.testing import CliRunner, Result
 from rich.console import Console
 
 from codream_secure import __version__
-from codream_secure.cli import OPTIONS, main
-from codream_secure.config import FIELD_NAMES, SimulationConfig
+from codream_secure.cli import main
+from codream_secure.cli_options import FLAGS, MOVED, PANELS, flag
+from codream_secure.config import KEY_SECTION, SimulationConfig
 from codream_secure.errors import DataError
 from codream_secure.progress import NullProgress, RichProgress
 from codream_secure.report import pct
@@ -43,7 +45,7 @@ def fake_run(monkeypatch: pytest.MonkeyPatch) -> list:
     def run_simulation(config, *, progress=None, resume=False):
         calls.append((config, progress, resume))
         progress.log("stub run")
-        return synthetic_outcome(clients=config.clients, rounds=3)
+        return synthetic_outcome(clients=config.data.clients, rounds=3)
 
     stub_simulation(monkeypatch, run_simulation)
     return calls
@@ -59,14 +61,67 @@ def assert_one_line_error(result: Result, *fragments: str) -> None:
     assert result.stdout == ""
 
 
-def test_every_config_field_has_a_flag_and_help_lists_them() -> None:
-    assert set(OPTIONS) == set(FIELD_NAMES)
-    result = invoke("simulate", "--help")
+def _panels(help_text: str) -> dict[str, list[str]]:
+    """The lines of each boxed panel of rich-click's help, by title."""
+    panels: dict[str, list[str]] = {}
+    title = None
+    for line in help_text.splitlines():
+        if line.startswith("╭─ "):
+            title = line[3:].split(" ─")[0]
+            panels[title] = [line]
+        elif title is not None:
+            panels[title].append(line)
+            if line.startswith("╰"):
+                title = None
+    return panels
+
+
+def test_help_groups_the_usual_flags_by_section() -> None:
+    result = CliRunner(env={"COLUMNS": "100"}).invoke(main, ["simulate", "--help"])
     assert result.exit_code == 0
-    for name in FIELD_NAMES:
-        assert f"--{name.replace('_', '-')}" in result.output, name
-    for flag in ("--config", "--resume", "--quiet", "[default: secagg]", "report.json"):
-        assert flag in result.output
+    panels = _panels(result.output)
+    assert list(panels) == [title for title, _ in PANELS]
+    shown = [option for _, options in PANELS for option in options]
+    assert 15 <= len(shown) - 1 <= 21  # --help aside
+    assert set(shown) == {flag(key) for key in FLAGS} | {"--config", "--resume", "--quiet",
+                                                         "--help"}
+    for title, options in PANELS:
+        text = "\n".join(panels[title])
+        assert all(option in text for option in options), title
+        assert len(panels[title]) <= 24, title  # one screen
+        table = title.split()[-1]
+        assert all(KEY_SECTION[key] == table[1:-1] for key in FLAGS if flag(key) in options)
+    for key in MOVED:  # the expert keys live in the file and the docs, not in --help
+        assert flag(key) not in result.output, key
+    words = " ".join(result.output.replace("│", " ").split())  # the panels' lines rejoined
+    for text in ("[default: secagg]", "report.json", "docs/configuration.md"):
+        assert text in words, text
+    # no timings or measured figures: no milliseconds, seconds, percentages or speed-ups
+    figures = r"\d\s*(ms|s|%|x)\b|\bH100\b|\bpoints\b"
+    assert not re.search(figures, result.output)
+    assert re.search(figures, "a training step took 4.45 ms")  # the pattern does catch one
+
+
+def test_a_report_json_repeats_its_run(tmp_path: Path, fake_run: list) -> None:
+    config = SimulationConfig.from_keys(clients=5, rounds=2, dream_lr=0.01, masking="host",
+                                        baselines=(), out=str(tmp_path / "first"))
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"schema_version": 1, "config": config.to_dict()}))
+    again = tmp_path / "again"
+    result = invoke("simulate", "--config", str(report), "--quiet", "--out", str(again))
+    assert result.exit_code == 0, result.output
+    assert fake_run[0][0] == config.replace(out=str(again))
+    written = json.loads((again / "report.json").read_text())["config"]
+    assert set(written) == {"data", "models", "codream", "aggregation", "privacy", "device",
+                            "run"}
+
+
+def test_every_key_is_a_flag_or_names_its_table_when_its_old_flag_is_used() -> None:
+    assert set(FLAGS) | set(MOVED) == set(KEY_SECTION) and not set(FLAGS) & set(MOVED)
+    for key in MOVED:
+        result = invoke("simulate", flag(key), "1")
+        assert_one_line_error(result, f"{flag(key)} is no longer a flag",
+                              f"`[{KEY_SECTION[key]}] {key}`", "--config")
 
 
 def test_version_and_group_help() -> None:
@@ -80,13 +135,13 @@ def test_version_and_group_help() -> None:
     (["simulate", "--aggregator", "rot13"], ["--aggregator", "rot13", "secagg+"]),
     (["simulate", "--clients", "many"], ["--clients", "'many' is not a valid integer"]),
     (["simulate", "--models", "smallcnn,gpt"], ["--models", "gpt"]),
-    (["simulate", "--dropout-clients", "1,x"], ["--dropout-clients", "'x'"]),
+    (["simulate", "--models", "smallcnn,"], ["--models", "empty item"]),
     (["simulate", "--data-dir", "/no/such/dir", "--dataset", "mnist"],
      ["--data-dir", "/no/such/dir", "does not exist"]),
     (["simulate", "--config", "/no/such.toml"], ["--config", "/no/such.toml"]),
     (["simulate", "--clients", "1"], ["clients", "at least 2", "got 1"]),
     (["simulate", "--alpha", "0"], ["alpha", "> 0"]),
-    (["simulate", "--dropout-clients", "0,1,2"], ["dropout_clients", "needs at least 3"]),
+    (["simulate", "--clients", "3", "--dropout-rate", "1"], ["[aggregation] dropout_rate"]),
     (["frobnicate"], ["No such command"]),
     (["report", "/no/such/run"], ["/no/such/run", "does not exist"]),
 ])
@@ -101,9 +156,18 @@ def test_malformed_and_unknown_key_toml(tmp_path: Path, fake_run: list) -> None:
     bad.write_text("rounds = [\n")
     assert_one_line_error(invoke("simulate", "--config", str(bad)), "bad.toml", "not valid TOML")
     typo = tmp_path / "typo.toml"
-    typo.write_text("dreamsteps = 3\n")
+    typo.write_text("[codream]\ndreamsteps = 3\n")
     assert_one_line_error(invoke("simulate", "--config", str(typo)),
-                          "unknown key 'dreamsteps'", "dream_steps")
+                          "[codream] unknown key 'dreamsteps'", "dream_steps")
+    flat = tmp_path / "flat.toml"
+    flat.write_text("dream_steps = 3\nclients = 5\n")
+    assert_one_line_error(invoke("simulate", "--config", str(flat)),
+                          "`dream_steps` is now `[codream] dream_steps`",
+                          "`clients` is now `[data] clients`")
+    dropped = tmp_path / "dropped.toml"
+    dropped.write_text("[aggregation]\ndropout_clients = [0, 1, 2]\n")
+    assert_one_line_error(invoke("simulate", "--config", str(dropped)),
+                          "[aggregation] dropout_clients", "needs at least 3")
 
 
 @pytest.mark.parametrize("error", [DataError("mnist has no bundled copy: pass --data-dir"),
@@ -129,17 +193,19 @@ def test_bugs_still_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_simulate_writes_the_report_and_prints_the_table(tmp_path: Path, fake_run: list) -> None:
     toml = tmp_path / "run.toml"
-    toml.write_text('rounds = 9\nclients = 4\nmodels = ["resnet8"]\naggregator = "plain"\n')
+    toml.write_text('[codream]\nrounds = 9\n[data]\nclients = 4\n'
+                    '[models]\nmodels = ["resnet8"]\n'
+                    '[aggregation]\naggregator = "plain"\ndropout_clients = [2]\n'
+                    '[run]\nbaselines = []\n')
     out = tmp_path / "run"
     result = invoke("simulate", "--config", str(toml), "--rounds", "3", "--aggregator",
-                    "secagg+", "--dropout-clients", "2", "--baselines", "none",
-                    "--out", str(out), "--resume")
+                    "secagg+", "--out", str(out), "--resume")
     assert result.exit_code == 0, result.output
     (config, progress, resume), = fake_run
     assert resume is True and progress is not None
-    assert config == SimulationConfig(rounds=3, clients=4, models=("resnet8",),
-                                      aggregator="secagg+", dropout_clients=(2,),
-                                      baselines=(), out=str(out))
+    assert config == SimulationConfig.from_keys(rounds=3, clients=4, models=("resnet8",),
+                                                aggregator="secagg+", dropout_clients=(2,),
+                                                baselines=(), out=str(out))
     for name in ("report.json", "report.md", "accuracy.png", "dreams.png", "dreams.npz"):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
@@ -165,7 +231,7 @@ def test_out_that_is_a_file_fails_before_the_run(tmp_path: Path, fake_run: list)
     blocker = tmp_path / "file"
     blocker.write_text("")
     toml = tmp_path / "c.toml"
-    toml.write_text(f'out = "{blocker / "sub"}"\n')
+    toml.write_text(f'[run]\nout = "{blocker / "sub"}"\n')
     assert_one_line_error(invoke("simulate", "--config", str(toml)), str(blocker / "sub"))
     assert fake_run == []
 
@@ -238,15 +304,19 @@ def test_a_bare_command_prints_its_help(args) -> None:
                  "allocate memory: you tried to allocate 25600000000 bytes. Error code 12"),
     MemoryError(),
 ])
-def test_running_out_of_memory_is_one_error_line(error, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_running_out_of_memory_is_one_error_line(error, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
     from codream_secure import simulation
 
     def run_simulation(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(simulation, "run_simulation", run_simulation)
-    assert_one_line_error(invoke("simulate", "--dream-batch", "100000000", "--buffer-size",
-                                 "100000000"), "out of memory", "--dream-batch")
+    toml = tmp_path / "huge.toml"
+    toml.write_text("[codream]\ndream_batch = 100000000\nbuffer_size = 100000000\n")
+    assert_one_line_error(invoke("simulate", "--config", str(toml), "--out",
+                                 str(tmp_path / "run")), "out of memory",
+                          "[codream] dream_batch")
 
 
 def test_other_runtime_errors_are_not_taken_for_memory(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -84,7 +84,8 @@ def test_one_replay_gives_each_clients_gradient_and_follows_the_weights():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_vmapped_group_inside_the_graph_gives_each_member_its_gradient():
-    # simulate's --dream-graph one: clients 0 and 3 share an architecture (one vmapped step)
+    # simulate's [device] dream_graph = "one": clients 0 and 3 share an architecture (one
+    # vmapped step)
     torch.manual_seed(3)
     extra = build_model("resnet8", input_shape=(3, 16, 16), num_classes=10).cuda().eval()
     clients = [*models("cuda"), extra]

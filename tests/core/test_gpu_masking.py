@@ -100,8 +100,8 @@ def test_masked_upload_equals_the_secagg_client_and_the_server_unmasks_it(
         pair_seeds = {peer: keys.pair_step_seed(client._pair_keys[peer], session_id=sid, step=step)
                       for peer in range(n) if peer != cid}
         rounding_key = client_module.kdf.derive_key(
-            bytes([cid]) * 32, session_id=b"rounding", purpose="stochastic-rounding",
-            context=(step,))
+            client._dither_secret, session_id=sid, purpose="stochastic-rounding",
+            context=(bytes([cid]) * 32, step))
         device_upload = masking.masked_upload(
             torch.from_numpy(values[step, cid]), codec, client_id=cid, self_seed=self_seeds[-1],
             pair_step_seeds=pair_seeds, rounding_key=rounding_key)
@@ -110,7 +110,8 @@ def test_masked_upload_equals_the_secagg_client_and_the_server_unmasks_it(
         assert np.array_equal(host, reply.vector)
         # the server receives the device-built upload in place of the numpy one
         replies[cid] = MaskedInput(sid, cid, step, host, reply.envelopes).encode()
-    share_requests = server.receive(replies)
+    consistency = server.receive(replies)
+    share_requests = server.receive({c: clients[c].handle(r) for c, r in consistency.items()})
     outcome = server.receive({c: clients[c].handle(r) for c, r in share_requests.items()})
     assert outcome.included == frozenset(range(n))
     plain = values[step].astype(np.float64).sum(0)

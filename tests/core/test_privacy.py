@@ -11,7 +11,7 @@ from opacus.accountants.analysis.gdp import eps_from_mu
 
 from codream_secure import privacy
 from codream_secure.errors import ConfigError
-from protocols import dp
+from protocols.dp import mechanisms as dp
 
 
 def sample_ledger(accountant: str) -> privacy.PrivacyLedger:
@@ -270,18 +270,27 @@ def test_the_report_says_when_epsilon_is_an_upper_bound():
 DIGITS_DIMS = {"grad_dim": 64 * 64, "label_dim": 64 * 10}
 
 
+def _plan(**keys):
+    """plan_client_dp for a config of these keys, as run_simulation calls it."""
+    from codream_secure.config import SimulationConfig
+    from codream_secure.dp_plan import plan_client_dp
+
+    config = SimulationConfig.from_keys(**keys)
+    codream = config.codream
+    return config, plan_client_dp(config.privacy, config.aggregation_plan(),
+                                  n_clients=config.data.clients, rounds=codream.rounds,
+                                  dream_steps=codream.dream_steps,
+                                  dream_batch=codream.dream_batch, **DIGITS_DIMS)
+
+
 @pytest.mark.filterwarnings("ignore:Optimal order")  # Opacus on the direct recount: a bound
 @pytest.mark.parametrize(("z", "rounds", "dream_steps", "clients"), [
     (5.0, 2, 5, 10), (2.0, 3, 10, 3), (0.8, 2, 20, 5), (1.95, 5, 40, 4)])
 def test_total_delta_stays_within_the_stated_delta(z, rounds, dream_steps, clients):
     from opacus.accountants import create_accountant
 
-    from codream_secure.config import SimulationConfig
-    from codream_secure.dp_plan import plan_client_dp
-
-    config = SimulationConfig(rounds=rounds, dream_steps=dream_steps, clients=clients,
-                              dp="client", dp_noise=z, dp_delta=1e-5)
-    plan = plan_client_dp(config, **DIGITS_DIMS)
+    config, plan = _plan(rounds=rounds, dream_steps=dream_steps, clients=clients,
+                         dp="client", dp_noise=z, dp_delta=1e-5)
     releases = rounds * dream_steps + rounds
     plan.ledger.record(releases)
     report = plan.ledger.to_report()
@@ -294,17 +303,13 @@ def test_total_delta_stays_within_the_stated_delta(z, rounds, dream_steps, clien
     tv = releases * clients * max(DIGITS_DIMS.values()) * 2.0 ** -plan.grad.tail_bits
     bound = report["accountant_delta"] + (1 + math.exp(eps)) * tv
     assert report["accountant_delta"] + report["truncation_delta"] == report["delta_total"]
-    assert report["delta_total"] <= bound <= config.dp_delta
+    assert report["delta_total"] <= bound <= config.privacy.dp_delta
     assert report["delta_within_stated"] is True
     assert plan.labels.tail_bits == plan.grad.tail_bits >= dp.DEFAULT_TAIL_BITS
 
 
 def test_large_epsilon_gets_a_longer_tail_and_the_old_tail_would_exceed_delta():
-    from codream_secure.config import SimulationConfig
-    from codream_secure.dp_plan import plan_client_dp
-
-    config = SimulationConfig(rounds=2, dream_steps=20, clients=5, dp="client", dp_noise=0.8)
-    plan = plan_client_dp(config, **DIGITS_DIMS)
+    _, plan = _plan(rounds=2, dream_steps=20, clients=5, dp="client", dp_noise=0.8)
     plan.ledger.record(42)
     eps = plan.ledger.epsilon()
     assert eps > 50 and plan.grad.tail_bits > dp.DEFAULT_TAIL_BITS
@@ -314,17 +319,14 @@ def test_large_epsilon_gets_a_longer_tail_and_the_old_tail_would_exceed_delta():
 
 
 def test_an_impossible_delta_is_refused_with_the_typed_error():
-    from codream_secure.config import SimulationConfig
-    from codream_secure.dp_plan import plan_client_dp
     from codream_secure.errors import DeltaBudgetError
 
-    config = SimulationConfig(rounds=5, dream_steps=40, clients=4, dp="client", dp_noise=1.2)
     with pytest.raises(DeltaBudgetError, match="delta could not stay within"):
-        plan_client_dp(config, **DIGITS_DIMS)
+        _plan(rounds=5, dream_steps=40, clients=4, dp="client", dp_noise=1.2)
     # central noise is not truncated: the same request is accepted there
-    central = SimulationConfig(rounds=5, dream_steps=40, clients=4, dp="client", dp_noise=1.2,
-                               dp_mode="central")
-    assert plan_client_dp(central, **DIGITS_DIMS).ledger.truncation_delta_budget == 0.0
+    _, central = _plan(rounds=5, dream_steps=40, clients=4, dp="client", dp_noise=1.2,
+                       dp_mode="central")
+    assert central.ledger.truncation_delta_budget == 0.0
 
 
 @pytest.mark.parametrize("eps", [0.5, 8.0, 64.0, 100.0])

@@ -31,7 +31,7 @@ class FakeOutcome:
 
 def synthetic_report(*, clients: int = 3, rounds: int = 3, aggregator: str = "secagg") -> dict:
     """A report.json dict with the documented shape and distinctive numbers."""
-    config = SimulationConfig(clients=clients, rounds=rounds, aggregator=aggregator,
+    config = SimulationConfig.from_keys(clients=clients, rounds=rounds, aggregator=aggregator,
                               out="unused").to_dict()
     test = [[0.5 + 0.01 * r + 0.1 * k + 0.0013 for k in range(clients)] for r in range(rounds)]
     val = [[t - 0.02 for t in row] for row in test]

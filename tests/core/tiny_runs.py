@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from codream_secure.config import SimulationConfig
+from codream_secure.config import KEY_SECTION, SimulationConfig
 from codream_secure.federation import CoDreamFederation
 from codream_secure.simulation import run_simulation
 
@@ -12,6 +15,17 @@ TINY = dict(max_train=240, max_test=120, clients=3, models=("smallcnn",), server
             rounds=2, warmup_epochs=1, local_epochs=1, dream_batch=8, dream_steps=3,
             distill_epochs=1, buffer_size=16, adaptive_after=1, baselines=("isolated",),
             partition="iid", threads=1)
+
+
+def write_toml(path: Path, **keys: object) -> Path:
+    """A --config file holding `keys`, each under its table (tuples as lists)."""
+    tables: dict[str, list[str]] = {}
+    for key, value in keys.items():
+        value = list(value) if isinstance(value, tuple) else value
+        tables.setdefault(KEY_SECTION[key], []).append(f"{key} = {json.dumps(value)}")
+    path.write_text("".join(f"[{table}]\n" + "\n".join(lines) + "\n\n"
+                            for table, lines in tables.items()))
+    return path
 
 
 def killed_then_resumed(monkeypatch: pytest.MonkeyPatch, config: SimulationConfig) -> dict:

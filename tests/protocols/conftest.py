@@ -7,9 +7,11 @@ import pytest
 
 from protocols.codec import FixedPointCodec
 from protocols.graph import complete_graph
-from protocols.network import FaultPlan, InProcessNetwork
+from protocols.network import InProcessNetwork
 from protocols.secagg.client import SecAggClient
+from protocols.secagg.messages import ConsistencyReply, ConsistencyRequest
 from protocols.secagg.server import SecAggServer
+from protocols.session import FaultPlan
 
 
 class Inputs:
@@ -24,13 +26,15 @@ class Inputs:
 
 
 def make_session(n: int, m: int, *, threshold: int, steps: int = 1, seed: int = 0,
-                 graph=None, faults: FaultPlan | None = None, rounding: str = "nearest"):
+                 graph=None, faults: FaultPlan | None = None, rounding: str = "nearest",
+                 threat_model: str = "active"):
     """A server, honest clients and a network, with the key setup already run."""
     codec = FixedPointCodec.for_clients(n, clip=1.0, rounding=rounding)
     inputs = Inputs(n, m, steps, seed=seed)
     server = SecAggServer(graph=graph or complete_graph(n), threshold=threshold, codec=codec,
-                          vector_length=m)
-    clients = {c: SecAggClient(inputs.provider(c)) for c in range(n)}
+                          vector_length=m, threat_model=threat_model)
+    clients = {c: SecAggClient(inputs.provider(c), threat_model=threat_model)
+               for c in range(n)}
     network = InProcessNetwork(server, clients, faults=faults)
     return server, clients, network, inputs, codec
 
@@ -41,3 +45,14 @@ def session5():
     server, clients, network, inputs, codec = make_session(5, 64, threshold=3, steps=4)
     network.setup()
     return server, clients, network, inputs, codec
+
+
+def confirm(session_id: bytes, clients, step: int, members, dropped=frozenset()):
+    """Run the consistency round on `members` (nobody dropped unless told): (owner, holder) ->
+    token, as an honest server would collect them."""
+    tokens = {}
+    for c in members:
+        reply = ConsistencyReply.decode(clients[c].handle(
+            ConsistencyRequest(session_id, step, frozenset(dropped)).encode()))
+        tokens.update({(c, holder): token for holder, token in reply.tokens.items()})
+    return tokens

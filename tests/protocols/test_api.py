@@ -48,7 +48,7 @@ def test_bad_inputs_get_clear_errors():
         secure_sum([np.zeros(3), np.array([0, np.nan, 0]), np.zeros(3)], clip=1.0)
     with pytest.raises(ParameterError, match="same length"):
         secure_sum([np.zeros(3), np.zeros(4)], clip=1.0)
-    with pytest.raises(ParameterError, match="unknown protocol"):
+    with pytest.raises(ParameterError, match="unknown aggregator 'magic'; choose one of plain"):
         secure_sum(np.zeros((3, 3)), protocol="magic")
     with pytest.raises(ParameterError, match="at least 2 clients"):
         secure_sum(np.zeros((1, 3)))

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from protocols.errors import PolicyViolationError, ReplayError, StageError, TooFewSurvivorsError
-from protocols.network import Dropout, FaultPlan, Stage
 from protocols.primitives import prg, shamir
 from protocols.secagg import keys
 from protocols.secagg.messages import (
@@ -17,8 +16,9 @@ from protocols.secagg.messages import (
     ShareReveal,
     StepRequest,
 )
+from protocols.session import Dropout, FaultPlan, Stage
 
-from .conftest import make_session
+from .conftest import confirm, make_session
 
 
 def _upload_all(server, clients):
@@ -27,9 +27,11 @@ def _upload_all(server, clients):
     return {c: MaskedInput.decode(clients[c].handle(r)) for c, r in requests.items()}
 
 
-def _share_request(server, inputs, holder, survivors, step):
+def _share_request(server, inputs, holder, survivors, step, tokens=None):
     envelopes = {p: inputs[p].envelopes[holder] for p in survivors if p != holder}
-    return ShareRequest(server.session_id, step, frozenset(survivors), envelopes).encode()
+    chosen = {p: t for (p, h), t in (tokens or {}).items() if h == holder and p in survivors}
+    return ShareRequest(server.session_id, step, frozenset(survivors), envelopes,
+                        chosen).encode()
 
 
 def test_pair_seeds_then_shares_of_the_same_client_is_refused(session5):
@@ -44,7 +46,8 @@ def test_pair_seeds_then_shares_of_the_same_client_is_refused(session5):
 def test_shares_then_pair_seeds_of_the_same_client_is_refused(session5):
     server, clients, *_ = session5
     inputs = _upload_all(server, clients)
-    clients[1].handle(_share_request(server, inputs, 1, {0, 1, 2, 3, 4}, 1))
+    tokens = confirm(server.session_id, clients, 1, range(5))
+    clients[1].handle(_share_request(server, inputs, 1, {0, 1, 2, 3, 4}, 1, tokens))
     with pytest.raises(PolicyViolationError, match="self-mask shares were revealed"):
         clients[1].handle(DropRequest(server.session_id, 1, frozenset({2})).encode())
 
@@ -85,7 +88,8 @@ def test_replayed_and_skipped_steps_are_refused(session5):
     with pytest.raises(StageError, match="skips ahead"):
         clients[0].handle(StepRequest(server.session_id, 5, frozenset({1, 2, 3, 4})).encode())
     inputs = _upload_all(server, clients)
-    request = _share_request(server, inputs, 0, {0, 1, 2, 3, 4}, 2)
+    tokens = confirm(server.session_id, clients, 2, range(5))
+    request = _share_request(server, inputs, 0, {0, 1, 2, 3, 4}, 2, tokens)
     clients[0].handle(request)
     with pytest.raises(ReplayError):
         clients[0].handle(request)

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from protocols import dp
 from protocols.codec import FixedPointCodec
+from protocols.dp import mechanisms as dp
 from protocols.errors import ParameterError, TooFewSurvivorsError
 
 N = 200_000

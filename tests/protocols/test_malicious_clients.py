@@ -37,7 +37,7 @@ from protocols.secagg.messages import (
 from protocols.secagg.server import SecAggServer
 from protocols.wire import MAX_VECTOR
 
-from .conftest import Inputs, make_session
+from .conftest import Inputs, confirm, make_session
 
 P25519 = 2**255 - 19
 # u-coordinates of the points of order 1, 2, 4 and 8 on Curve25519 and its twist
@@ -361,14 +361,21 @@ def test_forged_envelopes_to_too_many_holders_fail_the_step_not_the_holders():
 
 # -- (c) the holder's side: skipping a forged envelope reveals nothing new ------------------
 
-def _uploads(server, clients) -> dict[int, MaskedInput]:
-    return {c: MaskedInput.decode(clients[c].handle(r)) for c, r in server.open_step().items()}
+def _uploads(server, clients, *, confirmed=True) -> dict[int, MaskedInput]:
+    """Every client's upload at step 1, then (if `confirmed`) the consistency round with
+    nobody dropped."""
+    uploads = {c: MaskedInput.decode(clients[c].handle(r))
+               for c, r in server.open_step().items()}
+    server.tokens = confirm(server.session_id, clients, 1, uploads if confirmed else ())
+    return uploads
 
 
 def _share_request(server, uploads, holder, survivors, forged=()):
     sealed = {p: os.urandom(SEALED) if p in forged else uploads[p].envelopes[holder]
               for p in survivors if p != holder}
-    return ShareRequest(server.session_id, 1, frozenset(survivors), sealed).encode()
+    tokens = {p: server.tokens[(p, holder)] for p in survivors
+              if p != holder and (p, holder) in server.tokens}
+    return ShareRequest(server.session_id, 1, frozenset(survivors), sealed, tokens).encode()
 
 
 def test_a_skipped_envelope_still_blocks_pair_seeds_and_a_second_try(session5):
@@ -385,7 +392,7 @@ def test_a_skipped_envelope_still_blocks_pair_seeds_and_a_second_try(session5):
 
 def test_never_both_is_checked_before_any_envelope_is_opened(session5):
     server, clients, *_ = session5
-    uploads = _uploads(server, clients)
+    uploads = _uploads(server, clients, confirmed=False)
     seeds = clients[0].handle(DropRequest(server.session_id, 1, frozenset({2})).encode())
     assert set(PairwiseReveal.decode(seeds).seeds) == {2}
     with pytest.raises(PolicyViolationError, match="already revealed"):

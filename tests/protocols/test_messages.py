@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from protocols.errors import MalformedMessageError, ProtocolError
 from protocols.secagg.client import SecAggClient
 from protocols.secagg.messages import (
+    ConsistencyReply,
+    ConsistencyRequest,
     DropRequest,
     KeyAdvertisement,
     MaskedInput,
@@ -27,6 +29,8 @@ from protocols.secagg.messages import (
 SID = bytes(range(16))
 EXAMPLES = [
     SessionOffer(SID, 3, 10, 9, 6, bytes(32), 32, 20, 1.5, 1000),
+    SessionOffer(SID, 3, 10, 9, 6, bytes(32), 32, 20, 1.5, 1000, "nearest", "chacha20",
+                 "semi-honest"),
     KeyAdvertisement(SID, 3, bytes(range(32))),
     Roster(SID, 3, {1: bytes(32), 7: bytes([1]) * 32}),
     StepRequest(SID, 4, frozenset({0, 2, 9})),
@@ -35,6 +39,9 @@ EXAMPLES = [
     DropRequest(SID, 4, frozenset({1})),
     PairwiseReveal(SID, 3, 4, {1: bytes(32)}),
     ShareRequest(SID, 4, frozenset({0, 3}), {0: b"sealed"}),
+    ShareRequest(SID, 4, frozenset({0, 3}), {0: b"sealed"}, {0: bytes([9]) * 32}),
+    ConsistencyRequest(SID, 4, frozenset({2, 5})),
+    ConsistencyReply(SID, 3, 4, {0: bytes(32), 6: bytes([1]) * 32}),
     ShareReveal(SID, 3, 4, {0: bytes(33), 3: bytes([7]) * 33}),
 ]
 
@@ -74,6 +81,13 @@ def test_unsorted_ids_and_oversized_lists_are_refused():
     head = StepRequest(SID, 1, frozenset()).encode()[:-4]
     with pytest.raises(MalformedMessageError, match="exceed"):
         decode_message(head + (1 << 30).to_bytes(4, "little"))
+
+
+def test_unknown_threat_model_code_is_refused():
+    data = bytearray(EXAMPLES[0].encode())
+    data[-1] = 7
+    with pytest.raises(MalformedMessageError, match="threat model"):
+        decode_message(bytes(data))
 
 
 def test_wrong_type_and_bad_magic():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from protocols.errors import IntegrityError
-from protocols.network import FaultPlan, Stage, _Link
+from protocols.network import _Link
+from protocols.session import FaultPlan, Stage
 
 from .conftest import make_session
 

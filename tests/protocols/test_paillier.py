@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
-from protocols.api import SecAggSession, SecureSumResult
+from protocols.api import SecAggSession
 from protocols.codec import FixedPointCodec
 from protocols.errors import (
     IntegrityError,
@@ -21,21 +21,24 @@ from protocols.errors import (
     ReplayError,
     TooFewSurvivorsError,
 )
-from protocols.network import Dropout, Stage
-from protocols.paillier import (
-    PaillierSession,
-    generate_keypair,
-    paillier_sum,
-    unsafe_keypair_from_primes,
-)
-from protocols.paillier_packing import SlotLayout, pack, unpack_sum
-from protocols.paillier_roles import (
+from protocols.paillier.packing import SlotLayout, pack, unpack_sum
+from protocols.paillier.roles import (
     PaillierClient,
     PaillierKeyHolder,
     PaillierServer,
     ParallelEncryptor,
     raw_encrypt,
+    raw_multiply,
+    upload_key,
+    upload_tag,
 )
+from protocols.paillier.session import (
+    PaillierSession,
+    generate_keypair,
+    paillier_sum,
+    unsafe_keypair_from_primes,
+)
+from protocols.session import Dropout, SecureSumResult, Stage
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "paillier_packed.json").read_text())
 
@@ -85,12 +88,13 @@ def test_all_clients_at_plus_and_minus_clip(keypair512, ring_bits):
                 out.ring_total, _ring_sum(s.codec, [np.full(m, sign * 0.75)] * n))
 
 
-def test_same_encodings_as_secagg_with_the_same_rounding_seed(keypair512):
-    """Both paths derive identical stochastic roundings from one seed: identical ring sums."""
-    n, m, seed = 4, 33, b"\x07" * 32
+def test_same_encodings_as_secagg_with_nearest_rounding(keypair512):
+    """Both paths encode alike: identical ring sums (SecAgg's stochastic rounding is keyed by
+    a client secret, so only nearest rounding is comparable across sessions)."""
+    n, m = 4, 33
     x = np.random.default_rng(5).uniform(-1, 1, (n, m)).astype(np.float32)
-    secagg = SecAggSession(n, m, clip=1.0, protocol="secagg", rounding_seed=seed)
-    with _session(n, m, keypair512, rounding_seed=seed) as s:
+    secagg = SecAggSession(n, m, clip=1.0, protocol="secagg", rounding="nearest")
+    with _session(n, m, keypair512, rounding="nearest") as s:
         for _ in range(2):
             ours = s.step({c: x[c] for c in range(n)})
             theirs = secagg.step({c: x[c] for c in range(n)})
@@ -102,13 +106,15 @@ def test_dropouts_and_late_dropouts_over_several_steps(keypair512):
     n, m = 5, 40
     x = np.random.default_rng(1).uniform(-1, 1, (n, m))
     with _session(n, m, keypair512) as s:
+        setup = s.traffic.bytes_up.copy()  # each client's key, relayed to the key holder
         first = s.step({c: x[c] for c in (0, 1, 3)}, drop_after_upload=[1])
         assert first.included == {0, 1, 3} and first.dropped == {2, 4} and first.step == 1
         second = s.step({c: x[c] for c in range(n)})  # Paillier keeps no state: all may return
         assert second.included == frozenset(range(n)) and second.step == 2
         assert s.active == frozenset(range(n)) and s.threshold == 1 and s.degree == 0
         assert np.abs(second.total - x.sum(0)).max() <= s.codec.error_bound(n)
-        assert s.traffic.bytes_up[2] == s.traffic.bytes_up[0] // 2  # one upload against two
+        up = s.traffic.bytes_up - setup
+        assert up[2] == up[0] // 2 and up[2] > 0  # one upload against two
         with pytest.raises(TooFewSurvivorsError):
             s.step({})
         with pytest.raises(ParameterError):
@@ -152,7 +158,11 @@ def test_paillier_sum_returns_a_secure_sum_result(keypair512):
     assert isinstance(result, SecureSumResult) and result.protocol == "paillier"
     assert result.included == (0, 2, 3) and result.dropped == (1,)
     assert np.abs(result.total - x[[0, 2, 3]].sum(0)).max() <= result.error_bound
-    assert result.bytes_up[1] == 0 and result.bytes_up[0] > 0
+    # client 1 sent only its setup key, the others also their upload
+    from protocols.paillier.messages import ClientKey
+
+    setup = len(ClientKey(b"\0" * 16, 1, b"\0" * 32).encode())
+    assert result.bytes_up[1] == setup and result.bytes_up[0] > setup
 
 
 # ---- known answers ------------------------------------------------------------------------------
@@ -184,28 +194,35 @@ def test_regression_vectors():
 
 
 def test_roles_reproduce_the_vector_aggregate():
-    """Server and key holder, fed the vector uploads as bytes, return the vector sums."""
-    from protocols.paillier_messages import Ciphertexts
+    """Server and key holder, fed the vector uploads as tagged bytes, return the vector sums."""
+    from protocols.paillier.messages import Ciphertexts, ClientKey
+    from protocols.primitives.kdf import agree
+    from protocols.primitives.kdf import generate_keypair as x25519_keypair
 
     v = VECTORS
     keypair = unsafe_keypair_from_primes(int(v["p"], 16), int(v["q"], 16))
-    holder = PaillierKeyHolder(keypair, unsafe_small_keys=True)
     codec = FixedPointCodec(clip=v["clip"], scale_bits=v["scale_bits"], ring_bits=v["ring_bits"],
                             rounding="nearest")
-    server = PaillierServer(holder.announce(), n_clients=v["n_clients"],
-                            vector_length=v["vector_length"], codec=codec,
-                            guard_bits=v["guard_bits"], unsafe_small_keys=True)
+    params = dict(n_clients=v["n_clients"], vector_length=v["vector_length"], codec=codec,
+                  guard_bits=v["guard_bits"], unsafe_small_keys=True)
+    holder = PaillierKeyHolder(keypair, **params)
+    server = PaillierServer(holder.announce(), **params)
     server.open_step()
     width = -(-2 * keypair[0].n.bit_length() // 8)
-    uploads = {
-        cid: Ciphertexts(server.session_id, 1, Ciphertexts.UPLOAD, frozenset({cid}), width,
-                         tuple(int(c, 16) for c in client["ciphertexts"])).encode()
-        for cid, client in enumerate(v["clients"])
-    }
-    aggregate = server.aggregate(uploads)
-    assert [hex(c) for c in Ciphertexts.decode(aggregate, Ciphertexts.AGGREGATE).values] \
-        == v["aggregate"]
-    outcome = server.finish(holder.decrypt(aggregate))
+    uploads = {}
+    for cid, client in enumerate(v["clients"]):
+        private, public = x25519_keypair()
+        holder.enroll(ClientKey(holder.session_id, cid, public).encode())
+        key = upload_key(agree(private, holder.auth_key), session_id=holder.session_id,
+                         client_id=cid, client_key=public, holder_key=holder.auth_key)
+        values = tuple(int(c, 16) for c in client["ciphertexts"])
+        tag = upload_tag(key, session_id=holder.session_id, step=1, client_id=cid, width=width,
+                         values=values)
+        uploads[cid] = Ciphertexts(server.session_id, 1, Ciphertexts.UPLOAD, frozenset({cid}),
+                                   width, values, tag).encode()
+    clients = [[int(c, 16) for c in client["ciphertexts"]] for client in v["clients"]]
+    assert [hex(c) for c in raw_multiply(keypair[0].n, clients)] == v["aggregate"]
+    outcome = server.finish(holder.decrypt(server.forward(uploads)))
     assert (outcome.total * 2 ** v["scale_bits"]).tolist() == v["sums"]
 
 
@@ -219,7 +236,11 @@ def test_keys_below_2048_bits_are_refused_on_the_safe_path(keypair512, bits):
         PaillierSession(3, 4, clip=1.0, key_bits=bits)
     with pytest.raises(ParameterError):
         PaillierSession(3, 4, clip=1.0, keypair=keypair512)
-    holder = PaillierKeyHolder(keypair512, unsafe_small_keys=True)
+    codec = FixedPointCodec.for_clients(3, clip=1.0)
+    with pytest.raises(ParameterError):
+        PaillierKeyHolder(keypair512, n_clients=3, vector_length=4, codec=codec)
+    holder = PaillierKeyHolder(keypair512, n_clients=3, vector_length=4, codec=codec,
+                               unsafe_small_keys=True)
     with pytest.raises(ParameterError):
         PaillierServer(holder.announce(), n_clients=3, vector_length=4,
                        codec=FixedPointCodec.for_clients(3, clip=1.0))
@@ -269,10 +290,10 @@ def test_replays_are_refused(keypair512):
         upload = s.clients[0].upload(request, np.zeros(10))
         with pytest.raises(ReplayError):
             s.clients[0].upload(request, np.zeros(10))
-        aggregate = s.server.aggregate({0: upload})
-        s.key_holder.decrypt(aggregate)
+        bundle = s.server.forward({0: upload})
+        s.key_holder.decrypt(bundle)
         with pytest.raises(ReplayError):  # the key holder decrypts each step once
-            s.key_holder.decrypt(aggregate)
+            s.key_holder.decrypt(bundle)
 
 
 def test_a_forged_upload_is_rejected_and_excluded(keypair512):
@@ -280,7 +301,7 @@ def test_a_forged_upload_is_rejected_and_excluded(keypair512):
         request = s.server.open_step()
         good = {c: s.clients[c].upload(request, np.ones(10)) for c in range(3)}
         uploads = {0: good[0], 1: good[2], 2: good[2][:-1]}  # 1 replays 2's bytes, 2 truncated
-        outcome = s.server.finish(s.key_holder.decrypt(s.server.aggregate(uploads)))
+        outcome = s.server.finish(s.key_holder.decrypt(s.server.forward(uploads)))
         assert outcome.included == {0}
         assert [type(e) for _, _, e in s.server.rejections] == [IntegrityError,
                                                                 MalformedMessageError]
@@ -288,14 +309,25 @@ def test_a_forged_upload_is_rejected_and_excluded(keypair512):
 
 def _messages(keypair) -> dict[str, tuple[bytes, callable]]:
     """Each genuine message with its decoder and the role that consumes it."""
-    from protocols.paillier_messages import Ciphertexts, Offer, PublicKeyMessage, StepRequest
+    from protocols.paillier.messages import (
+        Ciphertexts,
+        ClientKey,
+        Offer,
+        PublicKeyMessage,
+        StepRequest,
+        UploadBundle,
+    )
 
     s = _session(2, 30, keypair)
     request = s.server.open_step()
     upload = s.clients[0].upload(request, np.ones(30))
-    aggregate = s.server.aggregate({0: upload, 1: s.clients[1].upload(request, np.ones(30))})
-    plain = s.key_holder.decrypt(aggregate)
+    bundle = s.server.forward({0: upload, 1: s.clients[1].upload(request, np.ones(30))})
+    plain = s.key_holder.decrypt(bundle)
     codec = s.codec
+
+    def holder():
+        return PaillierKeyHolder(keypair, n_clients=2, vector_length=30, codec=codec,
+                                 unsafe_small_keys=True)
 
     def serve(b):
         return PaillierServer(b, n_clients=2, vector_length=30, codec=codec,
@@ -307,10 +339,10 @@ def _messages(keypair) -> dict[str, tuple[bytes, callable]]:
                   lambda b: PaillierClient(1, b, unsafe_small_keys=True)),
         "request": (request, StepRequest.decode,
                     lambda b: _session(2, 30, keypair).clients[0].upload(b, np.ones(30))),
+        "client key": (s.clients[1].enrollment(), ClientKey.decode, lambda b: holder().enroll(b)),
         "upload": (upload, lambda b: Ciphertexts.decode(b, Ciphertexts.UPLOAD),
-                   lambda b: s.server.aggregate({0: b})),
-        "aggregate": (aggregate, lambda b: Ciphertexts.decode(b, Ciphertexts.AGGREGATE),
-                      lambda b: PaillierKeyHolder(keypair, unsafe_small_keys=True).decrypt(b)),
+                   lambda b: s.server.forward({0: b})),
+        "bundle": (bundle, UploadBundle.decode, lambda b: holder().decrypt(b)),
         "plain": (plain, lambda b: Ciphertexts.decode(b, Ciphertexts.PLAINTEXT),
                   lambda b: s.server.finish(b)),
     }
@@ -343,13 +375,15 @@ def test_roles_refuse_malformed_bytes_with_protocol_errors(keypair512):
     msgs = _messages(keypair512)
     s = _session(2, 30, keypair512)
     request = s.server.open_step()
-    for bad in (b"", msgs["upload"][0][:-3], msgs["aggregate"][0], msgs["request"][0]):
+    for bad in (b"", msgs["upload"][0][:-3], msgs["bundle"][0], msgs["request"][0]):
         with pytest.raises(ProtocolError):
             s.clients[0].upload(bad, np.ones(30))
-    for bad in (b"", msgs["aggregate"][0], msgs["upload"][0]):
+    for bad in (b"", msgs["bundle"][0], msgs["upload"][0]):
         with pytest.raises(ProtocolError):
-            s.key_holder.decrypt(bad)  # another session's aggregate, or not an aggregate
-    s.server.aggregate({0: s.clients[0].upload(request, np.ones(30))})
+            s.key_holder.decrypt(bad)  # another session's uploads, or not a bundle
+    with pytest.raises(ProtocolError):
+        s.key_holder.enroll(msgs["client key"][0])  # a key for another session
+    s.server.forward({0: s.clients[0].upload(request, np.ones(30))})
     for bad in (b"", msgs["plain"][0]):
         with pytest.raises(ProtocolError):
             s.server.finish(bad)

@@ -16,7 +16,7 @@ from protocols.errors import (
     ParameterError,
     ProtocolError,
 )
-from protocols.paillier_packing import SlotLayout, pack, unpack_sum
+from protocols.paillier.packing import SlotLayout, pack, unpack_sum
 
 
 @st.composite

@@ -7,10 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from protocols.dp import DPSpec
+from protocols.dp.mechanisms import DPSpec
 from protocols.errors import ParameterError
-from protocols.private import min_contributors
-from protocols.registry import open_session, release_threshold
+from protocols.registry import get, open_session
 
 M = 20_000
 # The sample variance of M iid normal values has relative standard error sqrt(2 / M) = 1 %;
@@ -32,7 +31,7 @@ def test_central_noise_has_the_promised_scale(protocol):
                                               ("paillier", 2_000)])
 def test_distributed_noise_summed_over_clients_covers_the_central_target(protocol, m):
     n = 5
-    t = min_contributors(protocol, threshold=release_threshold(protocol, n), n_clients=n)
+    t = get(protocol).plan(n, private=True).min_contributors
     spec = DPSpec(mode="distributed", noise_multiplier=1.5, l2_clip=1.0, min_contributors=t)
     session = open_session(protocol, n, m, clip=1.0, dp=spec, key_bits=2048)
     outcome = session.step({c: np.zeros(m) for c in range(n)})
@@ -58,15 +57,15 @@ def test_distributed_noise_sized_for_more_contributors_than_guaranteed_is_refuse
 
 
 def test_the_release_floor_follows_the_protocol():
-    assert min_contributors("plain", threshold=3, n_clients=5) == 1
-    assert min_contributors("secagg", threshold=2, n_clients=4) == 3
-    assert min_contributors("paillier", threshold=3, n_clients=5) == 3
+    assert get("plain").plan(5, threshold=3).min_contributors == 1
+    assert get("secagg").plan(4, threshold=2).min_contributors == 3
+    assert get("paillier").plan(5, threshold=3).min_contributors == 3
 
 
 @pytest.mark.parametrize("protocol", ["plain", "secagg", "secagg+"])
 def test_secure_sum_with_dp_noises_the_survivors_sum(protocol):
     from protocols.api import secure_sum
-    from protocols.network import Dropout, Stage
+    from protocols.session import Dropout, Stage
 
     spec = DPSpec(mode="distributed", noise_multiplier=1.0, l2_clip=1.0, min_contributors=1)
     result = secure_sum(np.zeros((6, M)), protocol=protocol, dp=spec,

@@ -6,13 +6,13 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocols.errors import TooFewSurvivorsError
+from protocols.errors import ConsistencyAbortError, TooFewSurvivorsError
 from protocols.graph import complete_graph, harary_graph
-from protocols.network import Dropout, FaultPlan, Stage
+from protocols.session import Dropout, FaultPlan, Stage
 
 from .conftest import make_session
 
-STAGES = [Stage.UPLOAD, Stage.PAIRWISE, Stage.SHARES]
+STAGES = [Stage.UPLOAD, Stage.PAIRWISE, Stage.CONSISTENCY, Stage.SHARES]
 
 
 @st.composite
@@ -36,16 +36,18 @@ def scenarios(draw):
             else:
                 dropouts.append(Dropout(client, draw(st.integers(1, steps)),
                                         draw(st.sampled_from(STAGES))))
-    return n, m, steps, graph, threshold, dropouts, draw(st.integers(0, 2**31))
+    threat_model = draw(st.sampled_from(["active", "semi-honest"]))
+    return n, m, steps, graph, threshold, dropouts, draw(st.integers(0, 2**31)), threat_model
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_every_step_is_the_exact_survivor_sum_or_too_few(scenario):
-    n, m, steps, graph, threshold, dropouts, seed = scenario
+    n, m, steps, graph, threshold, dropouts, seed, threat_model = scenario
     faults = FaultPlan(dropouts=dropouts)
     server, _, network, inputs, codec = make_session(
-        n, m, threshold=threshold, steps=steps, seed=seed, graph=graph, faults=faults)
+        n, m, threshold=threshold, steps=steps, seed=seed, graph=graph, faults=faults,
+        threat_model=threat_model)
     silent = {d.client: (d.step, d.stage) for d in dropouts}
     try:
         network.setup()
@@ -71,6 +73,13 @@ def test_every_step_is_the_exact_survivor_sum_or_too_few(scenario):
     except TooFewSurvivorsError as error:
         assert error.needed == threshold
         assert error.remaining < error.needed or "live share holders" in str(error)
+    except ConsistencyAbortError as error:
+        # only the active model has the round, and only an uploaded client that fell silent
+        # before it (and was not asked for pair seeds first) can stall it
+        assert threat_model == "active"
+        assert error.silent and all(
+            silent.get(c, (0, None))[0] == error.step
+            and silent[c][1] in (Stage.PAIRWISE, Stage.CONSISTENCY) for c in error.silent)
 
 
 def test_no_dropouts_complete_graph_sum_matches_float_sum():
@@ -85,8 +94,10 @@ def test_no_dropouts_complete_graph_sum_matches_float_sum():
 
 
 def test_dropout_after_upload_is_still_counted():
+    # semi-honest: with no consistency round, a client silent after its upload still counts
     faults = FaultPlan(dropouts=[Dropout(2, 1, Stage.SHARES), Dropout(4, 1, Stage.PAIRWISE)])
-    server, _, network, inputs, codec = make_session(6, 32, threshold=3, faults=faults)
+    server, _, network, inputs, codec = make_session(6, 32, threshold=3, faults=faults,
+                                                     threat_model="semi-honest")
     network.setup()
     outcome = network.step()
     # 2 uploaded and then fell silent: its self-mask comes back from the others' shares

@@ -10,18 +10,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols.api import SecAggSession, check_vectors, plan_parameters, secure_sum
+from protocols.api import SecAggSession, secure_sum
 from protocols.codec import FixedPointCodec
-from protocols.dp import DPSpec
+from protocols.dp.mechanisms import DPSpec
 from protocols.errors import (
     NonFiniteInputError,
     OverflowBudgetError,
     ParameterError,
     TooFewSurvivorsError,
 )
-from protocols.paillier import PaillierSession, generate_keypair
-from protocols.paillier_roles import PaillierKeyHolder
-from protocols.registry import PlainSession, open_session
+from protocols.inputs import check_vectors
+from protocols.paillier.roles import PaillierKeyHolder
+from protocols.paillier.session import PaillierSession, generate_keypair
+from protocols.plain import PlainSession
+from protocols.registry import get, open_session
 
 N, M = 4, 6
 GOOD = {c: np.full(M, 0.25 * (c + 1)) for c in range(N)}
@@ -96,8 +98,8 @@ def test_counts_must_be_ints(value):
 def test_threshold_zero_is_refused_not_replaced_by_the_default(protocol):
     with pytest.raises(ParameterError, match="threshold 0"):
         secure_sum(np.ones((4, 3)), protocol=protocol, threshold=0)
-    assert plan_parameters(4, protocol=protocol, threshold=None)[1] == 2
-    assert plan_parameters(4, protocol=protocol, threshold=0)[1] == 0  # left for the server
+    assert get(protocol).plan(4, threshold=None).threshold == 2
+    assert get(protocol).plan(4, threshold=0).threshold == 0  # left for the server
 
 
 @pytest.mark.parametrize(("vectors", "message"), [
@@ -133,14 +135,16 @@ def test_the_key_holder_never_decrypts_a_sum_of_fewer_than_its_quorum(keypair204
     with pytest.raises(ParameterError, match="quorum must be at most the 4 clients"):
         PaillierSession(N, M, clip=1.0, keypair=keypair2048, quorum=5)
     with pytest.raises(ParameterError, match="quorum must be an int >= 1"):
-        PaillierKeyHolder(keypair2048, quorum=0)
+        PaillierKeyHolder(keypair2048, n_clients=N, vector_length=M, quorum=0,
+                          codec=FixedPointCodec.for_clients(N, clip=1.0))
 
 
 def test_paillier_refuses_bad_inputs_before_encrypting(keypair2048):
     with PaillierSession(N, M, clip=1.0, keypair=keypair2048, workers=1) as session:
+        setup = session.traffic.bytes_up.copy()  # each client's key for the key holder
         with pytest.raises(NonFiniteInputError, match="client 0"):
             session.step({**GOOD, 0: np.full(M, np.nan)})
-        assert not session.refusals and (session.traffic.bytes_up == 0).all()
+        assert not session.refusals and (session.traffic.bytes_up == setup).all()
 
 
 # ---- the overflow budget is exact ---------------------------------------------------------------
@@ -189,7 +193,7 @@ def test_a_step_with_too_few_survivors_leaves_the_session_ready():
 
 @pytest.mark.parametrize("rate", [0.0, 0.5])
 def test_a_bad_dropout_stage_is_refused_whatever_the_rate(rate):
-    from protocols.network import FaultPlan
+    from protocols.session import FaultPlan
 
     with pytest.raises(ParameterError, match="dropout stage must be one of"):
         FaultPlan.random(4, rate=rate, stage="sometime")

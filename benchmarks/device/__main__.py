@@ -1,5 +1,0 @@
-"""`python -m benchmarks.device`."""
-
-from benchmarks.device.cli import main
-
-raise SystemExit(main())

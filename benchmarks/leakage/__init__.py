@@ -1,5 +1,0 @@
-"""Leakage benchmark: what an attacker learns from CoDream's releases, measured.
-
-Sections: dreams vs private data, server reconstruction, membership inference, the server's
-view under secure aggregation. `benchmarks.leakage.run.run_leakage` composes them.
-"""

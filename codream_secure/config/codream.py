@@ -1,0 +1,55 @@
+"""[codream]: the algorithm's rounds, dream synthesis, distillation and local training.
+
+One table, not three: `rounds` and `batch_size` are shared by the three phases, and the
+fifteen keys fit on one screen; the docs group them by phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from codream_secure.config.checks import Checks
+from codream_secure.config.section import Section
+
+SOFT_LABELS: tuple[str, ...] = ("probs", "logits")
+
+
+@dataclass(frozen=True)
+class CoDreamConfig(Section):
+    """Rounds; dreams (synthesis); distillation on the dream buffer; local training."""
+
+    SECTION = "codream"
+
+    rounds: int = 10
+    # dreams
+    dream_batch: int = 64
+    dream_steps: int = 100
+    dream_lr: float = 0.05
+    adaptive_after: int = 3
+    adaptive_weight: float = 10.0
+    # distillation
+    distill_epochs: int = 5
+    distill_lr: float = 0.05
+    kd_temperature: float = 20.0
+    buffer_size: int = 640
+    soft_labels: str = "probs"
+    # local training (also the baselines' training)
+    warmup_epochs: int = 10
+    local_epochs: int = 2
+    local_lr: float = 0.05
+    batch_size: int = 64
+
+    def validate(self, check: Checks) -> None:
+        for key in ("rounds", "dream_batch", "dream_steps", "distill_epochs", "batch_size",
+                    "buffer_size"):
+            check.count(key, getattr(self, key), minimum=1)
+        for key in ("warmup_epochs", "local_epochs", "adaptive_after"):
+            check.count(key, getattr(self, key), minimum=0)
+        for key in ("dream_lr", "distill_lr", "local_lr", "kd_temperature"):
+            check.real(key, getattr(self, key), low=0.0)
+        check.real("adaptive_weight", self.adaptive_weight, low=0.0, closed_low=True)
+        if self.buffer_size < self.dream_batch:
+            raise check.fail("buffer_size", f"{self.buffer_size} cannot hold one dream batch "
+                                            f"(dream_batch={self.dream_batch}); use at least "
+                                            f"{self.dream_batch}")
+        check.choice("soft_labels", self.soft_labels, SOFT_LABELS)
