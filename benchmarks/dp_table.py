@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         report = outcome.report
         privacy, codream = report["privacy"], report["final"]["codream"]
         runs.append({"variant": name, "epsilon": privacy["epsilon"],
-                     "delta": config.privacy.dp_delta,
+                     "delta": config.privacy.dp_delta, "delta_total": privacy.get("delta_total"),
                      "noise_multiplier": privacy.get("nominal_noise_multiplier"),
                      "final": {m: v["mean_accuracy"] for m, v in report["final"].items()},
                      "selected_round": codream.get("selected_round"),
@@ -59,20 +59,22 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": report["timing"]["total_seconds"]})
         write_json(args.out / "runs.json", runs)
         print(runs[-1], flush=True)
-    lines = ["| DP | epsilon (delta 1e-5) | noise multiplier z | CoDream accuracy (%), each "
-             "client at its best-validation round | after the last round (%) | per round (%) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| DP | epsilon (delta 1e-5) | total delta | noise multiplier z | CoDream accuracy "
+             "(%), each client at its best-validation round | after the last round (%) | per "
+             "round (%) |", "|---|---|---|---|---|---|---|"]
     for run in runs:
         eps = "–" if run["epsilon"] is None else f"{run['epsilon']:.2f}"
         z = "–" if run["noise_multiplier"] is None else f"{run['noise_multiplier']:.3g}"
+        total = "–" if run["delta_total"] is None else f"{run['delta_total']:.3g}"
         curve = " / ".join(f"{100 * a:.0f}" for a in run["per_round"])
         chosen = "/".join(map(str, run["selected_round"]))
-        lines.append(f"| {run['variant']} | {eps} | {z} | {100 * run['final']['codream']:.1f} "
+        lines.append(f"| {run['variant']} | {eps} | {total} | {z} | "
+                     f"{100 * run['final']['codream']:.1f} "
                      f"(rounds {chosen}) | {100 * run['last_round']:.1f} | {curve} |")
     for method in ("isolated", "centralized"):
         value = runs[0]["final"].get(method)
         if value is not None:
-            lines.append(f"| {method} (no DP) | – | – | {100 * value:.1f} | | |")
+            lines.append(f"| {method} (no DP) | – | – | – | {100 * value:.1f} | | |")
     lines.append(f"\nTotal time {(time.perf_counter() - start) / 60:.1f} min, seed {args.seed}, "
                  f"partition {args.partition}.")
     write_text(args.out / "table.md", "\n".join(lines))

@@ -83,9 +83,6 @@ def checkpoint_state(config: SimulationConfig, fed: CoDreamFederation) -> dict:
                      for c in (fed.grad_channel, fed.label_channel)],
         "accountants": [ledger.accountant.state_dict() for ledger in _ledgers(fed)],
         "dp_epochs": [t.epochs_done for t in fed.trainers or ()],
-        # DP-SGD draws batches and noise from one generator per client for the whole run
-        "dp_generators": [None if t.generator is None else t.generator.get_state()
-                          for t in fed.trainers or ()],
         "broadcast_down": fed.broadcast_down.tolist(),
     }
 
@@ -122,8 +119,7 @@ class _NotACheckpoint(Exception):
 
 
 _CHECKPOINT_KEYS = ("config", "round", "models", "server_model", "buffer", "result", "rounds",
-                    "last_dreams", "channels", "accountants", "dp_epochs", "dp_generators",
-                    "broadcast_down")
+                    "last_dreams", "channels", "accountants", "dp_epochs", "broadcast_down")
 
 
 def _read_state(content: bytes, device: torch.device) -> dict:
@@ -217,9 +213,7 @@ def _restore(state: dict, fed: CoDreamFederation) -> int:
         ledger.accountant.load_state_dict(accountant)
     for trainer, epochs in zip(fed.trainers or (), state["dp_epochs"], strict=True):
         trainer.epochs_done = int(epochs)
-    for trainer, rng in zip(fed.trainers or (), state["dp_generators"], strict=True):
-        if rng is not None and trainer.generator is not None:
-            trainer.generator.set_state(rng)
+    # DP-SGD batches and noise come from fresh os.urandom keys: no generator state to restore
     fed.broadcast_down = _counts(state["broadcast_down"], fed.n)
     return state["round"]
 

@@ -19,13 +19,25 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-
 TEST_FRACTION = 0.25  # fixed held-out share for datasets that ship without a test split
 SPLIT_SEED = 0  # that split never depends on the run's seed, so test sets stay comparable
 
+# Normalisation constants that never come from the clients' data (statistics of the pooled
+# training data are known to no client, and releasing them would be an unaccounted DP release).
+# digits: its known pixel range [0, 1] mapped onto [-1, 1]; the others: the constants published
+# for each dataset's full training set (pixel mean and standard deviation per channel).
+PUBLIC_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "digits": ((0.5,), (0.5,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
 PartitionScheme = Literal["iid", "dirichlet", "balanced-dirichlet"]
 PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "balanced-dirichlet")
 
 
 @dataclass(frozen=True, eq=False)
 class LoadedDataset:
-    """Train/test arrays (float32 N×C×H×W, normalised with train statistics) and their metadata."""
+    """Train/test arrays (float32 N×C×H×W, normalised with public constants) and their metadata."""
 
     name: str
     x_train: np.ndarray
@@ -46,8 +58,13 @@ def load_dataset(
     max_train: int | None = None,
     max_test: int | None = None,
     seed: int = 0,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> LoadedDataset:
-    """Load a dataset by name; `max_train`/`max_test` take a stratified sample seeded by `seed`."""
+    """Load a dataset by name; `max_train`/`max_test` take a stratified sample seeded by `seed`.
+
+    Inputs are normalised with `normalization` (per-channel mean, std) if given, else with
+    public_normalization(name, ...): never with statistics of the loaded data.
+    """
     loaders = {
         "digits": _load_digits,
         "fashion-mnist": _load_fashion_mnist,
@@ -73,11 +90,11 @@ def load_dataset(
         keep = np.sort(_stratified_pick(y_te, max_test, rng))
         x_te, y_te = x_te[keep], y_te[keep]
     x_tr, x_te = _to_unit_float(x_tr), _to_unit_float(x_te)
-    mean = x_tr.mean(axis=(0, 2, 3), dtype=np.float64)
-    std = x_tr.std(axis=(0, 2, 3), dtype=np.float64)
-    std = np.where(std < 1e-8, 1.0, std)  # a constant channel stays as is instead of exploding
-    shift = mean.astype(np.float32)[None, :, None, None]
-    scale = std.astype(np.float32)[None, :, None, None]
+    mean, std = _checked_normalization(
+        normalization or public_normalization(name, channels=x_tr.shape[1]),
+        channels=x_tr.shape[1])
+    shift = np.asarray(mean, dtype=np.float32)[None, :, None, None]
+    scale = np.asarray(std, dtype=np.float32)[None, :, None, None]
     for x in (x_tr, x_te):  # in place: every loader hands over fresh arrays, and CIFAR is big
         x -= shift
         x /= scale
@@ -89,13 +106,34 @@ def load_dataset(
         y_test=y_te.astype(np.int64),
         num_classes=int(num_classes),
         input_shape=(int(x_tr.shape[1]), int(x_tr.shape[2]), int(x_tr.shape[3])),
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
+        mean=mean,
+        std=std,
         source=source,
     )
 
 
 _Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, str]
+
+
+def public_normalization(name: str, *, channels: int
+                         ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel fixed before any data is seen: PUBLIC_NORMALIZATION, or for npz
+    no change (uint8 pixels are already scaled to [0, 1]; other constants come from the user)."""
+    if name in PUBLIC_NORMALIZATION:
+        return PUBLIC_NORMALIZATION[name]
+    return (0.0,) * channels, (1.0,) * channels
+
+
+def _checked_normalization(norm: tuple[tuple[float, ...], tuple[float, ...]], *, channels: int
+                           ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = (tuple(float(v) for v in values) for values in norm)
+    if len(mean) != channels or len(std) != channels:
+        raise ConfigError(f"normalisation needs one mean and one std per channel ({channels}), "
+                          f"got {len(mean)} and {len(std)}")
+    if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
+        raise ConfigError(f"normalisation: means must be finite and stds finite and > 0, got "
+                          f"mean {mean} std {std}")
+    return mean, std
 
 
 def _to_unit_float(x: np.ndarray) -> np.ndarray:

@@ -15,6 +15,10 @@ class ConfigError(CoDreamError):
     """A configuration value is invalid or inconsistent with another."""
 
 
+class DeltaBudgetError(ConfigError):
+    """A DP run's total delta (accountant + noise truncation) cannot stay within the stated one."""
+
+
 def os_reason(error: OSError) -> str:
     """Why the operating system refused a file operation, in its own words ("Permission
     denied"), for messages that name the file themselves."""

@@ -2,7 +2,8 @@
 
 Client-level DP: every client takes part in every release, so each release is one Gaussian
 mechanism with sample rate q = 1. Every released aggregate counts: each dream-optimisation step's
-gradient sum and each round's soft-label sum. See docs/privacy.md.
+gradient sum and each round's soft-label sum. Truncated (distributed) noise spends part of delta:
+the stated delta = the accountant's delta + the truncation's budget. See docs/privacy.md.
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ import opacus
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from codream_secure.errors import ConfigError
+from codream_secure.errors import ConfigError, DeltaBudgetError
 from protocols.dp import mechanisms as dp
 
 __all__ = [
     "ACCOUNTANTS",
     "INTEGER_ORDERS",
+    "TRUNCATION_DELTA_SHARE",
     "PrivacyLedger",
     "calibrate_noise",
     "client_ledger",
     "nominal_noise_multiplier",
     "releases_per_run",
+    "truncation_delta",
+    "truncation_tail_bits",
 ]
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -36,6 +40,40 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 INTEGER_ORDERS = tuple(range(2, 257))
 _CONTINUOUS = ("gaussian", "dp-sgd")  # mechanisms whose privacy loss is exactly Gaussian
 MAX_NOISE_MULTIPLIER = 1e3
+# Share of the stated delta reserved for truncated noise; the accountant is planned with the rest.
+TRUNCATION_DELTA_SHARE = 0.1
+
+
+def truncation_delta(epsilon: float, tv: float) -> float:
+    """Delta that noise within total variation tv of an (epsilon, .)-DP mechanism adds:
+    P[M'(D) in S] <= P[M(D) in S] + tv <= e^eps (P[M'(D') in S] + tv) + delta + tv."""
+    if tv == 0.0:
+        return 0.0
+    log = max(epsilon, 0.0) + math.log1p(math.exp(-abs(epsilon))) + math.log(tv)
+    return math.exp(log) if log < 700.0 else math.inf  # never capped below the true value
+
+
+def truncation_tail_bits(epsilon: float, draws: int, budget: float, *,
+                         minimum: int = dp.DEFAULT_TAIL_BITS) -> int:
+    """Fewest tail bits (>= minimum) with truncation_delta(epsilon, draws 2^-bits) <= budget.
+
+    Raises DeltaBudgetError when even dp.MAX_TAIL_BITS cannot keep it within the budget.
+    """
+    _positive("truncation delta budget", budget)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ConfigError(f"draws must be a positive int, got {draws!r}")
+    # log2 of (1 + e^eps) * draws / budget, computed in logs so that large epsilon cannot overflow
+    log2_need = (epsilon + math.log1p(math.exp(-epsilon))) / math.log(2.0) + math.log2(
+        draws) - math.log2(budget)
+    bits = max(minimum, math.ceil(log2_need))
+    if bits > dp.MAX_TAIL_BITS:
+        raise DeltaBudgetError(
+            f"epsilon={epsilon:.4g} over {draws:,} truncated noise draws needs each draw's tail "
+            f"below 2^-{bits}, past the samplers' limit of 2^-{dp.MAX_TAIL_BITS}: the "
+            f"truncation would add (1 + e^epsilon) * TV > {budget:.3g} to delta, so the total "
+            f"delta could not stay within the stated one. Lower epsilon (raise the noise), "
+            f"release fewer aggregates, or set [privacy] dp_mode = \"central\" (no truncation)")
+    return bits
 
 
 def _positive(name: str, value: float) -> float:
@@ -89,14 +127,15 @@ class PrivacyLedger:
 
     `noise_multiplier` is what the accountant is told (for integer noise: the accounting
     multiplier of protocols.dp.accounting_noise_multiplier); `nominal_noise_multiplier` is
-    the configured one. `truncation_tv_per_release` bounds the total variation that conditioning
-    the noise on its ring bound costs per release; it is added to delta as (1 + e^eps) * TV.
+    the configured one. `delta` is the stated total; the accountant works at delta minus
+    `truncation_delta_budget`. `truncation_tv_per_release` bounds the total variation that
+    conditioning the noise on its ring bound costs per release; it costs truncation_delta(eps, TV).
     """
 
     def __init__(self, *, unit: str, mechanism: str, mode: str, noise_multiplier: float,
                  l2_clip: float, delta: float, n_samples: int, sample_rate: float = 1.0,
                  accountant: str = "rdp", nominal_noise_multiplier: float | None = None,
-                 truncation_tv_per_release: float = 0.0,
+                 truncation_tv_per_release: float = 0.0, truncation_delta_budget: float = 0.0,
                  orders: tuple[float, ...] | None = None) -> None:
         if unit not in ("client", "sample"):
             raise ConfigError(f"unit must be 'client' or 'sample', got {unit!r}")
@@ -117,7 +156,16 @@ class PrivacyLedger:
         if truncation_tv_per_release < 0 or not math.isfinite(truncation_tv_per_release):
             raise ConfigError("truncation_tv_per_release must be a finite number >= 0")
         self.truncation_tv_per_release = float(truncation_tv_per_release)
+        if not 0.0 <= truncation_delta_budget < self.delta:
+            raise ConfigError(f"truncation_delta_budget must be in [0, delta={self.delta:g}), "
+                              f"got {truncation_delta_budget!r}")
+        self.truncation_delta_budget = float(truncation_delta_budget)
         self.orders = None if orders is None else tuple(orders)
+
+    @property
+    def accountant_delta(self) -> float:
+        """The delta epsilon is computed at: the stated delta less the truncation's budget."""
+        return self.delta - self.truncation_delta_budget
 
     @property
     def releases(self) -> int:
@@ -137,7 +185,7 @@ class PrivacyLedger:
             history.append((z, q, releases))
 
     def epsilon(self) -> float:
-        """Epsilon at the ledger's delta after every recorded release (0 before any)."""
+        """Epsilon at the accountant's delta after every recorded release (0 before any)."""
         if not self.accountant.history:
             return 0.0
         kwargs = {} if self.orders is None else {"alphas": list(self.orders)}
@@ -145,7 +193,7 @@ class PrivacyLedger:
         # an end of the range: the epsilon is then an upper bound; the report records it.
         with np.errstate(divide="ignore"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            epsilon = float(self.accountant.get_epsilon(delta=self.delta, **kwargs))
+            epsilon = float(self.accountant.get_epsilon(delta=self.accountant_delta, **kwargs))
         self.order_at_range_end = any("Optimal order" in str(w.message) for w in caught)
         for w in caught:
             if "Optimal order" not in str(w.message):
@@ -160,6 +208,7 @@ class PrivacyLedger:
         """Everything an auditor needs to recompute epsilon with Opacus (JSON-ready)."""
         eps = self.epsilon()
         tv = self.truncation_tv()
+        trunc = truncation_delta(eps, tv)
         state = self.accountant.state_dict()
         return {
             "unit": self.unit,
@@ -172,8 +221,11 @@ class PrivacyLedger:
             "releases": self.releases,
             "epsilon": eps,
             "delta": self.delta,
+            "accountant_delta": self.accountant_delta,
             "truncation_tv": tv,
-            "delta_total": self.delta + (1.0 + math.exp(min(eps, 700.0))) * tv,
+            "truncation_delta": trunc,
+            "delta_total": self.accountant_delta + trunc,
+            "delta_within_stated": self.accountant_delta + trunc <= self.delta,
             "n_samples": self.n_samples,
             "accountant": self.accountant_name,
             "accountant_state": {
@@ -195,6 +247,8 @@ class PrivacyLedger:
                      nominal_noise_multiplier=report["nominal_noise_multiplier"],
                      truncation_tv_per_release=(report["truncation_tv"] / report["releases"]
                                                 if report["releases"] else 0.0),
+                     truncation_delta_budget=report["delta"] - report.get(
+                         "accountant_delta", report["delta"]),
                      orders=report["rdp_orders"])
         ledger.accountant.load_state_dict({
             "mechanism": report["accountant_state"]["mechanism"],
@@ -268,7 +322,8 @@ def nominal_noise_multiplier(spec: dp.DPSpec, accounting_target: float, *, dim: 
 
     def acc(z: float) -> float:
         trial = dp.DPSpec(mode=spec.mode, noise_multiplier=z, l2_clip=spec.l2_clip,
-                          noise=spec.noise, min_contributors=spec.min_contributors)
+                          noise=spec.noise, min_contributors=spec.min_contributors,
+                          tail_bits=spec.tail_bits)
         return dp.accounting_noise_multiplier(trial, dim=dim, scale_bits=scale_bits)
 
     lo, hi = accounting_target, accounting_target * 2
@@ -289,7 +344,8 @@ def client_ledger(spec: dp.DPSpec, *, dim: int, scale_bits: int | None, n_client
     """A client-level ledger for `spec` over releases of at most `dim` coordinates.
 
     With distributed noise, pass the clients' DistributedNoise so the truncation's total
-    variation (n_clients * dim draws per release) is carried into delta_total.
+    variation (n_clients * dim draws per release) is carried into delta_total; the accountant
+    then works at (1 - TRUNCATION_DELTA_SHARE) * delta.
     """
     z_acc = dp.accounting_noise_multiplier(spec, dim=dim, scale_bits=scale_bits)
     tv = 0.0
@@ -303,4 +359,5 @@ def client_ledger(spec: dp.DPSpec, *, dim: int, scale_bits: int | None, n_client
         noise_multiplier=z_acc, nominal_noise_multiplier=spec.noise_multiplier,
         l2_clip=spec.l2_clip, delta=delta, n_samples=n_clients, sample_rate=1.0,
         accountant=accountant, truncation_tv_per_release=tv,
-        orders=INTEGER_ORDERS if spec.noise == "skellam" else None)
+        truncation_delta_budget=TRUNCATION_DELTA_SHARE * delta if spec.mode == "distributed"
+        else 0.0, orders=INTEGER_ORDERS if spec.noise == "skellam" else None)

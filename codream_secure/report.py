@@ -303,7 +303,10 @@ def _dataset_section(data: dict) -> list[str]:
     intro = (f"`{data.get('name')}`: {data.get('train')} train / {data.get('test')} test "
              f"samples, input {'x'.join(map(str, data.get('input_shape') or []))}, "
              f"{data.get('num_classes')} classes"
-             + (f" (source: `{data['source']}`)." if data.get("source") else "."),
+             + (f" (source: `{data['source']}`)." if data.get("source") else ".")
+             + "".join(f" Label histograms: {data[key]}." for key in (
+                 "client_label_histograms_note", "client_label_histograms_withheld")
+                 if data.get(key)),
              "")
     sizes, hists = data.get("client_sizes", []), data.get("client_label_histograms", [])
     rows = [[str(k), _num(size), _num(hists[k] if k < len(hists) else None)]

@@ -30,10 +30,17 @@ def privacy_section(privacy: dict | None) -> list[str]:
             ("noise_multiplier", "noise multiplier given to the accountant"),
             ("sample_rate", "sample rate q"), ("releases", "released aggregates"),
             ("min_contributors", "noise sized for at least this many contributors"),
-            ("epsilon", "epsilon"), ("delta", "delta"), ("delta_total", "delta incl. truncation"),
+            ("epsilon", "epsilon"), ("delta", "delta (stated)"),
+            ("accountant_delta", "delta the accountant's epsilon is computed at"),
+            ("noise_tail_bits", "noise tail truncated at 2^-bits per draw"),
+            ("truncation_delta", "delta from the noise truncation"),
+            ("delta_total", "total delta (accountant + truncation)"),
             ("accountant", "accountant"), ("opacus_version", "opacus")]
     rows = [[label, _fmt(privacy[key])] for key, label in keys if key in privacy]
     lines += ["| | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), ""]
+    if privacy.get("delta_within_stated") is False:
+        lines += ["- **the total delta exceeds the stated delta**: the guarantee is "
+                  f"(epsilon, {_fmt(privacy.get('delta_total'))}), not the stated one"]
     if privacy.get("rdp_order_at_range_end"):
         lines += [f"- epsilon is an upper bound: {_AT_RANGE_END}"]
     for key in ("trust", "dream_loss", "post_processing", "baselines"):
@@ -49,7 +56,7 @@ def privacy_section(privacy: dict | None) -> list[str]:
     if history:
         lines += ["", "Recompute with Opacus: `acct = create_accountant("
                   f"'{privacy.get('accountant')}'); acct.history = {history}; "
-                  f"acct.get_epsilon(delta={privacy.get('delta')}"
+                  f"acct.get_epsilon(delta={privacy.get('accountant_delta', privacy.get('delta'))}"
                   + (", alphas=<rdp_orders from report.json>" if privacy.get("rdp_orders") else "")
                   + ")`"]
     return [*lines, ""]

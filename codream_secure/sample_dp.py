@@ -3,6 +3,8 @@
 One SampleLevelTrainer per client keeps one accountant for the client's whole run, so epsilon
 accumulates over rounds. Distillation trains on dreams, not private data, and needs no DP; dream
 gradients and soft labels of a DP-trained model are post-processing (docs/privacy.md).
+Poisson batches and the Gaussian noise come from the AES-CTR keystream keyed from os.urandom
+(protocols.dp.samplers), never from the run's seed: the seed is published in every report.
 """
 
 from __future__ import annotations
@@ -11,19 +13,65 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 
 from codream_secure.dreams import model_mode
 from codream_secure.errors import ConfigError
 from codream_secure.privacy import PrivacyLedger, calibrate_noise
+from protocols.dp.samplers import gaussian, uniform
 
-__all__ = ["SampleLevelTrainer", "make_private_ready"]
+__all__ = ["KeystreamPoissonSampler", "SampleLevelTrainer", "add_keystream_noise",
+           "make_private_ready"]
+
+
+class KeystreamPoissonSampler(Sampler[list[int]]):
+    """`steps` Poisson batches: each index joins a batch with probability q, drawn from fresh
+    keystream uniforms (os.urandom keys), so no seed can replay which samples were used."""
+
+    def __init__(self, n_samples: int, sample_rate: float, steps: int) -> None:
+        self.n_samples, self.sample_rate, self.steps = n_samples, sample_rate, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield np.flatnonzero(uniform(self.n_samples) < self.sample_rate).tolist()
+
+
+def add_keystream_noise(optimizer: DPOptimizer) -> DPOptimizer:
+    """Make `optimizer` add its N(0, (z C)^2) noise from the keystream instead of torch's PRNG.
+
+    The noise is drawn in float64 on the CPU and moved to each parameter's device and dtype.
+    """
+
+    def add_noise() -> None:
+        params = optimizer.params
+        sizes = [p.summed_grad.numel() for p in params]
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        noise = gaussian(std, sum(sizes))  # one fresh key per step
+        for p, chunk in zip(params, np.split(noise, np.cumsum(sizes)[:-1]), strict=True):
+            _check_processed_flag(p.summed_grad)
+            shaped = torch.from_numpy(chunk).to(p.summed_grad).view_as(p.summed_grad)
+            p.grad = (p.summed_grad + shaped).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise  # type: ignore[method-assign]
+    return optimizer
+
+
+def _collate(empty: tuple[torch.Tensor, torch.Tensor]):
+    """default_collate, except that an empty Poisson batch becomes zero-length tensors."""
+    return lambda items: default_collate(items) if items else empty
 
 
 def make_private_ready(model: nn.Module) -> nn.Module:
@@ -56,8 +104,7 @@ class SampleLevelTrainer:
     def __init__(self, *, n_samples: int, batch_size: int, max_grad_norm: float, delta: float,
                  noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  planned_epochs: int | None = None, accountant: str = "rdp", lr: float = 0.1,
-                 momentum: float = 0.9, weight_decay: float = 1e-4,
-                 generator: torch.Generator | None = None) -> None:
+                 momentum: float = 0.9, weight_decay: float = 1e-4) -> None:
         self.n_samples = _int_at_least("n_samples", n_samples, 1)
         self.batch_size = _int_at_least("batch_size", batch_size, 1)
         self.steps_per_epoch = math.ceil(n_samples / batch_size)
@@ -82,7 +129,6 @@ class SampleLevelTrainer:
             self.engine = PrivacyEngine(accountant=accountant)
         self.engine.accountant = self.ledger.accountant  # Opacus steps the ledger's accountant
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.generator = generator
         self.epochs_done = 0
 
     @property
@@ -109,9 +155,10 @@ class SampleLevelTrainer:
                               f"epochs; {self.epochs_done} are done, {epochs} more would exceed it")
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay)
-        loader = DPDataLoader.from_data_loader(
-            DataLoader(TensorDataset(x, y), batch_size=self.batch_size),
-            generator=self.generator)
+        sampler = KeystreamPoissonSampler(self.n_samples, self.ledger.sample_rate,
+                                          self.steps_per_epoch)
+        loader = DataLoader(TensorDataset(x, y), batch_sampler=sampler,
+                            collate_fn=_collate((x[:0], y[:0])))
         epoch_losses: list[float] = []
         steps = 0
         # One trainer is one client's dataset (n_samples is checked above): tell Opacus so.
@@ -122,7 +169,8 @@ class SampleLevelTrainer:
             hooks, dp_optimizer, loader = self.engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=self.noise_multiplier, max_grad_norm=self.ledger.l2_clip,
-                poisson_sampling=False, wrap_model=False, noise_generator=self.generator)
+                poisson_sampling=False, wrap_model=False)
+            add_keystream_noise(dp_optimizer)
             try:
                 for _ in range(epochs):
                     loss_sum, seen = 0.0, 0

@@ -31,7 +31,7 @@ from .config import (
 from .data import LoadedDataset, label_histogram, load_dataset, partition, split_validation
 from .dp_plan import privacy_report
 from .errors import ConfigError
-from .federation import AggregationChannel, CoDreamFederation, generator
+from .federation import AggregationChannel, CoDreamFederation
 from .progress import NullProgress, Progress
 from .report import REPORT_FILES
 from .results import ClientData, MethodResult
@@ -71,7 +71,9 @@ def resolve_masking(masking: str, aggregator: str, dp: str, device: torch.device
 def _load_data(section: DataConfig, seed: int) -> LoadedDataset:
     """The [data] section's data set, sampled down to its max_train / max_test."""
     return load_dataset(section.dataset, section.data_dir, max_train=section.max_train,
-                        max_test=section.max_test, seed=seed)
+                        max_test=section.max_test, seed=seed,
+                        normalization=(section.data_mean, section.data_std)
+                        if section.data_mean else None)
 
 
 def _split_clients(data: LoadedDataset, section: DataConfig, seed: int, device: torch.device
@@ -160,7 +162,18 @@ def _aggregator_report(aggregation: AggregationConfig, dp: str, fed: CoDreamFede
     return report
 
 
-def _sample_trainers(privacy: PrivacyConfig, codream: CoDreamConfig, seed: int,
+def _histograms(privacy: PrivacyConfig, data: LoadedDataset, parts: list[np.ndarray]) -> dict:
+    """Per-client label histograms, published only without DP: they describe private data."""
+    if privacy.dp != "off":
+        return {"client_label_histograms_withheld": "a DP run publishes no statistic of a "
+                                                    "client's data outside its accounting"}
+    return {"client_label_histograms": label_histogram(data.y_train, parts,
+                                                       data.num_classes).tolist(),
+            "client_label_histograms_note": "each client's label counts: a statistic of its "
+                                            "private data, published because DP is off"}
+
+
+def _sample_trainers(privacy: PrivacyConfig, codream: CoDreamConfig,
                      clients: list[ClientData]) -> list[SampleLevelTrainer]:
     """One DP-SGD trainer (and accountant) per client, for every local epoch of the run."""
     from .sample_dp import SampleLevelTrainer
@@ -170,9 +183,8 @@ def _sample_trainers(privacy: PrivacyConfig, codream: CoDreamConfig, seed: int,
                "planned_epochs": codream.warmup_epochs + codream.rounds * codream.local_epochs})
     return [SampleLevelTrainer(n_samples=len(c.y_train), batch_size=codream.batch_size,
                                max_grad_norm=privacy.dp_clip, delta=privacy.dp_delta,
-                               accountant=privacy.dp_accountant, lr=codream.local_lr,
-                               generator=generator(seed, "dp-sgd", k), **budget)
-            for k, c in enumerate(clients)]
+                               accountant=privacy.dp_accountant, lr=codream.local_lr, **budget)
+            for c in clients]
 
 
 def _channels(aggregation: AggregationConfig, n_clients: int, masking: str,
@@ -231,7 +243,7 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
         from .sample_dp import make_private_ready
 
         models = [make_private_ready(m) for m in models]  # BatchNorm -> GroupNorm
-        trainers = _sample_trainers(privacy, codream, seed, clients)
+        trainers = _sample_trainers(privacy, codream, clients)
     masking = resolve_masking(config.device.masking, config.aggregation.aggregator, privacy.dp,
                               device)
     channels = _channels(config.aggregation, config.data.clients, masking, client_dp, device)
@@ -267,8 +279,8 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
         "dataset": {"name": data.name, "source": str(data.source), "train": len(data.y_train),
                     "test": len(data.y_test), "input_shape": list(data.input_shape),
                     "num_classes": data.num_classes, "client_sizes": [len(p) for p in parts],
-                    "client_label_histograms":
-                        label_histogram(data.y_train, parts, data.num_classes).tolist()},
+                    "normalization": {"mean": list(data.mean), "std": list(data.std)},
+                    **_histograms(privacy, data, parts)},
         "aggregator": _aggregator_report(config.aggregation, privacy.dp, fed),
         "privacy": privacy_report(privacy, config.aggregation.aggregator, fed, client_dp),
         "rounds": [r.to_dict() for r in fed.rounds],

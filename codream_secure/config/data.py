@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +16,13 @@ class DataConfig(Section):
     """The data set, its sampling, the number of clients and the partition among them."""
 
     SECTION = "data"
+    TUPLES = ("data_mean", "data_std")
     PATHS = ("data_dir",)
 
     dataset: str = "digits"
     data_dir: str | None = None
+    data_mean: tuple[float, ...] = ()  # () = data.public_normalization's constants
+    data_std: tuple[float, ...] = ()
     max_train: int | None = None
     max_test: int | None = None
     clients: int = 4
@@ -35,6 +39,7 @@ class DataConfig(Section):
                                              f"got {self.data_dir!r}")
             if not Path(self.data_dir).expanduser().exists():
                 raise check.fail("data_dir", f"{self.data_dir!r} does not exist")
+        self._validate_normalization(check)
         for key in ("max_train", "max_test"):
             if getattr(self, key) is not None:
                 check.count(key, getattr(self, key), minimum=1)
@@ -42,3 +47,14 @@ class DataConfig(Section):
         check.choice("partition", self.partition, PARTITION_SCHEMES)
         check.real("alpha", self.alpha, low=0.0)
         check.real("val_fraction", self.val_fraction, low=0.0, high=1.0)
+
+    def _validate_normalization(self, check: Checks) -> None:
+        if len(self.data_mean) != len(self.data_std):
+            raise check.fail("data_std", f"give as many values as data_mean, one per channel; "
+                                         f"got {list(self.data_std)} and {list(self.data_mean)}")
+        for key in ("data_mean", "data_std"):
+            values = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                           for v in getattr(self, key))
+            object.__setattr__(self, key, values)
+            for value in values:
+                check.real(key, value, low=0.0 if key == "data_std" else -math.inf)

@@ -31,8 +31,11 @@ from protocols.dp.samplers import (
 from protocols.errors import ParameterError, TooFewSurvivorsError
 
 __all__ = [
+    "DEFAULT_TAIL_BITS",
     "MAX_SIGMA_UNITS",
+    "MAX_TAIL_BITS",
     "MIN_SIGMA_UNITS",
+    "MIN_TAIL_BITS",
     "DPSpec",
     "DistributedNoise",
     "accounting_noise_multiplier",
@@ -47,6 +50,16 @@ __all__ = [
 Mode = Literal["central", "distributed"]
 NoiseKind = Literal["gaussian", "discrete_gaussian", "skellam"]
 DEFAULT_TAIL_BITS = 100
+MIN_TAIL_BITS, MAX_TAIL_BITS = 20, 200
+
+
+def _check_tail_bits(tail_bits: int) -> int:
+    if isinstance(tail_bits, bool) or not isinstance(tail_bits, int) or not (
+        MIN_TAIL_BITS <= tail_bits <= MAX_TAIL_BITS
+    ):
+        raise ParameterError(f"tail_bits must be an int in [{MIN_TAIL_BITS}, {MAX_TAIL_BITS}], "
+                             f"got {tail_bits!r}")
+    return tail_bits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +71,9 @@ class DPSpec:
     l2_clip: float
     noise: NoiseKind | None = None  # central: "gaussian"; distributed: "skellam" by default
     min_contributors: int | None = None  # distributed: the fewest clients ever summed
+    # distributed: each draw's truncated tail has probability <= 2^-tail_bits (see
+    # DistributedNoise); a long run at large epsilon needs more bits for its delta to hold
+    tail_bits: int = DEFAULT_TAIL_BITS
 
     def __post_init__(self) -> None:
         if self.mode not in ("central", "distributed"):
@@ -80,6 +96,7 @@ class DPSpec:
                                  "clients whose sum the server can ever unmask")
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ParameterError(f"min_contributors must be an int >= 1, got {t!r}")
+        _check_tail_bits(self.tail_bits)
 
     @property
     def central_sigma(self) -> float:
@@ -118,14 +135,11 @@ class DistributedNoise:
     `tail_probability(f)` (< 2^-tail_bits), which docs/privacy.md folds into delta.
     """
 
-    def __init__(self, spec: DPSpec, *, tail_bits: int = DEFAULT_TAIL_BITS,
+    def __init__(self, spec: DPSpec, *, tail_bits: int | None = None,
                  key: bytes | None = None) -> None:
         if spec.mode != "distributed":
             raise ParameterError("DistributedNoise needs a spec with mode='distributed'")
-        if isinstance(tail_bits, bool) or not isinstance(tail_bits, int) or not (
-            20 <= tail_bits <= 200
-        ):
-            raise ParameterError(f"tail_bits must be an int in [20, 200], got {tail_bits!r}")
+        tail_bits = _check_tail_bits(spec.tail_bits if tail_bits is None else tail_bits)
         self.spec, self.tail_bits = spec, tail_bits
         self._stream = _Uniforms(key)  # one stream, consumed forward: no draw is ever reused
         assert spec.min_contributors is not None

@@ -77,6 +77,12 @@ def _check_size(size: int) -> None:
 # ---- samplers -------------------------------------------------------------------------------
 
 
+def uniform(size: int, *, key: bytes | None = None) -> np.ndarray:
+    """size uniforms strictly inside (0, 1) (float64, on the 2^-52 grid) from the keystream."""
+    _check_size(size)
+    return _Uniforms(key).open01(size)
+
+
 def gaussian(sigma: float, size: int, *, key: bytes | None = None) -> np.ndarray:
     """size draws of N(0, sigma^2), float64, by Box-Muller on keystream uniforms."""
     sigma = float(sigma)

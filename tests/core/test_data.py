@@ -81,11 +81,11 @@ def make_cifar10(folder: Path, *, n=4, protocol=2) -> dict[str, dict]:
 
 
 def assert_normalised(ds) -> None:
+    """Normalised with the dataset's public constants, never with statistics of its data."""
     c = ds.input_shape[0]
     assert ds.x_train.dtype == np.float32 and ds.x_test.dtype == np.float32
     assert ds.y_train.dtype == np.int64 and ds.y_test.dtype == np.int64
-    np.testing.assert_allclose(ds.x_train.mean(axis=(0, 2, 3)), np.zeros(c), atol=1e-4)
-    np.testing.assert_allclose(ds.x_train.std(axis=(0, 2, 3)), np.ones(c), atol=1e-3)
+    assert (ds.mean, ds.std) == data.public_normalization(ds.name, channels=c)
     assert len(ds.mean) == len(ds.std) == c
     assert ds.x_train.shape[1:] == ds.x_test.shape[1:] == ds.input_shape
 
@@ -135,7 +135,7 @@ def test_max_train_and_test_subsample_stratified_and_seeded():
     np.testing.assert_array_equal(a.x_train, b.x_train)
     assert not np.array_equal(a.y_train, c.y_train) or not np.array_equal(a.x_train, c.x_train)
     assert np.all(np.abs(np.bincount(a.y_train, minlength=10) - 20) <= 1)
-    assert_normalised(a)  # statistics come from the subsample actually returned
+    assert_normalised(a)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
@@ -273,7 +273,9 @@ def test_real_debian_fashion_mnist():
     assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10
     assert np.all(np.bincount(ds.y_train) == 6000) and np.all(np.bincount(ds.y_test) == 1000)
     assert_normalised(ds)
-    assert abs(ds.mean[0] - 0.2860) < 1e-3 and abs(ds.std[0] - 0.3530) < 1e-3
+    # the published constants are the full training set's pixel mean and std
+    raw = unnormalise(ds, ds.x_train)
+    assert abs(raw.mean() - 0.2860) < 1e-3 and abs(raw.std() - 0.3530) < 1e-3
 
 
 # ---------------------------------------------------------------- CIFAR pickles
@@ -407,7 +409,7 @@ def test_npz_channels_first_float(tmp_path):
     ds = load_dataset("npz", tmp_path / "d.npz", max_train=10)
     assert ds.input_shape == (3, 4, 4) and len(ds.y_train) == 10 and ds.num_classes == 2
     assert_normalised(ds)
-    assert all(2.0 < m < 4.0 for m in ds.mean)  # floats are not rescaled
+    assert np.isin(ds.x_train, x.astype(np.float32)).all()  # floats: not rescaled, not shifted
 
 
 @pytest.mark.parametrize(
@@ -621,3 +623,31 @@ def test_split_validation_edges():
             split_validation(np.arange(10), LABELS, fraction=bad, seed=0)
     with pytest.raises(DataError, match="out of range"):
         split_validation(np.array([0, 5000]), LABELS, fraction=0.5, seed=0)
+
+
+# ---------------------------------------------------------------- normalisation constants
+
+
+def test_normalisation_does_not_depend_on_which_clients_data_is_loaded():
+    whole = load_dataset("digits")
+    for kw in ({"max_train": 200, "seed": 1}, {"max_train": 400, "seed": 7}):
+        part = load_dataset("digits", **kw)
+        assert (part.mean, part.std) == (whole.mean, whole.std)
+        # the same raw image maps to the same input whatever else was loaded with it
+        np.testing.assert_array_equal(part.x_test, whole.x_test)
+    # control: the pooled statistics of the two subsamples differ, so using them would show
+    a, b = (load_dataset("digits", max_train=200, seed=s) for s in (1, 7))
+    raw_a, raw_b = unnormalise(a, a.x_train), unnormalise(b, b.x_train)
+    assert abs(float(raw_a.mean()) - float(raw_b.mean())) > 1e-4
+
+
+def test_user_normalisation_constants(tmp_path):
+    x = np.full((20, 2, 2), 100, dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(20) % 2)
+    ds = load_dataset("npz", tmp_path / "d.npz", normalization=((0.25,), (0.5,)))
+    assert (ds.mean, ds.std) == ((0.25,), (0.5,))
+    np.testing.assert_allclose(ds.x_train, (100 / 255 - 0.25) / 0.5, rtol=1e-6)
+    with pytest.raises(ConfigError, match="one mean and one std per channel"):
+        load_dataset("npz", tmp_path / "d.npz", normalization=((0.2, 0.2), (0.5, 0.5)))
+    with pytest.raises(ConfigError, match="stds finite and > 0"):
+        load_dataset("npz", tmp_path / "d.npz", normalization=((0.2,), (0.0,)))

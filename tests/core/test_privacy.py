@@ -128,7 +128,10 @@ def test_client_ledger_for_distributed_noise():
     report = ledger.to_report()
     assert 8.0 < report["epsilon"] < 8.2  # the q=1 table's 8.08, integer orders, z just below 20
     assert 0 < report["truncation_tv"] < 1e-20
-    assert report["delta_total"] == pytest.approx(1e-5, rel=1e-9)
+    # a tenth of delta is set aside for the truncation, which here costs almost nothing of it
+    assert report["accountant_delta"] == pytest.approx(0.9e-5, rel=1e-12)
+    assert report["delta_total"] == pytest.approx(0.9e-5, rel=1e-9)
+    assert report["delta_within_stated"] and report["delta"] == 1e-5
     with pytest.raises(ConfigError, match="rdp"):
         privacy.client_ledger(spec, dim=4096, scale_bits=16, n_clients=4, delta=1e-5,
                               noise=noise, accountant="prv")
@@ -260,3 +263,75 @@ def test_the_report_says_when_epsilon_is_an_upper_bound():
     assert len(client_lines) == 2
     assert "; an upper bound: the best RDP order" in client_lines[0]
     assert "upper bound" not in client_lines[1]
+
+
+# ---- total delta: accountant + truncation within the stated delta -----------------------------
+
+DIGITS_DIMS = {"grad_dim": 64 * 64, "label_dim": 64 * 10}
+
+
+def _plan(**keys):
+    """plan_client_dp for a config of these keys, as run_simulation calls it."""
+    from codream_secure.config import SimulationConfig
+    from codream_secure.dp_plan import plan_client_dp
+
+    config = SimulationConfig.from_keys(**keys)
+    codream = config.codream
+    return config, plan_client_dp(config.privacy, config.aggregation_plan(),
+                                  n_clients=config.data.clients, rounds=codream.rounds,
+                                  dream_steps=codream.dream_steps,
+                                  dream_batch=codream.dream_batch, **DIGITS_DIMS)
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order")  # Opacus on the direct recount: a bound
+@pytest.mark.parametrize(("z", "rounds", "dream_steps", "clients"), [
+    (5.0, 2, 5, 10), (2.0, 3, 10, 3), (0.8, 2, 20, 5), (1.95, 5, 40, 4)])
+def test_total_delta_stays_within_the_stated_delta(z, rounds, dream_steps, clients):
+    from opacus.accountants import create_accountant
+
+    config, plan = _plan(rounds=rounds, dream_steps=dream_steps, clients=clients,
+                         dp="client", dp_noise=z, dp_delta=1e-5)
+    releases = rounds * dream_steps + rounds
+    plan.ledger.record(releases)
+    report = plan.ledger.to_report()
+    # independently: epsilon straight from Opacus at the accountant's delta, and a truncation
+    # TV of at most one 2^-tail_bits tail per draw (n clients x the longer vector per release)
+    acct = create_accountant("rdp")
+    acct.history = [tuple(h) for h in report["accountant_state"]["history"]]
+    eps = acct.get_epsilon(delta=report["accountant_delta"], alphas=report["rdp_orders"])
+    assert eps == pytest.approx(report["epsilon"], rel=1e-12)
+    tv = releases * clients * max(DIGITS_DIMS.values()) * 2.0 ** -plan.grad.tail_bits
+    bound = report["accountant_delta"] + (1 + math.exp(eps)) * tv
+    assert report["accountant_delta"] + report["truncation_delta"] == report["delta_total"]
+    assert report["delta_total"] <= bound <= config.privacy.dp_delta
+    assert report["delta_within_stated"] is True
+    assert plan.labels.tail_bits == plan.grad.tail_bits >= dp.DEFAULT_TAIL_BITS
+
+
+def test_large_epsilon_gets_a_longer_tail_and_the_old_tail_would_exceed_delta():
+    _, plan = _plan(rounds=2, dream_steps=20, clients=5, dp="client", dp_noise=0.8)
+    plan.ledger.record(42)
+    eps = plan.ledger.epsilon()
+    assert eps > 50 and plan.grad.tail_bits > dp.DEFAULT_TAIL_BITS
+    # control: the default 2^-100 tail over the same draws costs more than all of delta
+    old_tv = 42 * 5 * 4096 * 2.0 ** -dp.DEFAULT_TAIL_BITS
+    assert privacy.truncation_delta(eps, old_tv) > 1e-5
+
+
+def test_an_impossible_delta_is_refused_with_the_typed_error():
+    from codream_secure.errors import DeltaBudgetError
+
+    with pytest.raises(DeltaBudgetError, match="delta could not stay within"):
+        _plan(rounds=5, dream_steps=40, clients=4, dp="client", dp_noise=1.2)
+    # central noise is not truncated: the same request is accepted there
+    _, central = _plan(rounds=5, dream_steps=40, clients=4, dp="client", dp_noise=1.2,
+                       dp_mode="central")
+    assert central.ledger.truncation_delta_budget == 0.0
+
+
+@pytest.mark.parametrize("eps", [0.5, 8.0, 64.0, 100.0])
+def test_truncation_tail_bits_is_the_fewest_that_fit(eps):
+    draws, budget = 10**7, 1e-6
+    bits = privacy.truncation_tail_bits(eps, draws, budget, minimum=20)
+    assert privacy.truncation_delta(eps, draws * 2.0**-bits) <= budget
+    assert privacy.truncation_delta(eps, draws * 2.0 ** -(bits - 1)) > budget

@@ -1,19 +1,28 @@
-"""Sample-level DP: model conversion, DP-SGD training, epsilon equal to a direct Opacus count."""
+"""Sample-level DP: model conversion, DP-SGD training, epsilon equal to a direct Opacus count,
+noise and batches that no published seed replays."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from codream_secure.distill import train_local
 from codream_secure.dreams import DreamLossWeights, dream_gradient
 from codream_secure.errors import ConfigError
 from codream_secure.models import MODEL_NAMES, build_model
-from codream_secure.sample_dp import SampleLevelTrainer, make_private_ready
+from codream_secure.sample_dp import (
+    KeystreamPoissonSampler,
+    SampleLevelTrainer,
+    make_private_ready,
+)
 
 N, BATCH = 256, 64
 
@@ -32,8 +41,7 @@ def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def trainer(**kw) -> SampleLevelTrainer:
     args = dict(n_samples=N, batch_size=BATCH, max_grad_norm=1.0, delta=1e-3,
-                noise_multiplier=0.7, lr=0.5, momentum=0.0, weight_decay=0.0,
-                generator=torch.Generator().manual_seed(2))
+                noise_multiplier=0.7, lr=0.5, momentum=0.0, weight_decay=0.0)
     return SampleLevelTrainer(**{**args, **kw})
 
 
@@ -106,3 +114,68 @@ def test_refusals():
         trainer(target_epsilon=1.0)
     with pytest.raises(ConfigError, match="delta"):
         trainer(delta=1.0 / N)
+
+
+def _weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _one_dp_step(seed: int) -> torch.Tensor:
+    """One full-batch DP-SGD step from the same weights, data and torch seed."""
+    model, (x, y) = tiny_model(), tiny_data()
+    torch.manual_seed(seed)  # everything seeded stays seeded: only the noise may differ
+    trainer(batch_size=N).train(model, x, y, epochs=1)
+    return _weights(model)
+
+
+def test_dp_sgd_noise_does_not_replay_from_the_published_seed():
+    # The attacker knows the seed (report.json), the data split and the initial weights, and
+    # replays the run to learn the noise. Two runs with the same seed must differ.
+    first, second = _one_dp_step(0), _one_dp_step(0)
+    diff = first - second
+    # one step of lr 0.5 on noise of std z C / N per coordinate: two independent draws differ
+    # by about 0.5 * sqrt(2) * 0.7 / 256 ~ 2e-3; bit-identical weights would give exactly 0
+    assert float(diff.abs().max()) > 1e-4
+    assert float(diff.std()) == pytest.approx(0.5 * math.sqrt(2) * 0.7 / N, rel=0.2)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus: "Secure RNG turned off"
+def test_control_a_seeded_opacus_noise_generator_replays_bit_for_bit():
+    # The defence off: Opacus' own noise from a generator seeded like the run's seed.
+    def seeded_step() -> torch.Tensor:
+        model, (x, y) = tiny_model(), tiny_data()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loader = DataLoader(TensorDataset(x, y), batch_size=N)
+        engine = PrivacyEngine()
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.7,
+            max_grad_norm=1.0, poisson_sampling=False, noise_generator=torch.Generator()
+            .manual_seed(0))
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+        return _weights(model)
+
+    assert torch.equal(seeded_step(), seeded_step())
+
+
+def test_training_without_dp_stays_reproducible():
+    def local_step() -> torch.Tensor:
+        model, (x, y) = tiny_model(), tiny_data()
+        train_local(model, x, y, epochs=1, lr=0.5, batch_size=BATCH,
+                    generator=torch.Generator().manual_seed(0))
+        return _weights(model)
+
+    assert torch.equal(local_step(), local_step())
+
+
+def test_poisson_batches_come_from_the_keystream():
+    q, n, steps = 0.25, 400, 50
+    batches = list(KeystreamPoissonSampler(n, q, steps))
+    again = list(KeystreamPoissonSampler(n, q, steps))
+    assert len(batches) == steps and batches != again
+    sizes = np.array([len(b) for b in batches])
+    # mean of 50 Binomial(400, 1/4) sizes: std sqrt(400 q (1 - q) / 50) ~ 1.2; allow 5 sigma
+    assert abs(sizes.mean() - n * q) < 5 * math.sqrt(n * q * (1 - q) / steps)
+    assert all(b == sorted(set(b)) and all(0 <= i < n for i in b) for b in batches)

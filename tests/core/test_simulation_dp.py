@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
+from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from opacus.accountants import create_accountant
 
+from codream_secure.checkpoint import CHECKPOINT
+from codream_secure.checkpoint_file import read_sealed
 from codream_secure.cli import main
 from codream_secure.config import SimulationConfig
 from codream_secure.errors import ConfigError
@@ -29,7 +35,7 @@ def _recomputed(privacy: dict) -> float:
     acct = create_accountant(privacy["accountant"])
     acct.history = [tuple(h) for h in privacy["accountant_state"]["history"]]
     kwargs = {"alphas": privacy["rdp_orders"]} if privacy["rdp_orders"] else {}
-    return acct.get_epsilon(delta=privacy["delta"], **kwargs)
+    return acct.get_epsilon(delta=privacy["accountant_delta"], **kwargs)
 
 
 def test_client_level_distributed_dp_counts_every_release(tmp_path):
@@ -78,15 +84,35 @@ def test_resumed_dp_run_spends_the_same_epsilon(tmp_path, monkeypatch):
     assert resumed["epsilon"] == pytest.approx(whole["epsilon"])
 
 
-def test_a_resumed_dp_sgd_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    # each client's DP-SGD generator (batches, noise) runs across rounds: the checkpoint keeps it
+def test_a_resumed_dp_sgd_run_spends_the_same_epsilon(tmp_path, monkeypatch):
+    # DP-SGD noise is never seeded, so weights cannot repeat; the accounting must
     dp = {"dp": "sample", "dp_noise": 1.0}
     whole = _run(tmp_path, "whole-sgd", **dp).report
     config = SimulationConfig.from_keys(**{**TINY, **dp, "out": str(tmp_path / "killed-sgd")})
     resumed = killed_then_resumed(monkeypatch, config)
-    assert resumed["final"] == whole["final"]
-    assert [r["codream"] for r in resumed["rounds"]] == [r["codream"] for r in whole["rounds"]]
+    assert [c["releases"] for c in resumed["privacy"]["clients"]] == \
+        [c["releases"] for c in whole["privacy"]["clients"]]
     assert resumed["privacy"]["epsilon"] == pytest.approx(whole["privacy"]["epsilon"])
+
+
+def _client_weights(out) -> list[torch.Tensor]:
+    content = read_sealed(out / CHECKPOINT).content
+    state = torch.load(io.BytesIO(content), weights_only=True)
+    return [torch.cat([v.reshape(-1).double() for v in m.values()]) for m in state["models"]]
+
+
+def test_same_seed_dp_sgd_runs_differ_and_runs_without_dp_repeat(tmp_path):
+    # plain sums: SecAgg clients mix a secret of their own into stochastic rounding, so only
+    # here does a run without DP repeat bit for bit
+    short = {"rounds": 1, "dream_steps": 1, "aggregator": "plain"}
+    for i in (0, 1):
+        _run(tmp_path, f"sgd{i}", dp="sample", dp_noise=1.0, **short)
+        _run(tmp_path, f"off{i}", **short)
+    off = [_client_weights(tmp_path / f"off{i}") for i in (0, 1)]
+    sgd = [_client_weights(tmp_path / f"sgd{i}") for i in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(*off, strict=True))
+    # same seed, data split, initial weights and dreams: only the DP-SGD noise and batches differ
+    assert all(not torch.equal(a, b) for a, b in zip(*sgd, strict=True))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -114,3 +140,72 @@ def test_noise_too_small_for_the_ring_names_the_keys_to_change(tmp_path):
                                        "--out", str(tmp_path / "z"), "--quiet"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "fixed-point units" in result.output and "ring_bits = 64" in result.output
+
+
+def _numbers(value) -> list[float]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _numbers(v)]
+    return [float(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
+
+
+@pytest.mark.parametrize("dp", [{"dp": "client", "dp_noise": 3.0},
+                                {"dp": "sample", "dp_noise": 1.0}])
+def test_a_dp_report_publishes_no_statistic_of_client_data(tmp_path, dp):
+    from codream_secure.data import load_dataset, public_normalization
+
+    report = _run(tmp_path, dp["dp"], rounds=1, **dp).report
+    dataset = report["dataset"]
+    assert "client_label_histograms" not in dataset
+    assert "withheld" in " ".join(dataset)
+    assert dataset["normalization"] == dict(zip(("mean", "std"), map(list, public_normalization(
+        "digits", channels=1)), strict=True))
+    # the attacker's reading: the pooled mean/std of the loaded training pixels appear nowhere
+    raw = load_dataset("digits", max_train=TINY["max_train"])
+    pixels = raw.x_train * raw.std[0] + raw.mean[0]
+    numbers = _numbers(report)
+    for pooled in (float(pixels.mean()), float(pixels.std())):
+        assert not any(abs(x - pooled) < 1e-6 for x in numbers)
+    # control: without DP the histograms are there, flagged, and the reading works
+    off = _run(tmp_path, "off-" + dp["dp"], rounds=1).report["dataset"]
+    assert "private data" in off["client_label_histograms_note"]
+    assert [sum(h) for h in off["client_label_histograms"]] == off["client_sizes"]
+
+
+def _recipe() -> str:
+    """The docs' recipe that recomputes epsilon from report.json (docs/privacy.md)."""
+    text = (Path(__file__).parents[2] / "docs" / "privacy.md").read_text()
+    section = text.split("### Recompute a reported epsilon from report.json", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("dp", [{"dp": "client", "dp_noise": 1.0},
+                                {"dp": "sample", "dp_noise": 1.0}])
+def test_the_documented_recipe_recomputes_the_reported_epsilon(tmp_path, dp, capsys):
+    from codream_secure.report import write_report
+
+    write_report(_run(tmp_path, "run", rounds=1, **dp), tmp_path / "run")
+    code = _recipe()
+    assert 'REPORT = "runs/dp8/report.json"' in code
+    code = code.replace('"runs/dp8/report.json"', repr(str(tmp_path / "run" / "report.json")))
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order")
+        exec(compile(code, "docs/privacy.md", "exec"), namespace)
+    privacy = json.loads((tmp_path / "run" / "report.json").read_text())["privacy"]
+    ledgers = privacy.get("clients") or [privacy]
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(ledgers)
+    for line, ledger in zip(printed, ledgers, strict=True):
+        recomputed = float(line.split()[1])
+        assert recomputed == pytest.approx(ledger["epsilon"], abs=1e-6)  # printed to 6 decimals
+    assert namespace["epsilon"] == pytest.approx(ledgers[-1]["epsilon"], rel=1e-12)
+    assert namespace["total_delta"] <= ledgers[-1]["delta"]
+    if dp["dp"] == "client":  # Skellam: without the stored orders Opacus undercounts
+        acct = create_accountant("rdp")
+        acct.history = [tuple(h) for h in privacy["accountant_state"]["history"]]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order")
+            default_orders = acct.get_epsilon(delta=privacy["accountant_delta"])
+        assert default_orders < privacy["epsilon"] - 0.01

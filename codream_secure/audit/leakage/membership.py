@@ -231,8 +231,7 @@ def _dp_sgd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dp: DPSGD, s
     net = make_private_ready(net)  # BatchNorm -> GroupNorm, as Opacus requires
     trainer = SampleLevelTrainer(n_samples=len(y), batch_size=dp.batch_size,
                                  max_grad_norm=dp.max_grad_norm, delta=dp.delta,
-                                 noise_multiplier=dp.noise_multiplier, lr=dp.lr,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 noise_multiplier=dp.noise_multiplier, lr=dp.lr)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         trainer.train(net, x, y, epochs=dp.epochs)
