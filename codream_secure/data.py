@@ -262,7 +262,7 @@ def partition(
     if n < n_clients * min_samples:
         raise DataError(
             f"{n} samples cannot give each of {n_clients} clients {min_samples} samples "
-            "(use fewer --clients or a larger --max-train)"
+            "(use fewer --clients or a larger [data] max_train)"
         )
     rng = np.random.default_rng(seed)
     if scheme == "iid":
