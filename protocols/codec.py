@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
@@ -252,7 +252,7 @@ class FixedPointCodec:
             width = 8 * self.dtype.itemsize
             stype = np.int32 if width == 32 else np.int64
             signed = np.left_shift(ring_sum, width - k).view(stype) >> (width - k)
-        return np.multiply(signed, math.ldexp(1.0, -self.scale_bits))
+        return cast(np.ndarray, np.multiply(signed, math.ldexp(1.0, -self.scale_bits)))
 
 
 def _checked_clip(clip: float) -> float:
@@ -292,8 +292,8 @@ class _Scratch:
     """Per-call temporaries of one encode block."""
 
     def __init__(self, size: int, work: type) -> None:
-        self.scaled = np.empty(size, dtype=work)
-        self.floor = np.empty(size, dtype=work)
+        self.scaled: np.ndarray = np.empty(size, dtype=work)
+        self.floor: np.ndarray = np.empty(size, dtype=work)
         self.up = np.empty(size, dtype=bool)
         self.uniform = np.empty(size, dtype=np.float64) if work is np.float64 else None
 
@@ -313,7 +313,8 @@ def _round_stochastically(
         np.bitwise_or(words, np.uint32(0x3F800000), out=words)
         u = np.subtract(words.view(np.float32), np.float32(1.0), out=words.view(np.float32))
     else:
-        u = np.multiply(words, 2.0**-32, out=scratch.uniform[:m])
+        # a float64 block: _Scratch made `uniform` for it
+        u = np.multiply(words, 2.0**-32, out=cast(np.ndarray, scratch.uniform)[:m])
     up = np.less(u, frac, out=scratch.up[:m])
     np.copyto(out, floor, casting="unsafe")
     np.add(out, up, out=out)

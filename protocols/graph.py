@@ -9,6 +9,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from typing import Any, cast
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -206,11 +207,11 @@ def _log_comb(lf: np.ndarray, a: int | np.ndarray, b: np.ndarray) -> np.ndarray:
 def _log_hypergeom_pmf(lf: np.ndarray, population: int, marked: int, draws: int) -> np.ndarray:
     """ln P(X = j), j = 0..draws: marked items among draws taken without replacement."""
     j = np.arange(draws + 1)
-    return (
+    return cast(np.ndarray, (
         _log_comb(lf, marked, j)
         + _log_comb(lf, population - marked, draws - j)
         - _log_comb(lf, population, np.array(draws))
-    )
+    ))
 
 
 def _times_log(count: np.ndarray, p: float) -> np.ndarray:
@@ -222,7 +223,8 @@ def _times_log(count: np.ndarray, p: float) -> np.ndarray:
 def _log_binom_pmf(lf: np.ndarray, trials: int, p: float) -> np.ndarray:
     """ln P(X = j), j = 0..trials, for X ~ Binomial(trials, p)."""
     j = np.arange(trials + 1)
-    return _log_comb(lf, trials, j) + _times_log(j, p) + _times_log(trials - j, 1.0 - p)
+    return cast(np.ndarray,
+                _log_comb(lf, trials, j) + _times_log(j, p) + _times_log(trials - j, 1.0 - p))
 
 
 def _logsumexp(values: np.ndarray) -> float:
@@ -325,7 +327,7 @@ def choose_parameters(
     dropout_rate, corrupt_rate = float(dropout_rate), float(corrupt_rate)
     corrupt = _corrupt_count(n, corrupt_rate)
     lf = _log_factorials(n)
-    common = dict(
+    common: dict[str, Any] = dict(
         n=n,
         dropout_rate=dropout_rate,
         corrupt_rate=corrupt_rate,

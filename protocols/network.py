@@ -155,6 +155,7 @@ class InProcessNetwork:
         """Offer the session and run the key advertisement."""
         offers = self._server_call(self.server.open_session)
         rosters = self._server_call(self.server.receive, self._exchange(offers))
+        assert isinstance(rosters, dict)  # the key stage always answers with rosters
         self._exchange(rosters)  # rosters need no reply
 
     def step(self) -> StepOutcome:

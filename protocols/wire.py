@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import numpy as np
 
@@ -18,7 +19,7 @@ MAX_VECTOR = 1 << 31
 
 _U8, _U32 = struct.Struct("<B"), struct.Struct("<I")
 _U64, _F64 = struct.Struct("<Q"), struct.Struct("<d")
-_RING_DTYPES = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
+_RING_DTYPES: dict[int, np.dtype[Any]] = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
 
 
 class Writer:
@@ -72,7 +73,8 @@ class Writer:
         bits = 64 if vector.dtype.itemsize == 8 else 32
         self.u8(bits).u64(vector.size)
         # a view, not a copy: finish() copies it into the message once (vectors are megabytes)
-        self._parts.append(memoryview(np.ascontiguousarray(vector, dtype=_RING_DTYPES[bits])))
+        words = np.ascontiguousarray(vector, dtype=_RING_DTYPES[bits])
+        self._parts.append(memoryview(cast(Any, words)))  # numpy stubs: Buffer only on 3.12+
         return self
 
     def finish(self) -> bytes:
@@ -107,16 +109,16 @@ class Reader:
         return chunk.tobytes()
 
     def u8(self) -> int:
-        return _U8.unpack(self._take(1))[0]
+        return cast(int, _U8.unpack(self._take(1))[0])
 
     def u32(self) -> int:
-        return _U32.unpack(self._take(4))[0]
+        return cast(int, _U32.unpack(self._take(4))[0])
 
     def u64(self) -> int:
-        return _U64.unpack(self._take(8))[0]
+        return cast(int, _U64.unpack(self._take(8))[0])
 
     def f64(self) -> float:
-        return _F64.unpack(self._take(8))[0]
+        return cast(float, _F64.unpack(self._take(8))[0])
 
     def fixed(self, size: int) -> bytes:
         return self._take(size)

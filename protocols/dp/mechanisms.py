@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
@@ -143,6 +143,7 @@ class DistributedNoise:
         self.spec, self.tail_bits = spec, tail_bits
         self._stream = _Uniforms(key)  # one stream, consumed forward: no draw is ever reused
         assert spec.min_contributors is not None
+        assert spec.noise is not None  # DPSpec.__post_init__ fills in the default
         self.local_sigma = spec.central_sigma / math.sqrt(spec.min_contributors)  # value units
         self.headroom = _tau(spec.noise, tail_bits) * self.local_sigma
 
@@ -162,6 +163,7 @@ class DistributedNoise:
     def tail_probability(self, scale_bits: int) -> float:
         """Upper bound on P(|untruncated draw| > bound_units): the TV cost of one draw."""
         sigma = self.sigma_units(scale_bits)
+        assert self.spec.noise is not None
         return math.exp(_log_tail(self.spec.noise, sigma, self.bound_units(scale_bits) + 1.0))
 
     def sample(self, length: int, scale_bits: int) -> np.ndarray:
@@ -179,7 +181,8 @@ def add_central_noise(decoded_sum: np.ndarray, spec: DPSpec, *,
     if spec.mode != "central":
         raise ParameterError("add_central_noise needs a spec with mode='central'")
     total = np.asarray(decoded_sum, dtype=np.float64)
-    return total + gaussian(spec.central_sigma, total.size, key=key).reshape(total.shape)
+    noise = gaussian(spec.central_sigma, total.size, key=key).reshape(total.shape)
+    return cast(np.ndarray, total + noise)
 
 
 def check_contributors(spec: DPSpec, n_summed: int) -> None:

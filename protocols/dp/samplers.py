@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 
@@ -48,7 +50,8 @@ class _Uniforms:
             np.float64) * 2.0**-63
 
 
-def _rejection(size: int, propose, rate: float) -> np.ndarray:
+def _rejection(size: int, propose: Callable[[int], tuple[np.ndarray, np.ndarray]],
+               rate: float) -> np.ndarray:
     """size accepted int64 draws; propose(m) returns (values, accepted) for m proposals."""
     out = np.empty(size, dtype=np.int64)
     filled = 0
@@ -143,7 +146,7 @@ def _log_poisson_pmf(k: np.ndarray, lam: float, x: np.ndarray) -> np.ndarray:
     big = -lam * phi - 0.5 * np.log(2.0 * math.pi * kk) - remainder
     ks = np.clip(k, 0, 63).astype(np.int64)
     tiny = ks * math.log(lam) - lam - _LOG_FACT[ks]
-    return np.where(k >= 64, big, tiny)
+    return cast(np.ndarray, np.where(k >= 64, big, tiny))
 
 
 def _poisson_offsets(lam: float, size: int, stream: _Uniforms) -> np.ndarray:

@@ -133,7 +133,7 @@ def unpack_sum(layout: SlotLayout, plaintexts: Sequence[int], *, length: int,
         if not _is_int(p) or p < 0 or int(p) >> used:
             raise IntegrityError("a decrypted sum has bits beyond its slots (a bound was broken)")
         raw += int(p).to_bytes(nbytes, "little")
-    bits = np.unpackbits(np.frombuffer(bytes(raw), np.uint8), bitorder="little")
+    bits: np.ndarray = np.unpackbits(np.frombuffer(bytes(raw), np.uint8), bitorder="little")
     bits = bits.reshape(len(plaintexts), nbytes * 8)[:, :used].reshape(-1, w)
     if w > 64:
         if bits[:, 64:].any():

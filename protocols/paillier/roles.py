@@ -25,11 +25,12 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
+from typing import cast
 
 import numpy as np
 from phe.paillier import PaillierPrivateKey, PaillierPublicKey, generate_paillier_keypair
 
-from ..codec import FixedPointCodec
+from ..codec import FixedPointCodec, Rounding
 from ..errors import (
     IntegrityError,
     MalformedMessageError,
@@ -92,7 +93,7 @@ def generate_keypair(key_bits: int = DEFAULT_KEY_BITS, *,
     check_key_bits(key_bits, unsafe_small_keys=unsafe_small_keys)
     if key_bits % 2:  # phe draws primes of key_bits // 2 bits until N has key_bits: never
         raise ParameterError(f"Paillier key_bits must be even, got {key_bits}")
-    return generate_paillier_keypair(n_length=key_bits)
+    return cast(Keypair, generate_paillier_keypair(n_length=key_bits))  # phe is untyped
 
 
 def unsafe_keypair_from_primes(p: int, q: int) -> Keypair:
@@ -194,8 +195,9 @@ def session_codec(n_clients: int, *, clip: float, ring_bits: int = 32,
     The ring is the one SecAgg uses, so the two paths decode alike and `ring_total` matches;
     it is not the Paillier plaintext space (slots are sized separately, see SlotLayout).
     """
+    mode = cast(Rounding, rounding)  # FixedPointCodec rejects any other string
     codec = FixedPointCodec.for_clients(n_clients, clip=clip, ring_bits=ring_bits,
-                                        scale_bits=scale_bits, rounding=rounding)
+                                        scale_bits=scale_bits, rounding=mode)
     f = codec.scale_bits
     while scale_bits is None and f > 0 and not _ring_fits(n_clients, clip, f, ring_bits,
                                                           noise_bound):
@@ -206,7 +208,7 @@ def session_codec(n_clients: int, *, clip: float, ring_bits: int = 32,
             f"{noise_bound} units each can exceed the {ring_bits}-bit ring; lower scale_bits or "
             "noise_bound"
         )
-    return FixedPointCodec(clip=codec.clip, scale_bits=f, ring_bits=ring_bits, rounding=rounding)
+    return FixedPointCodec(clip=codec.clip, scale_bits=f, ring_bits=ring_bits, rounding=mode)
 
 
 def session_layout(codec: FixedPointCodec, n_clients: int, modulus: int, *, noise_bound: int,
@@ -456,7 +458,8 @@ class PaillierClient:
         check_key_bits(msg.modulus.bit_length(), unsafe_small_keys=unsafe_small_keys)
         self.client_id, self.offer = client_id, msg
         self.codec = FixedPointCodec(clip=msg.clip, scale_bits=msg.scale_bits,
-                                     ring_bits=msg.ring_bits, rounding=msg.rounding)
+                                     ring_bits=msg.ring_bits,
+                                     rounding=cast(Rounding, msg.rounding))  # codec checks it
         self.layout = session_layout(self.codec, msg.n_clients, msg.modulus,
                                      noise_bound=msg.noise_bound, guard_bits=msg.guard_bits)
         self._rounding_seed, self._noise = rounding_seed, noise
@@ -473,6 +476,7 @@ class PaillierClient:
 
     def _noise_for(self, step: int) -> np.ndarray:
         m, bound = self.offer.vector_length, self.offer.noise_bound
+        assert self._noise is not None  # the caller draws noise only when it was given
         noise = np.asarray(self._noise(self.client_id, step, m))
         if noise.shape != (m,) or noise.dtype.kind not in "iu":
             raise ParameterError(f"noise must be an integer vector of length {m}")

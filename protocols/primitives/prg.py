@@ -94,7 +94,8 @@ class _CtrThroughGcm:
             buf[:head] = np.frombuffer(self._pending[:head], dtype=np.uint8)
             self._pending = self._pending[head:]
         if head < len(data):
-            self._gcm.update_into(data[head:], buf[head:])
+            # ndarray is a writable buffer; the cryptography stubs name only bytes-like types
+            self._gcm.update_into(data[head:], buf[head:])  # type: ignore[arg-type]
         return len(data)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from protocols.errors import (
     IntegrityError,
@@ -16,7 +17,7 @@ from protocols.errors import (
 __all__ = ["FIELD_256", "PrimeField", "check_share", "combine", "split"]
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -6,10 +6,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import cast
 
 import numpy as np
 
-from ..codec import FixedPointCodec
+from ..codec import FixedPointCodec, Rounding
 from ..errors import (
     IntegrityError,
     ParameterError,
@@ -162,7 +163,8 @@ class SecAggClient:
         if msg.session_id != self._offer.session_id:
             raise StageError("message belongs to another session")
         if isinstance(msg, Roster):
-            return self._on_roster(msg)
+            self._on_roster(msg)
+            return None
         if isinstance(msg, StepRequest):
             return self._on_step(msg)
         if isinstance(msg, DropRequest):
@@ -193,7 +195,8 @@ class SecAggClient:
                 "requires 'active' (a consistency round before any self-mask share)"
             )
         codec = FixedPointCodec(clip=offer.clip, scale_bits=offer.scale_bits,
-                                ring_bits=offer.ring_bits, rounding=offer.rounding,
+                                ring_bits=offer.ring_bits,
+                                rounding=cast(Rounding, offer.rounding),  # codec checks it
                                 prg=offer.prg)
         # refuse a session whose sum (with this client's noise) could wrap
         codec.check_budget(offer.n_clients,

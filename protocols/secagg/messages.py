@@ -308,7 +308,7 @@ Message = (
     SessionOffer | KeyAdvertisement | Roster | StepRequest | MaskedInput | DropRequest
     | PairwiseReveal | ConsistencyRequest | ConsistencyReply | ShareRequest | ShareReveal
 )
-MESSAGE_TYPES: dict[int, type] = {
+MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (SessionOffer, KeyAdvertisement, Roster, StepRequest, MaskedInput, DropRequest,
                 PairwiseReveal, ConsistencyRequest, ConsistencyReply, ShareRequest, ShareReveal)

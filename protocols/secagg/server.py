@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -58,6 +59,9 @@ class ServerStage(Enum):
 Unmasker = Callable[[Sequence[np.ndarray], Sequence[tuple[bytes, int]], FixedPointCodec],
                    np.ndarray]
 """(uploads, [(seed, sign)], codec) -> sum(uploads) + sum sign * PRG(seed), reduced mod 2^k."""
+
+_Reply = TypeVar("_Reply", KeyAdvertisement, MaskedInput, PairwiseReveal, ConsistencyReply,
+                 ShareReveal)
 
 
 def host_unmask(uploads: Sequence[np.ndarray], signed_seeds: Sequence[tuple[bytes, int]],
@@ -131,15 +135,17 @@ class SecAggServer:
             for cid in range(self.graph.n)
         }
 
-    def receive(self, replies: Mapping[int, bytes]) -> dict[int, bytes] | StepOutcome | None:
+    def receive(self, replies: Mapping[int, bytes]) -> dict[int, bytes] | StepOutcome:
         """Feed the replies of the current stage; returns the next requests or the outcome."""
-        handler = {
+        handlers: dict[ServerStage, Callable[[Mapping[int, bytes]], dict[int, bytes] | StepOutcome]]
+        handlers = {
             ServerStage.KEYS: self._receive_keys,
             ServerStage.INPUTS: self._receive_inputs,
             ServerStage.PAIRWISE: self._receive_pairwise,
             ServerStage.CONSISTENCY: self._receive_consistency,
             ServerStage.SHARES: self._receive_shares,
-        }.get(self.stage)
+        }
+        handler = handlers.get(self.stage)
         if handler is None:
             raise StageError(f"the server expects no replies in stage {self.stage.value}")
         return handler(replies)
@@ -152,16 +158,16 @@ class SecAggServer:
     def _reject(self, cid: int, error: ProtocolError) -> None:
         self.rejections.append((self.last_step, cid, error))
 
-    def _decode(self, replies: Mapping[int, bytes], cls: type, pool: frozenset[int] | set[int],
-                step: int | None = None) -> dict[int, object]:
+    def _decode(self, replies: Mapping[int, bytes], cls: type[_Reply],
+                pool: frozenset[int] | set[int], step: int | None = None) -> dict[int, _Reply]:
         """Decode and check the envelope of each reply; bad ones are rejected, not fatal."""
-        good: dict[int, object] = {}
+        good: dict[int, _Reply] = {}
         for cid, data in replies.items():
             if cid not in pool:
                 continue  # not asked: a stray or late message is ignored, never used
             try:
                 extra = {"max_length": self.vector_length} if cls is MaskedInput else {}
-                msg = cls.decode(data, **extra)
+                msg: Any = cls.decode(data, **extra)  # only MaskedInput takes max_length
                 if msg.session_id != self.session_id or msg.client_id != cid:
                     raise IntegrityError(f"reply from client {cid} names another session/sender")
                 if step is not None and msg.step != step:
