@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
@@ -163,11 +163,14 @@ class MaskedInput:
         return msg
 
 
-@dataclass(frozen=True)
-class DropRequest:
-    """Server -> survivor: these neighbours dropped at `step`; reveal the pair seeds with them."""
+_D = TypeVar("_D", bound="_DroppedSet")
 
-    TYPE: ClassVar[int] = 6
+
+@dataclass(frozen=True)
+class _DroppedSet:
+    """The layout of the two server requests that name a step's dropped neighbours."""
+
+    TYPE: ClassVar[int]
     session_id: bytes
     step: int
     dropped: frozenset[int]
@@ -177,11 +180,18 @@ class DropRequest:
                 .ids(self.dropped).finish())
 
     @classmethod
-    def decode(cls, data: bytes) -> DropRequest:
+    def decode(cls: type[_D], data: bytes) -> _D:
         r = Reader(data, cls.TYPE)
         msg = cls(r.fixed(SESSION_ID_BYTES), r.u32(), r.ids())
         r.done()
         return msg
+
+
+@dataclass(frozen=True)
+class DropRequest(_DroppedSet):
+    """Server -> survivor: these neighbours dropped at `step`; reveal the pair seeds with them."""
+
+    TYPE: ClassVar[int] = 6
 
 
 @dataclass(frozen=True)
@@ -207,24 +217,10 @@ class PairwiseReveal:
 
 
 @dataclass(frozen=True)
-class ConsistencyRequest:
+class ConsistencyRequest(_DroppedSet):
     """Server -> survivor: the final dropped set of its neighbours at `step` (active model)."""
 
     TYPE: ClassVar[int] = 10
-    session_id: bytes
-    step: int
-    dropped: frozenset[int]
-
-    def encode(self) -> bytes:
-        return (Writer(self.TYPE).fixed(self.session_id, SESSION_ID_BYTES).u32(self.step)
-                .ids(self.dropped).finish())
-
-    @classmethod
-    def decode(cls, data: bytes) -> ConsistencyRequest:
-        r = Reader(data, cls.TYPE)
-        msg = cls(r.fixed(SESSION_ID_BYTES), r.u32(), r.ids())
-        r.done()
-        return msg
 
 
 @dataclass(frozen=True)
