@@ -56,3 +56,17 @@ def confirm(session_id: bytes, clients, step: int, members, dropped=frozenset())
             ConsistencyRequest(session_id, step, frozenset(dropped)).encode()))
         tokens.update({(c, holder): token for holder, token in reply.tokens.items()})
     return tokens
+
+
+def tap_wire(network: InProcessNetwork) -> list[bytes]:
+    """Every request and reply `network` carries from now on, in order (a test's wiretap)."""
+    wire: list[bytes] = []
+    exchange = network._exchange
+
+    def tapped(requests):
+        replies = exchange(requests)
+        wire.extend([*requests.values(), *replies.values()])
+        return replies
+
+    network._exchange = tapped
+    return wire

@@ -8,6 +8,8 @@ import pytest
 from protocols.api import SecAggSession
 from protocols.codec import FixedPointCodec
 
+from .conftest import tap_wire
+
 
 def _inputs(n: int, m: int) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(12)
@@ -58,15 +60,7 @@ def test_the_server_holds_nothing_the_dither_is_derived_from(monkeypatch):
 
     monkeypatch.setattr(FixedPointCodec, "encode", recording)
     session = SecAggSession(4, 64, clip=1.0, protocol="secagg", rounding_seed=b"s" * 32)
-    wire: list[bytes] = []
-    exchange = session.network._exchange
-
-    def tapped(requests):
-        replies = exchange(requests)
-        wire.extend([*requests.values(), *replies.values()])
-        return replies
-
-    session.network._exchange = tapped
+    wire = tap_wire(session.network)
     x = _inputs(4, 64)
     session.step(x)
     session.step(x)

@@ -15,6 +15,8 @@ from protocols.secagg.client import StepSecrets
 from protocols.secagg.messages import decode_message
 from protocols.session import Dropout, FaultPlan, Stage
 
+from .conftest import tap_wire
+
 
 def _spellings(secret: bytes) -> list[str]:
     """How a secret would show in a log line: hex, or bytes' repr (and its inside)."""
@@ -42,15 +44,7 @@ def test_no_secret_shows_in_any_repr_or_error(monkeypatch):
     session = SecAggSession(n, m, clip=1.0, protocol="secagg", rounding_seed=b"r" * 32,
                             faults=faults, threat_model="active", threshold=2)
     monkeypatch.setattr(client_module, "os", types.SimpleNamespace(urandom=recording_urandom))
-    wire: list[bytes] = []
-    exchange = session.network._exchange
-
-    def tapped(requests):
-        replies = exchange(requests)
-        wire.extend([*requests.values(), *replies.values()])
-        return replies
-
-    session.network._exchange = tapped
+    wire = tap_wire(session.network)
     session.step({c: v for c, v in x.items() if c != 5})
     assert session.step({c: x[c] for c in session.active}).included == {0, 1, 3, 6}
     # step 4 left half way (6 does not upload), so the server's step state holds revealed
