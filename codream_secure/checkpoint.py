@@ -84,6 +84,8 @@ def checkpoint_state(config: SimulationConfig, fed: CoDreamFederation) -> dict:
         "accountants": [ledger.accountant.state_dict() for ledger in _ledgers(fed)],
         "dp_epochs": [t.epochs_done for t in fed.trainers or ()],
         "broadcast_down": fed.broadcast_down.tolist(),
+        "pooled_histogram": None if fed.pooled_histogram is None
+        else fed.pooled_histogram.tolist(),
     }
 
 
@@ -119,7 +121,8 @@ class _NotACheckpoint(Exception):
 
 
 _CHECKPOINT_KEYS = ("config", "round", "models", "server_model", "buffer", "result", "rounds",
-                    "last_dreams", "channels", "accountants", "dp_epochs", "broadcast_down")
+                    "last_dreams", "channels", "accountants", "dp_epochs", "broadcast_down",
+                    "pooled_histogram")
 
 
 def _read_state(content: bytes, device: torch.device) -> dict:
@@ -215,7 +218,18 @@ def _restore(state: dict, fed: CoDreamFederation) -> int:
         trainer.epochs_done = int(epochs)
     # DP-SGD batches and noise come from fresh os.urandom keys: no generator state to restore
     fed.broadcast_down = _counts(state["broadcast_down"], fed.n)
+    fed.pooled_histogram = _histogram(state["pooled_histogram"], fed)
     return state["round"]
+
+
+def _histogram(values: object, fed: CoDreamFederation) -> np.ndarray | None:
+    """The pooled class histogram a class-aware run released after warm-up."""
+    if fed.teacher_kind != "class-aware":
+        return None
+    counts = np.asarray(values, dtype=np.float64)
+    if counts.ndim != 1 or not np.isfinite(counts).all() or (counts < 0).any():
+        raise _NotACheckpoint("'pooled_histogram' is not a list of class counts")
+    return counts
 
 
 def _load_weights(model: torch.nn.Module, weights: object, what: str) -> None:

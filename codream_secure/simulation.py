@@ -106,7 +106,8 @@ def _baselines(run: RunConfig, codream: CoDreamConfig, models: tuple[str, ...],
     common = dict(input_shape=data.input_shape, num_classes=data.num_classes,
                   warmup_epochs=codream.warmup_epochs, rounds=codream.rounds,
                   local_epochs=codream.local_epochs, lr=codream.local_lr,
-                  batch_size=codream.batch_size, seed=run.seed, progress=progress)
+                  batch_size=codream.batch_size, seed=run.seed, progress=progress,
+                  bn_statistics=codream.bn_statistics)
     results = {}
     if "isolated" in run.baselines:
         results["isolated"] = run_isolated(clients, x_test, y_test, models=models, **common)
@@ -202,6 +203,19 @@ def _channels(aggregation: AggregationConfig, n_clients: int, masking: str,
                 (aggregation.label_clip, "soft-label", client_dp and client_dp.labels, "host"))]
 
 
+def _histogram_channel(aggregation: AggregationConfig, n_clients: int, device: torch.device
+                       ) -> AggregationChannel:
+    """The channel that releases the pooled class histogram once (class-aware teacher).
+
+    Counts are integers below its clip of 2^20 per class and client; the 64-bit ring keeps
+    their sum exact to well under one count, so the server rounds it to integers.
+    """
+    return AggregationChannel(aggregation.aggregator, n_clients, clip=float(2**20), ring_bits=64,
+                              expected_dropout=aggregation.dropout_rate,
+                              purpose="class-histogram", key_bits=aggregation.paillier_bits,
+                              device=device, threat_model=aggregation.threat_model)
+
+
 def _use_threads(device: DeviceConfig) -> None:
     if device.threads:
         torch.set_num_threads(device.threads)
@@ -251,7 +265,11 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
                             seed=seed, aggregation=config.aggregation,
                             device_options=config.device,
                             use_bn_statistics=privacy.dp != "sample", grad_channel=channels[0],
-                            label_channel=channels[1], device=device, trainers=trainers)
+                            label_channel=channels[1], device=device, trainers=trainers,
+                            teacher=config.teacher,
+                            histogram_channel=_histogram_channel(config.aggregation,
+                                                                 config.data.clients, device)
+                            if config.teacher == "class-aware" else None)
     checkpoint = out / CHECKPOINT
     done = load_checkpoint(checkpoint, config, fed) if resume else -1
     if done < 0:

@@ -12,6 +12,11 @@ from codream_secure.config.checks import Checks
 from codream_secure.config.section import Section
 
 SOFT_LABELS: tuple[str, ...] = ("probs", "logits")
+DREAM_OBJECTIVES: tuple[str, ...] = ("entropy", "label")
+TEACHERS: tuple[str, ...] = ("auto", "uniform", "class-aware")
+DISTILL_BATCHNORM: tuple[str, ...] = ("batch", "frozen")
+KD_GATES: tuple[str, ...] = ("off", "validation")
+BN_STATISTICS: tuple[str, ...] = ("recalibrated", "running")
 
 
 @dataclass(frozen=True)
@@ -27,17 +32,23 @@ class CoDreamConfig(Section):
     dream_lr: float = 0.05
     adaptive_after: int = 3
     adaptive_weight: float = 10.0
+    dream_objective: str = "entropy"
     # distillation
     distill_epochs: int = 5
     distill_lr: float = 0.05
     kd_temperature: float = 20.0
     buffer_size: int = 640
     soft_labels: str = "probs"
+    teacher: str = "auto"
+    distill_bn: str = "batch"
+    kd_gate: str = "off"
     # local training (also the baselines' training)
     warmup_epochs: int = 10
     local_epochs: int = 2
     local_lr: float = 0.05
     batch_size: int = 64
+    # evaluation, every method alike
+    bn_statistics: str = "recalibrated"
 
     def validate(self, check: Checks) -> None:
         for key in ("rounds", "dream_batch", "dream_steps", "distill_epochs", "batch_size",
@@ -53,3 +64,8 @@ class CoDreamConfig(Section):
                                             f"(dream_batch={self.dream_batch}); use at least "
                                             f"{self.dream_batch}")
         check.choice("soft_labels", self.soft_labels, SOFT_LABELS)
+        check.choice("dream_objective", self.dream_objective, DREAM_OBJECTIVES)
+        check.choice("teacher", self.teacher, TEACHERS)
+        check.choice("distill_bn", self.distill_bn, DISTILL_BATCHNORM)
+        check.choice("kd_gate", self.kd_gate, KD_GATES)
+        check.choice("bn_statistics", self.bn_statistics, BN_STATISTICS)
