@@ -17,6 +17,7 @@ from codream_secure.checkpoint_file import HEADER_BYTES
 from codream_secure.cli import main
 from codream_secure.models import build_model
 from codream_secure.preflight import check_trains_on
+from tests.core import test_bad_files
 from tests.core.test_bad_files import TINY_FLAGS
 from tests.core.test_cli import assert_one_line_error
 
@@ -138,13 +139,7 @@ CASES = [(name, case, reason, resume) for resume in (False, True)
 CASES += [(name, case, reason, True) for name, (case, reason) in REFUSED_RESUME.items()]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny finished run: checkpoint.pt, report.json, report.md, plots and dreams.npz."""
-    out = tmp_path_factory.mktemp("finished") / "out"
-    result = _simulate(out)
-    assert result.exit_code == 0, result.output
-    return out
+finished_run = test_bad_files.finished_run  # that module's tiny finished run, as a fixture here
 
 
 def _copy(finished_run: Path, tmp_path: Path) -> Path:
