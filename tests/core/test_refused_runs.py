@@ -164,10 +164,14 @@ def test_a_refused_run_leaves_the_run_folder_untouched(name: str, case: Case, re
     assert_one_line_error(result, reason)
 
 
-@pytest.mark.parametrize("name", ["unusable data", "dream gradients the ring cannot sum",
-                                  "a model that cannot train on the batch"])
+NO_FOLDER = {name: REFUSED[name] for name in ("unusable data", "a model that cannot train on "
+                                              "the batch", "dream gradients the ring cannot sum")}
+NO_FOLDER["a resume with nothing to resume"] = (_args("--resume"), "no checkpoint at")
+
+
+@pytest.mark.parametrize("name", sorted(NO_FOLDER))
 def test_a_refused_run_creates_no_output_folder(name: str, tmp_path: Path) -> None:
-    case, reason = REFUSED[name]
+    case, reason = NO_FOLDER[name]
     out = tmp_path / "new" / "out"
     assert_one_line_error(_simulate(out, *case(tmp_path, out)), reason)
     assert not (tmp_path / "new").exists()
