@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +22,8 @@ from .federation import ChannelStats, CoDreamFederation, RoundRecord
 if TYPE_CHECKING:  # opacus loads only for runs with DP
     from .privacy import PrivacyLedger
 
-__all__ = ["CHECKPOINT", "check_output_folder", "checkpoint_state", "load_checkpoint",
-           "save_checkpoint", "settings_digest", "verified_state"]
+__all__ = ["CHECKPOINT", "checkpoint_state", "load_checkpoint", "save_checkpoint",
+           "settings_digest", "verified_state"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -100,20 +99,6 @@ def _short(error: Exception, limit: int = 160) -> str:
     """An error's message on one line, cut to `limit` characters."""
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def check_output_folder(out: Path, files: tuple[str, ...] = ()) -> None:
-    """Fail before a run, not after it, if `out` cannot take the checkpoint and `files`."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise ConfigError(f"--out: cannot write into {out} ({os_reason(error)})") from None
-    for name in (CHECKPOINT, *files):
-        if (out / name).is_dir():
-            raise ConfigError(f"--out: {out / name} is a folder, but the run writes a file "
-                              "there; move it away or choose another --out")
 
 
 class _NotACheckpoint(Exception):
