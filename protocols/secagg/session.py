@@ -13,7 +13,7 @@ import numpy as np
 
 from ..codec import FixedPointCodec, Rounding
 from ..errors import ConsistencyAbortError, NonFiniteInputError, TooFewSurvivorsError
-from ..inputs import check_count, check_step_inputs
+from ..inputs import check_count, check_step_inputs, without_departed
 from ..network import InProcessNetwork
 from ..plan import mask_graph
 from ..primitives.kdf import derive_key
@@ -104,12 +104,16 @@ class PairwiseMaskSession:
         """Sum one vector per active client.
 
         Active clients missing from `inputs` drop before uploading; those in `drop_after_upload`
-        upload and then fall silent (their self masks are recovered from shares). Inputs no
-        client could send (an unknown id, a wrong length, NaN) are refused before any message.
-        A client silent in the consistency round aborts the step; the same inputs are then
-        summed at the next step id without it (the outcome's `step` is that id, `dropped`
-        covers both tries, and the traffic counts both).
+        upload and then fall silent (their self masks are recovered from shares). A client that
+        left the session earlier (at setup or at an earlier step) stays out: its input and its
+        `drop_after_upload` entry are ignored. Inputs no client could send (an unknown id, a
+        wrong length, NaN) are refused before any message. A client silent in the consistency
+        round aborts the step; the same inputs are then summed at the next step id without it
+        (the outcome's `step` is that id, and the traffic counts both tries). The outcome's
+        `dropped` are the clients active when the call began that are not in the sum.
         """
+        inputs, drop_after_upload = without_departed(inputs, drop_after_upload,
+                                                     n_clients=self.n_clients, active=self.active)
         dropping = check_step_inputs(inputs, drop_after_upload, active=self.active,
                                      length=self.vector_length, floats_only=True,
                                      masked_elsewhere=self._masked_elsewhere)
@@ -121,9 +125,9 @@ class PairwiseMaskSession:
         self._pending = dict(inputs)
         try:
             while True:
-                # re-scheduled each try: a late dropout falls silent after that try's upload
-                self.network.add_dropouts([Dropout(c, upcoming, Stage.SHARES)
-                                           for c in dropping if c in self.active])
+                # moved to each try: a late dropout falls silent after that try's upload
+                self.network.leave_after_upload([c for c in dropping if c in self.active],
+                                                upcoming)
                 try:
                     outcome = self.network.step()
                     break
@@ -140,10 +144,11 @@ class PairwiseMaskSession:
             raise
         finally:
             self._pending = {}
+            # whatever happened, those who were to leave have left for good
+            self.network.leave_after_upload((), upcoming)
+            self.network.add_dropouts([Dropout(c, upcoming, Stage.SHARES) for c in dropping])
         self._refuse_masker_errors(first, upcoming)
-        if upcoming != first:
-            outcome = dataclasses.replace(outcome, dropped=frozenset(before - outcome.included))
-        return outcome
+        return dataclasses.replace(outcome, dropped=frozenset(before - outcome.included))
 
     def _refuse_masker_errors(self, first: int, last: int, *,
                               cause: Exception | None = None) -> None:
