@@ -3,7 +3,7 @@
 A recorded honest SecAgg session (6 clients, one silent before its upload, the active threat
 model) gives a client and a server in each of their stages and the honest message of each stage.
 Each case takes a fresh copy of one party, builds a hostile message from an honest one
-(protocols' tests/protocols/hostile.py: absurd values in a valid encoding, sometimes broken
+(tests/protocols/hostile.py: absurd values in a valid encoding, sometimes broken
 bytes) and checks that the party answers with a well-formed message, nothing, or a
 ProtocolError. The cases are seeded: the same ones every run.
 """
