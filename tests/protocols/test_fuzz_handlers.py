@@ -21,9 +21,9 @@ import pytest
 from protocols.codec import FixedPointCodec
 from protocols.errors import ProtocolError
 from protocols.graph import complete_graph
+from protocols.limits import OfferLimits
 from protocols.paillier import messages as paillier
 from protocols.secagg.client import SecAggClient
-from protocols.secagg.limits import OfferLimits
 from protocols.secagg.messages import MESSAGE_TYPES, decode_message
 from protocols.secagg.server import SecAggServer
 from protocols.session import StepOutcome
