@@ -48,10 +48,10 @@ def check_offer(limits: OfferLimits, offer: Offer) -> None:
     limits.check_key_bits(offer.modulus.bit_length())
 
 
-def offer_sizes(max_key_bits: int = MAX_KEY_BITS) -> MessageSizes:
-    """The setup messages with a modulus of up to max_key_bits: the offer a client reads, and the
-    public key a server reads."""
-    modulus = (1 << max_key_bits) - 1
+def offer_sizes() -> MessageSizes:
+    """The setup messages with the largest modulus a message carries: the offer a client reads,
+    and the public key a server reads (a smaller OfferLimits.max_key_bits is checked after)."""
+    modulus = (1 << MAX_KEY_BITS) - 1
     offer = Offer(_SID, 0, 2, 1, 1.0, 0, 32, ROUNDING_MODES[0], 0, 0, modulus, _KEY)
     key = PublicKeyMessage(_SID, modulus, _KEY)
     return MessageSizes({Offer.TYPE: encoded_size(offer), PublicKeyMessage.TYPE: encoded_size(key)})

@@ -235,15 +235,6 @@ def session_layout(codec: FixedPointCodec, n_clients: int, modulus: int, *, nois
                                   guard_bits=guard_bits)
 
 
-def _signed(codec: FixedPointCodec, ring: np.ndarray) -> np.ndarray:
-    """Two's complement reading of ring elements, as int64."""
-    k = codec.ring_bits
-    values = ring.view(np.int64) if k == 64 else ring.astype(np.int64)
-    if k < 64:
-        values = np.where(values >= 1 << (k - 1), values - (1 << k), values)
-    return values
-
-
 def _check_residues(values: Sequence[int], bound: int) -> None:
     if any(not 0 < v < bound for v in values):
         raise MalformedMessageError("a ciphertext lies outside (0, N^2)")
@@ -480,7 +471,7 @@ class PaillierClient:
                  unsafe_small_keys: bool = False, limits: OfferLimits | None = None) -> None:
         """An offer outside `limits` (default OfferLimits()) is refused before it is used."""
         limits = limits or OfferLimits()
-        offer_sizes(limits.max_key_bits).check(offer, expected=Offer.TYPE)  # before decoding
+        offer_sizes().check(offer, expected=Offer.TYPE)  # by its length, before decoding
         msg = Offer.decode(offer)
         if msg.client_id != client_id:
             raise IntegrityError(f"offer addressed to client {msg.client_id}, not {client_id}")
@@ -530,7 +521,8 @@ class PaillierClient:
         key = None if self._rounding_seed is None else derive_key(
             self._rounding_seed, session_id=b"rounding", purpose="stochastic-rounding",
             context=(req.step,))
-        values = _signed(self.codec, self.codec.encode(vector.reshape(-1), rounding_key=key))
+        encoded = self.codec.encode(vector.reshape(-1), rounding_key=key)
+        values = self.codec.signed(encoded).astype(np.int64)
         if self._noise is not None:
             values += self._noise_for(req.step)
         ciphertexts = self._encryptor.encrypt(self.offer.modulus, pack(self.layout, values))
