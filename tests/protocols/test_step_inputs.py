@@ -116,11 +116,6 @@ def test_secure_sum_refuses_what_is_not_real_numbers(vectors, message):
 
 # ---- Paillier: the key holder's quorum ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def keypair2048():
-    return generate_keypair(2048)
-
-
 def test_the_key_holder_never_decrypts_a_sum_of_fewer_than_its_quorum(keypair2048):
     spec = DPSpec(mode="distributed", noise_multiplier=1.0, l2_clip=1.0, min_contributors=2)
     session = open_session("paillier", N, M, clip=1.0, dp=spec, keypair=keypair2048)
