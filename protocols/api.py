@@ -81,9 +81,8 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
     clip = float(clip if clip is not None else max(float(np.abs(stacked).max()), 1e-12))
     if not math.isfinite(clip) or clip <= 0:
         raise ParameterError(f"clip must be a positive finite number, got {clip}")
-    plan = FaultPlan.random(n, rate=dropout_rate, stage=dropout_stage, seed=seed)
-    plan.dropouts.extend(dropouts)
-    plan = plan.check(n)  # a malformed dropout is refused before anything runs
+    # a malformed dropout is refused before anything runs
+    plan = FaultPlan.for_clients(n, dropouts, rate=dropout_rate, stage=dropout_stage, seed=seed)
     if dp is not None:
         if weights is not None:
             raise ParameterError("weights and dp together are not supported")

@@ -114,6 +114,17 @@ class FaultPlan:
         chosen = [c for c in range(n_clients) if rng.random() < rate]
         return cls([Dropout(c, rng.choice(chosen_steps), stage) for c in chosen])
 
+    @classmethod
+    def for_clients(cls, n_clients: int, dropouts: Iterable[Dropout] = (), *, rate: float = 0.0,
+                    stage: Stage | str = Stage.SHARES, seed: int = 0) -> FaultPlan:
+        """`random` dropouts at `rate`, then the named `dropouts`, checked against n clients.
+
+        What a one-call sum plays; raises ParameterError naming the first entry's bad field.
+        """
+        plan = cls.random(n_clients, rate=rate, stage=stage, seed=seed)
+        plan.dropouts.extend(dropouts)
+        return plan.check(n_clients)
+
     def check(self, n_clients: int) -> FaultPlan:
         """This plan with every entry checked against n clients and tamper stages as `Stage`.
 

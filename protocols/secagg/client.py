@@ -21,11 +21,12 @@ from ..errors import (
     TooFewSurvivorsError,
 )
 from ..graph import NeighbourGraph, complete_graph, harary_graph
+from ..limits import OfferLimits
 from ..primitives import envelope, kdf, prg, shamir
 from ..session import RingNoise
 from ..wire import message_type
 from . import keys
-from .limits import MessageSizes, OfferLimits
+from .limits import check_offer, session_sizes, sizes_before_offer
 from .messages import (
     THREAT_MODELS,
     ConsistencyReply,
@@ -129,7 +130,7 @@ class SecAggClient:
         self._noise = noise
         self._masker = masker  # e.g. codream_secure.gpu: the same upload, computed on a GPU
         self._limits = limits or OfferLimits()
-        self._sizes = MessageSizes.before_offer()  # what an incoming message may weigh
+        self._sizes = sizes_before_offer()  # what an incoming message may weigh
         self.stage = ClientStage.NEW
         self.client_id = -1
         self._offer: SessionOffer | None = None
@@ -185,7 +186,7 @@ class SecAggClient:
 
     def _on_offer(self, offer: SessionOffer) -> bytes:
         self._expect(ClientStage.NEW)
-        self._limits.check(offer)  # before any graph or buffer is sized by the offer
+        check_offer(self._limits, offer)  # before any graph or buffer is sized by the offer
         if self._threat_model == "active" and offer.threat_model != "active":
             raise PolicyViolationError(
                 f"session offered under the {offer.threat_model!r} threat model; this client "
@@ -200,7 +201,7 @@ class SecAggClient:
                            headroom=0.0 if self._noise is None else self._noise.headroom)
         self._neighbours = build_graph(offer).neighbours(offer.client_id)
         self._offer, self._codec, self.client_id = offer, codec, offer.client_id
-        self._sizes = MessageSizes.for_session(n_clients=offer.n_clients, degree=offer.degree,
+        self._sizes = session_sizes(n_clients=offer.n_clients, degree=offer.degree,
                                                vector_length=offer.vector_length,
                                                ring_bits=offer.ring_bits)
         self._private_key, public_key = kdf.generate_keypair()

@@ -26,7 +26,7 @@ from ..primitives import prg, shamir
 from ..session import StepOutcome
 from ..wire import MAX_VECTOR
 from . import keys
-from .limits import SEALED_SHARE_BYTES, MessageSizes, validate_threshold
+from .limits import SEALED_SHARE_BYTES, session_sizes, validate_threshold
 from .messages import (
     SESSION_ID_BYTES,
     THREAT_MODELS,
@@ -111,7 +111,7 @@ class SecAggServer:
         validate_threshold(threshold, graph.degree, graph.n)
         codec.check_budget(graph.n)
         self.graph, self.threshold, self.codec = graph, threshold, codec
-        self._sizes = MessageSizes.for_session(n_clients=graph.n, degree=graph.degree,
+        self._sizes = session_sizes(n_clients=graph.n, degree=graph.degree,
                                                vector_length=self.vector_length,
                                                ring_bits=codec.ring_bits)
         self.session_id = session_id or os.urandom(SESSION_ID_BYTES)

@@ -14,12 +14,13 @@ import numpy as np
 from ..codec import FixedPointCodec, Rounding
 from ..errors import ConsistencyAbortError, NonFiniteInputError, TooFewSurvivorsError
 from ..inputs import check_count, check_step_inputs, without_departed
+from ..limits import OfferLimits
 from ..network import InProcessNetwork
 from ..plan import mask_graph
 from ..primitives.kdf import derive_key
 from ..session import Dropout, FaultPlan, RingNoise, Stage, StepOutcome, Traffic
 from .client import InputProvider, Masker, SecAggClient
-from .limits import OfferLimits
+from .limits import check_session
 from .server import SecAggServer, Unmasker
 
 __all__ = ["PairwiseMaskSession"]
@@ -34,7 +35,7 @@ class PairwiseMaskSession:
     (codream_secure.gpu.masking.protocol_masker), and `unmasker` the server a device unmasker
     (codream_secure.gpu.masking.protocol_unmasker). `threat_model` "active" (default) adds the
     consistency round that keeps a lying server from unmasking anyone with fewer than t
-    colluders; "semi-honest" skips it. `limits` (protocols.secagg.limits.OfferLimits) is the
+    colluders; "semi-honest" skips it. `limits` (protocols.limits.OfferLimits) is the
     largest session the clients join; the session refuses to open beyond it.
     """
 
@@ -57,8 +58,8 @@ class PairwiseMaskSession:
                                       degree=degree, expected_dropout=expected_dropout,
                                       corrupt_rate=corrupt_rate)
         # what every client would refuse is refused here, naming the limit
-        limits.check_session(n_clients=n_clients, degree=graph.degree, threshold=threshold,
-                             vector_length=vector_length)
+        check_session(limits, n_clients=n_clients, degree=graph.degree, threshold=threshold,
+                      vector_length=vector_length)
         self.protocol, self.n_clients, self.vector_length = aggregator, n_clients, vector_length
         self._pending: dict[int, np.ndarray] = {}
         self._masked_elsewhere = frozenset(maskers or {})

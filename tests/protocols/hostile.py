@@ -2,8 +2,9 @@
 
 `Hostile.perturb` takes an honest message and replaces some of its fields with values a
 malicious peer could send (boundary integers, ids out of range, wrong sizes, NaN, low-order
-keys); `Hostile.mangle` then sometimes breaks the encoding itself (a flipped byte, a count
-field set to 2^32 - 1, a cut, trailing bytes, another type code).
+keys, ciphertexts at or beyond N^2); `Hostile.mangle` then sometimes breaks the encoding itself
+(a flipped byte, a count field set to 2^32 - 1, a cut, trailing bytes, another type code).
+`Tally` runs the cases and counts how each ended.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import random
 import struct
+from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
+from protocols.errors import ProtocolError
 from protocols.secagg import keys
 
 U32_EDGES = [0, 1, 2, 3, 2**15, 2**16, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]
@@ -27,12 +31,39 @@ BAD_KEYS = [u.to_bytes(32, "little") for u in sorted(keys.LOW_ORDER_U)] + [
 SESSION_FIELDS = {"session_id"}
 
 
-class Hostile:
-    """Hostile field values around a session of `n` clients, `m` values and step `step`."""
+class Tally:
+    """How each case ended, so a fuzz that only ever hits one early refusal fails."""
 
-    def __init__(self, seed: int, *, n: int, m: int, step: int = 1) -> None:
+    def __init__(self) -> None:
+        self.ends: Counter[str] = Counter()
+        self.notes: Counter[str] = Counter()  # what answered cases refused inside, e.g. a reply
+
+    def note(self, what: str) -> None:
+        self.notes[what] += 1
+
+    def run(self, label: str, case: Callable[[], object]) -> None:
+        try:
+            case()
+        except ProtocolError as error:
+            self.ends[type(error).__name__] += 1
+        except Exception as error:  # anything else is the bug a fuzz looks for
+            raise AssertionError(f"{label} raised {type(error).__name__}: {error}") from error
+        else:
+            self.ends["answered"] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.ends.values())
+
+
+class Hostile:
+    """Hostile field values around a session of `n` clients, `m` values and step `step` (and,
+    for Paillier, the public modulus `modulus`)."""
+
+    def __init__(self, seed: int, *, n: int, m: int, step: int = 1,
+                 modulus: int | None = None) -> None:
         self.rng = random.Random(seed)
-        self.n, self.m, self.step = n, m, step
+        self.n, self.m, self.step, self.modulus = n, m, step, modulus
 
     def chance(self, p: float) -> bool:
         return self.rng.random() < p
@@ -154,10 +185,44 @@ class Hostile:
         if name == "width":  # kept small: the encoder writes width bytes per value
             return self.rng.choice([0, 1, 2, 4, 8, 2048, 2049])
         if name == "values":
-            return tuple(self.u64() for _ in range(self.rng.randint(0, 4)))
+            assert isinstance(honest, tuple)
+            return self.residues(honest)
         if name == "tag":
             return self.blob(32)
-        return honest  # uploads: the bundle's own uploads are perturbed through mangle
+        if name == "uploads":
+            assert isinstance(honest, tuple)
+            return self.uploads(honest)
+        return honest
+
+    def residues(self, honest: tuple[int, ...]) -> tuple[int, ...]:
+        """Integers of a ciphertext or plaintext list: one short or one long, or with 0, N,
+        N^2 - 1, N^2 or more in a slot (small absurd ones without a modulus)."""
+        if self.modulus is None or self.chance(0.2):
+            return tuple(self.u64() for _ in range(self.rng.randint(0, 4)))
+        values, n = list(honest), self.modulus
+        action = self.rng.random()
+        if action < 0.25 and values:
+            del values[self.rng.randrange(len(values))]
+        elif action < 0.4:
+            values.append(self.rng.choice(values) if values else 1)
+        elif action < 0.45:
+            values *= self.rng.choice([2, 64, 4096])  # a valid encoding, far too long
+        elif values:
+            values[self.rng.randrange(len(values))] = self.rng.choice(
+                [0, 1, n - 1, n, n + 1, n * n - 1, n * n, n * n + 1])
+        return tuple(values)
+
+    def uploads(self, honest: tuple[object, ...]) -> tuple[object, ...]:
+        """A bundle's uploads, some perturbed, and one left out, repeated or out of order."""
+        uploads = [self.perturb(u) if self.chance(0.3) else u for u in honest]
+        action = self.rng.random()
+        if action < 0.2 and uploads:
+            del uploads[self.rng.randrange(len(uploads))]
+        elif action < 0.4 and uploads:
+            uploads.insert(self.rng.randrange(len(uploads) + 1), self.rng.choice(uploads))
+        elif action < 0.5:
+            uploads.reverse()
+        return tuple(uploads)
 
     def perturb(self, message: object) -> object:
         """`message` with some fields replaced by hostile values (still a valid encoding)."""
@@ -189,6 +254,27 @@ class Hostile:
             vector_length=self.rng.choice([1, self.m, 2**16, 2**16 + 1, 2**28, 2**28 + 1,
                                            2**64 - 1]))
 
+    def paillier_offer(self, honest: object) -> object:
+        """A Paillier offer whose fields agree but whose sizes are absurd (or at a limit): many
+        clients, long vectors, huge or tiny moduli, slots that do not fit or hold thousands."""
+        n = self.rng.choice([2, 3, 999, 1000, 1001, 100_000, 100_001, 2**31, 2**32 - 1])
+        bits = self.rng.choice([64, 511, 1024, 1025, 2048, 8192, 8193, 16384])
+        modulus = honest.modulus if self.chance(0.5) else (1 << (bits - 1)) | 1  # type: ignore[attr-defined]
+        return dataclasses.replace(
+            honest, client_id=self.rng.choice([0, 0, n - 1, n]), n_clients=n,  # type: ignore[type-var]
+            vector_length=self.rng.choice([1, self.m, 64, 2**16, 2**16 + 1, 2**28 + 1,
+                                           2**64 - 1]),
+            scale_bits=self.rng.choice([0, 1, 4, 16, 40, 255]),
+            guard_bits=self.rng.choice([0, 1, 2, 64, 255]),
+            noise_bound=self.rng.choice([0, 1, 2**20, 2**62, 2**64 - 1]),
+            clip=self.rng.choice([1.0, 1e-3, 5e-324, 1e300]), modulus=modulus)
+
+    def oversize(self, data: bytes) -> bytes:
+        """Sometimes a body far longer than any honest one (4 KiB or 1 MiB of trailing bytes)."""
+        if self.chance(0.95):
+            return data
+        return data + bytes(self.rng.choice([4096, 1 << 20]))
+
     def mangle(self, data: bytes) -> bytes:
         """Sometimes break the encoding of `data` itself."""
         if self.chance(0.6) or len(data) < 7:
@@ -214,6 +300,8 @@ class Hostile:
         """A hostile message built from `template` (an honest message)."""
         if type(template).__name__ == "SessionOffer" and self.chance(0.5):
             message = self.offer(template)
+        elif type(template).__name__ == "Offer" and self.chance(0.5):
+            message = self.paillier_offer(template)
         else:
             message = self.perturb(template) if self.chance(0.85) else template
         try:

@@ -15,22 +15,19 @@ from hypothesis import strategies as st
 
 from protocols import SecAggSession, secure_sum
 from protocols.errors import TooFewSurvivorsError
-from protocols.session import SETUP_STAGES, Dropout, FaultPlan, Stage
+from protocols.session import Dropout, FaultPlan, Stage
 
-STEP_STAGES = [s for s in Stage if s not in SETUP_STAGES]
-DTYPES = ["float16", "float32", "float64"]
-_ORDER = {stage: index for index, stage in enumerate(Stage)}
-
-
-@dataclass(frozen=True)
-class Call:
-    """One `step` call: clients left out of `inputs`, and clients that leave after uploading."""
-
-    absent: frozenset[int]
-    leaving: frozenset[int]
-
-    def __repr__(self) -> str:
-        return f"Call(absent={sorted(self.absent)}, leaving={sorted(self.leaving)})"
+from .dropouts import (
+    DTYPES,
+    ORDER,
+    Call,
+    clipped_sum,
+    describe,
+    draw_calls,
+    draw_dropouts,
+    seeded_inputs,
+    silent_points,
+)
 
 
 @dataclass(frozen=True)
@@ -48,9 +45,9 @@ class Federation:
 
     def __repr__(self) -> str:
         graph = "complete" if self.degree is None else f"harary(k={self.degree})"
-        drops = ", ".join(f"{d.client}@{d.step}:{d.stage.value}" for d in self.dropouts)
         return (f"Federation(n={self.n}, m={self.m}, {graph}, t={self.threshold}, "
-                f"clip={self.clip:g}, {self.dtype}, {self.threat_model}, dropouts=[{drops}], "
+                f"clip={self.clip:g}, {self.dtype}, {self.threat_model}, "
+                f"dropouts=[{describe(self.dropouts)}], "
                 f"calls={list(self.calls)}, seed={self.seed})")
 
     @property
@@ -58,24 +55,11 @@ class Federation:
         return self.degree is None
 
     def silent_at(self) -> dict[int, tuple[int, int]]:
-        """client -> (step id, stage index) of its earliest planned dropout (worked out here,
-        not by the code under test)."""
-        points: dict[int, tuple[int, int]] = {}
-        for d in self.dropouts:
-            point = (d.step, _ORDER[d.stage])
-            points[d.client] = min(points.get(d.client, point), point)
-        return points
+        """client -> (step id, stage index) of its earliest planned dropout."""
+        return silent_points(self.dropouts)
 
     def inputs(self, call: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, call])
-        # twice the clip: clipping is part of what is checked
-        return rng.uniform(-2 * self.clip, 2 * self.clip, (self.n, self.m)).astype(self.dtype)
-
-
-def _dropout(draw, client: int, last_step: int) -> Dropout:
-    step = draw(st.integers(0, last_step))
-    stages = list(SETUP_STAGES) if step == 0 else STEP_STAGES
-    return Dropout(client, step, draw(st.sampled_from(stages)))
+        return seeded_inputs(self.seed, call, (self.n, self.m), self.clip, self.dtype)
 
 
 @st.composite
@@ -87,28 +71,14 @@ def federations(draw, *, max_calls: int = 3, last_step: int = 4) -> Federation:
     # half the federations at about half their holders, so that most calls can sum
     threshold = draw(st.one_of(st.integers(1, max(1, holders // 2)), st.integers(1, holders)))
     rate = draw(st.sampled_from([0.0, 0.1, 0.2, 0.4]))
-    dropouts = []
-    for client in range(n):
-        if draw(st.floats(0, 1)) < rate:
-            dropouts.append(_dropout(draw, client, last_step))
-            if draw(st.integers(0, 4)) == 0:  # named twice: the earliest must win
-                dropouts.append(_dropout(draw, client, last_step))
-    calls = []
-    for _ in range(draw(st.integers(min(1, max_calls), max_calls))):
-        absent = draw(st.sets(st.integers(0, n - 1), max_size=2))
-        leaving = draw(st.sets(st.integers(0, n - 1), max_size=2)) - absent
-        calls.append(Call(frozenset(absent), frozenset(leaving)))
+    dropouts = draw_dropouts(draw, n, rate, last_step)
+    calls = draw_calls(draw, n, max_calls)
     return Federation(
         n=n, m=draw(st.integers(1, 6)), degree=degree, threshold=threshold,
         clip=draw(st.sampled_from([0.01, 0.5, 1.0, 3.7, 100.0])),
         dtype=draw(st.sampled_from(DTYPES)),
         threat_model=draw(st.sampled_from(["active", "active", "semi-honest"])),
-        dropouts=tuple(dropouts), calls=tuple(calls), seed=draw(st.integers(0, 2**32 - 1)))
-
-
-def _clipped_sum(fed: Federation, values: np.ndarray, clients) -> np.ndarray:
-    rows = values[sorted(clients)].astype(np.float64)
-    return np.clip(rows, -fed.clip, fed.clip).sum(axis=0)
+        dropouts=tuple(dropouts), calls=calls, seed=draw(st.integers(0, 2**32 - 1)))
 
 
 def _open(fed: Federation) -> SecAggSession:
@@ -146,7 +116,7 @@ def test_each_call_sums_exactly_who_stayed_or_raises_too_few(fed):
         event("outcome: a call summed" + (" after a retry" if step > first else ""))
 
         def silent_by(c: int, stage: Stage, step: int = step) -> bool:
-            return c in silent_at and silent_at[c] <= (step, _ORDER[stage])
+            return c in silent_at and silent_at[c] <= (step, ORDER[stage])
 
         # nobody is in the sum unless its upload reached the server at the step that counted
         uploaded = {c for c in active if c not in gone and c not in call.absent
@@ -156,7 +126,8 @@ def test_each_call_sums_exactly_who_stayed_or_raises_too_few(fed):
         assert not outcome.included & outcome.dropped
         assert len(outcome.included) >= fed.threshold
         bound = session.error_bound(len(outcome.included))
-        assert np.abs(outcome.total - _clipped_sum(fed, values, outcome.included)).max() <= bound
+        exact = clipped_sum(values, outcome.included, fed.clip)
+        assert np.abs(outcome.total - exact).max() <= bound
         if fed.complete:  # nobody alive through the whole call is ever left out
             stayed = {c for c in range(fed.n) if c not in gone | call.absent | call.leaving
                       and not silent_by(c, Stage.ADVERTISE, step + 1)}
@@ -180,10 +151,10 @@ def test_secure_sum_is_the_exact_sum_of_who_stayed_or_too_few(fed):
     silent_at = fed.silent_at()
     included = set(result.included)
     assert not included & {c for c, point in silent_at.items()
-                           if point <= (1, _ORDER[Stage.UPLOAD])}
+                           if point <= (1, ORDER[Stage.UPLOAD])}
     assert sorted(included | set(result.dropped)) == list(range(fed.n))
     assert len(included) >= fed.threshold
-    exact = _clipped_sum(fed, values.astype(np.float64), included)
+    exact = clipped_sum(values, included, fed.clip)
     assert np.abs(result.total - exact).max() <= result.error_bound
     if fed.complete:  # dropouts are planned at steps 0 and 1 only, so a retry meets none
         assert set(range(fed.n)) - set(silent_at) <= included

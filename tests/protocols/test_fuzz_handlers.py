@@ -11,7 +11,6 @@ ProtocolError. The cases are seeded: the same ones every run.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,16 +18,15 @@ import numpy as np
 import pytest
 
 from protocols.codec import FixedPointCodec
-from protocols.errors import ProtocolError
 from protocols.graph import complete_graph
+from protocols.limits import OfferLimits
 from protocols.paillier import messages as paillier
 from protocols.secagg.client import SecAggClient
-from protocols.secagg.limits import OfferLimits
 from protocols.secagg.messages import MESSAGE_TYPES, decode_message
 from protocols.secagg.server import SecAggServer
 from protocols.session import StepOutcome
 
-from .hostile import Hostile
+from .hostile import Hostile, Tally
 
 N, M, T, SILENT = 6, 8, 3, 5  # client SILENT never uploads, so the pair-seed round runs
 # a hostile offer the client accepts builds its graph: small limits keep every accepted one cheap
@@ -114,27 +112,6 @@ def _check_reply(reply: object) -> None:
     if reply is not None:
         assert isinstance(reply, bytes)
         decode_message(reply)
-
-
-class Tally:
-    """How each case ended, so a fuzz that only ever hits one early refusal fails."""
-
-    def __init__(self) -> None:
-        self.ends: Counter[str] = Counter()
-
-    def run(self, label: str, case: Callable[[], object]) -> None:
-        try:
-            case()
-        except ProtocolError as error:
-            self.ends[type(error).__name__] += 1
-        except Exception as error:  # anything else is the bug this test looks for
-            raise AssertionError(f"{label} raised {type(error).__name__}: {error}") from error
-        else:
-            self.ends["answered"] += 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.ends.values())
 
 
 def _fuzz_secagg_decoders(tally: Tally) -> None:

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from protocols import SecAggSession
 from protocols.errors import MalformedMessageError, ParameterError, StageError
+from protocols.limits import OfferLimits
 from protocols.secagg.client import SecAggClient
-from protocols.secagg.limits import SEALED_SHARE_BYTES, MessageSizes, OfferLimits
+from protocols.secagg.limits import SEALED_SHARE_BYTES, session_sizes
 from protocols.secagg.messages import (
     ConsistencyReply,
     ConsistencyRequest,
@@ -134,8 +135,7 @@ def _maximal(k: int, m: int, ring_bits: int) -> list[object]:
 @settings(max_examples=60, deadline=None)
 @given(st.integers(2, 300), st.integers(1, 2_000), st.sampled_from([16, 32, 64]))
 def test_message_limits_are_exactly_the_largest_honest_message(n, m, ring_bits):
-    sizes = MessageSizes.for_session(n_clients=n, degree=n - 1, vector_length=m,
-                                     ring_bits=ring_bits)
+    sizes = session_sizes(n_clients=n, degree=n - 1, vector_length=m, ring_bits=ring_bits)
     assert len(sizes.limits) == 11
     for message in _maximal(n - 1, m, ring_bits):
         data = message.encode()
