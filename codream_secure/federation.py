@@ -289,7 +289,8 @@ class CoDreamFederation:
         self.dropout = aggregation or AggregationConfig()
         self.compute = device_options or DeviceConfig()
         self.grad_channel, self.label_channel = grad_channel, label_channel
-        self.weights = weights or DreamLossWeights()
+        self.weights = weights or DreamLossWeights(pred=codream.dream_pred_weight,
+                                                   bn=codream.dream_bn_weight)
         self.buffer = DreamBuffer(codream.buffer_size)
         self.result = MethodResult("codream")
         self.rounds: list[RoundRecord] = []

@@ -33,6 +33,8 @@ class CoDreamConfig(Section):
     adaptive_after: int = 3
     adaptive_weight: float = 10.0
     dream_objective: str = "entropy"
+    dream_pred_weight: float = 1.0
+    dream_bn_weight: float = 10.0
     # distillation
     distill_epochs: int = 5
     distill_lr: float = 0.05
@@ -58,7 +60,8 @@ class CoDreamConfig(Section):
             check.count(key, getattr(self, key), minimum=0)
         for key in ("dream_lr", "distill_lr", "local_lr", "kd_temperature"):
             check.real(key, getattr(self, key), low=0.0)
-        check.real("adaptive_weight", self.adaptive_weight, low=0.0, closed_low=True)
+        for key in ("adaptive_weight", "dream_pred_weight", "dream_bn_weight"):
+            check.real(key, getattr(self, key), low=0.0, closed_low=True)
         if self.buffer_size < self.dream_batch:
             raise check.fail("buffer_size", f"{self.buffer_size} cannot hold one dream batch "
                                             f"(dream_batch={self.dream_batch}); use at least "

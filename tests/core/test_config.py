@@ -110,6 +110,8 @@ BAD_VALUES = [
     ({"soft_labels": "hard"}, "soft_labels", "logits"),
     ({"adaptive_weight": -1.0}, "adaptive_weight", ">= 0"),
     ({"dream_objective": "sharp"}, "dream_objective", "label"),
+    ({"dream_pred_weight": -1.0}, "dream_pred_weight", ">= 0"),
+    ({"dream_bn_weight": float("nan")}, "dream_bn_weight", "finite"),
     ({"teacher": "oracle"}, "teacher", "class-aware"),
     ({"teacher": "class-aware", "dp": "client", "dp_noise": 1.0}, "teacher", "uniform"),
     ({"teacher": "uniform", "dream_objective": "label"}, "dream_objective", "class-aware"),
