@@ -37,13 +37,13 @@ class CoDreamConfig(Section):
     dream_bn_weight: float = 10.0
     # distillation
     distill_epochs: int = 5
-    distill_lr: float = 0.05
+    distill_lr: float = 0.01
     kd_temperature: float = 20.0
     buffer_size: int = 640
     soft_labels: str = "probs"
     teacher: str = "auto"
     distill_bn: str = "batch"
-    kd_gate: str = "off"
+    kd_gate: str = "validation"
     # local training (also the baselines' training)
     warmup_epochs: int = 10
     local_epochs: int = 2

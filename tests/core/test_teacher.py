@@ -213,3 +213,16 @@ def test_a_class_aware_run_releases_the_histogram_once_and_reports_the_teacher(t
         assert 0 <= record["teacher"]["target_reached"] <= 1
         assert len(record["kd"]["test_before"]) == len(record["kd"]["clients"])
     assert report["rounds"][0]["teacher"] == {}
+
+
+@pytest.mark.slow
+def test_distillation_at_the_defaults_does_not_cost_digits_clients_validation_accuracy(tmp_path):
+    """The default run on the embedded digits, without the gate: after every round's
+    distillation the clients' mean validation accuracy is at most a point below before it."""
+    config = SimulationConfig.from_keys(baselines=(), kd_gate="off", threads=1,
+                                        out=str(tmp_path / "run"))
+    report = run_simulation(config).report
+    drops = [np.mean(r["kd"]["val_before"]) - np.mean(r["kd"]["val_after"])
+             for r in report["rounds"] if r["kd"]]
+    assert len(drops) == config.codream.rounds
+    assert max(drops) <= 0.01, drops
