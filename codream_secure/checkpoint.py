@@ -84,6 +84,7 @@ def checkpoint_state(config: SimulationConfig, fed: CoDreamFederation) -> dict:
         "accountants": [ledger.accountant.state_dict() for ledger in _ledgers(fed)],
         "dp_epochs": [t.epochs_done for t in fed.trainers or ()],
         "broadcast_down": fed.broadcast_down.tolist(),
+        "generator": None if fed.dreamer is None else fed.dreamer.state_dict(),
     }
 
 
@@ -119,7 +120,8 @@ class _NotACheckpoint(Exception):
 
 
 _CHECKPOINT_KEYS = ("config", "round", "models", "server_model", "buffer", "result", "rounds",
-                    "last_dreams", "channels", "accountants", "dp_epochs", "broadcast_down")
+                    "last_dreams", "channels", "accountants", "dp_epochs", "broadcast_down",
+                    "generator")
 
 
 def _read_state(content: bytes, device: torch.device) -> dict:
@@ -215,6 +217,10 @@ def _restore(state: dict, fed: CoDreamFederation) -> int:
         trainer.epochs_done = int(epochs)
     # DP-SGD batches and noise come from fresh os.urandom keys: no generator state to restore
     fed.broadcast_down = _counts(state["broadcast_down"], fed.n)
+    if fed.dreamer is not None:  # generator mode: the meta-generator goes on where it was
+        _load_weights(fed.dreamer.meta, state["generator"], "meta-generator")
+    elif state["generator"] is not None:
+        raise _NotACheckpoint("it holds a meta-generator, but this run dreams in pixel mode")
     return state["round"]
 
 

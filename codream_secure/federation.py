@@ -30,9 +30,11 @@ from .dreams import (
     DreamSynthesizer,
     NonFiniteGradientError,
     dream_gradient,
+    dream_objective,
     server_entropy_gradient,
 )
 from .errors import CoDreamError, ConfigError
+from .generator_dreams import DreamObjective, GeneratorDreamer, NoDreamsError, batch_of_step
 from .results import ClientData, MethodResult
 from .train_step import FastPath
 
@@ -234,6 +236,7 @@ class RoundRecord:
     included_in_dreams: list[int] = field(default_factory=list)
     note: str = ""
     epsilon: float | None = None
+    skipped_batches: int | None = None  # generator mode: dream batches whose sum was not finite
 
     def to_dict(self) -> dict:
         return {
@@ -241,7 +244,7 @@ class RoundRecord:
             "codream": {"val": self.val, "test": self.test, "mean_test": float(np.mean(self.test))},
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "seconds": self.seconds,
             "dropped": self.dropped, "included_in_dreams": self.included_in_dreams,
-            "note": self.note, "epsilon": self.epsilon,
+            "note": self.note, "epsilon": self.epsilon, "skipped_batches": self.skipped_batches,
         }
 
 
@@ -255,9 +258,14 @@ class CoDreamFederation:
                  aggregation: AggregationConfig | None = None,
                  device_options: DeviceConfig | None = None, use_bn_statistics: bool = True,
                  weights: DreamLossWeights | None = None,
-                 trainers: Sequence[SampleLevelTrainer] | None = None) -> None:
+                 trainers: Sequence[SampleLevelTrainer] | None = None,
+                 dreamer: GeneratorDreamer | None = None) -> None:
         """`codream` drives the rounds; `aggregation` supplies the simulated dropouts (none by
-        default), `device_options` the precision and CUDA graphs (fp32, none by default)."""
+        default), `device_options` the precision and CUDA graphs (fp32, none by default),
+        `dreamer` the meta-generator of dream_mode "generator" (its updates use grad_channel)."""
+        if codream.dream_mode == "generator" and dreamer is None:
+            raise ConfigError('[codream] dream_mode = "generator" needs a GeneratorDreamer')
+        self.dreamer = dreamer
         self.clients, self.models, self.server_model = list(clients), list(models), server_model
         self.trainers = None if trainers is None else list(trainers)  # sample-level DP-SGD
         self.x_test, self.y_test, self.s, self.device = x_test, y_test, codream, device
@@ -412,6 +420,49 @@ class CoDreamFederation:
             progress.done(task)
         return synth.dreams.cpu(), frozenset(active)
 
+    def _synthesise_generator(self, round_index: int, plan: dict[int, tuple[int, bool]],
+                              progress, seconds: dict[str, float]
+                              ) -> tuple[torch.Tensor, frozenset[int]]:
+        """CoDream-fast: one secure sum of the clients' (generator, latent) updates per dream
+        batch. A dropout planned at pixel step s falls in batch ceil(s * batches / dream_steps).
+        """
+        assert self.dreamer is not None
+        batches = self.dreamer.settings.batches
+        leaving = {c: (batch_of_step(step, self.s.dream_steps, batches), after)
+                   for c, (step, after) in plan.items()}
+        adaptive = None
+        if round_index > self.s.adaptive_after and self.s.adaptive_weight > 0:
+            def adaptive(x: torch.Tensor) -> torch.Tensor:
+                return server_entropy_gradient(self.server_model, x)
+        self.grad_channel.open(self.dreamer.vector_length,
+                               seed=(self.seed, "generator", round_index))
+        outcome = self.dreamer.dream(
+            round_index, range(self.n), self._generator_objective(round_index), self.grad_channel,
+            latent_seeds=lambda batch: generator(self.seed, "latents", round_index, batch),
+            leaving=leaving, adaptive=adaptive, adaptive_weight=self.s.adaptive_weight,
+            seconds=seconds, progress=progress)
+        for c, sent in outcome.bytes_down.items():
+            self.broadcast_down[c] += sent
+        return outcome.dreams, outcome.members
+
+    def _note_skipped_batches(self, record: RoundRecord) -> None:
+        """Generator mode: how many dream batches the round skipped, and why, in its record."""
+        reasons = None if self.dreamer is None else self.dreamer.skipped.get(record.round)
+        if reasons is None:
+            return
+        record.skipped_batches = len(reasons)
+        if reasons:
+            skipped = f"skipped dream {'; '.join(reasons)}"
+            record.note = f"{record.note}; {skipped}" if record.note else skipped
+
+    def _generator_objective(self, round_index: int) -> DreamObjective:
+        """Each client's loss on a batch's dreams G(z): the pixel-mode dream loss. The batch
+        index is where per-batch targets (label-conditioned dreams) would be looked up."""
+        def loss(client: int, batch: int, x: torch.Tensor) -> torch.Tensor:
+            return dream_objective(self.models[client], x, self.weights,
+                                   use_bn_statistics=self.use_bn_statistics)
+        return loss
+
     def _teacher(self, round_index: int, dreams: torch.Tensor, members: frozenset[int]
                  ) -> torch.Tensor:
         """Average of the members' soft labels on the dreams, summed securely."""
@@ -452,12 +503,13 @@ class CoDreamFederation:
         seconds["local"] = time.perf_counter() - start
         plan = self._dropouts(round_index)
         dropped = sorted(plan)
+        synthesise = self._synthesise if self.dreamer is None else self._synthesise_generator
         try:
-            dreams, members = self._synthesise(round_index, plan, progress, seconds)
+            dreams, members = synthesise(round_index, plan, progress, seconds)
             start = time.perf_counter()
             teacher = self._teacher(round_index, dreams, members)
             seconds["aggregation"] += time.perf_counter() - start
-        except TooFewSurvivorsError as error:
+        except (TooFewSurvivorsError, NoDreamsError) as error:
             note = f"no knowledge exchange this round: {error}"
             if progress:
                 progress.log(f"round {round_index}: {note}")
@@ -489,5 +541,6 @@ class CoDreamFederation:
         down = self._bytes_down() - down0
         record = RoundRecord(round_index, val, test, [int(b) for b in up], [int(b) for b in down],
                              seconds, dropped, sorted(members), note, epsilon=self.epsilon())
+        self._note_skipped_batches(record)
         self.rounds.append(record)
         return record

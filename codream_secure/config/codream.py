@@ -1,7 +1,7 @@
 """[codream]: the algorithm's rounds, dream synthesis, distillation and local training.
 
-One table, not three: `rounds` and `batch_size` are shared by the three phases, and the
-fifteen keys fit on one screen; the docs group them by phase.
+One table, not three: `rounds` and `batch_size` are shared by the phases; the docs group the
+keys by phase.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from codream_secure.config.checks import Checks
 from codream_secure.config.section import Section
 
 SOFT_LABELS: tuple[str, ...] = ("probs", "logits")
+DREAM_MODES: tuple[str, ...] = ("pixel", "generator")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,14 @@ class CoDreamConfig(Section):
     dream_lr: float = 0.05
     adaptive_after: int = 3
     adaptive_weight: float = 10.0
+    # generator mode (CoDream-fast; docs/dream-modes.md)
+    dream_mode: str = "pixel"
+    generator_batches: int = 2
+    generator_local_steps: int = 20
+    generator_lr: float = 5e-3
+    generator_meta_lr: float = 1.0
+    generator_latent_dim: int = 100
+    generator_clip: float = 1.0
     # distillation
     distill_epochs: int = 5
     distill_lr: float = 0.05
@@ -41,12 +50,20 @@ class CoDreamConfig(Section):
 
     def validate(self, check: Checks) -> None:
         for key in ("rounds", "dream_batch", "dream_steps", "distill_epochs", "batch_size",
-                    "buffer_size"):
+                    "buffer_size", "generator_batches", "generator_local_steps",
+                    "generator_latent_dim"):
             check.count(key, getattr(self, key), minimum=1)
         for key in ("warmup_epochs", "local_epochs", "adaptive_after"):
             check.count(key, getattr(self, key), minimum=0)
-        for key in ("dream_lr", "distill_lr", "local_lr", "kd_temperature"):
+        for key in ("dream_lr", "distill_lr", "local_lr", "kd_temperature", "generator_lr",
+                    "generator_clip"):
             check.real(key, getattr(self, key), low=0.0)
+        check.real("generator_meta_lr", self.generator_meta_lr, low=0.0)
+        if self.generator_meta_lr > 1.0:
+            raise check.fail("generator_meta_lr", f"must be in (0, 1] (1 moves the "
+                                                  f"meta-generator all the way to the round's "
+                                                  f"generators), got {self.generator_meta_lr:g}")
+        check.choice("dream_mode", self.dream_mode, DREAM_MODES)
         check.real("adaptive_weight", self.adaptive_weight, low=0.0, closed_low=True)
         if self.buffer_size < self.dream_batch:
             raise check.fail("buffer_size", f"{self.buffer_size} cannot hold one dream batch "
