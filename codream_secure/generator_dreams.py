@@ -61,7 +61,7 @@ class SlimGenerator(nn.Module):
     """
 
     def __init__(self, output_shape: Sequence[int], *, latent_dim: int, mean: Sequence[float],
-                 std: Sequence[float], width: int = 32) -> None:
+                 std: Sequence[float], width: int = 16) -> None:
         super().__init__()
         channels, height, width_px = (int(v) for v in output_shape)
         if len(mean) != channels or len(std) != channels:

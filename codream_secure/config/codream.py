@@ -31,9 +31,9 @@ class CoDreamConfig(Section):
     # generator mode (CoDream-fast; docs/dream-modes.md)
     dream_mode: str = "pixel"
     generator_batches: int = 2
-    generator_local_steps: int = 20
-    generator_lr: float = 5e-3
-    generator_meta_lr: float = 1.0
+    generator_local_steps: int = 14
+    generator_lr: float = 0.01
+    generator_meta_lr: float = 0.3
     generator_latent_dim: int = 100
     generator_clip: float = 1.0
     # distillation
