@@ -180,13 +180,17 @@ class GeneratorSettings:
 @dataclass
 class GeneratorRound:
     """One round's dreams (every kept batch's G(z), detached, on the CPU), the clients still
-    in the sum at the end, the batches skipped and why, and what each client downloaded."""
+    in the sum at the end, why each skipped batch was skipped, what each client downloaded."""
 
     dreams: torch.Tensor
     members: frozenset[int]
-    skipped: int = 0
     reasons: list[str] = field(default_factory=list)
     bytes_down: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        """Dream batches skipped for a sum (or an update) that was not finite."""
+        return len(self.reasons)
 
 
 class GeneratorDreamer:
@@ -234,8 +238,8 @@ class GeneratorDreamer:
         """
         settings, leaving = self.settings, dict(leaving or {})
         seconds = seconds if seconds is not None else {"dreams": 0.0, "aggregation": 0.0}
-        active, kept, adapted = set(clients), [], []
-        outcome = GeneratorRound(torch.zeros(0), frozenset())
+        outcome = GeneratorRound(torch.zeros(0), frozenset(clients))
+        kept, adapted = [], []
         task = progress.task(f"round {round_index} dreams", settings.batches) if progress else None
         for batch in range(1, settings.batches + 1):
             start = time.perf_counter()
@@ -243,7 +247,7 @@ class GeneratorDreamer:
                                   generator=latent_seeds(batch)).to(self.device)
             before = {c for c, (b, after) in leaving.items() if b == batch and not after}
             after_upload = [c for c, (b, after) in leaving.items() if b == batch and after]
-            members = sorted(active - before)
+            members = sorted(outcome.members - before)
             direction = None if adaptive is None else adaptive(render(self.meta, latents))
             begin = generator_vector(self.meta, latents)
             inputs = {c: self._client_update(c, batch, latents, begin, loss_fn, direction,
@@ -254,17 +258,9 @@ class GeneratorDreamer:
                 outcome.bytes_down[c] = outcome.bytes_down.get(c, 0) + download
             seconds["dreams"] += time.perf_counter() - start
             start = time.perf_counter()
-            try:
-                total, included = channel.sum(inputs, drop_after_upload=after_upload)
-            except NonFiniteGradientError as error:  # refused before any message: no sum
-                reason = str(error)
-            else:
-                active = set(included) - set(after_upload)
-                mean = total / len(included)
-                reason = "" if np.isfinite(mean).all() else "the released sum is not finite"
+            mean, reason = self._released_mean(channel, inputs, after_upload, outcome)
             seconds["aggregation"] += time.perf_counter() - start
-            if reason:
-                outcome.skipped += 1
+            if mean is None:
                 outcome.reasons.append(f"batch {batch}: {reason}")
             else:
                 generator, z = apply_update(self.meta, latents, mean)
@@ -279,8 +275,23 @@ class GeneratorDreamer:
             raise NoDreamsError(f"all {settings.batches} dream batches were skipped ("
                                 f"{'; '.join(outcome.reasons)})")
         self._reptile(adapted)
-        outcome.dreams, outcome.members = torch.cat(kept), frozenset(active)
+        outcome.dreams = torch.cat(kept)
         return outcome
+
+    @staticmethod
+    def _released_mean(channel: SumChannel, inputs: dict, after_upload: list[int],
+                       outcome: GeneratorRound) -> tuple[np.ndarray | None, str]:
+        """The mean update the channel releases, or None and why the batch is skipped; the
+        clients that leave are dropped from `outcome.members`."""
+        try:
+            total, included = channel.sum(inputs, drop_after_upload=after_upload)
+        except NonFiniteGradientError as error:  # refused before any message: nothing released
+            return None, str(error)
+        outcome.members = frozenset(included) - set(after_upload)
+        mean = total / len(included)
+        if not np.isfinite(mean).all():
+            return None, "the released sum is not finite"
+        return mean, ""
 
     def _client_update(self, client: int, batch: int, latents: torch.Tensor, begin: np.ndarray,
                        loss_fn: DreamObjective, direction: torch.Tensor | None, weight: float,
