@@ -15,32 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 
 from codream_secure.audit.reporting import environment, write_json
 from codream_secure.config import SimulationConfig
-from codream_secure.federation import CoDreamFederation
 from codream_secure.simulation import run_simulation
 
 HETEROGENEOUS = ("smallcnn", "resnet8", "wrn16_1", "mobilenet")
-
-
-@contextmanager
-def teacher_confidence(rounds: dict[int, float]):
-    """Record, per round, the mean max-probability of the teacher the federation builds."""
-    real = CoDreamFederation._teacher
-
-    def recording(self, round_index, dreams, members):
-        teacher = real(self, round_index, dreams, members)
-        rounds[round_index] = float(teacher.max(dim=1).values.mean())
-        return teacher
-
-    with mock.patch.object(CoDreamFederation, "_teacher", recording):
-        yield rounds
 
 
 def _value(text: str) -> object:
@@ -73,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "out": str(args.out / f"{args.mode}-{args.aggregator}-s{args.seed}"), **extra})
     write_json(args.out / "environment.json", environment())
     start = time.perf_counter()
-    with teacher_confidence({}) as confidence:
-        report = run_simulation(config).report
+    report = run_simulation(config).report
     rounds = report["rounds"][1:]
     row = {
         "mode": args.mode, "seed": args.seed, "aggregator": args.aggregator, "set": extra,
@@ -83,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "synthesis_seconds": [r["seconds"]["dreams"] + r["seconds"]["aggregation"]
                               for r in rounds],
         "seconds": [r["seconds"] for r in rounds],
-        "teacher_confidence": [confidence.get(r["round"]) for r in rounds],
+        "teacher_confidence": [r["teacher"].get("max_probability") for r in rounds],
         "skipped_batches": [r.get("skipped_batches") for r in rounds],
         "mean_test": [r["codream"]["mean_test"] for r in report["rounds"]],
         "final_mean_accuracy": report["final"]["codream"]["mean_accuracy"],

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from codream_secure.distill import evaluate, train_local
+from codream_secure.distill import evaluate, recalibrate_batchnorm, train_local
 from codream_secure.errors import ConfigError
 from codream_secure.models import build_model
 from codream_secure.results import ClientData, MethodResult
@@ -212,6 +212,15 @@ def _train(
         )
 
 
+def _scores(net: nn.Module, x_own: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+            x_test: torch.Tensor, y_test: torch.Tensor, recalibrate: bool) -> tuple[float, float]:
+    """(validation, test) accuracy, after re-estimating BatchNorm statistics on x_own (the
+    training data of whoever evaluates) when `recalibrate`, exactly as CoDream's clients do."""
+    if recalibrate:
+        recalibrate_batchnorm(net, x_own)
+    return evaluate(net, x_val, y_val), evaluate(net, x_test, y_test)
+
+
 # --- the three methods -------------------------------------------------------------------
 
 
@@ -231,6 +240,7 @@ def _run_per_model(
     batch_size: int,
     seed: int,
     progress: Progress | None,
+    recalibrate: bool,
 ) -> MethodResult:
     """Model k trains on data[k] = (x_train, y_train, x_val, y_val) alone; shared by two methods."""
     nets = [
@@ -249,8 +259,9 @@ def _run_per_model(
             for net, gen, (xt, yt, xv, yv) in zip(nets, gens, data, strict=True):
                 _train(net, xt, yt, epochs, lr, batch_size, gen)
                 advance(epochs)
-                val.append(evaluate(net, xv, yv))
-                test.append(evaluate(net, x_test, y_test))
+                v, t = _scores(net, xt, xv, yv, x_test, y_test, recalibrate)
+                val.append(v)
+                test.append(t)
             result.record(val, test)
     return result
 
@@ -270,6 +281,7 @@ def run_isolated(
     batch_size: int,
     seed: int,
     progress: Progress | None = None,
+    bn_statistics: str = "recalibrated",
 ) -> MethodResult:
     """Each client trains its own models[k] on its own data only (no communication)."""
     _check_common(
@@ -282,6 +294,7 @@ def run_isolated(
         "isolated", data, x_test, y_test, names, input_shape=input_shape,
         num_classes=num_classes, warmup_epochs=warmup_epochs, rounds=rounds,
         local_epochs=local_epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
+        recalibrate=_recalibrates(bn_statistics),
     )  # fmt: skip
 
 
@@ -300,6 +313,7 @@ def run_centralized(
     batch_size: int,
     seed: int,
     progress: Progress | None = None,
+    bn_statistics: str = "recalibrated",
 ) -> MethodResult:
     """Upper reference: every client's architecture trained on all clients' pooled data.
 
@@ -321,7 +335,7 @@ def run_centralized(
         "centralized", [pooled] * len(names), x_test, y_test, names,
         input_shape=input_shape, num_classes=num_classes, warmup_epochs=warmup_epochs,
         rounds=rounds, local_epochs=local_epochs, lr=lr, batch_size=batch_size, seed=seed,
-        progress=progress,
+        progress=progress, recalibrate=_recalibrates(bn_statistics),
     )  # fmt: skip
 
 
@@ -341,6 +355,7 @@ def run_fedavg(
     seed: int,
     progress: Progress | None = None,
     aggregate: Aggregate | None = None,
+    bn_statistics: str = "recalibrated",
 ) -> MethodResult:
     """FedAvg over one shared architecture (a list of names must all be equal).
 
@@ -351,7 +366,9 @@ def run_fedavg(
     per round including round 0, except that round 0 is skipped when warmup_epochs == 0 (all
     clients still hold the initial model). Integer buffers (num_batches_tracked) take the
     maximum over clients. Each client then records the global model's accuracy on its own
-    validation split and on the test set (the same for all clients).
+    validation split and on the test set, with BatchNorm statistics re-estimated on its own
+    training data when bn_statistics is "recalibrated" (else the averaged ones, the same for
+    all clients).
     """
     _check_common(
         clients, x_test, y_test, warmup_epochs=warmup_epochs, rounds=rounds,
@@ -398,9 +415,20 @@ def run_fedavg(
                 global_ints = {
                     n: torch.stack([d[n] for d in ints]).amax(dim=0) for n in global_ints
                 }
-            load_flat_state(net, global_flat)
-            net.load_state_dict(global_ints, strict=False)
-            test_acc = evaluate(net, x_test, y_test)
-            val = [evaluate(net, c.x_val, c.y_val) for c in clients]
-            result.record(val, [test_acc] * len(clients))
+            val, test = [], []
+            for c in clients:  # each client evaluates the global model on its side
+                load_flat_state(net, global_flat)
+                net.load_state_dict(global_ints, strict=False)
+                v, t = _scores(net, c.x_train, c.x_val, c.y_val, x_test, y_test,
+                               _recalibrates(bn_statistics))
+                val.append(v)
+                test.append(t)
+            result.record(val, test)
     return result
+
+
+def _recalibrates(bn_statistics: str) -> bool:
+    if bn_statistics not in ("recalibrated", "running"):
+        raise ConfigError(f"bn_statistics must be 'recalibrated' or 'running', got "
+                          f"{bn_statistics!r}")
+    return bn_statistics == "recalibrated"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +22,8 @@ from .federation import ChannelStats, CoDreamFederation, RoundRecord
 if TYPE_CHECKING:  # opacus loads only for runs with DP
     from .privacy import PrivacyLedger
 
-__all__ = ["CHECKPOINT", "check_output_folder", "checkpoint_state", "load_checkpoint",
-           "save_checkpoint", "settings_digest", "verified_state"]
+__all__ = ["CHECKPOINT", "checkpoint_state", "load_checkpoint", "save_checkpoint",
+           "settings_digest", "verified_state"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -84,6 +83,8 @@ def checkpoint_state(config: SimulationConfig, fed: CoDreamFederation) -> dict:
         "accountants": [ledger.accountant.state_dict() for ledger in _ledgers(fed)],
         "dp_epochs": [t.epochs_done for t in fed.trainers or ()],
         "broadcast_down": fed.broadcast_down.tolist(),
+        "pooled_histogram": None if fed.pooled_histogram is None
+        else fed.pooled_histogram.tolist(),
         "generator": None if fed.dreamer is None else fed.dreamer.state_dict(),
     }
 
@@ -101,27 +102,13 @@ def _short(error: Exception, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_output_folder(out: Path, files: tuple[str, ...] = ()) -> None:
-    """Fail before a run, not after it, if `out` cannot take the checkpoint and `files`."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise ConfigError(f"--out: cannot write into {out} ({os_reason(error)})") from None
-    for name in (CHECKPOINT, *files):
-        if (out / name).is_dir():
-            raise ConfigError(f"--out: {out / name} is a folder, but the run writes a file "
-                              "there; move it away or choose another --out")
-
-
 class _NotACheckpoint(Exception):
     """What makes a file's content unusable as a checkpoint; load_checkpoint names the file."""
 
 
 _CHECKPOINT_KEYS = ("config", "round", "models", "server_model", "buffer", "result", "rounds",
                     "last_dreams", "channels", "accountants", "dp_epochs", "broadcast_down",
-                    "generator")
+                    "pooled_histogram", "generator")
 
 
 def _read_state(content: bytes, device: torch.device) -> dict:
@@ -217,11 +204,22 @@ def _restore(state: dict, fed: CoDreamFederation) -> int:
         trainer.epochs_done = int(epochs)
     # DP-SGD batches and noise come from fresh os.urandom keys: no generator state to restore
     fed.broadcast_down = _counts(state["broadcast_down"], fed.n)
+    fed.pooled_histogram = _histogram(state["pooled_histogram"], fed)
     if fed.dreamer is not None:  # generator mode: the meta-generator goes on where it was
         _load_weights(fed.dreamer.meta, state["generator"], "meta-generator")
     elif state["generator"] is not None:
         raise _NotACheckpoint("it holds a meta-generator, but this run dreams in pixel mode")
     return state["round"]
+
+
+def _histogram(values: object, fed: CoDreamFederation) -> np.ndarray | None:
+    """The pooled class histogram a class-aware run released after warm-up."""
+    if fed.teacher_kind != "class-aware":
+        return None
+    counts = np.asarray(values, dtype=np.float64)
+    if counts.ndim != 1 or not np.isfinite(counts).all() or (counts < 0).any():
+        raise _NotACheckpoint("'pooled_histogram' is not a list of class counts")
+    return counts
 
 
 def _load_weights(model: torch.nn.Module, weights: object, what: str) -> None:

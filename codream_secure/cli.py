@@ -13,7 +13,8 @@ from codream_secure import __version__
 from codream_secure.bench_cli import bench
 from codream_secure.cli_options import option_panels, simulate_options
 from codream_secure.config import build_config, load_config
-from codream_secure.errors import CoDreamError, os_reason
+from codream_secure.errors import CoDreamError
+from codream_secure.out_folder import check_output_folder
 from protocols.errors import ProtocolError
 
 EXIT_BAD_INPUT = 2
@@ -109,7 +110,8 @@ def simulate(config_file: str | None, resume: bool, quiet: bool, **overrides: An
     them all, with their defaults.
 
     \b
-    Writes into --out:
+    Writes into --out, once the config, the data, the models and any --resume checkpoint
+    have passed every check (a refused run leaves --out as it was):
       report.json   every number of the run (schema: docs/report-schema.md)
       report.md     human summary: config, accuracy, aggregator error, per round
       accuracy.png  test accuracy per round, CoDream vs baselines
@@ -122,10 +124,7 @@ def simulate(config_file: str | None, resume: bool, quiet: bool, **overrides: An
       codream-secure simulate --config runs/latest/report.json --out runs/again
     """
     config = build_config(load_config(config_file) if config_file else {}, overrides)
-    try:  # fail before a long run, not after it, if the output folder cannot be made
-        Path(config.run.out).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise click.FileError(config.run.out, hint=os_reason(error)) from None
+    check_output_folder(Path(config.run.out))  # reads only: a run writes once it is prepared
     from codream_secure.progress import NullProgress, RichProgress
     from codream_secure.report import write_report
     from codream_secure.simulation import run_simulation  # lazy: torch loads only for a run

@@ -17,7 +17,7 @@ from codream_secure.dreams import Precision, check_precision, model_mode
 from codream_secure.errors import ConfigError
 from codream_secure.train_step import BatchStep, FastPath
 
-__all__ = ["distill", "evaluate", "kd_loss", "soft_labels", "train_local"]
+__all__ = ["distill", "evaluate", "kd_loss", "recalibrate_batchnorm", "soft_labels", "train_local"]
 
 TeacherKind = Literal["probs", "logits"]
 
@@ -62,7 +62,8 @@ def _autocast(device: torch.device, precision: Precision):
 
 def _fit(step: BatchStep, optimizer: torch.optim.Optimizer, x: torch.Tensor,
          targets: tuple[torch.Tensor, ...], constants: tuple, *, epochs: int,
-         generator: torch.Generator) -> tuple[list[float], float, int]:
+         generator: torch.Generator, frozen_batchnorm: bool = False
+         ) -> tuple[list[float], float, int]:
     """Shuffled mini-batch epochs of step(x_b, *targets_b, *constants): per-epoch mean losses,
     the last epoch's count share (accuracy or agreement) and the step count.
 
@@ -73,6 +74,10 @@ def _fit(step: BatchStep, optimizer: torch.optim.Optimizer, x: torch.Tensor,
     share = float("nan")
     steps = 0
     with model_mode(step.model, training=True):
+        if frozen_batchnorm:
+            for module in step.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         for _ in range(epochs):
             loss_sum = torch.zeros((), device=x.device)
             count = torch.zeros((), device=x.device, dtype=torch.long)
@@ -214,11 +219,14 @@ def distill(
     weight_decay: float = 1e-4,
     precision: Precision = "fp32",
     fast: FastPath | None = None,
+    batchnorm: Literal["batch", "frozen"] = "batch",
 ) -> dict[str, Any]:
-    """Train the model (train mode) to match teacher outputs on dreams x with kd_loss.
+    """Train the model to match teacher outputs on dreams x with kd_loss.
 
-    precision and fast as in train_local. The teacher is checked and tempered once, before the
-    first step.
+    precision and fast as in train_local. batchnorm "batch" trains in train mode (dream batches
+    normalise themselves and move the running statistics); "frozen" keeps every BatchNorm layer
+    in eval mode, so dreams are normalised with the statistics of the client's data and leave
+    them untouched. The teacher is checked and tempered once, before the first step.
 
     Returns the last epoch's mean loss, the share of samples whose argmax matched the teacher's
     during that epoch, the per-epoch losses and the step count.
@@ -242,14 +250,46 @@ def distill(
     opt = step.optimizer(optimizer, lr, momentum, weight_decay)
     log_p = _tempered_teacher_log_probs(teacher.detach(), temperature, teacher_kind)
     targets = (log_p, teacher.argmax(dim=1))
+    if batchnorm not in ("batch", "frozen"):
+        raise ConfigError(f"batchnorm must be 'batch' or 'frozen', got {batchnorm!r}")
+    frozen = batchnorm == "frozen"
     losses, agreement, steps = _fit(step, opt, x, targets, (temperature, precision),
-                                    epochs=epochs, generator=generator)
+                                    epochs=epochs, generator=generator, frozen_batchnorm=frozen)
     return {
         "loss": losses[-1] if losses else float("nan"),
         "agreement": agreement,
         "epoch_losses": losses,
         "steps": steps,
     }
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> None:
+    """Re-estimate every BatchNorm layer's running statistics on x (the client's own data).
+
+    The statistics become the exact average over x's batches (momentum None), whatever they
+    were before; weights are unchanged. A model without BatchNorm is left as it is.
+    """
+    _check_batch_size(batch_size)
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats]
+    if not layers or x.shape[0] == 0:
+        return
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over the batches below
+    try:
+        with model_mode(model, training=False):
+            for layer in layers:
+                layer.train()
+            for start in range(0, x.shape[0], batch_size):
+                chunk = x[start : start + batch_size]
+                if chunk.shape[0] > 1 or start == 0:  # a batch of one has no variance
+                    model(chunk)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ __all__ = [
     "DreamBuffer",
     "DreamLossWeights",
     "DreamSynthesizer",
+    "DreamTargets",
     "NonFiniteGradientError",
     "Precision",
     "check_precision",
@@ -152,8 +153,26 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum(dim=1).mean()
 
 
+@dataclass(frozen=True)
+class DreamTargets:
+    """Label-conditioned dreams: a target class per dream and this client's weight per class.
+
+    The prediction term becomes mean_i weight[label_i] * CE(logits_i, label_i): a client pulls
+    a dream towards its target only as much as it knows that class.
+    """
+
+    labels: torch.Tensor
+    class_weights: torch.Tensor
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        labels = self.labels.to(logits.device)
+        per_dream = F.cross_entropy(logits, labels, reduction="none")
+        return (self.class_weights.to(logits)[labels] * per_dream).mean()
+
+
 def _dream_terms(
-    model: nn.Module, x: torch.Tensor, weights: DreamLossWeights, use_bn_statistics: bool
+    model: nn.Module, x: torch.Tensor, weights: DreamLossWeights, use_bn_statistics: bool,
+    targets: DreamTargets | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     with model_mode(model, training=False):
         if use_bn_statistics:
@@ -164,7 +183,7 @@ def _dream_terms(
             logits = model(x)
             bn = x.new_zeros(())
     terms = {
-        "pred": prediction_entropy(logits),
+        "pred": prediction_entropy(logits) if targets is None else targets.loss(logits),
         "tv": total_variation(x),
         "l2": torch.linalg.vector_norm(x),  # norm of the whole batch, not squared (official)
         "bn": bn,
@@ -193,9 +212,10 @@ def dream_objective(
     weights: DreamLossWeights,
     *,
     use_bn_statistics: bool = True,
+    targets: DreamTargets | None = None,
 ) -> torch.Tensor:
     """The dream loss as one differentiable scalar (x may come out of a generator)."""
-    return _dream_terms(model, x, weights, use_bn_statistics)[0]
+    return _dream_terms(model, x, weights, use_bn_statistics, targets)[0]
 
 
 def dream_gradient(
@@ -204,10 +224,14 @@ def dream_gradient(
     weights: DreamLossWeights,
     *,
     use_bn_statistics: bool = True,
+    targets: DreamTargets | None = None,
 ) -> torch.Tensor:
-    """grad_x of the dream loss as float32; x and the model's parameter .grad stay untouched."""
+    """grad_x of the dream loss as float32; x and the model's parameter .grad stay untouched.
+
+    With `targets` the prediction term is the label-conditioned cross-entropy, else entropy.
+    """
     inputs = x.detach().clone().requires_grad_(True)
-    total, _ = _dream_terms(model, inputs, weights, use_bn_statistics)
+    total, _ = _dream_terms(model, inputs, weights, use_bn_statistics, targets)
     (grad,) = torch.autograd.grad(total, inputs)
     return grad.to(torch.float32)
 

@@ -5,6 +5,7 @@ The bridge is explicit: torch tensor -> float32 numpy -> aggregator session -> n
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import random
 import time
@@ -23,11 +24,12 @@ from protocols.registry import open_session
 from protocols.session import AggregationSession
 
 from .config import AggregationConfig, CoDreamConfig, DeviceConfig
-from .distill import distill, evaluate, soft_labels, train_local
+from .distill import distill, evaluate, recalibrate_batchnorm, soft_labels, train_local
 from .dreams import (
     DreamBuffer,
     DreamLossWeights,
     DreamSynthesizer,
+    DreamTargets,
     NonFiniteGradientError,
     dream_gradient,
     dream_objective,
@@ -36,6 +38,13 @@ from .dreams import (
 from .errors import CoDreamError, ConfigError
 from .generator_dreams import DreamObjective, GeneratorDreamer, NoDreamsError, batch_of_step
 from .results import ClientData, MethodResult
+from .teacher import (
+    class_histogram,
+    class_shares,
+    class_weighted_teacher,
+    draw_targets,
+    teacher_quality,
+)
 from .train_step import FastPath
 
 if TYPE_CHECKING:  # opacus loads only for runs with DP
@@ -236,6 +245,8 @@ class RoundRecord:
     included_in_dreams: list[int] = field(default_factory=list)
     note: str = ""
     epsilon: float | None = None
+    teacher: dict = field(default_factory=dict)
+    kd: dict = field(default_factory=dict)
     skipped_batches: int | None = None  # generator mode: dream batches whose sum was not finite
 
     def to_dict(self) -> dict:
@@ -245,6 +256,7 @@ class RoundRecord:
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "seconds": self.seconds,
             "dropped": self.dropped, "included_in_dreams": self.included_in_dreams,
             "note": self.note, "epsilon": self.epsilon, "skipped_batches": self.skipped_batches,
+            "teacher": self.teacher, "kd": self.kd,
         }
 
 
@@ -259,10 +271,22 @@ class CoDreamFederation:
                  device_options: DeviceConfig | None = None, use_bn_statistics: bool = True,
                  weights: DreamLossWeights | None = None,
                  trainers: Sequence[SampleLevelTrainer] | None = None,
+                 teacher: str = "uniform",
+                 histogram_channel: AggregationChannel | None = None,
                  dreamer: GeneratorDreamer | None = None) -> None:
         """`codream` drives the rounds; `aggregation` supplies the simulated dropouts (none by
-        default), `device_options` the precision and CUDA graphs (fp32, none by default),
-        `dreamer` the meta-generator of dream_mode "generator" (its updates use grad_channel)."""
+        default), `device_options` the precision and CUDA graphs (fp32, none by default).
+        `teacher` "class-aware" weights soft labels per class and needs `histogram_channel`,
+        through which the pooled class histogram is released once, after warm-up. `dreamer`
+        holds the meta-generator of dream_mode "generator" (its updates use grad_channel)."""
+        if teacher not in ("uniform", "class-aware"):
+            raise ConfigError(f"teacher must be 'uniform' or 'class-aware', got {teacher!r}")
+        if teacher == "class-aware" and histogram_channel is None:
+            raise ConfigError("a class-aware teacher needs a channel for the class histogram")
+        if codream.dream_objective == "label" and teacher != "class-aware":
+            raise ConfigError("label-conditioned dreams need the class-aware teacher")
+        self.teacher_kind, self.histogram_channel = teacher, histogram_channel
+        self.pooled_histogram: np.ndarray | None = None
         if codream.dream_mode == "generator" and dreamer is None:
             raise ConfigError('[codream] dream_mode = "generator" needs a GeneratorDreamer')
         self.dreamer = dreamer
@@ -273,7 +297,8 @@ class CoDreamFederation:
         self.dropout = aggregation or AggregationConfig()
         self.compute = device_options or DeviceConfig()
         self.grad_channel, self.label_channel = grad_channel, label_channel
-        self.weights = weights or DreamLossWeights()
+        self.weights = weights or DreamLossWeights(pred=codream.dream_pred_weight,
+                                                   bn=codream.dream_bn_weight)
         self.buffer = DreamBuffer(codream.buffer_size)
         self.result = MethodResult("codream")
         self.rounds: list[RoundRecord] = []
@@ -289,10 +314,17 @@ class CoDreamFederation:
     def n(self) -> int:
         return len(self.clients)
 
-    def _evaluate(self) -> tuple[list[float], list[float]]:
-        pairs = zip(self.models, self.clients, strict=True)
-        val = [evaluate(m, c.x_val, c.y_val) for m, c in pairs]
-        test = [evaluate(m, self.x_test, self.y_test) for m in self.models]
+    def _evaluate(self, clients: Sequence[int] | None = None) -> tuple[list[float], list[float]]:
+        """Validation and test accuracy of each client's model (all by default), after
+        re-estimating its BatchNorm statistics on its own training data when configured."""
+        clients = range(self.n) if clients is None else clients
+        val, test = [], []
+        for k in clients:
+            model, data = self.models[k], self.clients[k]
+            if self.s.bn_statistics == "recalibrated":
+                recalibrate_batchnorm(model, data.x_train)
+            val.append(evaluate(model, data.x_val, data.y_val))
+            test.append(evaluate(model, self.x_test, self.y_test))
         return val, test
 
     def epsilon(self) -> float | None:
@@ -319,6 +351,8 @@ class CoDreamFederation:
         """Local training before any collaboration; recorded as round 0."""
         start = time.perf_counter()
         self._train_locally(0, self.s.warmup_epochs)
+        if self.teacher_kind == "class-aware":
+            self.release_histogram()
         val, test = self._evaluate()
         self.result.record(val, test)
         zeros = [0] * self.n
@@ -326,10 +360,38 @@ class CoDreamFederation:
                                        {"local": time.perf_counter() - start}, [],
                                        epsilon=self.epsilon()))
 
-    def _dream_gradients(self, clients: list[int], x: torch.Tensor) -> list[torch.Tensor]:
+    def release_histogram(self) -> None:
+        """Sum the clients' class counts through the aggregator: the one release of them."""
+        assert self.histogram_channel is not None
+        counts = {k: class_histogram(c.y_train, self._classes()) for k, c in
+                  enumerate(self.clients)}
+        self.histogram_channel.open(self._classes(), seed=(self.seed, "histogram"))
+        total, included = self.histogram_channel.sum(counts)
+        if len(included) != self.n:
+            raise TooFewSurvivorsError("the class histogram needs every client after warm-up")
+        self.pooled_histogram = np.rint(np.clip(total, 0, None))
+
+    def _classes(self) -> int:
+        """The number of classes, from the server model's output layer."""
+        return int(self.server_model.num_classes)
+
+    def _shares(self, k: int) -> np.ndarray:
+        assert self.pooled_histogram is not None
+        own = class_histogram(self.clients[k].y_train, self._classes())
+        return class_shares(own, self.pooled_histogram)
+
+    def _dream_gradients(self, clients: list[int], x: torch.Tensor,
+                         targets: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Each client's grad_x of its dream loss: the reference fp32 path, or the fast path
         (bf16; clients sharing an architecture in one vmapped step; on CUDA compiled with CUDA
-        graphs, one per group or, with dream_graph="one", one for every client)."""
+        graphs, one per group or, with dream_graph="one", one for every client). Label-
+        conditioned dreams (`targets`) always take the reference path."""
+        if targets is not None:
+            return [dream_gradient(self.models[c], x, self.weights,
+                                   use_bn_statistics=self.use_bn_statistics,
+                                   targets=DreamTargets(targets, torch.from_numpy(
+                                       self._shares(c)).float()))
+                    for c in clients]
         if self.compute.precision == "fp32":
             return [dream_gradient(self.models[c], x, self.weights,
                                    use_bn_statistics=self.use_bn_statistics) for c in clients]
@@ -380,8 +442,17 @@ class CoDreamFederation:
                 plan[c] = (rng.randint(1, self.s.dream_steps), rng.random() < 0.5)
         return plan
 
+    def _targets(self, round_index: int) -> torch.Tensor | None:
+        """The round's dream targets, drawn from the pooled histogram (label objective only)."""
+        if self.s.dream_objective != "label":
+            return None
+        assert self.pooled_histogram is not None
+        return draw_targets(self.pooled_histogram, self.s.dream_batch,
+                            generator(self.seed, "targets", round_index))
+
     def _synthesise(self, round_index: int, plan: dict[int, tuple[int, bool]],
-                    progress, seconds: dict[str, float]) -> tuple[torch.Tensor, frozenset[int]]:
+                    progress, seconds: dict[str, float], targets: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, frozenset[int]]:
         """Jointly optimise a dream batch; every step's gradient sum is a secure sum."""
         shape = (self.s.dream_batch, *self.clients[0].x_train.shape[1:])
         # the dreams and their Adam state live where the models do: one upload of the mean
@@ -398,7 +469,7 @@ class CoDreamFederation:
             leaving_before = {c for c, (s, after) in plan.items() if s == step and not after}
             leaving_after = [c for c, (s, after) in plan.items() if s == step and after]
             members = sorted(active - leaving_before)
-            grads = self._dream_gradients(members, x)
+            grads = self._dream_gradients(members, x, targets)
             # device masking: the gradient is quantised and masked where it was computed
             inputs = {c: g.reshape(-1) if self.grad_channel.device_masking
                       else g.cpu().numpy().reshape(-1) for c, g in zip(members, grads, strict=True)}
@@ -421,11 +492,13 @@ class CoDreamFederation:
         return synth.dreams.cpu(), frozenset(active)
 
     def _synthesise_generator(self, round_index: int, plan: dict[int, tuple[int, bool]],
-                              progress, seconds: dict[str, float]
-                              ) -> tuple[torch.Tensor, frozenset[int]]:
+                              progress, seconds: dict[str, float],
+                              targets: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, frozenset[int], torch.Tensor | None]:
         """CoDream-fast: one secure sum of the clients' (generator, latent) updates per dream
         batch. A dropout planned at pixel step s falls in batch ceil(s * batches / dream_steps).
-        """
+        Label-conditioned dreams aim every batch at the round's `targets`; returned with the
+        dreams, they are repeated once per kept batch."""
         assert self.dreamer is not None
         batches = self.dreamer.settings.batches
         leaving = {c: (batch_of_step(step, self.s.dream_steps, batches), after)
@@ -437,13 +510,15 @@ class CoDreamFederation:
         self.grad_channel.open(self.dreamer.vector_length,
                                seed=(self.seed, "generator", round_index))
         outcome = self.dreamer.dream(
-            round_index, range(self.n), self._generator_objective(round_index), self.grad_channel,
+            round_index, range(self.n), self._generator_objective(targets), self.grad_channel,
             latent_seeds=lambda batch: generator(self.seed, "latents", round_index, batch),
             leaving=leaving, adaptive=adaptive, adaptive_weight=self.s.adaptive_weight,
             seconds=seconds, progress=progress)
         for c, sent in outcome.bytes_down.items():
             self.broadcast_down[c] += sent
-        return outcome.dreams, outcome.members
+        if targets is not None:
+            targets = targets.repeat(len(outcome.dreams) // len(targets))
+        return outcome.dreams, outcome.members, targets
 
     def _note_skipped_batches(self, record: RoundRecord) -> None:
         """Generator mode: how many dream batches the round skipped, and why, in its record."""
@@ -455,23 +530,48 @@ class CoDreamFederation:
             skipped = f"skipped dream {'; '.join(reasons)}"
             record.note = f"{record.note}; {skipped}" if record.note else skipped
 
-    def _generator_objective(self, round_index: int) -> DreamObjective:
-        """Each client's loss on a batch's dreams G(z): the pixel-mode dream loss. The batch
-        index is where per-batch targets (label-conditioned dreams) would be looked up."""
+    def _generator_objective(self, targets: torch.Tensor | None) -> DreamObjective:
+        """Each client's loss on a batch's dreams G(z): the pixel-mode dream loss, label-
+        conditioned on `targets` if given. The batch index is where per-batch targets would
+        be looked up."""
         def loss(client: int, batch: int, x: torch.Tensor) -> torch.Tensor:
+            conditioned = None if targets is None else DreamTargets(
+                targets, torch.from_numpy(self._shares(client)).float())
             return dream_objective(self.models[client], x, self.weights,
-                                   use_bn_statistics=self.use_bn_statistics)
+                                   use_bn_statistics=self.use_bn_statistics,
+                                   targets=conditioned)
         return loss
 
-    def _teacher(self, round_index: int, dreams: torch.Tensor, members: frozenset[int]
-                 ) -> torch.Tensor:
-        """Average of the members' soft labels on the dreams, summed securely."""
-        outputs = {c: soft_labels(self.models[c], dreams.to(self.device), kind=self.s.soft_labels)
-                   .cpu().numpy().reshape(-1) for c in sorted(members)}
+    def _teacher(self, round_index: int, dreams: torch.Tensor, members: frozenset[int],
+                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The members' soft labels on the dreams, summed securely: their mean, or weighted
+        per class by each member's share of the class; and the teacher's quality."""
+        labels = {c: soft_labels(self.models[c], dreams.to(self.device), kind=self.s.soft_labels)
+                  .cpu() for c in sorted(members)}
+        if self.teacher_kind == "class-aware":
+            outputs = {c: np.concatenate([(p.numpy() * self._shares(c)).reshape(-1),
+                                          self._shares(c)]).astype(np.float32)
+                       for c, p in labels.items()}
+        else:
+            outputs = {c: p.numpy().reshape(-1) for c, p in labels.items()}
         self.label_channel.open(next(iter(outputs.values())).size,
                                 seed=(self.seed, "labels", round_index))
         total, included = self.label_channel.sum(outputs)
-        mean = (total / len(included)).reshape(dreams.shape[0], -1)
+        if self.teacher_kind == "class-aware":
+            classes = self._classes()
+            teacher = torch.from_numpy(class_weighted_teacher(
+                total, dreams.shape[0], classes).astype(np.float32))
+            probs = [labels[c] for c in sorted(included)]
+            return teacher, teacher_quality(teacher, probs, targets)
+        teacher = self._mean_teacher(total, len(included), dreams.shape[0])
+        probs = [labels[c] if self.s.soft_labels == "probs" else labels[c].softmax(dim=1)
+                 for c in sorted(included)]
+        shown = teacher if self.s.soft_labels == "probs" else teacher.softmax(dim=1)
+        return teacher, teacher_quality(shown, probs, targets)
+
+    def _mean_teacher(self, total: np.ndarray, included: int, dreams: int) -> torch.Tensor:
+        """The plain mean of the released soft labels (onto the simplex after DP noise)."""
+        mean = (total / included).reshape(dreams, -1)
         if self.label_channel.dp is not None and self.s.soft_labels == "probs":
             # post-processing of the noisy release (costs no privacy): back onto the simplex
             mean = np.clip(mean, 0.0, None)
@@ -494,20 +594,23 @@ class CoDreamFederation:
         return self.grad_channel.bytes_down + self.label_channel.bytes_down + self.broadcast_down
 
     def run_round(self, round_index: int, progress=None) -> RoundRecord:
-        """Local training, dream synthesis, soft labels, distillation, evaluation."""
+        """Dream synthesis, soft labels, distillation, then local training, then evaluation
+        (the official order: knowledge from the dreams first, the client's own data last)."""
         seconds = {"local": 0.0, "dreams": 0.0, "aggregation": 0.0, "distill": 0.0}
         up0 = self.grad_channel.bytes_up + self.label_channel.bytes_up
         down0 = self._bytes_down()
-        start = time.perf_counter()
-        self._train_locally(round_index, self.s.local_epochs)
-        seconds["local"] = time.perf_counter() - start
         plan = self._dropouts(round_index)
         dropped = sorted(plan)
-        synthesise = self._synthesise if self.dreamer is None else self._synthesise_generator
+        targets = self._targets(round_index)
+        quality: dict = {}
         try:
-            dreams, members = synthesise(round_index, plan, progress, seconds)
+            if self.dreamer is None:
+                dreams, members = self._synthesise(round_index, plan, progress, seconds, targets)
+            else:
+                dreams, members, targets = self._synthesise_generator(
+                    round_index, plan, progress, seconds, targets)
             start = time.perf_counter()
-            teacher = self._teacher(round_index, dreams, members)
+            teacher, quality = self._teacher(round_index, dreams, members, targets)
             seconds["aggregation"] += time.perf_counter() - start
         except (TooFewSurvivorsError, NoDreamsError) as error:
             note = f"no knowledge exchange this round: {error}"
@@ -516,31 +619,51 @@ class CoDreamFederation:
             dreams, members, teacher = None, frozenset(), None
         else:
             note = ""
+        kd: dict = {}
         if dreams is not None and teacher is not None:
             self.last_dreams = dreams
             self.buffer.add(dreams, teacher)
             start = time.perf_counter()
-            bx, by = self.buffer.tensors()
-            bx, by = bx.to(self.device), by.to(self.device)
-            for k in sorted(members):
-                distill(self.models[k], bx, by, epochs=self.s.distill_epochs,
-                        lr=self.s.distill_lr, batch_size=self.s.batch_size,
-                        temperature=self.s.kd_temperature, teacher_kind=self.s.soft_labels,
-                        generator=generator(self.seed, "distill", round_index, k),
-                        precision=self.compute.precision, fast=self.train_path)
-            distill(self.server_model, bx, by, epochs=self.s.distill_epochs, lr=self.s.distill_lr,
-                    batch_size=self.s.batch_size, temperature=self.s.kd_temperature,
-                    teacher_kind=self.s.soft_labels,
-                    generator=generator(self.seed, "distill", round_index, "server"),
-                    precision=self.compute.precision, fast=self.train_path)
+            kd = self._distill_members(round_index, sorted(members))
             seconds["distill"] = time.perf_counter() - start
-            self._check_finite(round_index, [*sorted(members), "server"])
+        start = time.perf_counter()
+        self._train_locally(round_index, self.s.local_epochs)
+        seconds["local"] = time.perf_counter() - start
         val, test = self._evaluate()
         self.result.record(val, test)
         up = self.grad_channel.bytes_up + self.label_channel.bytes_up - up0
         down = self._bytes_down() - down0
         record = RoundRecord(round_index, val, test, [int(b) for b in up], [int(b) for b in down],
-                             seconds, dropped, sorted(members), note, epsilon=self.epsilon())
+                             seconds, dropped, sorted(members), note, epsilon=self.epsilon(),
+                             teacher=quality, kd=kd)
         self._note_skipped_batches(record)
         self.rounds.append(record)
         return record
+
+    def _distill_members(self, round_index: int, members: list[int]) -> dict:
+        """Distil every member (and the server) on the buffer; with the validation gate a
+        member whose validation accuracy dropped keeps its pre-distillation weights.
+        Returns the members' validation and test accuracy before and after."""
+        bx, by = self.buffer.tensors()
+        bx, by = bx.to(self.device), by.to(self.device)
+        options = dict(epochs=self.s.distill_epochs, lr=self.s.distill_lr,
+                       batch_size=self.s.batch_size, temperature=self.s.kd_temperature,
+                       teacher_kind=self.s.soft_labels, precision=self.compute.precision,
+                       fast=self.train_path, batchnorm=self.s.distill_bn)
+        val_before, test_before = self._evaluate(members)
+        saved = {k: copy.deepcopy(self.models[k].state_dict()) for k in members} \
+            if self.s.kd_gate == "validation" else {}
+        for k in members:
+            distill(self.models[k], bx, by,
+                    generator=generator(self.seed, "distill", round_index, k), **options)
+        distill(self.server_model, bx, by,
+                generator=generator(self.seed, "distill", round_index, "server"), **options)
+        self._check_finite(round_index, [*members, "server"])
+        val_after, test_after = self._evaluate(members)
+        kept = [not saved or after >= before for before, after in zip(val_before, val_after,
+                                                                      strict=True)]
+        for k, keep in zip(members, kept, strict=True):
+            if not keep:
+                self.models[k].load_state_dict(saved[k])
+        return {"clients": members, "val_before": val_before, "val_after": val_after,
+                "test_before": test_before, "test_after": test_after, "kept": kept}

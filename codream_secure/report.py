@@ -17,13 +17,14 @@ import numpy as np
 from codream_secure.errors import CoDreamError, os_reason
 from codream_secure.report_privacy import plot_privacy, privacy_section
 from codream_secure.report_schema import InvalidReport, validate_report
+from codream_secure.report_teacher import plot_teacher, teacher_rows
 
 SCHEMA_VERSION = 1
 MAX_DREAMS_SHOWN = 64
 METHOD_ORDER = ("codream", "isolated", "fedavg", "centralized")
 # every file write_report may write into a run's folder
-REPORT_FILES = ("report.json", "report.md", "accuracy.png", "privacy.png", "dreams.png",
-                "dreams.npz")
+REPORT_FILES = ("report.json", "report.md", "accuracy.png", "privacy.png", "teacher.png",
+                "dreams.png", "dreams.npz")
 
 
 class ReportError(CoDreamError):
@@ -159,11 +160,14 @@ def _render(report: dict, out_dir: Path, dreams: tuple | None) -> dict[str, Path
         paths["privacy_png"] = privacy_png
     else:
         privacy_png.unlink(missing_ok=True)  # never show an earlier run's privacy plot
+    teacher_png = out_dir / "teacher.png"
+    if not plot_teacher(report, teacher_png):
+        teacher_png.unlink(missing_ok=True)
     if dreams is not None:
         paths["dreams_png"] = out_dir / "dreams.png"
         plot_dreams(*dreams, paths["dreams_png"])
-    images = [p.name for p in (out_dir / "accuracy.png", privacy_png, out_dir / "dreams.png")
-              if p.exists()]
+    images = [p.name for p in (out_dir / "accuracy.png", privacy_png, teacher_png,
+                               out_dir / "dreams.png") if p.exists()]
     _atomic_write(paths["md"], render_markdown(report, images=images))
     return paths
 
@@ -240,6 +244,7 @@ def render_markdown(report: dict, *, images: list[str] = ()) -> str:
                        "last-round mean"], rows)
     lines += _aggregator_section(agg) + privacy_section(report.get("privacy"))
     lines += _rounds_section(report["rounds"])
+    lines += _teacher_section(report["rounds"])
     lines += _dataset_section(data)
     lines += _section("Configuration", ["key", "value"], [
         [f"[{table}] {k}", f"`{_num(v)}`"] for table, keys in report["config"].items()
@@ -298,6 +303,16 @@ def _rounds_section(rounds: list[dict]) -> list[str]:
     header += ["in dreams"] if has_included else []
     header += ["skipped batches"] if has_skipped else []
     return _section("Rounds (CoDream, %)", header, rows)
+
+
+def _teacher_section(rounds: list[dict]) -> list[str]:
+    rows = [[str(row[0]), *("–" if v is None else f"{v:.3f}" for v in row[1:5]),
+             pct(row[5]), pct(row[6]), _num(row[7])] for row in teacher_rows(rounds)]
+    if not rows:
+        return []
+    header = ["round", "teacher max-prob", "entropy", "client agreement", "dreams at target",
+              "test before KD", "test after KD", "clients keeping KD"]
+    return _section("Teacher and distillation", header, rows)
 
 
 def _dataset_section(data: dict) -> list[str]:

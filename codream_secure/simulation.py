@@ -1,4 +1,7 @@
-"""`codream-secure simulate` as a library call: data, clients, CoDream rounds, baselines, report."""
+"""`codream-secure simulate` as a library call: data, clients, CoDream rounds, baselines, report.
+
+A run is prepared first (config, data, models, DP and aggregation plans, a --resume checkpoint:
+every check, no write) and only then writes into --out."""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from protocols import registry
 
 from . import __version__
 from .baselines import client_seed, run_centralized, run_fedavg, run_isolated, seeded_model
-from .checkpoint import CHECKPOINT, check_output_folder, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .checkpoint_file import partial_path
 from .config import (
     AggregationConfig,
     CoDreamConfig,
@@ -33,6 +37,8 @@ from .dp_plan import privacy_report
 from .errors import ConfigError
 from .federation import AggregationChannel, CoDreamFederation, derived_seed
 from .generator_dreams import GeneratorDreamer, GeneratorSettings
+from .out_folder import check_output_folder, make_output_folder
+from .preflight import check_models_train, check_ring
 from .progress import NullProgress, Progress
 from .report import REPORT_FILES
 from .results import ClientData, MethodResult
@@ -107,7 +113,8 @@ def _baselines(run: RunConfig, codream: CoDreamConfig, models: tuple[str, ...],
     common = dict(input_shape=data.input_shape, num_classes=data.num_classes,
                   warmup_epochs=codream.warmup_epochs, rounds=codream.rounds,
                   local_epochs=codream.local_epochs, lr=codream.local_lr,
-                  batch_size=codream.batch_size, seed=run.seed, progress=progress)
+                  batch_size=codream.batch_size, seed=run.seed, progress=progress,
+                  bn_statistics=codream.bn_statistics)
     results = {}
     if "isolated" in run.baselines:
         results["isolated"] = run_isolated(clients, x_test, y_test, models=models, **common)
@@ -207,6 +214,19 @@ def _channels(aggregation: AggregationConfig, codream: CoDreamConfig, n_clients:
                 (aggregation.label_clip, "soft-label", client_dp and client_dp.labels, "host"))]
 
 
+def _histogram_channel(aggregation: AggregationConfig, n_clients: int, device: torch.device
+                       ) -> AggregationChannel:
+    """The channel that releases the pooled class histogram once (class-aware teacher).
+
+    Counts are integers below its clip of 2^20 per class and client; the 64-bit ring keeps
+    their sum exact to well under one count, so the server rounds it to integers.
+    """
+    return AggregationChannel(aggregation.aggregator, n_clients, clip=float(2**20), ring_bits=64,
+                              expected_dropout=aggregation.dropout_rate,
+                              purpose="class-histogram", key_bits=aggregation.paillier_bits,
+                              device=device, threat_model=aggregation.threat_model)
+
+
 def _dreamer(codream: CoDreamConfig, data: LoadedDataset, seed: int, device: torch.device
              ) -> GeneratorDreamer | None:
     """The meta-generator of dream_mode "generator" (None in pixel mode)."""
@@ -222,12 +242,30 @@ def _use_threads(device: DeviceConfig) -> None:
         torch.set_num_threads(device.threads)
 
 
-def run_simulation(config: SimulationConfig, *, progress: Progress | None = None,
-                   resume: bool = False) -> SimulationOutcome:
-    """Run CoDream and its baselines on the same splits; checkpoint after every round."""
-    progress = progress or NullProgress()
+@dataclass
+class PreparedRun:
+    """Everything a run needs, built and checked before anything is written into --out."""
+
+    config: SimulationConfig
+    device: torch.device
+    data: LoadedDataset
+    clients: list[ClientData]
+    parts: list[np.ndarray]
+    client_models: tuple[str, ...]
+    fed: CoDreamFederation
+    client_dp: ClientDP | None
+    done: int  # the last round the resumed checkpoint completed; -1 for a fresh run
+    resume: bool
+    started: dt.datetime
+    clock: float
+
+
+def prepare_simulation(config: SimulationConfig, *, resume: bool = False) -> PreparedRun:
+    """Validate the config against the data and build the run: data, clients, models, DP plan,
+    aggregation channels, and on --resume the restored checkpoint. Reads --out, never writes."""
     out = Path(config.run.out)
-    check_output_folder(out, REPORT_FILES)
+    check_output_folder(out, (CHECKPOINT, partial_path(Path(CHECKPOINT)).name, *REPORT_FILES))
+    check_ring(config)
     started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     _use_threads(config.device)
     device = resolve_device(config.device.device)
@@ -244,6 +282,9 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
     server_model = seeded_model(config.models.server_model, input_shape=data.input_shape,
                                 num_classes=data.num_classes,
                                 seed=client_seed(seed, 999)).to(device)
+    # before DP-SGD swaps BatchNorm for GroupNorm: the server model and the baselines keep it
+    check_models_train(config, models, server_model, input_shape=data.input_shape,
+                       num_classes=data.num_classes)
     client_dp = trainers = None
     if privacy.dp == "client":
         from .dp_plan import plan_client_dp
@@ -268,9 +309,26 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
                             device_options=config.device,
                             use_bn_statistics=privacy.dp != "sample", grad_channel=channels[0],
                             label_channel=channels[1], device=device, trainers=trainers,
+                            teacher=config.teacher,
+                            histogram_channel=_histogram_channel(config.aggregation,
+                                                                 config.data.clients, device)
+                            if config.teacher == "class-aware" else None,
                             dreamer=_dreamer(codream, data, seed, device))
+    done = load_checkpoint(out / CHECKPOINT, config, fed) if resume else -1
+    return PreparedRun(config, device, data, clients, parts, client_models, fed, client_dp, done,
+                       resume, started, clock)
+
+
+def run_prepared(run: PreparedRun, *, progress: Progress | None = None) -> SimulationOutcome:
+    """The writing phase: warm-up, rounds with a checkpoint after each, baselines, the report."""
+    progress = progress or NullProgress()
+    config, fed, data, device = run.config, run.fed, run.data, run.device
+    seed, codream, privacy = config.run.seed, config.codream, config.privacy
+    clients, parts, client_dp = run.clients, run.parts, run.client_dp
+    out = Path(config.run.out)
+    make_output_folder(out)
     checkpoint = out / CHECKPOINT
-    done = load_checkpoint(checkpoint, config, fed) if resume else -1
+    done = run.done
     if done < 0:
         fed.warm_up()
         save_checkpoint(checkpoint, config, fed)
@@ -283,8 +341,8 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
         progress.advance(rounds_task)
         progress.log(f"round {r}: mean client accuracy {np.mean(record.test):.3f}")
     progress.done(rounds_task)
-    baselines = _baselines(config.run, codream, client_models, clients, data, x_test, y_test,
-                           progress)
+    baselines = _baselines(config.run, codream, run.client_models, clients, data, fed.x_test,
+                           fed.y_test, progress)
     finished = dt.datetime.now(dt.timezone.utc)
     report = {
         "schema_version": 1,
@@ -305,10 +363,17 @@ def run_simulation(config: SimulationConfig, *, progress: Progress | None = None
                   **{name: result.summary() for name, result in baselines.items()}},
         "baseline_curves": {name: {"test": result.test, "val": result.val}
                             for name, result in baselines.items()},
-        "timing": {"total_seconds": time.perf_counter() - clock,
-                   "started": started.isoformat(), "finished": finished.isoformat(),
-                   "resumed": bool(resume)},
+        "timing": {"total_seconds": time.perf_counter() - run.clock,
+                   "started": run.started.isoformat(), "finished": finished.isoformat(),
+                   "resumed": bool(run.resume)},
         "command": " ".join(sys.argv),
     }
     dreams = fed.last_dreams if fed.last_dreams is not None else torch.zeros(0, *data.input_shape)
     return SimulationOutcome(report, dreams.cpu().numpy(), tuple(data.mean), tuple(data.std))
+
+
+def run_simulation(config: SimulationConfig, *, progress: Progress | None = None,
+                   resume: bool = False) -> SimulationOutcome:
+    """Run CoDream and its baselines on the same splits; checkpoint after every round. The whole
+    run is prepared and checked before anything is written into --out."""
+    return run_prepared(prepare_simulation(config, resume=resume), progress=progress)

@@ -65,7 +65,10 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
     """Sum n client vectors under `protocol`, with dropouts, and report the bytes and the time.
 
     `clip` defaults to the largest absolute input (a real deployment declares it up front).
-    `dropout_rate` drops each client independently at `dropout_stage`; `dropouts` names exact ones.
+    `dropout_rate` drops each client independently at `dropout_stage`; `dropouts` names exact ones
+    (a client named twice falls silent at the earliest; a malformed one raises ParameterError).
+    The result holds the clients that stayed until their input was in the sum; `dropped` the
+    others, key setup dropouts included.
     With `weights` (e.g. sample counts, bounded by the public `max_weight`) the result holds
     sum_k w_k x_k and sum_k w_k over the survivors, and `.weighted_mean` is their ratio.
     With `dp` (a protocols.dp.DPSpec) every vector is clipped to L2 norm dp.l2_clip and the sum
@@ -78,8 +81,8 @@ def secure_sum(vectors: Sequence[np.ndarray] | np.ndarray, *, protocol: str = "s
     clip = float(clip if clip is not None else max(float(np.abs(stacked).max()), 1e-12))
     if not math.isfinite(clip) or clip <= 0:
         raise ParameterError(f"clip must be a positive finite number, got {clip}")
-    plan = FaultPlan.random(n, rate=dropout_rate, stage=dropout_stage, seed=seed)
-    plan.dropouts.extend(dropouts)
+    # a malformed dropout is refused before anything runs
+    plan = FaultPlan.for_clients(n, dropouts, rate=dropout_rate, stage=dropout_stage, seed=seed)
     if dp is not None:
         if weights is not None:
             raise ParameterError("weights and dp together are not supported")
@@ -128,7 +131,8 @@ def _one_step(session: AggregationSession, stacked: np.ndarray, plan: FaultPlan,
         session.close()
     traffic = session.traffic
     included = tuple(sorted(outcome.included))
+    dropped = tuple(c for c in range(n) if c not in outcome.included)  # setup dropouts too
     return SecureSumResult(
-        outcome.total, included, tuple(sorted(outcome.dropped)), traffic.bytes_up,
+        outcome.total, included, dropped, traffic.bytes_up,
         traffic.bytes_down, traffic.client_seconds, traffic.server_seconds,
         session.error_bound(max(len(included), 1)), protocol, session.threshold, session.degree)

@@ -241,18 +241,21 @@ class FixedPointCodec:
     def decode_sum(self, ring_sum: np.ndarray, *, n_summed: int) -> np.ndarray:
         """Signed two's complement reading of a ring sum of n_summed encodings, / 2^f (float64)."""
         self.check_budget(n_summed)
-        self._check_ring(ring_sum, "ring_sum")
+        signed = self.signed(ring_sum, "ring_sum")
+        return cast(np.ndarray, np.multiply(signed, math.ldexp(1.0, -self.scale_bits)))
+
+    def signed(self, ring: np.ndarray, name: str = "ring") -> np.ndarray:
+        """Two's complement reading of ring elements (int32 up to 32 ring bits, else int64)."""
+        self._check_ring(ring, name)
         k = self.ring_bits
         if k in (32, 64):
-            signed = ring_sum.view(np.int32 if k == 32 else np.int64)
-        else:
-            if np.any(ring_sum > self.mask):
-                raise MalformedMessageError(f"ring_sum holds values >= 2^{k}")
-            # shift the k-bit value to the top, then an arithmetic shift back sign-extends it.
-            width = 8 * self.dtype.itemsize
-            stype = np.int32 if width == 32 else np.int64
-            signed = np.left_shift(ring_sum, width - k).view(stype) >> (width - k)
-        return cast(np.ndarray, np.multiply(signed, math.ldexp(1.0, -self.scale_bits)))
+            return ring.view(np.int32 if k == 32 else np.int64)
+        if np.any(ring > self.mask):
+            raise MalformedMessageError(f"{name} holds values >= 2^{k}")
+        # shift the k-bit value to the top, then an arithmetic shift back sign-extends it.
+        width = 8 * self.dtype.itemsize
+        stype = np.int32 if width == 32 else np.int64
+        return cast(np.ndarray, np.left_shift(ring, width - k).view(stype) >> (width - k))
 
 
 def _checked_clip(clip: float) -> float:

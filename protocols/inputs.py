@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from .errors import NonFiniteInputError, ParameterError
 
-__all__ = ["check_count", "check_step_inputs", "check_vectors", "real_array"]
+__all__ = ["check_count", "check_step_inputs", "check_vectors", "real_array", "without_departed"]
 
+_V = TypeVar("_V")
 _REAL_KINDS = "biuf"  # bool, signed, unsigned, float: what converts to float64 exactly enough
 
 
@@ -81,6 +83,22 @@ def check_step_inputs(inputs: Mapping[int, object], drop_after_upload: Iterable[
             raise ParameterError(f"client {client}'s vector has {size} values, the session "
                                  f"expects {length}")
     return dropping
+
+
+def without_departed(inputs: Mapping[int, _V], drop_after_upload: Iterable[int], *,
+                     n_clients: int, active: Collection[int]) -> tuple[dict[int, _V], list[int]]:
+    """`inputs` and `drop_after_upload` without the clients that have left the session.
+
+    A client of the session (an id in [0, n_clients)) that is no longer active dropped earlier
+    and stays dropped, whatever the caller hands for it; any other id is left for
+    check_step_inputs to refuse.
+    """
+    def departed(client: object) -> bool:
+        return (isinstance(client, numbers.Integral) and not isinstance(client, bool)
+                and 0 <= int(client) < n_clients and client not in active)
+
+    kept = {client: vector for client, vector in inputs.items() if not departed(client)}
+    return kept, [client for client in drop_after_upload if not departed(client)]
 
 
 def check_vectors(vectors: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:

@@ -24,9 +24,10 @@ from .wire import message_type
 
 # request type code -> the stage a client answering it is in
 _REQUEST_STAGE = {
-    1: Stage.ADVERTISE, 3: Stage.ADVERTISE, 4: Stage.UPLOAD, 6: Stage.PAIRWISE,
+    1: Stage.ADVERTISE, 3: Stage.ROSTER, 4: Stage.UPLOAD, 6: Stage.PAIRWISE,
     10: Stage.CONSISTENCY, 8: Stage.SHARES,
 }
+_STAGE_ORDER = {stage: index for index, stage in enumerate(Stage)}
 
 
 _R = TypeVar("_R")
@@ -91,27 +92,48 @@ def _tampered(frame: _Frame) -> _Frame:
 
 
 class InProcessNetwork:
-    """Runs a SecAgg session between in-process parties, with faults injected on the wire."""
+    """Runs a SecAgg session between in-process parties, with faults injected on the wire.
+
+    A client falls silent at the earliest point any dropout names for it, and once the network
+    has withheld one message from it, it is in `silenced` and stays silent for the session.
+    """
 
     def __init__(self, server: SecAggServer, clients: Mapping[int, SecAggClient], *,
                  faults: FaultPlan | None = None) -> None:
         self.server, self.clients = server, dict(clients)
-        self.faults = faults or FaultPlan()
+        self.faults = (faults or FaultPlan()).check(server.graph.n)
         self.traffic = Traffic.zeros(server.graph.n)
         self.refusals: list[tuple[int, int, ProtocolError]] = []  # (step, client, error)
         self.late_arrivals: list[tuple[int, int, bytes]] = []  # what the server saw too late
+        self.silenced: set[int] = set()
         self._links = {cid: _Link() for cid in self.clients}
         self._silent_from = self.faults.silent_from()
+        self._leaving: dict[int, tuple[int, int]] = {}
         self._step = 0
 
     def add_dropouts(self, dropouts: Iterable[Dropout]) -> None:
         """Schedule more dropouts (for sessions whose failures are decided step by step)."""
-        self.faults.dropouts.extend(dropouts)
+        added = FaultPlan(list(dropouts)).check(self.server.graph.n).dropouts
+        self.faults.dropouts.extend(added)
         self._silent_from = self.faults.silent_from()
 
+    def leave_after_upload(self, clients: Iterable[int], step: int) -> None:
+        """`clients` upload at `step`, then fall silent before its share round.
+
+        Each call replaces the last one's clients. Unlike a dropout, this moves with a retried
+        step: a client never withheld a message uploads in the retry too (one in `silenced`
+        stays silent whatever this says).
+        """
+        self._leaving = {c: Dropout(c, step, Stage.SHARES).point for c in clients}
+
     def _silent(self, cid: int, stage: Stage) -> bool:
-        point = self._silent_from.get(cid)
-        return point is not None and (self._step, list(Stage).index(stage)) >= point
+        if cid in self.silenced:
+            return True
+        points = [p for p in (self._silent_from.get(cid), self._leaving.get(cid)) if p]
+        if points and (self._step, _STAGE_ORDER[stage]) >= min(points):
+            self.silenced.add(cid)
+            return True
+        return False
 
     def _server_call(self, fn: Callable[..., _R], *args: object) -> _R:
         start = time.perf_counter()

@@ -6,6 +6,7 @@ follows `AggregationSession`; DP wraps any of them (protocols.dp.private).
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,33 +18,79 @@ import numpy as np
 from .errors import ParameterError
 
 __all__ = [
-    "AggregationSession", "Dropout", "FaultPlan", "RingNoise", "SecureSumResult", "Stage",
-    "StepOutcome", "Traffic",
+    "SETUP_STAGES", "AggregationSession", "Dropout", "FaultPlan", "RingNoise", "SecureSumResult",
+    "Stage", "StepOutcome", "Traffic",
 ]
 
 
 class Stage(str, Enum):
-    """The points of a session at which a client can fail to answer."""
+    """The points of a session at which a client can fail to answer, in the order they come."""
 
-    ADVERTISE = "advertise"  # setup: the client never sends its keys
+    ADVERTISE = "advertise"  # setup (step 0): the client never sends its keys
+    ROSTER = "roster"  # setup (step 0): it sent its key, then misses its neighbours' keys
     UPLOAD = "upload"  # before sending its masked input
     PAIRWISE = "pairwise"  # after uploading, before revealing pair seeds
     CONSISTENCY = "consistency"  # before sending its consistency tokens (active model)
     SHARES = "shares"  # after uploading, before revealing self-mask shares
 
 
+SETUP_STAGES = (Stage.ADVERTISE, Stage.ROSTER)  # the stages of step 0, and only of step 0
+_ORDER = {stage: index for index, stage in enumerate(Stage)}
+
+
+def _as_stage(value: object, field_name: str) -> Stage:
+    try:
+        return Stage(value)
+    except ValueError:
+        raise ParameterError(f"{field_name} must be one of "
+                             f"{', '.join(s.value for s in Stage)}, got {value!r}") from None
+
+
+def _as_index(value: object, field_name: str, *, low: int = 0) -> int:
+    """An int (numpy's too, not a bool) of at least `low`, or a ParameterError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ParameterError(f"{field_name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_step_stage(step: int, stage: Stage, what: str) -> None:
+    if (step == 0) != (stage in SETUP_STAGES):
+        raise ParameterError(
+            f"{what}: step 0 is the key setup, whose stages are advertise and roster; "
+            f"steps >= 1 have the others (got step {step}, stage {stage.value!r})")
+
+
 @dataclass(frozen=True)
 class Dropout:
-    """`client` goes silent at `stage` of `step` (step 0 is the key setup) and stays silent."""
+    """`client` goes silent at `stage` of `step` (step 0 is the key setup) and stays silent.
+
+    A malformed one (a client or step that is not an int >= 0, an unknown stage, a setup stage
+    at a later step or the reverse) is refused when it is built.
+    """
 
     client: int
     step: int
     stage: Stage
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "client", _as_index(self.client, "Dropout.client"))
+        object.__setattr__(self, "step", _as_index(self.step, "Dropout.step"))
+        object.__setattr__(self, "stage", _as_stage(self.stage, "Dropout.stage"))
+        _check_step_stage(self.step, self.stage, "Dropout")
+
+    @property
+    def point(self) -> tuple[int, int]:
+        """(step, stage index): the moment the client falls silent, ordered in time."""
+        return self.step, _ORDER[self.stage]
+
 
 @dataclass
 class FaultPlan:
-    """Everything that goes wrong in a simulated session."""
+    """Everything that goes wrong in a simulated session.
+
+    A client named by several dropouts falls silent at the earliest of them; a silent client
+    never comes back. `check` refuses an entry that could not happen in a session of n clients.
+    """
 
     dropouts: list[Dropout] = field(default_factory=list)
     # (step, client): the upload reaches the server after its deadline
@@ -53,33 +100,88 @@ class FaultPlan:
 
     @classmethod
     def random(cls, n_clients: int, *, rate: float, stage: Stage | str,
-               steps: Iterable[int] = (1,), seed: int = 0) -> FaultPlan:
-        """Each client drops with probability `rate` at `stage` of a uniformly chosen step."""
+               steps: Iterable[int] | None = None, seed: int = 0) -> FaultPlan:
+        """Each client drops with probability `rate` at `stage` of a uniformly chosen step.
+
+        `steps` defaults to the key setup (0) for a setup stage and to step 1 otherwise.
+        """
         if not 0.0 <= rate < 1.0:
             raise ParameterError(f"dropout rate must be in [0, 1), got {rate}")
-        try:
-            stage = Stage(stage)
-        except ValueError:
-            raise ParameterError(f"dropout stage must be one of "
-                                 f"{', '.join(s.value for s in Stage)}, got {stage!r}") from None
+        stage = _as_stage(stage, "dropout stage")
+        chosen_steps = list(steps if steps is not None else
+                            (0,) if stage in SETUP_STAGES else (1,))
         rng = random.Random(seed)  # simulation randomness, public by nature
-        steps = list(steps)
         chosen = [c for c in range(n_clients) if rng.random() < rate]
-        return cls([Dropout(c, rng.choice(steps), stage) for c in chosen])
+        return cls([Dropout(c, rng.choice(chosen_steps), stage) for c in chosen])
+
+    @classmethod
+    def for_clients(cls, n_clients: int, dropouts: Iterable[Dropout] = (), *, rate: float = 0.0,
+                    stage: Stage | str = Stage.SHARES, seed: int = 0) -> FaultPlan:
+        """`random` dropouts at `rate`, then the named `dropouts`, checked against n clients.
+
+        What a one-call sum plays; raises ParameterError naming the first entry's bad field.
+        """
+        plan = cls.random(n_clients, rate=rate, stage=stage, seed=seed)
+        plan.dropouts.extend(dropouts)
+        return plan.check(n_clients)
+
+    def check(self, n_clients: int) -> FaultPlan:
+        """This plan with every entry checked against n clients and tamper stages as `Stage`.
+
+        Raises ParameterError naming the field of the first entry that could not happen.
+        """
+        for dropout in self.dropouts:
+            if not isinstance(dropout, Dropout):
+                raise ParameterError(f"FaultPlan.dropouts holds {dropout!r}, not a Dropout")
+            _check_client(dropout.client, n_clients, "Dropout.client")
+        late: set[tuple[int, int]] = set()
+        for pair in self.late:
+            step, client = _entry(pair, 2, "FaultPlan.late", "(step, client)")
+            late.add((_as_index(step, "FaultPlan.late step", low=1),
+                      _check_client(client, n_clients, "FaultPlan.late client")))
+        tamper: set[tuple[int, int, Stage]] = set()
+        for triple in self.tamper:
+            raw_step, client, raw_stage = _entry(triple, 3, "FaultPlan.tamper",
+                                                 "(step, client, stage)")
+            step = _as_index(raw_step, "FaultPlan.tamper step")
+            stage = _as_stage(raw_stage, "FaultPlan.tamper stage")
+            _check_step_stage(step, stage, "FaultPlan.tamper")
+            if stage is Stage.ROSTER:
+                raise ParameterError("FaultPlan.tamper: a roster has no reply to tamper with")
+            tamper.add((step, _check_client(client, n_clients, "FaultPlan.tamper client"),
+                        stage))
+        return FaultPlan(list(self.dropouts), late, tamper)
 
     def silent_from(self) -> dict[int, tuple[int, int]]:
-        order = list(Stage)
-        return {d.client: (d.step, order.index(Stage(d.stage))) for d in self.dropouts}
+        """client -> (step, stage index) of its earliest dropout."""
+        points: dict[int, tuple[int, int]] = {}
+        for d in self.dropouts:
+            points[d.client] = min(points.get(d.client, d.point), d.point)
+        return points
 
     def first_step_arrivals(self) -> tuple[frozenset[int], frozenset[int]]:
         """(clients that never upload in step 1, clients that upload and then fall silent).
 
         A session without an in-process network to play the plan sums one step with these.
         """
-        before = frozenset(d.client for d in self.dropouts if d.step == 0 or (
-            d.step == 1 and Stage(d.stage) in (Stage.ADVERTISE, Stage.UPLOAD)))
-        after = frozenset(d.client for d in self.dropouts if d.step == 1) - before
+        upload = (1, _ORDER[Stage.UPLOAD])
+        points = self.silent_from()
+        before = frozenset(c for c, point in points.items() if point <= upload)
+        after = frozenset(c for c, (step, _) in points.items() if step == 1) - before
         return before, after
+
+
+def _check_client(client: object, n_clients: int, field_name: str) -> int:
+    index = _as_index(client, field_name)
+    if index >= n_clients:
+        raise ParameterError(f"{field_name} must be a client id below {n_clients}, got {index}")
+    return index
+
+
+def _entry(entry: object, size: int, field_name: str, shape: str) -> tuple[object, ...]:
+    if not isinstance(entry, tuple) or len(entry) != size:
+        raise ParameterError(f"{field_name} entries must be {shape} tuples, got {entry!r}")
+    return entry
 
 
 _TrafficT = TypeVar("_TrafficT", bound="Traffic")

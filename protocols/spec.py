@@ -54,8 +54,9 @@ class AggregatorSpec:
     # maskers and unmaskers (codream_secure.gpu.masking) apply
     sparse_graph: ClassVar[bool] = False  # masks over a sparse neighbour graph for large n
     key_holder: ClassVar[bool] = False  # a separate party holds the decryption key
-    network_faults: ClassVar[bool] = False  # an in-process network plays a FaultPlan's dropouts,
-    # lateness and tampering; other sessions see dropouts only as missing or silent clients
+    network_faults: ClassVar[bool] = False  # the session's in-process wire plays a FaultPlan's
+    # dropouts, lateness and tampering; other sessions see dropouts only as missing or silent
+    # clients
     dp_modes: ClassVar[frozenset[str]] = frozenset({"central", "distributed"})
 
     def plan(self, n_clients: int, *, threshold: int | None = None, degree: int | None = None,

@@ -12,6 +12,11 @@ from codream_secure.config.checks import Checks
 from codream_secure.config.section import Section
 
 SOFT_LABELS: tuple[str, ...] = ("probs", "logits")
+DREAM_OBJECTIVES: tuple[str, ...] = ("entropy", "label")
+TEACHERS: tuple[str, ...] = ("auto", "uniform", "class-aware")
+DISTILL_BATCHNORM: tuple[str, ...] = ("batch", "frozen")
+KD_GATES: tuple[str, ...] = ("off", "validation")
+BN_STATISTICS: tuple[str, ...] = ("recalibrated", "running")
 DREAM_MODES: tuple[str, ...] = ("pixel", "generator")
 
 
@@ -28,6 +33,9 @@ class CoDreamConfig(Section):
     dream_lr: float = 0.05
     adaptive_after: int = 3
     adaptive_weight: float = 10.0
+    dream_objective: str = "entropy"
+    dream_pred_weight: float = 1.0
+    dream_bn_weight: float = 10.0
     # generator mode (CoDream-fast; docs/dream-modes.md)
     dream_mode: str = "pixel"
     generator_batches: int = 2
@@ -38,15 +46,20 @@ class CoDreamConfig(Section):
     generator_clip: float = 1.0
     # distillation
     distill_epochs: int = 5
-    distill_lr: float = 0.05
+    distill_lr: float = 0.01
     kd_temperature: float = 20.0
     buffer_size: int = 640
     soft_labels: str = "probs"
+    teacher: str = "auto"
+    distill_bn: str = "batch"
+    kd_gate: str = "validation"
     # local training (also the baselines' training)
     warmup_epochs: int = 10
     local_epochs: int = 2
     local_lr: float = 0.05
     batch_size: int = 64
+    # evaluation, every method alike
+    bn_statistics: str = "recalibrated"
 
     def validate(self, check: Checks) -> None:
         for key in ("rounds", "dream_batch", "dream_steps", "distill_epochs", "batch_size",
@@ -58,15 +71,21 @@ class CoDreamConfig(Section):
         for key in ("dream_lr", "distill_lr", "local_lr", "kd_temperature", "generator_lr",
                     "generator_clip"):
             check.real(key, getattr(self, key), low=0.0)
+        for key in ("adaptive_weight", "dream_pred_weight", "dream_bn_weight"):
+            check.real(key, getattr(self, key), low=0.0, closed_low=True)
         check.real("generator_meta_lr", self.generator_meta_lr, low=0.0)
         if self.generator_meta_lr > 1.0:
             raise check.fail("generator_meta_lr", f"must be in (0, 1] (1 moves the "
                                                   f"meta-generator all the way to the round's "
                                                   f"generators), got {self.generator_meta_lr:g}")
         check.choice("dream_mode", self.dream_mode, DREAM_MODES)
-        check.real("adaptive_weight", self.adaptive_weight, low=0.0, closed_low=True)
         if self.buffer_size < self.dream_batch:
             raise check.fail("buffer_size", f"{self.buffer_size} cannot hold one dream batch "
                                             f"(dream_batch={self.dream_batch}); use at least "
                                             f"{self.dream_batch}")
         check.choice("soft_labels", self.soft_labels, SOFT_LABELS)
+        check.choice("dream_objective", self.dream_objective, DREAM_OBJECTIVES)
+        check.choice("teacher", self.teacher, TEACHERS)
+        check.choice("distill_bn", self.distill_bn, DISTILL_BATCHNORM)
+        check.choice("kd_gate", self.kd_gate, KD_GATES)
+        check.choice("bn_statistics", self.bn_statistics, BN_STATISTICS)

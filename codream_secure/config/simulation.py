@@ -48,6 +48,7 @@ class SimulationConfig:
                                   f"{type(getattr(self, name)).__name__}")
         self._validate_masking()
         self._validate_dropout_clients()
+        self._validate_teacher()
         self._validate_dream_mode()
 
     @classmethod
@@ -120,6 +121,25 @@ class SimulationConfig:
                 f"dropping {sorted(dropped)} every round leaves {stay} of {clients} clients, but "
                 f"a {self.aggregation.aggregator} sum of {clients} clients needs at least "
                 f"{need}: no round could exchange anything")
+
+    @property
+    def teacher(self) -> str:
+        """The soft-label weighting a run uses: [codream] teacher, with "auto" resolved
+        (class-aware without DP, uniform with it)."""
+        if self.codream.teacher != "auto":
+            return self.codream.teacher
+        return "class-aware" if self.privacy.dp == "off" else "uniform"
+
+    def _validate_teacher(self) -> None:
+        check = Checks("codream")
+        if self.privacy.dp != "off" and self.teacher == "class-aware":
+            raise check.fail("teacher", "'class-aware' releases the clients' pooled class "
+                                        "histogram, which the DP accounting does not cover; use "
+                                        "teacher = \"uniform\" (or \"auto\") with [privacy] dp")
+        if self.codream.dream_objective == "label" and self.teacher != "class-aware":
+            raise check.fail("dream_objective", "'label' draws targets from the pooled class "
+                                                "histogram and needs teacher = \"class-aware\" "
+                                                "(not available with [privacy] dp)")
 
     def aggregation_plan(self) -> AggregationPlan:
         """Threshold, degree and release floor of the run's sessions.

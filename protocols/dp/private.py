@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from ..codec import FixedPointCodec
-from ..inputs import check_step_inputs
+from ..inputs import check_step_inputs, without_departed
 from ..plan import PLAIN_NOISE_SCALE_BITS
 from ..session import AggregationSession, StepOutcome, Traffic
 from .mechanisms import (
@@ -76,7 +76,13 @@ class PrivateSession:
 
     def step(self, inputs: Mapping[int, np.ndarray], *,
              drop_after_upload: Iterable[int] = ()) -> StepOutcome:
-        """Clip each input to L2 norm C (the client's job), sum, then noise (central mode)."""
+        """Clip each input to L2 norm C (the client's job), sum, then noise (central mode).
+
+        Clients that left the session earlier stay out (protocols.inputs.without_departed).
+        """
+        inputs, drop_after_upload = without_departed(inputs, drop_after_upload,
+                                                     n_clients=self.n_clients,
+                                                     active=self.inner.active)
         drop_after_upload = check_step_inputs(inputs, drop_after_upload,
                                               active=self.inner.active, length=self.vector_length)
         clipped = {}

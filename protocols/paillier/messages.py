@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import MalformedMessageError
+from ..limits import MAX_KEY_BITS
 from ..wire import MAX_LIST, Reader, Writer
 
 __all__ = ["Ciphertexts", "ClientKey", "Offer", "PublicKeyMessage", "StepRequest", "UploadBundle"]
@@ -21,7 +22,7 @@ __all__ = ["Ciphertexts", "ClientKey", "Offer", "PublicKeyMessage", "StepRequest
 SESSION_ID_BYTES = 16
 AUTH_KEY_BYTES = 32  # a raw X25519 public key
 TAG_BYTES = 32  # HMAC-SHA256
-MAX_INT_BYTES = 2048  # N^2 of an 8192-bit modulus
+MAX_INT_BYTES = MAX_KEY_BITS // 4  # a residue mod N^2 of the largest modulus
 ROUNDING_MODES = ("stochastic", "nearest")
 
 

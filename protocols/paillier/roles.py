@@ -42,9 +42,19 @@ from ..errors import (
     TooFewSurvivorsError,
 )
 from ..inputs import check_count
+from ..limits import MAX_KEY_BITS, OfferLimits
 from ..primitives.kdf import DOMAIN, agree, derive_key, encode_info
 from ..primitives.kdf import generate_keypair as generate_auth_keypair
 from ..session import StepOutcome
+from .limits import (
+    check_offer,
+    client_sizes,
+    key_holder_sizes,
+    offer_sizes,
+    residue_width,
+    sum_sizes,
+    upload_sizes,
+)
 from .messages import (
     SESSION_ID_BYTES,
     Ciphertexts,
@@ -78,13 +88,17 @@ Noise = Callable[[int, int, int], np.ndarray]
 # ---- keys and raw arithmetic ------------------------------------------------------------------
 
 def check_key_bits(bits: int, *, unsafe_small_keys: bool = False) -> None:
-    """Refuse moduli under 2048 bits (under 64 with unsafe_small_keys, for tests only)."""
+    """Refuse moduli under 2048 bits (under 64 with unsafe_small_keys, for tests only) and
+    over MAX_KEY_BITS (8192: no message carries their ciphertexts)."""
     floor = UNSAFE_MIN_KEY_BITS if unsafe_small_keys else MIN_KEY_BITS
     if isinstance(bits, bool) or not isinstance(bits, int) or bits < floor:
         raise ParameterError(
             f"Paillier keys must have at least {MIN_KEY_BITS} bits, got {bits!r}"
             + ("" if unsafe_small_keys else " (tests may pass unsafe_small_keys=True)")
         )
+    if bits > MAX_KEY_BITS:
+        raise ParameterError(f"Paillier keys must have at most {MAX_KEY_BITS} bits (what a "
+                             f"message carries), got {bits}")
 
 
 def generate_keypair(key_bits: int = DEFAULT_KEY_BITS, *,
@@ -221,19 +235,6 @@ def session_layout(codec: FixedPointCodec, n_clients: int, modulus: int, *, nois
                                   guard_bits=guard_bits)
 
 
-def _signed(codec: FixedPointCodec, ring: np.ndarray) -> np.ndarray:
-    """Two's complement reading of ring elements, as int64."""
-    k = codec.ring_bits
-    values = ring.view(np.int64) if k == 64 else ring.astype(np.int64)
-    if k < 64:
-        values = np.where(values >= 1 << (k - 1), values - (1 << k), values)
-    return values
-
-
-def _width(modulus: int) -> int:
-    return -(-(2 * modulus.bit_length()) // 8)  # bytes of any residue mod N^2
-
-
 def _check_residues(values: Sequence[int], bound: int) -> None:
     if any(not 0 < v < bound for v in values):
         raise MalformedMessageError("a ciphertext lies outside (0, N^2)")
@@ -294,6 +295,8 @@ class PaillierKeyHolder:
         self._auth_private, self.auth_key = generate_auth_keypair()
         self._upload_keys: dict[int, bytes] = {}  # client id -> the key its uploads are tagged with
         self.n_clients, self.quorum, self._last_step = n_clients, quorum, 0
+        self._sizes = key_holder_sizes(n_clients=n_clients, modulus=public.n,
+                                       ciphertexts=self.layout.plaintexts_for(self.vector_length))
 
     def announce(self) -> bytes:
         """The public key message for the server."""
@@ -302,6 +305,7 @@ class PaillierKeyHolder:
     def enroll(self, data: bytes) -> None:
         """Register one client's X25519 public key (setup: before the first decryption, once per
         client). The key holder trusts that it is that client's real key."""
+        self._sizes.check(data, expected=ClientKey.TYPE)  # by its length, before decoding
         msg = ClientKey.decode(data)
         if msg.session_id != self.session_id:
             raise StageError("client key of another session")
@@ -330,7 +334,7 @@ class PaillierKeyHolder:
         if len(bundle.members) < self.quorum:
             raise TooFewSurvivorsError(needed=self.quorum, remaining=len(bundle.members),
                                        context=f"key holder, step {bundle.step}")
-        count, width = self.layout.plaintexts_for(self.vector_length), _width(self._modulus)
+        count, width = self.layout.plaintexts_for(self.vector_length), residue_width(self._modulus)
         for upload in bundle.uploads:
             cid = upload.sender
             if upload.session_id != self.session_id or upload.step != bundle.step:
@@ -354,6 +358,7 @@ class PaillierKeyHolder:
         nothing and leaves its step open: every member must be an enrolled client whose tag
         binds this session and step, so a retry cannot pad or replay members.
         """
+        self._sizes.check(data, expected=UploadBundle.TYPE)  # by its length, before decoding
         bundle = UploadBundle.decode(data)
         self._check_bundle(bundle)
         product = raw_multiply(self._modulus, [u.values for u in bundle.uploads])
@@ -368,12 +373,16 @@ class PaillierServer:
     unpacks the sum it gets back, knowing only the public key.
 
     A reply that fails to decode or validate excludes its sender, as a dropout would; the reason
-    is kept in `rejections`. The server cannot check tags: the key holder does.
+    is kept in `rejections`. The server cannot check tags: the key holder does. It forwards no
+    step with fewer valid uploads than the key holder's `quorum`.
     """
 
     def __init__(self, announcement: bytes, *, n_clients: int, vector_length: int,
                  codec: FixedPointCodec, noise_bound: int = 0, guard_bits: int = 1,
-                 unsafe_small_keys: bool = False) -> None:
+                 unsafe_small_keys: bool = False, quorum: int = 1) -> None:
+        n_clients = check_count("the server's number of clients", n_clients, low=2)
+        self.quorum = check_count("quorum", quorum)
+        offer_sizes().check(announcement, expected=PublicKeyMessage.TYPE)  # before decoding
         key = PublicKeyMessage.decode(announcement)
         check_key_bits(key.modulus.bit_length(), unsafe_small_keys=unsafe_small_keys)
         self.session_id, self.modulus, self.holder_key = key.session_id, key.modulus, key.auth_key
@@ -381,6 +390,9 @@ class PaillierServer:
         self.noise_bound, self.guard_bits = noise_bound, guard_bits
         self.layout = session_layout(codec, n_clients, key.modulus, noise_bound=noise_bound,
                                      guard_bits=guard_bits)
+        count = self.layout.plaintexts_for(check_count("vector_length", vector_length))
+        self._upload_sizes = upload_sizes(modulus=key.modulus, ciphertexts=count)
+        self._sum_sizes = sum_sizes(n_clients=n_clients, modulus=key.modulus, ciphertexts=count)
         self.last_step = 0
         self.rejections: list[tuple[int, int, ProtocolError]] = []  # (step, client, error)
         self._sent: UploadBundle | None = None  # the uploads awaiting decryption
@@ -399,13 +411,16 @@ class PaillierServer:
         return StepRequest(self.session_id, self.last_step).encode()
 
     def _check_upload(self, cid: int, data: bytes) -> Ciphertexts:
+        if not 0 <= cid < self.n_clients:
+            raise IntegrityError(f"an upload from {cid!r}, not a client of this session")
+        self._upload_sizes.check(data, expected=Ciphertexts.TYPE)  # by its length, unread
         msg = Ciphertexts.decode(data, Ciphertexts.UPLOAD)
         if msg.session_id != self.session_id or msg.step != self.last_step:
             raise StageError(f"upload for another session or step (step {msg.step})")
         if msg.members != {cid}:
             raise IntegrityError(f"client {cid} sent an upload signed as {sorted(msg.members)}")
         count = self.layout.plaintexts_for(self.vector_length)
-        if msg.width != _width(self.modulus) or len(msg.values) != count:
+        if msg.width != residue_width(self.modulus) or len(msg.values) != count:
             raise MalformedMessageError(f"an upload must hold {count} ciphertexts")
         _check_residues(msg.values, self.modulus**2)
         return msg
@@ -418,8 +433,9 @@ class PaillierServer:
                 valid[cid] = self._check_upload(cid, data)
             except ProtocolError as error:
                 self.rejections.append((self.last_step, cid, error))
-        if not valid:
-            raise TooFewSurvivorsError(needed=1, remaining=0, context=f"step {self.last_step}")
+        if len(valid) < self.quorum:  # the key holder would refuse the bundle
+            raise TooFewSurvivorsError(needed=self.quorum, remaining=len(valid),
+                                       context=f"server, step {self.last_step}")
         self._sent = UploadBundle(self.session_id, self.last_step, tuple(valid.values()))
         return self._sent.encode()
 
@@ -428,6 +444,7 @@ class PaillierServer:
         sent = self._sent
         if sent is None:
             raise StageError("no uploads await decryption")
+        self._sum_sizes.check(data, expected=Ciphertexts.TYPE)  # by its length, before decoding
         msg = Ciphertexts.decode(data, Ciphertexts.PLAINTEXT)
         if (msg.session_id, msg.step, msg.members) != (sent.session_id, sent.step, sent.members):
             raise StageError("the decrypted sum is not the one of the uploads that were sent")
@@ -451,10 +468,14 @@ class PaillierClient:
 
     def __init__(self, client_id: int, offer: bytes, *, rounding_seed: bytes | None = None,
                  noise: Noise | None = None, encryptor: ParallelEncryptor | None = None,
-                 unsafe_small_keys: bool = False) -> None:
+                 unsafe_small_keys: bool = False, limits: OfferLimits | None = None) -> None:
+        """An offer outside `limits` (default OfferLimits()) is refused before it is used."""
+        limits = limits or OfferLimits()
+        offer_sizes().check(offer, expected=Offer.TYPE)  # by its length, before decoding
         msg = Offer.decode(offer)
         if msg.client_id != client_id:
             raise IntegrityError(f"offer addressed to client {msg.client_id}, not {client_id}")
+        check_offer(limits, msg)
         check_key_bits(msg.modulus.bit_length(), unsafe_small_keys=unsafe_small_keys)
         self.client_id, self.offer = client_id, msg
         self.codec = FixedPointCodec(clip=msg.clip, scale_bits=msg.scale_bits,
@@ -487,6 +508,7 @@ class PaillierClient:
 
     def upload(self, request: bytes, vector: np.ndarray) -> bytes:
         """The encrypted, packed upload for the requested step."""
+        client_sizes().check(request, expected=StepRequest.TYPE)  # by its length, unread
         req = StepRequest.decode(request)
         if req.session_id != self.offer.session_id:
             raise StageError("step request of another session")
@@ -499,12 +521,13 @@ class PaillierClient:
         key = None if self._rounding_seed is None else derive_key(
             self._rounding_seed, session_id=b"rounding", purpose="stochastic-rounding",
             context=(req.step,))
-        values = _signed(self.codec, self.codec.encode(vector.reshape(-1), rounding_key=key))
+        encoded = self.codec.encode(vector.reshape(-1), rounding_key=key)
+        values = self.codec.signed(encoded).astype(np.int64)
         if self._noise is not None:
             values += self._noise_for(req.step)
         ciphertexts = self._encryptor.encrypt(self.offer.modulus, pack(self.layout, values))
         self._last_step = req.step
-        width = _width(self.offer.modulus)
+        width = residue_width(self.offer.modulus)
         tag = upload_tag(self._upload_key, session_id=req.session_id, step=req.step,
                          client_id=self.client_id, width=width, values=ciphertexts)
         return Ciphertexts(req.session_id, req.step, Ciphertexts.UPLOAD,

@@ -25,6 +25,7 @@ class PaillierSpec(AggregatorSpec):
 
     name: ClassVar[str] = "paillier"
     key_holder: ClassVar[bool] = True
+    network_faults: ClassVar[bool] = True  # the session plays dropouts, lateness, tampering
 
     def plan(self, n_clients: int, *, threshold: int | None = None, degree: int | None = None,
              expected_dropout: float = 0.1, ring_bits: int = 32,
@@ -44,7 +45,8 @@ class PaillierSpec(AggregatorSpec):
             return PaillierSession(plan.n_clients, vector_length, clip=clip,
                                    key_bits=options.key_bits, ring_bits=plan.ring_bits,
                                    keypair=keypair, rounding_seed=options.rounding_seed,
-                                   quorum=plan.threshold, scale_bits=options.scale_bits)
+                                   quorum=plan.threshold, scale_bits=options.scale_bits,
+                                   faults=options.faults)
         scale_bits = plan.scale_bits(clip=clip, headroom=noise.headroom)
         assert scale_bits is not None
         # ceil(clip 2^f) + floor(headroom 2^f) <= ceil((clip + headroom) 2^f): the codec's budget
@@ -57,7 +59,7 @@ class PaillierSpec(AggregatorSpec):
                                key_bits=options.key_bits, ring_bits=plan.ring_bits,
                                keypair=keypair, rounding_seed=options.rounding_seed,
                                quorum=plan.threshold, scale_bits=scale_bits, noise=hook,
-                               noise_bound=bound)
+                               noise_bound=bound, faults=options.faults)
 
     def generate_keypair(self, key_bits: int) -> object:
         from .roles import generate_keypair

@@ -21,9 +21,12 @@ from ..errors import (
     TooFewSurvivorsError,
 )
 from ..graph import NeighbourGraph, complete_graph, harary_graph
+from ..limits import OfferLimits
 from ..primitives import envelope, kdf, prg, shamir
 from ..session import RingNoise
+from ..wire import message_type
 from . import keys
+from .limits import check_offer, session_sizes, sizes_before_offer
 from .messages import (
     THREAT_MODELS,
     ConsistencyReply,
@@ -43,7 +46,6 @@ from .messages import (
 InputProvider = Callable[[int], np.ndarray]
 SELF_SEED_BYTES = 32  # a fresh AES-256-CTR key per client and step
 DITHER_SECRET_BYTES = 32  # client-local: the server cannot recompute a client's rounding
-SEALED_SHARE_BYTES = shamir.FIELD_256.element_bytes + envelope.TAG_BYTES  # one share, GCM-sealed
 
 
 class ClientStage(Enum):
@@ -85,16 +87,6 @@ def build_graph(offer: SessionOffer) -> NeighbourGraph:
     return harary_graph(offer.n_clients, offer.degree, seed=offer.graph_seed)
 
 
-def validate_threshold(threshold: int, degree: int, n_clients: int) -> None:
-    """Shares go to a client's neighbours (never to itself), so 1 <= t <= degree."""
-    holders = min(degree, n_clients - 1)
-    if not 1 <= threshold <= holders:
-        raise ParameterError(
-            f"threshold {threshold} must be between 1 and the number of share holders {holders} "
-            f"(the graph degree)"
-        )
-
-
 @dataclass(frozen=True)
 class StepSecrets:
     """What a device masker needs to build one upload exactly as the protocol specifies.
@@ -120,12 +112,14 @@ class SecAggClient:
 
     def __init__(self, input_provider: InputProvider, *,
                  rounding_seed: bytes | None = None, noise: RingNoise | None = None,
-                 masker: Masker | None = None, threat_model: str = "active") -> None:
+                 masker: Masker | None = None, threat_model: str = "active",
+                 limits: OfferLimits | None = None) -> None:
         """`rounding_seed` keys stochastic rounding together with a secret this client draws
         and never sends, and the session id, so no other party can recompute it; without it
         every step draws fresh randomness. `noise` is added to every encoded input before
         masking, so no party ever sees this client's un-noised value. With `threat_model`
-        "active" the client refuses a session offered without the consistency round."""
+        "active" the client refuses a session offered without the consistency round. An offer
+        outside `limits` (default OfferLimits()) is refused before anything is built for it."""
         if threat_model not in THREAT_MODELS:
             raise ParameterError(f"threat_model must be one of {', '.join(THREAT_MODELS)}, "
                                  f"got {threat_model!r}")
@@ -135,6 +129,8 @@ class SecAggClient:
         self._dither_secret = os.urandom(DITHER_SECRET_BYTES)
         self._noise = noise
         self._masker = masker  # e.g. codream_secure.gpu: the same upload, computed on a GPU
+        self._limits = limits or OfferLimits()
+        self._sizes = sizes_before_offer()  # what an incoming message may weigh
         self.stage = ClientStage.NEW
         self.client_id = -1
         self._offer: SessionOffer | None = None
@@ -154,7 +150,13 @@ class SecAggClient:
     # -- dispatch -----------------------------------------------------------------------------
 
     def handle(self, data: bytes) -> bytes | None:
-        """Process one server message and return the reply bytes (None when none is due)."""
+        """Process one server message and return the reply bytes (None when none is due).
+
+        Any input, however hostile, ends in a reply, None or a ProtocolError.
+        """
+        if self._offer is None and message_type(data) != SessionOffer.TYPE:
+            raise StageError(f"message type {message_type(data)} before any session offer")
+        self._sizes.check(data)  # by its length, before the body is decoded
         msg = decode_message(data)
         if isinstance(msg, SessionOffer):
             return self._on_offer(msg)
@@ -184,11 +186,7 @@ class SecAggClient:
 
     def _on_offer(self, offer: SessionOffer) -> bytes:
         self._expect(ClientStage.NEW)
-        if offer.n_clients < 2 or offer.client_id >= offer.n_clients:
-            raise ParameterError(
-                f"client id {offer.client_id} is not valid for {offer.n_clients} clients"
-            )
-        validate_threshold(offer.threshold, offer.degree, offer.n_clients)
+        check_offer(self._limits, offer)  # before any graph or buffer is sized by the offer
         if self._threat_model == "active" and offer.threat_model != "active":
             raise PolicyViolationError(
                 f"session offered under the {offer.threat_model!r} threat model; this client "
@@ -203,6 +201,9 @@ class SecAggClient:
                            headroom=0.0 if self._noise is None else self._noise.headroom)
         self._neighbours = build_graph(offer).neighbours(offer.client_id)
         self._offer, self._codec, self.client_id = offer, codec, offer.client_id
+        self._sizes = session_sizes(n_clients=offer.n_clients, degree=offer.degree,
+                                               vector_length=offer.vector_length,
+                                               ring_bits=offer.ring_bits)
         self._private_key, public_key = kdf.generate_keypair()
         self._own_public_key = public_key
         self.stage = ClientStage.ADVERTISED

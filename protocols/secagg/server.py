@@ -26,7 +26,7 @@ from ..primitives import prg, shamir
 from ..session import StepOutcome
 from ..wire import MAX_VECTOR
 from . import keys
-from .client import SEALED_SHARE_BYTES, validate_threshold
+from .limits import SEALED_SHARE_BYTES, session_sizes, validate_threshold
 from .messages import (
     SESSION_ID_BYTES,
     THREAT_MODELS,
@@ -111,6 +111,9 @@ class SecAggServer:
         validate_threshold(threshold, graph.degree, graph.n)
         codec.check_budget(graph.n)
         self.graph, self.threshold, self.codec = graph, threshold, codec
+        self._sizes = session_sizes(n_clients=graph.n, degree=graph.degree,
+                                               vector_length=self.vector_length,
+                                               ring_bits=codec.ring_bits)
         self.session_id = session_id or os.urandom(SESSION_ID_BYTES)
         self.stage = ServerStage.NEW
         self.active: frozenset[int] = frozenset()
@@ -166,6 +169,7 @@ class SecAggServer:
             if cid not in pool:
                 continue  # not asked: a stray or late message is ignored, never used
             try:
+                self._sizes.check(data, expected=cls.TYPE)  # by its length, before decoding
                 extra = {"max_length": self.vector_length} if cls is MaskedInput else {}
                 msg: Any = cls.decode(data, **extra)  # only MaskedInput takes max_length
                 if msg.session_id != self.session_id or msg.client_id != cid:

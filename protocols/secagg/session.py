@@ -13,12 +13,14 @@ import numpy as np
 
 from ..codec import FixedPointCodec, Rounding
 from ..errors import ConsistencyAbortError, NonFiniteInputError, TooFewSurvivorsError
-from ..inputs import check_count, check_step_inputs
+from ..inputs import check_count, check_step_inputs, without_departed
+from ..limits import OfferLimits
 from ..network import InProcessNetwork
 from ..plan import mask_graph
 from ..primitives.kdf import derive_key
 from ..session import Dropout, FaultPlan, RingNoise, Stage, StepOutcome, Traffic
 from .client import InputProvider, Masker, SecAggClient
+from .limits import check_session
 from .server import SecAggServer, Unmasker
 
 __all__ = ["PairwiseMaskSession"]
@@ -33,7 +35,8 @@ class PairwiseMaskSession:
     (codream_secure.gpu.masking.protocol_masker), and `unmasker` the server a device unmasker
     (codream_secure.gpu.masking.protocol_unmasker). `threat_model` "active" (default) adds the
     consistency round that keeps a lying server from unmasking anyone with fewer than t
-    colluders; "semi-honest" skips it.
+    colluders; "semi-honest" skips it. `limits` (protocols.limits.OfferLimits) is the
+    largest session the clients join; the session refuses to open beyond it.
     """
 
     def __init__(self, n_clients: int, vector_length: int, *, clip: float, aggregator: str,
@@ -43,15 +46,20 @@ class PairwiseMaskSession:
                  rounding: Rounding = "stochastic", faults: FaultPlan | None = None,
                  rounding_seed: bytes | None = None, noise: RingNoise | None = None,
                  prg: str = "aes-256-ctr", maskers: Mapping[int, Masker] | None = None,
-                 unmasker: Unmasker | None = None, threat_model: str = "active") -> None:
+                 unmasker: Unmasker | None = None, threat_model: str = "active",
+                 limits: OfferLimits | None = None) -> None:
         n_clients = check_count("secure aggregation's number of clients", n_clients, low=2)
         vector_length = check_count("vector_length", vector_length)
+        limits = limits or OfferLimits()
         self.codec = FixedPointCodec.for_clients(
             n_clients, clip=clip, ring_bits=ring_bits, scale_bits=scale_bits, rounding=rounding,
             headroom=0.0 if noise is None else noise.headroom, prg=prg)
         graph, threshold = mask_graph(n_clients, sparse=sparse, threshold=threshold,
                                       degree=degree, expected_dropout=expected_dropout,
                                       corrupt_rate=corrupt_rate)
+        # what every client would refuse is refused here, naming the limit
+        check_session(limits, n_clients=n_clients, degree=graph.degree, threshold=threshold,
+                      vector_length=vector_length)
         self.protocol, self.n_clients, self.vector_length = aggregator, n_clients, vector_length
         self._pending: dict[int, np.ndarray] = {}
         self._masked_elsewhere = frozenset(maskers or {})
@@ -59,7 +67,7 @@ class PairwiseMaskSession:
                                    vector_length=vector_length, unmasker=unmasker,
                                    threat_model=threat_model)
         clients = {
-            cid: SecAggClient(self._provider(cid), noise=noise,
+            cid: SecAggClient(self._provider(cid), noise=noise, limits=limits,
                               masker=(maskers or {}).get(cid), threat_model=threat_model,
                               rounding_seed=None if rounding_seed is None
                               else derive_key(rounding_seed, session_id=b"rounding",
@@ -104,12 +112,16 @@ class PairwiseMaskSession:
         """Sum one vector per active client.
 
         Active clients missing from `inputs` drop before uploading; those in `drop_after_upload`
-        upload and then fall silent (their self masks are recovered from shares). Inputs no
-        client could send (an unknown id, a wrong length, NaN) are refused before any message.
-        A client silent in the consistency round aborts the step; the same inputs are then
-        summed at the next step id without it (the outcome's `step` is that id, `dropped`
-        covers both tries, and the traffic counts both).
+        upload and then fall silent (their self masks are recovered from shares). A client that
+        left the session earlier (at setup or at an earlier step) stays out: its input and its
+        `drop_after_upload` entry are ignored. Inputs no client could send (an unknown id, a
+        wrong length, NaN) are refused before any message. A client silent in the consistency
+        round aborts the step; the same inputs are then summed at the next step id without it
+        (the outcome's `step` is that id, and the traffic counts both tries). The outcome's
+        `dropped` are the clients active when the call began that are not in the sum.
         """
+        inputs, drop_after_upload = without_departed(inputs, drop_after_upload,
+                                                     n_clients=self.n_clients, active=self.active)
         dropping = check_step_inputs(inputs, drop_after_upload, active=self.active,
                                      length=self.vector_length, floats_only=True,
                                      masked_elsewhere=self._masked_elsewhere)
@@ -121,9 +133,9 @@ class PairwiseMaskSession:
         self._pending = dict(inputs)
         try:
             while True:
-                # re-scheduled each try: a late dropout falls silent after that try's upload
-                self.network.add_dropouts([Dropout(c, upcoming, Stage.SHARES)
-                                           for c in dropping if c in self.active])
+                # moved to each try: a late dropout falls silent after that try's upload
+                self.network.leave_after_upload([c for c in dropping if c in self.active],
+                                                upcoming)
                 try:
                     outcome = self.network.step()
                     break
@@ -140,10 +152,11 @@ class PairwiseMaskSession:
             raise
         finally:
             self._pending = {}
+            # whatever happened, those who were to leave have left for good
+            self.network.leave_after_upload((), upcoming)
+            self.network.add_dropouts([Dropout(c, upcoming, Stage.SHARES) for c in dropping])
         self._refuse_masker_errors(first, upcoming)
-        if upcoming != first:
-            outcome = dataclasses.replace(outcome, dropped=frozenset(before - outcome.included))
-        return outcome
+        return dataclasses.replace(outcome, dropped=frozenset(before - outcome.included))
 
     def _refuse_masker_errors(self, first: int, last: int, *,
                               cause: Exception | None = None) -> None:

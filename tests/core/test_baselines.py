@@ -179,7 +179,8 @@ def test_fedavg_hook_called_per_round_with_vectors_and_sizes():
         calls.append((vectors, weights))
         return weighted_mean(vectors, weights)
 
-    res = run_fedavg(clients, x_test, y_test, model="smallcnn", aggregate=spy, **COMMON)
+    res = run_fedavg(clients, x_test, y_test, model="smallcnn", aggregate=spy,
+                     bn_statistics="running", **COMMON)
     assert len(calls) == COMMON["rounds"] + 1  # warm-up round 0 is averaged too
     for vectors, weights in calls:
         assert weights == [30.0, 50.0, 20.0]
@@ -188,6 +189,9 @@ def test_fedavg_hook_called_per_round_with_vectors_and_sizes():
         )
         assert not np.array_equal(vectors[0], vectors[1])  # each client trained on its own data
     assert all(len(set(row)) == 1 for row in res.test)  # one global model, one test accuracy
+    # re-estimated statistics: each client normalises the global weights with its own data
+    recalibrated = run_fedavg(clients, x_test, y_test, model="smallcnn", **COMMON)
+    assert any(len(set(row)) > 1 for row in recalibrated.test)
     calls.clear()
     run_fedavg(
         clients, x_test, y_test, model="smallcnn", aggregate=spy, **{**COMMON, "warmup_epochs": 0}

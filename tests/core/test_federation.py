@@ -136,6 +136,9 @@ def test_a_nan_input_is_an_error_naming_the_client():
         channel.sum(bad)
 
 
+UNCLIPPED = 1024.0  # above every dream-gradient coordinate of the tiny runs
+
+
 def _run(tmp_path, name, **overrides):
     config = SimulationConfig.from_keys(**{**TINY, **overrides, "out": str(tmp_path / name)})
     return run_simulation(config)
@@ -212,8 +215,10 @@ def test_paillier_channel_equals_plain_within_the_codec_bound():
 
 
 def test_tiny_run_under_paillier(tmp_path):
+    # BatchNorm statistics re-estimated after one tiny warm-up epoch pull the dreams hard:
+    # a clip that their gradients stay under keeps clipping out of the comparison
     report = _run(tmp_path, "paillier", aggregator="paillier", paillier_bits=2048, rounds=1,
-                  baselines=()).report
+                  baselines=(), grad_clip=UNCLIPPED).report
     measured = report["aggregator"]["measured"]
     assert report["aggregator"]["name"] == "paillier" and measured["steps_compared"] == 3 + 1
     bound = max(report["aggregator"]["error_bound_per_step"].values())
@@ -221,7 +226,8 @@ def test_tiny_run_under_paillier(tmp_path):
 
 
 def test_tiny_run_with_device_masking_and_its_refusals(tmp_path):
-    report = _run(tmp_path, "device", masking="device", rounds=1, baselines=()).report
+    report = _run(tmp_path, "device", masking="device", rounds=1, baselines=(),
+                  grad_clip=UNCLIPPED).report
     assert report["config"]["device"]["masking"] == "device"
     agg = report["aggregator"]
     assert agg["masking"] == {"dream": "device", "labels": "host"}
@@ -237,8 +243,8 @@ def _spy_on_dream_gradients(monkeypatch) -> list[tuple[float, float]]:
     real = CoDreamFederation._dream_gradients
     checked: list[tuple[float, float]] = []
 
-    def spy(self, clients, x):
-        grads = real(self, clients, x)
+    def spy(self, clients, x, targets=None):
+        grads = real(self, clients, x, targets)
         refs = {c: dream_gradient(self.models[c], x, self.weights) for c in range(self.n)}
         for c, grad in zip(clients, grads, strict=True):
             others = [float((grad - refs[o]).norm() / refs[o].norm()) for o in refs if o != c]

@@ -303,3 +303,13 @@ def test_resume_continues_the_meta_generator(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "_load_weights", forgetful)
     forgot = killed_then_resumed_outcome(monkeypatch, config.replace(out=str(tmp_path / "lost")))
     assert not np.array_equal(forgot.dreams, whole.dreams)
+
+
+def test_label_conditioned_generator_dreams_aim_every_batch_at_the_rounds_targets(tmp_path):
+    config = SimulationConfig.from_keys(**{**GENERATOR, "dream_objective": "label",
+                                           "teacher": "class-aware", "rounds": 1,
+                                           "out": str(tmp_path / "label")})
+    outcome = run_simulation(config)
+    quality = outcome.report["rounds"][1]["teacher"]
+    assert outcome.dreams.shape == (16, 1, 8, 8)  # two batches of 8
+    assert 0.0 <= quality["target_reached"] <= 1.0

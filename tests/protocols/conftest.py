@@ -1,6 +1,9 @@
-"""Shared helpers for driving SecAgg sessions in tests."""
+"""Shared helpers for driving SecAgg and Paillier sessions in tests."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ import pytest
 from protocols.codec import FixedPointCodec
 from protocols.graph import complete_graph
 from protocols.network import InProcessNetwork
+from protocols.paillier.session import generate_keypair, unsafe_keypair_from_primes
 from protocols.secagg.client import SecAggClient
 from protocols.secagg.messages import ConsistencyReply, ConsistencyRequest
 from protocols.secagg.server import SecAggServer
@@ -70,3 +74,16 @@ def tap_wire(network: InProcessNetwork) -> list[bytes]:
 
     network._exchange = tapped
     return wire
+
+
+def known_answer_keypair():
+    """The 256-bit Paillier keypair of tests/vectors/paillier_packed.json (tests only)."""
+    vectors = json.loads((Path(__file__).parents[1] / "vectors" / "paillier_packed.json")
+                         .read_text())
+    return unsafe_keypair_from_primes(int(vectors["p"], 16), int(vectors["q"], 16))
+
+
+@pytest.fixture(scope="session")
+def keypair2048():
+    """One 2048-bit Paillier keypair, the smallest the safe path accepts, drawn once."""
+    return generate_keypair(2048)

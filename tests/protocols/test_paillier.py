@@ -76,7 +76,7 @@ def test_sum_equals_the_plaintext_ring_sum_exactly(keypair512, seed):
         assert outcome.dropped == frozenset(range(n)) - frozenset(present)
 
 
-@pytest.mark.parametrize("ring_bits", [16, 48, 64])
+@pytest.mark.parametrize("ring_bits", [16, 48, 63, 64])
 def test_all_clients_at_plus_and_minus_clip(keypair512, ring_bits):
     n, m = 6, 90
     with _session(n, m, keypair512, clip=0.75, ring_bits=ring_bits, rounding="nearest") as s:

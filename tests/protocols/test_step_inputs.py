@@ -116,17 +116,13 @@ def test_secure_sum_refuses_what_is_not_real_numbers(vectors, message):
 
 # ---- Paillier: the key holder's quorum ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def keypair2048():
-    return generate_keypair(2048)
-
-
 def test_the_key_holder_never_decrypts_a_sum_of_fewer_than_its_quorum(keypair2048):
     spec = DPSpec(mode="distributed", noise_multiplier=1.0, l2_clip=1.0, min_contributors=2)
     session = open_session("paillier", N, M, clip=1.0, dp=spec, keypair=keypair2048)
     assert session.threshold == 2 and session.inner.key_holder.quorum == 2
     before = session.inner.traffic.key_holder_bytes_out
-    with pytest.raises(TooFewSurvivorsError, match=r"key holder, step 1.*needs 2, only 1"):
+    # the server, which knows the quorum, does not even forward one upload
+    with pytest.raises(TooFewSurvivorsError, match=r"server, step 1.*needs 2, only 1"):
         session.step({0: np.full(M, 0.3)})
     # no plaintext left the key holder; the next step, with a quorum, is released
     assert session.inner.traffic.key_holder_bytes_out == before

@@ -23,7 +23,7 @@ from protocols import registry
 from protocols.api import secure_sum
 from protocols.graph import COMPLETE_GRAPH_BELOW, choose_parameters
 from protocols.plan import majority_threshold
-from protocols.session import Dropout, Stage
+from protocols.session import SETUP_STAGES, Dropout, Stage
 
 FLOAT32_BYTES = 4  # the plaintext every expansion is measured against: float32 per element
 
@@ -136,9 +136,10 @@ def ours(protocol: str, *, dp: DPOption | None = None, **extra: Any) -> Runner:
             kwargs["degree"], kwargs["threshold"] = chosen
         if dp is not None:
             kwargs["dp"] = make_dp_spec(dp, protocol, point)
+        stage = Stage(point.stage)
+        step = 0 if stage in SETUP_STAGES else 1  # setup stages happen once, at step 0
         result = secure_sum(vectors, protocol=protocol, clip=point.clip, seed=point.seed,
-                            dropouts=[Dropout(c, 1, Stage(point.stage)) for c in point.dropped],
-                            **kwargs)
+                            dropouts=[Dropout(c, step, stage) for c in point.dropped], **kwargs)
         return CallResult(np.asarray(result.total, np.float64), tuple(result.included),
                           np.asarray(result.bytes_up), np.asarray(result.bytes_down),
                           np.asarray(result.client_seconds, float), float(result.server_seconds),
@@ -163,7 +164,7 @@ def flower_secaggplus(vectors: np.ndarray, point: Point) -> CallResult:
     n = point.n
     degree, threshold = secaggplus_parameters(n, point.dropout_rate) or (
         n - 1, majority_threshold(n))
-    drops = {"drop_before_upload" if point.stage in ("advertise", "upload")
+    drops = {"drop_before_upload" if point.stage in ("advertise", "roster", "upload")
              else "drop_after_upload": point.dropped}
     result = run_flower_secaggplus(vectors, num_shares=degree + 1,
                                    reconstruction_threshold=threshold,
