@@ -218,9 +218,6 @@ class GeneratorDreamer:
         """The meta-generator's weights and buffers (what a resumed run continues from)."""
         return self.meta.state_dict()
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.meta.load_state_dict(state)
-
     def dream(self, round_index: int, clients: Sequence[int], loss_fn: DreamObjective,
               channel: SumChannel, *, latent_seeds: Callable[[int], torch.Generator],
               leaving: Mapping[int, tuple[int, bool]] | None = None,
