@@ -85,6 +85,7 @@ def checkpoint_state(config: SimulationConfig, fed: CoDreamFederation) -> dict:
         "broadcast_down": fed.broadcast_down.tolist(),
         "pooled_histogram": None if fed.pooled_histogram is None
         else fed.pooled_histogram.tolist(),
+        "generator": None if fed.dreamer is None else fed.dreamer.state_dict(),
     }
 
 
@@ -107,7 +108,7 @@ class _NotACheckpoint(Exception):
 
 _CHECKPOINT_KEYS = ("config", "round", "models", "server_model", "buffer", "result", "rounds",
                     "last_dreams", "channels", "accountants", "dp_epochs", "broadcast_down",
-                    "pooled_histogram")
+                    "pooled_histogram", "generator")
 
 
 def _read_state(content: bytes, device: torch.device) -> dict:
@@ -204,6 +205,10 @@ def _restore(state: dict, fed: CoDreamFederation) -> int:
     # DP-SGD batches and noise come from fresh os.urandom keys: no generator state to restore
     fed.broadcast_down = _counts(state["broadcast_down"], fed.n)
     fed.pooled_histogram = _histogram(state["pooled_histogram"], fed)
+    if fed.dreamer is not None:  # generator mode: the meta-generator goes on where it was
+        _load_weights(fed.dreamer.meta, state["generator"], "meta-generator")
+    elif state["generator"] is not None:
+        raise _NotACheckpoint("it holds a meta-generator, but this run dreams in pixel mode")
     return state["round"]
 
 

@@ -13,6 +13,7 @@ import rich_click
 from codream_secure.config import (
     DEVICES,
     DP_UNITS,
+    DREAM_MODES,
     KEY_SECTION,
     MODEL_CHOICES,
     PRECISIONS,
@@ -66,6 +67,10 @@ FLAGS: dict[str, tuple[Any, str]] = {
                "together, aggregates soft labels and distils."),
     "dream_steps": (click.INT, "Optimisation steps on each dream batch; every step is one secure "
                     "sum of the clients' dream gradients."),
+    "dream_mode": (click.Choice(DREAM_MODES), "How dreams are made: 'pixel' optimises the "
+                   "dream pixels (one secure sum per step), 'generator' (CoDream-fast) has "
+                   "clients adapt a shared generator and its latent codes (one secure sum per "
+                   "dream batch). See docs/dream-modes.md."),
     "aggregator": (click.Choice(registry.names()), "How cross-client sums are computed: 'plain' "
                    "(server sees each vector, the insecure baseline), 'secagg' (pairwise masks, "
                    "complete graph), 'secagg+' (masks over a sparse neighbour graph) or "
@@ -99,7 +104,7 @@ FLAGS: dict[str, tuple[Any, str]] = {
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Data [data]", ("--dataset", "--data-dir", "--clients", "--partition", "--alpha")),
     ("Models [models]", ("--models",)),
-    ("CoDream [codream]", ("--rounds", "--dream-steps")),
+    ("CoDream [codream]", ("--rounds", "--dream-steps", "--dream-mode")),
     ("Aggregation [aggregation]", ("--aggregator", "--threat-model", "--dropout-rate")),
     ("Privacy [privacy]", ("--dp", "--dp-epsilon", "--dp-noise")),
     ("Device [device]", ("--device", "--precision")),

@@ -29,6 +29,7 @@ __all__ = [
     "check_precision",
     "dream_gradient",
     "dream_loss",
+    "dream_objective",
     "model_mode",
     "prediction_entropy",
     "server_entropy_gradient",
@@ -203,6 +204,18 @@ def dream_loss(
     parts = {name: float(value.detach()) for name, value in terms.items()}
     parts["total"] = float(total.detach())
     return total, parts
+
+
+def dream_objective(
+    model: nn.Module,
+    x: torch.Tensor,
+    weights: DreamLossWeights,
+    *,
+    use_bn_statistics: bool = True,
+    targets: DreamTargets | None = None,
+) -> torch.Tensor:
+    """The dream loss as one differentiable scalar (x may come out of a generator)."""
+    return _dream_terms(model, x, weights, use_bn_statistics, targets)[0]
 
 
 def dream_gradient(

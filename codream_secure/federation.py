@@ -32,9 +32,11 @@ from .dreams import (
     DreamTargets,
     NonFiniteGradientError,
     dream_gradient,
+    dream_objective,
     server_entropy_gradient,
 )
 from .errors import CoDreamError, ConfigError
+from .generator_dreams import DreamObjective, GeneratorDreamer, NoDreamsError, batch_of_step
 from .results import ClientData, MethodResult
 from .teacher import (
     class_histogram,
@@ -245,6 +247,7 @@ class RoundRecord:
     epsilon: float | None = None
     teacher: dict = field(default_factory=dict)
     kd: dict = field(default_factory=dict)
+    skipped_batches: int | None = None  # generator mode: dream batches whose sum was not finite
 
     def to_dict(self) -> dict:
         return {
@@ -252,7 +255,7 @@ class RoundRecord:
             "codream": {"val": self.val, "test": self.test, "mean_test": float(np.mean(self.test))},
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "seconds": self.seconds,
             "dropped": self.dropped, "included_in_dreams": self.included_in_dreams,
-            "note": self.note, "epsilon": self.epsilon,
+            "note": self.note, "epsilon": self.epsilon, "skipped_batches": self.skipped_batches,
             "teacher": self.teacher, "kd": self.kd,
         }
 
@@ -269,11 +272,13 @@ class CoDreamFederation:
                  weights: DreamLossWeights | None = None,
                  trainers: Sequence[SampleLevelTrainer] | None = None,
                  teacher: str = "uniform",
-                 histogram_channel: AggregationChannel | None = None) -> None:
+                 histogram_channel: AggregationChannel | None = None,
+                 dreamer: GeneratorDreamer | None = None) -> None:
         """`codream` drives the rounds; `aggregation` supplies the simulated dropouts (none by
         default), `device_options` the precision and CUDA graphs (fp32, none by default).
         `teacher` "class-aware" weights soft labels per class and needs `histogram_channel`,
-        through which the pooled class histogram is released once, after warm-up."""
+        through which the pooled class histogram is released once, after warm-up. `dreamer`
+        holds the meta-generator of dream_mode "generator" (its updates use grad_channel)."""
         if teacher not in ("uniform", "class-aware"):
             raise ConfigError(f"teacher must be 'uniform' or 'class-aware', got {teacher!r}")
         if teacher == "class-aware" and histogram_channel is None:
@@ -282,6 +287,9 @@ class CoDreamFederation:
             raise ConfigError("label-conditioned dreams need the class-aware teacher")
         self.teacher_kind, self.histogram_channel = teacher, histogram_channel
         self.pooled_histogram: np.ndarray | None = None
+        if codream.dream_mode == "generator" and dreamer is None:
+            raise ConfigError('[codream] dream_mode = "generator" needs a GeneratorDreamer')
+        self.dreamer = dreamer
         self.clients, self.models, self.server_model = list(clients), list(models), server_model
         self.trainers = None if trainers is None else list(trainers)  # sample-level DP-SGD
         self.x_test, self.y_test, self.s, self.device = x_test, y_test, codream, device
@@ -483,6 +491,57 @@ class CoDreamFederation:
             progress.done(task)
         return synth.dreams.cpu(), frozenset(active)
 
+    def _synthesise_generator(self, round_index: int, plan: dict[int, tuple[int, bool]],
+                              progress, seconds: dict[str, float],
+                              targets: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, frozenset[int], torch.Tensor | None]:
+        """CoDream-fast: one secure sum of the clients' (generator, latent) updates per dream
+        batch. A dropout planned at pixel step s falls in batch ceil(s * batches / dream_steps).
+        Label-conditioned dreams aim every batch at the round's `targets`; returned with the
+        dreams, they are repeated once per kept batch."""
+        assert self.dreamer is not None
+        batches = self.dreamer.settings.batches
+        leaving = {c: (batch_of_step(step, self.s.dream_steps, batches), after)
+                   for c, (step, after) in plan.items()}
+        adaptive = None
+        if round_index > self.s.adaptive_after and self.s.adaptive_weight > 0:
+            def adaptive(x: torch.Tensor) -> torch.Tensor:
+                return server_entropy_gradient(self.server_model, x)
+        self.grad_channel.open(self.dreamer.vector_length,
+                               seed=(self.seed, "generator", round_index))
+        outcome = self.dreamer.dream(
+            round_index, range(self.n), self._generator_objective(targets), self.grad_channel,
+            latent_seeds=lambda batch: generator(self.seed, "latents", round_index, batch),
+            leaving=leaving, adaptive=adaptive, adaptive_weight=self.s.adaptive_weight,
+            seconds=seconds, progress=progress)
+        for c, sent in outcome.bytes_down.items():
+            self.broadcast_down[c] += sent
+        if targets is not None:
+            targets = targets.repeat(len(outcome.dreams) // len(targets))
+        return outcome.dreams, outcome.members, targets
+
+    def _note_skipped_batches(self, record: RoundRecord) -> None:
+        """Generator mode: how many dream batches the round skipped, and why, in its record."""
+        reasons = None if self.dreamer is None else self.dreamer.skipped.get(record.round)
+        if reasons is None:
+            return
+        record.skipped_batches = len(reasons)
+        if reasons:
+            skipped = f"skipped dream {'; '.join(reasons)}"
+            record.note = f"{record.note}; {skipped}" if record.note else skipped
+
+    def _generator_objective(self, targets: torch.Tensor | None) -> DreamObjective:
+        """Each client's loss on a batch's dreams G(z): the pixel-mode dream loss, label-
+        conditioned on `targets` if given. The batch index is where per-batch targets would
+        be looked up."""
+        def loss(client: int, batch: int, x: torch.Tensor) -> torch.Tensor:
+            conditioned = None if targets is None else DreamTargets(
+                targets, torch.from_numpy(self._shares(client)).float())
+            return dream_objective(self.models[client], x, self.weights,
+                                   use_bn_statistics=self.use_bn_statistics,
+                                   targets=conditioned)
+        return loss
+
     def _teacher(self, round_index: int, dreams: torch.Tensor, members: frozenset[int],
                  targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """The members' soft labels on the dreams, summed securely: their mean, or weighted
@@ -545,11 +604,15 @@ class CoDreamFederation:
         targets = self._targets(round_index)
         quality: dict = {}
         try:
-            dreams, members = self._synthesise(round_index, plan, progress, seconds, targets)
+            if self.dreamer is None:
+                dreams, members = self._synthesise(round_index, plan, progress, seconds, targets)
+            else:
+                dreams, members, targets = self._synthesise_generator(
+                    round_index, plan, progress, seconds, targets)
             start = time.perf_counter()
             teacher, quality = self._teacher(round_index, dreams, members, targets)
             seconds["aggregation"] += time.perf_counter() - start
-        except TooFewSurvivorsError as error:
+        except (TooFewSurvivorsError, NoDreamsError) as error:
             note = f"no knowledge exchange this round: {error}"
             if progress:
                 progress.log(f"round {round_index}: {note}")
@@ -573,6 +636,7 @@ class CoDreamFederation:
         record = RoundRecord(round_index, val, test, [int(b) for b in up], [int(b) for b in down],
                              seconds, dropped, sorted(members), note, epsilon=self.epsilon(),
                              teacher=quality, kd=kd)
+        self._note_skipped_batches(record)
         self.rounds.append(record)
         return record
 

@@ -23,11 +23,13 @@ def check_ring(config: SimulationConfig) -> None:
     if config.privacy.dp == "client":
         return
     plan = config.aggregation_plan()
-    for key in ("grad_clip", "label_clip"):
+    dream = ("codream", "generator_clip") if config.codream.dream_mode == "generator" else (
+        "aggregation", "grad_clip")
+    for table, key in (dream, ("aggregation", "label_clip")):
         try:
-            plan.scale_bits(clip=getattr(config.aggregation, key))
+            plan.scale_bits(clip=getattr(getattr(config, table), key))
         except ProtocolError as error:
-            raise ConfigError(f"[aggregation] {key}: {error}") from None
+            raise ConfigError(f"[{table}] {key}: {error}") from None
 
 
 def check_models_train(config: SimulationConfig, models: Sequence[nn.Module],

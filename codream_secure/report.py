@@ -285,6 +285,7 @@ def _aggregator_section(agg: dict) -> list[str]:
 
 def _rounds_section(rounds: list[dict]) -> list[str]:
     has_included = any("included_in_dreams" in r for r in rounds)
+    has_skipped = any(r.get("skipped_batches") is not None for r in rounds)  # generator mode
     rows = []
     for r in rounds:
         cd, sec = r.get("codream", {}), r.get("seconds", {})
@@ -295,10 +296,12 @@ def _rounds_section(rounds: list[dict]) -> list[str]:
             " / ".join(_sec(sec.get(k)) for k in ("local", "dreams", "aggregation", "distill")),
             _num(r.get("dropped", [])),
             *([_num(r.get("included_in_dreams"))] if has_included else []),
+            *([_num(r.get("skipped_batches"))] if has_skipped else []),
         ])
     header = ["round", "mean test", "test per client", "val per client", "bytes up (all)",
               "bytes down (all)", "seconds local / dreams / aggregation / distill", "dropped"]
     header += ["in dreams"] if has_included else []
+    header += ["skipped batches"] if has_skipped else []
     return _section("Rounds (CoDream, %)", header, rows)
 
 

@@ -88,7 +88,7 @@ def _validate_rounds(rounds: Any) -> None:
         seconds = _object(record.get("seconds", {}), f"{where}.seconds")
         _optional_numbers(seconds, ("local", "dreams", "aggregation", "distill"),
                           f"{where}.seconds")
-        _optional_numbers(record, ("epsilon",), where)
+        _optional_numbers(record, ("epsilon", "skipped_batches"), where)
 
 
 def _validate_final(final: dict) -> None:

@@ -35,7 +35,8 @@ from .config import (
 from .data import LoadedDataset, label_histogram, load_dataset, partition, split_validation
 from .dp_plan import privacy_report
 from .errors import ConfigError
-from .federation import AggregationChannel, CoDreamFederation
+from .federation import AggregationChannel, CoDreamFederation, derived_seed
+from .generator_dreams import GeneratorDreamer, GeneratorSettings
 from .out_folder import check_output_folder, make_output_folder
 from .preflight import check_models_train, check_ring
 from .progress import NullProgress, Progress
@@ -194,9 +195,13 @@ def _sample_trainers(privacy: PrivacyConfig, codream: CoDreamConfig,
             for c in clients]
 
 
-def _channels(aggregation: AggregationConfig, n_clients: int, masking: str,
-              client_dp: ClientDP | None, device: torch.device) -> list[AggregationChannel]:
-    """The dream-gradient and the soft-label channels of the [aggregation] section."""
+def _channels(aggregation: AggregationConfig, codream: CoDreamConfig, n_clients: int,
+              masking: str, client_dp: ClientDP | None, device: torch.device
+              ) -> list[AggregationChannel]:
+    """The dream channel (dream gradients, or generator updates in generator mode) and the
+    soft-label channel of the [aggregation] section."""
+    dream = ((aggregation.grad_clip, "dream-gradient") if codream.dream_mode == "pixel" else
+             (codream.generator_clip, "generator-update"))
     return [AggregationChannel(aggregation.aggregator, n_clients, clip=clip,
                                ring_bits=aggregation.ring_bits,
                                expected_dropout=aggregation.dropout_rate, purpose=purpose,
@@ -205,7 +210,7 @@ def _channels(aggregation: AggregationConfig, n_clients: int, masking: str,
                                masking=channel_masking, device=device,
                                threat_model=aggregation.threat_model)
             for clip, purpose, spec, channel_masking in (
-                (aggregation.grad_clip, "dream-gradient", client_dp and client_dp.grad, masking),
+                (*dream, client_dp and client_dp.grad, masking),
                 (aggregation.label_clip, "soft-label", client_dp and client_dp.labels, "host"))]
 
 
@@ -220,6 +225,16 @@ def _histogram_channel(aggregation: AggregationConfig, n_clients: int, device: t
                               expected_dropout=aggregation.dropout_rate,
                               purpose="class-histogram", key_bits=aggregation.paillier_bits,
                               device=device, threat_model=aggregation.threat_model)
+
+
+def _dreamer(codream: CoDreamConfig, data: LoadedDataset, seed: int, device: torch.device
+             ) -> GeneratorDreamer | None:
+    """The meta-generator of dream_mode "generator" (None in pixel mode)."""
+    if codream.dream_mode != "generator":
+        return None
+    return GeneratorDreamer(data.input_shape, mean=data.mean, std=data.std,
+                            settings=GeneratorSettings.from_config(codream),
+                            init_seed=derived_seed(seed, "meta-generator"), device=device)
 
 
 def _use_threads(device: DeviceConfig) -> None:
@@ -287,7 +302,8 @@ def prepare_simulation(config: SimulationConfig, *, resume: bool = False) -> Pre
         trainers = _sample_trainers(privacy, codream, clients)
     masking = resolve_masking(config.device.masking, config.aggregation.aggregator, privacy.dp,
                               device)
-    channels = _channels(config.aggregation, config.data.clients, masking, client_dp, device)
+    channels = _channels(config.aggregation, codream, config.data.clients, masking, client_dp,
+                         device)
     fed = CoDreamFederation(clients, models, server_model, x_test, y_test, codream=codream,
                             seed=seed, aggregation=config.aggregation,
                             device_options=config.device,
@@ -296,7 +312,8 @@ def prepare_simulation(config: SimulationConfig, *, resume: bool = False) -> Pre
                             teacher=config.teacher,
                             histogram_channel=_histogram_channel(config.aggregation,
                                                                  config.data.clients, device)
-                            if config.teacher == "class-aware" else None)
+                            if config.teacher == "class-aware" else None,
+                            dreamer=_dreamer(codream, data, seed, device))
     done = load_checkpoint(out / CHECKPOINT, config, fed) if resume else -1
     return PreparedRun(config, device, data, clients, parts, client_models, fed, client_dp, done,
                        resume, started, clock)

@@ -4,7 +4,7 @@ sections. docs/configuration.md lists every key."""
 
 from codream_secure.config.aggregation import AggregationConfig
 from codream_secure.config.checks import max_threads
-from codream_secure.config.codream import SOFT_LABELS, CoDreamConfig
+from codream_secure.config.codream import DREAM_MODES, SOFT_LABELS, CoDreamConfig
 from codream_secure.config.data import DataConfig
 from codream_secure.config.device import (
     DEVICES,
@@ -29,8 +29,8 @@ from codream_secure.config.simulation import KEY_SECTION, SECTIONS, SimulationCo
 
 __all__ = [
     "BASELINES", "DEVICES", "DP_ACCOUNTANTS", "DP_MODES", "DP_NOISE_KINDS", "DP_UNITS",
-    "DREAM_GRAPHS", "KEY_SECTION", "MASKINGS", "MAX_SEED", "MODEL_CHOICES", "PRECISIONS",
-    "SECTIONS", "SOFT_LABELS", "TRAIN_CUDA_GRAPHS", "AggregationConfig", "CoDreamConfig",
-    "DataConfig", "DeviceConfig", "ModelsConfig", "PrivacyConfig", "RunConfig", "Section",
-    "SimulationConfig", "build_config", "check_tables", "load_config", "max_threads",
+    "DREAM_GRAPHS", "DREAM_MODES", "KEY_SECTION", "MASKINGS", "MAX_SEED", "MODEL_CHOICES",
+    "PRECISIONS", "SECTIONS", "SOFT_LABELS", "TRAIN_CUDA_GRAPHS", "AggregationConfig",
+    "CoDreamConfig", "DataConfig", "DeviceConfig", "ModelsConfig", "PrivacyConfig", "RunConfig",
+    "Section", "SimulationConfig", "build_config", "check_tables", "load_config", "max_threads",
 ]

@@ -1,7 +1,7 @@
 """[codream]: the algorithm's rounds, dream synthesis, distillation and local training.
 
-One table, not three: `rounds` and `batch_size` are shared by the three phases, and the
-fifteen keys fit on one screen; the docs group them by phase.
+One table, not three: `rounds` and `batch_size` are shared by the phases; the docs group the
+keys by phase.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ TEACHERS: tuple[str, ...] = ("auto", "uniform", "class-aware")
 DISTILL_BATCHNORM: tuple[str, ...] = ("batch", "frozen")
 KD_GATES: tuple[str, ...] = ("off", "validation")
 BN_STATISTICS: tuple[str, ...] = ("recalibrated", "running")
+DREAM_MODES: tuple[str, ...] = ("pixel", "generator")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,14 @@ class CoDreamConfig(Section):
     dream_objective: str = "entropy"
     dream_pred_weight: float = 1.0
     dream_bn_weight: float = 10.0
+    # generator mode (CoDream-fast; docs/dream-modes.md)
+    dream_mode: str = "pixel"
+    generator_batches: int = 2
+    generator_local_steps: int = 14
+    generator_lr: float = 0.01
+    generator_meta_lr: float = 0.3
+    generator_latent_dim: int = 100
+    generator_clip: float = 1.0
     # distillation
     distill_epochs: int = 5
     distill_lr: float = 0.01
@@ -54,14 +63,22 @@ class CoDreamConfig(Section):
 
     def validate(self, check: Checks) -> None:
         for key in ("rounds", "dream_batch", "dream_steps", "distill_epochs", "batch_size",
-                    "buffer_size"):
+                    "buffer_size", "generator_batches", "generator_local_steps",
+                    "generator_latent_dim"):
             check.count(key, getattr(self, key), minimum=1)
         for key in ("warmup_epochs", "local_epochs", "adaptive_after"):
             check.count(key, getattr(self, key), minimum=0)
-        for key in ("dream_lr", "distill_lr", "local_lr", "kd_temperature"):
+        for key in ("dream_lr", "distill_lr", "local_lr", "kd_temperature", "generator_lr",
+                    "generator_clip"):
             check.real(key, getattr(self, key), low=0.0)
         for key in ("adaptive_weight", "dream_pred_weight", "dream_bn_weight"):
             check.real(key, getattr(self, key), low=0.0, closed_low=True)
+        check.real("generator_meta_lr", self.generator_meta_lr, low=0.0)
+        if self.generator_meta_lr > 1.0:
+            raise check.fail("generator_meta_lr", f"must be in (0, 1] (1 moves the "
+                                                  f"meta-generator all the way to the round's "
+                                                  f"generators), got {self.generator_meta_lr:g}")
+        check.choice("dream_mode", self.dream_mode, DREAM_MODES)
         if self.buffer_size < self.dream_batch:
             raise check.fail("buffer_size", f"{self.buffer_size} cannot hold one dream batch "
                                             f"(dream_batch={self.dream_batch}); use at least "

@@ -49,6 +49,7 @@ class SimulationConfig:
         self._validate_masking()
         self._validate_dropout_clients()
         self._validate_teacher()
+        self._validate_dream_mode()
 
     @classmethod
     def from_keys(cls, **keys: Any) -> SimulationConfig:
@@ -100,6 +101,13 @@ class SimulationConfig:
             raise check.fail("masking", "'device' is not built for client-level DP yet (its L2 "
                                         "clipping runs on the host); use masking = \"auto\" or "
                                         "\"host\"")
+
+    def _validate_dream_mode(self) -> None:
+        if self.codream.dream_mode == "generator" and self.privacy.dp == "client":
+            raise Checks("codream").fail(
+                "dream_mode", "'generator' is not built for client-level DP yet (its updates "
+                              "would need their own L2 clip and accounting); use dream_mode = "
+                              "\"pixel\", or dp = \"sample\" or \"off\"")
 
     def _validate_dropout_clients(self) -> None:
         check, clients = Checks("aggregation"), self.data.clients

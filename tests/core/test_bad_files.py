@@ -171,6 +171,8 @@ DAMAGED = {
                      "'buffer' should be 2 tensor(s)"),
     "wrong rounds": (lambda s: s.update(rounds=[5]), "must be a mapping"),
     "wrong byte counts": (lambda s: s.update(broadcast_down=[1, 2, 3]), "one entry per client"),
+    "a stray meta-generator": (lambda s: s.update(generator={"w": torch.zeros(1)}),
+                               "holds a meta-generator, but this run dreams in pixel mode"),
 }
 
 

@@ -113,6 +113,10 @@ REFUSED: dict[str, tuple[Case, str]] = {
     "dream gradients the ring cannot sum": (
         lambda tmp, out: _config(tmp, "[aggregation]\nring_bits = 8\ngrad_clip = 1000.0"),
         "[aggregation] grad_clip: the sum of n=2 clipped inputs can wrap"),
+    "generator updates the ring cannot sum": (
+        lambda tmp, out: [*_config(tmp, "[aggregation]\nring_bits = 8\n[codream]\n"
+                                        "generator_clip = 1000.0"), "--dream-mode", "generator"],
+        "[codream] generator_clip: the sum of n=2 clipped inputs can wrap"),
     "soft labels the ring cannot sum": (
         lambda tmp, out: _config(tmp, "[aggregation]\nring_bits = 8\nlabel_clip = 1000.0"),
         "[aggregation] label_clip"),

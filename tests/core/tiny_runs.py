@@ -9,7 +9,7 @@ import pytest
 
 from codream_secure.config import KEY_SECTION, SimulationConfig
 from codream_secure.federation import CoDreamFederation
-from codream_secure.simulation import run_simulation
+from codream_secure.simulation import SimulationOutcome, run_simulation
 
 TINY = dict(max_train=240, max_test=120, clients=3, models=("smallcnn",), server_model="smallcnn",
             rounds=2, warmup_epochs=1, local_epochs=1, dream_batch=8, dream_steps=3,
@@ -30,6 +30,12 @@ def write_toml(path: Path, **keys: object) -> Path:
 
 def killed_then_resumed(monkeypatch: pytest.MonkeyPatch, config: SimulationConfig) -> dict:
     """Run `config` until round 2 starts (a KeyboardInterrupt), then --resume it; the report."""
+    return killed_then_resumed_outcome(monkeypatch, config).report
+
+
+def killed_then_resumed_outcome(monkeypatch: pytest.MonkeyPatch, config: SimulationConfig
+                                ) -> SimulationOutcome:
+    """killed_then_resumed, returning the resumed run's whole outcome (report and dreams)."""
     real_round = CoDreamFederation.run_round
 
     def killed_at_round_two(self, round_index, progress=None):
@@ -41,4 +47,4 @@ def killed_then_resumed(monkeypatch: pytest.MonkeyPatch, config: SimulationConfi
     with pytest.raises(KeyboardInterrupt):
         run_simulation(config)
     monkeypatch.setattr(CoDreamFederation, "run_round", real_round)
-    return run_simulation(config, resume=True).report
+    return run_simulation(config, resume=True)
