@@ -594,11 +594,18 @@ class CoDreamFederation:
         return self.grad_channel.bytes_down + self.label_channel.bytes_down + self.broadcast_down
 
     def run_round(self, round_index: int, progress=None) -> RoundRecord:
-        """Dream synthesis, soft labels, distillation, then local training, then evaluation
-        (the official order: knowledge from the dreams first, the client's own data last)."""
+        """One round in [codream] round_order: "local-last" (the official code's order:
+        dreams, soft labels, distillation, then local training) or "distill-last" (local
+        training first, so the round ends with the knowledge the dreams brought); then
+        evaluation."""
         seconds = {"local": 0.0, "dreams": 0.0, "aggregation": 0.0, "distill": 0.0}
         up0 = self.grad_channel.bytes_up + self.label_channel.bytes_up
         down0 = self._bytes_down()
+        local_last = self.s.round_order == "local-last"
+        if not local_last:
+            start = time.perf_counter()
+            self._train_locally(round_index, self.s.local_epochs)
+            seconds["local"] = time.perf_counter() - start
         plan = self._dropouts(round_index)
         dropped = sorted(plan)
         targets = self._targets(round_index)
@@ -626,9 +633,10 @@ class CoDreamFederation:
             start = time.perf_counter()
             kd = self._distill_members(round_index, sorted(members))
             seconds["distill"] = time.perf_counter() - start
-        start = time.perf_counter()
-        self._train_locally(round_index, self.s.local_epochs)
-        seconds["local"] = time.perf_counter() - start
+        if local_last:
+            start = time.perf_counter()
+            self._train_locally(round_index, self.s.local_epochs)
+            seconds["local"] = time.perf_counter() - start
         val, test = self._evaluate()
         self.result.record(val, test)
         up = self.grad_channel.bytes_up + self.label_channel.bytes_up - up0

@@ -13,9 +13,10 @@ from codream_secure.config.section import Section
 
 SOFT_LABELS: tuple[str, ...] = ("probs", "logits")
 DREAM_OBJECTIVES: tuple[str, ...] = ("entropy", "label")
-TEACHERS: tuple[str, ...] = ("auto", "uniform", "class-aware")
+TEACHERS: tuple[str, ...] = ("uniform", "class-aware")
 DISTILL_BATCHNORM: tuple[str, ...] = ("batch", "frozen")
 KD_GATES: tuple[str, ...] = ("off", "validation")
+ROUND_ORDERS: tuple[str, ...] = ("distill-last", "local-last")
 BN_STATISTICS: tuple[str, ...] = ("recalibrated", "running")
 DREAM_MODES: tuple[str, ...] = ("pixel", "generator")
 
@@ -27,6 +28,7 @@ class CoDreamConfig(Section):
     SECTION = "codream"
 
     rounds: int = 10
+    round_order: str = "distill-last"
     # dreams
     dream_batch: int = 64
     dream_steps: int = 100
@@ -46,13 +48,13 @@ class CoDreamConfig(Section):
     generator_clip: float = 1.0
     # distillation
     distill_epochs: int = 5
-    distill_lr: float = 0.01
+    distill_lr: float = 0.05
     kd_temperature: float = 20.0
     buffer_size: int = 640
     soft_labels: str = "probs"
-    teacher: str = "auto"
+    teacher: str = "uniform"
     distill_bn: str = "batch"
-    kd_gate: str = "validation"
+    kd_gate: str = "off"
     # local training (also the baselines' training)
     warmup_epochs: int = 10
     local_epochs: int = 2
@@ -88,4 +90,5 @@ class CoDreamConfig(Section):
         check.choice("teacher", self.teacher, TEACHERS)
         check.choice("distill_bn", self.distill_bn, DISTILL_BATCHNORM)
         check.choice("kd_gate", self.kd_gate, KD_GATES)
+        check.choice("round_order", self.round_order, ROUND_ORDERS)
         check.choice("bn_statistics", self.bn_statistics, BN_STATISTICS)

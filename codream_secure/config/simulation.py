@@ -124,18 +124,18 @@ class SimulationConfig:
 
     @property
     def teacher(self) -> str:
-        """The soft-label weighting a run uses: [codream] teacher, with "auto" resolved
-        (class-aware without DP, uniform with it)."""
-        if self.codream.teacher != "auto":
-            return self.codream.teacher
-        return "class-aware" if self.privacy.dp == "off" else "uniform"
+        """The soft-label weighting a run uses ([codream] teacher)."""
+        return self.codream.teacher
 
     def _validate_teacher(self) -> None:
         check = Checks("codream")
         if self.privacy.dp != "off" and self.teacher == "class-aware":
             raise check.fail("teacher", "'class-aware' releases the clients' pooled class "
                                         "histogram, which the DP accounting does not cover; use "
-                                        "teacher = \"uniform\" (or \"auto\") with [privacy] dp")
+                                        "teacher = \"uniform\" with [privacy] dp")
+        if self.teacher == "class-aware" and self.codream.soft_labels != "probs":
+            raise check.fail("teacher", "'class-aware' weights probabilities per class and "
+                                        "needs soft_labels = \"probs\"")
         if self.codream.dream_objective == "label" and self.teacher != "class-aware":
             raise check.fail("dream_objective", "'label' draws targets from the pooled class "
                                                 "histogram and needs teacher = \"class-aware\" "
