@@ -231,7 +231,8 @@ def dream_gradient(
     With `targets` the prediction term is the label-conditioned cross-entropy, else entropy.
     """
     inputs = x.detach().clone().requires_grad_(True)
-    total, _ = _dream_terms(model, inputs, weights, use_bn_statistics, targets)
+    total = dream_objective(model, inputs, weights, use_bn_statistics=use_bn_statistics,
+                            targets=targets)
     (grad,) = torch.autograd.grad(total, inputs)
     return grad.to(torch.float32)
 

@@ -287,6 +287,7 @@ class CoDreamFederation:
             raise ConfigError("label-conditioned dreams need the class-aware teacher")
         self.teacher_kind, self.histogram_channel = teacher, histogram_channel
         self.pooled_histogram: np.ndarray | None = None
+        self._share_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if codream.dream_mode == "generator" and dreamer is None:
             raise ConfigError('[codream] dream_mode = "generator" needs a GeneratorDreamer')
         self.dreamer = dreamer
@@ -376,9 +377,15 @@ class CoDreamFederation:
         return int(self.server_model.num_classes)
 
     def _shares(self, k: int) -> np.ndarray:
+        """Client k's share of each class, computed once per pooled histogram (it is released
+        once, or restored once, before any round)."""
         assert self.pooled_histogram is not None
-        own = class_histogram(self.clients[k].y_train, self._classes())
-        return class_shares(own, self.pooled_histogram)
+        cached = self._share_cache.get(k)
+        if cached is None or cached[0] is not self.pooled_histogram:
+            own = class_histogram(self.clients[k].y_train, self._classes())
+            cached = (self.pooled_histogram, class_shares(own, self.pooled_histogram))
+            self._share_cache[k] = cached
+        return cached[1]
 
     def _dream_gradients(self, clients: list[int], x: torch.Tensor,
                          targets: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -549,8 +556,8 @@ class CoDreamFederation:
         labels = {c: soft_labels(self.models[c], dreams.to(self.device), kind=self.s.soft_labels)
                   .cpu() for c in sorted(members)}
         if self.teacher_kind == "class-aware":
-            outputs = {c: np.concatenate([(p.numpy() * self._shares(c)).reshape(-1),
-                                          self._shares(c)]).astype(np.float32)
+            outputs = {c: np.concatenate([(p.numpy() * (a := self._shares(c))).reshape(-1),
+                                          a]).astype(np.float32)
                        for c, p in labels.items()}
         else:
             outputs = {c: p.numpy().reshape(-1) for c, p in labels.items()}
