@@ -5,7 +5,6 @@ The bridge is explicit: torch tensor -> float32 numpy -> aggregator session -> n
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import random
 import time
@@ -24,7 +23,6 @@ from protocols.registry import open_session
 from protocols.session import AggregationSession
 
 from .config import AggregationConfig, CoDreamConfig, DeviceConfig
-from .distill import distill, evaluate, recalibrate_batchnorm, soft_labels, train_local
 from .dreams import (
     DreamBuffer,
     DreamLossWeights,
@@ -32,12 +30,23 @@ from .dreams import (
     DreamTargets,
     NonFiniteGradientError,
     dream_gradient,
-    dream_objective,
     server_entropy_gradient,
 )
-from .errors import CoDreamError, ConfigError
+from .errors import ConfigError
 from .generator_dreams import DreamObjective, GeneratorDreamer, NoDreamsError, batch_of_step
+from .member import (  # ModelDivergedError: re-exported, callers catch it from here
+    KDOutcome,
+    Member,
+    ModelDivergedError,
+    check_finite,
+    distill_model,
+    kd_options,
+)
 from .results import ClientData, MethodResult
+from .seeds import derived_seed, generator
+
+__all__ = ["AggregationChannel", "ChannelStats", "CoDreamFederation", "ModelDivergedError",
+           "RoundRecord", "derived_seed", "generator", "kd_record"]
 from .teacher import (
     class_histogram,
     class_shares,
@@ -50,19 +59,6 @@ from .train_step import FastPath
 if TYPE_CHECKING:  # opacus loads only for runs with DP
     from .privacy import PrivacyLedger
     from .sample_dp import SampleLevelTrainer
-
-
-def derived_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple, stable across processes (unlike hash())."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch generator seeded from `parts`, so every round and client has its own stream."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(derived_seed(*parts))
-    return gen
 
 
 @dataclass
@@ -203,10 +199,6 @@ class AggregationChannel:
         return outcome.total, outcome.included
 
 
-class ModelDivergedError(CoDreamError, FloatingPointError):
-    """A model's weights hold NaN or inf after training or distillation."""
-
-
 def _non_finite_tensors(inputs: dict) -> list[int]:
     """Clients whose torch tensor holds NaN/inf, with one sync for all of them (the session
     checks only a device-masked vector's length: reading it would copy it to the host)."""
@@ -229,6 +221,15 @@ def _plain_reference(vectors: list, clip: float) -> tuple[np.ndarray, int]:
     arrays = [np.asarray(v.cpu() if torch.is_tensor(v) else v) for v in vectors]
     clipped = sum(int(np.count_nonzero(np.abs(a) > clip)) for a in arrays)
     return np.sum(arrays, axis=0, dtype=np.float64), clipped
+
+
+def kd_record(members: list[int], outcomes: Sequence[KDOutcome]) -> dict:
+    """A round's distillation record: each member's accuracies before and after, and whether
+    it kept the distilled weights."""
+    return {"clients": members, "val_before": [o.val_before for o in outcomes],
+            "val_after": [o.val_after for o in outcomes],
+            "test_before": [o.test_before for o in outcomes],
+            "test_after": [o.test_after for o in outcomes], "kept": [o.kept for o in outcomes]}
 
 
 @dataclass
@@ -310,6 +311,12 @@ class CoDreamFederation:
         # with train_cuda_graphs="on"), eager elsewhere
         self.train_path = FastPath.optimised(device, self.compute.precision,
                                              cuda_graphs=self.compute.train_cuda_graphs == "on")
+        self.members = [
+            Member(k, model, data, x_test, y_test, codream=codream, seed=seed,
+                   precision=self.compute.precision, train_path=self.train_path,
+                   trainer=None if self.trainers is None else self.trainers[k],
+                   weights=self.weights, use_bn_statistics=use_bn_statistics)
+            for k, (model, data) in enumerate(zip(self.models, self.clients, strict=True))]
 
     @property
     def n(self) -> int:
@@ -318,15 +325,9 @@ class CoDreamFederation:
     def _evaluate(self, clients: Sequence[int] | None = None) -> tuple[list[float], list[float]]:
         """Validation and test accuracy of each client's model (all by default), after
         re-estimating its BatchNorm statistics on its own training data when configured."""
-        clients = range(self.n) if clients is None else clients
-        val, test = [], []
-        for k in clients:
-            model, data = self.models[k], self.clients[k]
-            if self.s.bn_statistics == "recalibrated":
-                recalibrate_batchnorm(model, data.x_train)
-            val.append(evaluate(model, data.x_val, data.y_val))
-            test.append(evaluate(model, self.x_test, self.y_test))
-        return val, test
+        scores = [self.members[k].evaluate() for k in (range(self.n) if clients is None
+                                                       else clients)]
+        return [v for v, _ in scores], [t for _, t in scores]
 
     def epsilon(self) -> float | None:
         """Epsilon spent so far: the client-level ledger's, or the largest client's DP-SGD one."""
@@ -338,15 +339,8 @@ class CoDreamFederation:
         return None
 
     def _train_locally(self, round_index: int, epochs: int) -> None:
-        for k, (model, data) in enumerate(zip(self.models, self.clients, strict=True)):
-            if self.trainers is not None:
-                if epochs:
-                    self.trainers[k].train(model, data.x_train, data.y_train, epochs=epochs)
-                continue
-            train_local(model, data.x_train, data.y_train, epochs=epochs, lr=self.s.local_lr,
-                        precision=self.compute.precision, fast=self.train_path,
-                        batch_size=self.s.batch_size,
-                        generator=generator(self.seed, "local", round_index, k))
+        for member in self.members:
+            member.train(round_index, epochs)
 
     def warm_up(self) -> None:
         """Local training before any collaboration; recorded as round 0."""
@@ -544,17 +538,14 @@ class CoDreamFederation:
         def loss(client: int, batch: int, x: torch.Tensor) -> torch.Tensor:
             conditioned = None if targets is None else DreamTargets(
                 targets, torch.from_numpy(self._shares(client)).float())
-            return dream_objective(self.models[client], x, self.weights,
-                                   use_bn_statistics=self.use_bn_statistics,
-                                   targets=conditioned)
+            return self.members[client].dream_loss(x, conditioned)
         return loss
 
     def _teacher(self, round_index: int, dreams: torch.Tensor, members: frozenset[int],
                  targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """The members' soft labels on the dreams, summed securely: their mean, or weighted
         per class by each member's share of the class; and the teacher's quality."""
-        labels = {c: soft_labels(self.models[c], dreams.to(self.device), kind=self.s.soft_labels)
-                  .cpu() for c in sorted(members)}
+        labels = {c: self.members[c].labels(dreams.to(self.device)) for c in sorted(members)}
         if self.teacher_kind == "class-aware":
             outputs = {c: np.concatenate([(p.numpy() * (a := self._shares(c))).reshape(-1),
                                           a]).astype(np.float32)
@@ -585,17 +576,6 @@ class CoDreamFederation:
             rows = mean.sum(axis=1, keepdims=True)
             mean = np.where(rows > 0, mean / np.where(rows > 0, rows, 1.0), 1.0 / mean.shape[1])
         return torch.from_numpy(mean.astype(np.float32))
-
-    def _check_finite(self, round_index: int, who: list) -> None:
-        """Refuse models that distillation left with NaN or inf (the last round's would
-        otherwise go unnoticed: later rounds catch it in their dream gradients)."""
-        for k in who:
-            model = self.server_model if k == "server" else self.models[k]
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                name = "the server's model" if k == "server" else f"client {k}'s model"
-                raise ModelDivergedError(
-                    f"{name} holds NaN or inf after round {round_index}'s distillation (lower "
-                    "[codream] distill_lr or kd_temperature)")
 
     def _bytes_down(self) -> np.ndarray:
         return self.grad_channel.bytes_down + self.label_channel.bytes_down + self.broadcast_down
@@ -661,24 +641,9 @@ class CoDreamFederation:
         Returns the members' validation and test accuracy before and after."""
         bx, by = self.buffer.tensors()
         bx, by = bx.to(self.device), by.to(self.device)
-        options = dict(epochs=self.s.distill_epochs, lr=self.s.distill_lr,
-                       batch_size=self.s.batch_size, temperature=self.s.kd_temperature,
-                       teacher_kind=self.s.soft_labels, precision=self.compute.precision,
-                       fast=self.train_path, batchnorm=self.s.distill_bn)
-        val_before, test_before = self._evaluate(members)
-        saved = {k: copy.deepcopy(self.models[k].state_dict()) for k in members} \
-            if self.s.kd_gate == "validation" else {}
-        for k in members:
-            distill(self.models[k], bx, by,
-                    generator=generator(self.seed, "distill", round_index, k), **options)
-        distill(self.server_model, bx, by,
-                generator=generator(self.seed, "distill", round_index, "server"), **options)
-        self._check_finite(round_index, [*members, "server"])
-        val_after, test_after = self._evaluate(members)
-        kept = [not saved or after >= before for before, after in zip(val_before, val_after,
-                                                                      strict=True)]
-        for k, keep in zip(members, kept, strict=True):
-            if not keep:
-                self.models[k].load_state_dict(saved[k])
-        return {"clients": members, "val_before": val_before, "val_after": val_after,
-                "test_before": test_before, "test_after": test_after, "kept": kept}
+        options = kd_options(self.s, self.compute.precision, self.train_path)
+        outcomes = [self.members[k].acquire(round_index, bx, by, options) for k in members]
+        distill_model(self.server_model, bx, by, seed=self.seed, round_index=round_index,
+                      key="server", options=options)
+        check_finite(self.server_model, "the server's model", round_index)
+        return kd_record(members, outcomes)

@@ -28,7 +28,7 @@ from codream_secure.errors import CoDreamError, ConfigError
 
 __all__ = ["BETAS", "LATENT_LR_RATIO", "DreamObjective", "GeneratorDreamer", "GeneratorRound",
            "GeneratorSettings", "NoDreamsError", "SlimGenerator", "adapt", "apply_update",
-           "batch_of_step", "generator_vector"]
+           "batch_of_step", "client_update", "generator_vector"]
 
 # the official code's client optimiser: Adam with betas (0.5, 0.999), latent lr 1.5e-3 beside
 # the generator's 5e-3
@@ -50,6 +50,15 @@ class SumChannel(Protocol):
 
     def sum(self, inputs: dict, *, drop_after_upload: Sequence[int] = ()
             ) -> tuple[np.ndarray, frozenset[int]]: ...
+
+
+class UpdateSum(Protocol):
+    """(batch, latents, direction, members, after_upload) -> the sum of the members' generator
+    updates for that batch and the clients in it (NonFiniteGradientError if one is not finite)."""
+
+    def __call__(self, batch: int, latents: torch.Tensor, direction: torch.Tensor | None,
+                 members: list[int], after_upload: list[int]
+                 ) -> tuple[np.ndarray, frozenset[int]]: ...
 
 
 class SlimGenerator(nn.Module):
@@ -143,6 +152,23 @@ def adapt(generator: nn.Module, latents: torch.Tensor, loss: Callable[[torch.Ten
     return local, z.detach()
 
 
+def client_update(meta: nn.Module, latents: torch.Tensor,
+                  loss: Callable[[torch.Tensor], torch.Tensor], *, settings: GeneratorSettings,
+                  direction: torch.Tensor | None = None, weight: float = 0.0) -> np.ndarray:
+    """One client's upload for a dream batch: its adapted (G, z) minus the (G, z) it started
+    from, with the server entropy's first-order term -weight * <direction, G(z)> added to
+    `loss` when a direction is given (as in pixel mode)."""
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        value = loss(x)
+        if direction is not None:
+            value = value - weight * (direction * x).sum()
+        return value
+
+    begin = generator_vector(meta, latents)
+    generator, z = adapt(meta, latents, objective, steps=settings.local_steps, lr=settings.lr)
+    return generator_vector(generator, z) - begin
+
+
 def render(generator: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """G(z) as the clients saw it (train-mode BatchNorm), leaving G's running statistics as
     they are."""
@@ -225,7 +251,8 @@ class GeneratorDreamer:
               adaptive_weight: float = 0.0, seconds: dict[str, float] | None = None,
               progress: object = None) -> GeneratorRound:
         """Run the round's dream batches through `channel` (opened by the caller for
-        `vector_length` values) and take the Reptile step.
+        `vector_length` values) and take the Reptile step; every client's update is computed
+        here, with `loss_fn`.
 
         `leaving` maps a client to (batch, after_upload): it drops out at that batch, before or
         after its upload, and takes no part in later batches. `adaptive(x)` is the server
@@ -233,30 +260,48 @@ class GeneratorDreamer:
         -adaptive_weight * <that gradient, G(z)> to their loss (see docs/dream-modes.md).
         A batch whose sum is not finite, or with a client whose update is not, is skipped.
         """
-        settings, leaving = self.settings, dict(leaving or {})
         seconds = seconds if seconds is not None else {"dreams": 0.0, "aggregation": 0.0}
+
+        def local_sum(batch: int, latents: torch.Tensor, direction: torch.Tensor | None,
+                      members: list[int], after_upload: list[int]
+                      ) -> tuple[np.ndarray, frozenset[int]]:
+            start = time.perf_counter()
+            inputs = {c: self._client_update(c, batch, latents, loss_fn, direction,
+                                             adaptive_weight, on_device=channel.device_masking)
+                      for c in members}
+            seconds["dreams"] += time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                return channel.sum(inputs, drop_after_upload=after_upload)
+            finally:
+                seconds["aggregation"] += time.perf_counter() - start
+
+        return self.dream_batches(round_index, clients, local_sum, latent_seeds=latent_seeds,
+                                  leaving=leaving, adaptive=adaptive, progress=progress)
+
+    def dream_batches(self, round_index: int, clients: Sequence[int], sum_updates: UpdateSum,
+                      *, latent_seeds: Callable[[int], torch.Generator],
+                      leaving: Mapping[int, tuple[int, bool]] | None = None,
+                      adaptive: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      progress: object = None) -> GeneratorRound:
+        """The round's batches, with `sum_updates` returning the sum of the members' updates
+        for each (computed in this process, or by remote clients on Flower); then Reptile."""
+        settings, leaving = self.settings, dict(leaving or {})
         outcome = GeneratorRound(torch.zeros(0), frozenset(clients))
         kept, adapted = [], []
         task = progress.task(f"round {round_index} dreams", settings.batches) if progress else None
         for batch in range(1, settings.batches + 1):
-            start = time.perf_counter()
             latents = torch.randn((settings.dream_batch, settings.latent_dim),
                                   generator=latent_seeds(batch)).to(self.device)
             before = {c for c, (b, after) in leaving.items() if b == batch and not after}
             after_upload = [c for c, (b, after) in leaving.items() if b == batch and after]
             members = sorted(outcome.members - before)
             direction = None if adaptive is None else adaptive(render(self.meta, latents))
-            begin = generator_vector(self.meta, latents)
-            inputs = {c: self._client_update(c, batch, latents, begin, loss_fn, direction,
-                                             adaptive_weight, on_device=channel.device_masking)
-                      for c in members}
             download = 4 * (self.vector_length + (0 if direction is None else direction.numel()))
             for c in members:
                 outcome.bytes_down[c] = outcome.bytes_down.get(c, 0) + download
-            seconds["dreams"] += time.perf_counter() - start
-            start = time.perf_counter()
-            mean, reason = self._released_mean(channel, inputs, after_upload, outcome)
-            seconds["aggregation"] += time.perf_counter() - start
+            mean, reason = self._released_mean(sum_updates, batch, latents, direction, members,
+                                               after_upload, outcome)
             if mean is None:
                 outcome.reasons.append(f"batch {batch}: {reason}")
             else:
@@ -276,12 +321,14 @@ class GeneratorDreamer:
         return outcome
 
     @staticmethod
-    def _released_mean(channel: SumChannel, inputs: dict, after_upload: list[int],
-                       outcome: GeneratorRound) -> tuple[np.ndarray | None, str]:
-        """The mean update the channel releases, or None and why the batch is skipped; the
+    def _released_mean(sum_updates: UpdateSum, batch: int, latents: torch.Tensor,
+                       direction: torch.Tensor | None, members: list[int],
+                       after_upload: list[int], outcome: GeneratorRound
+                       ) -> tuple[np.ndarray | None, str]:
+        """The mean update released for one batch, or None and why the batch is skipped; the
         clients that leave are dropped from `outcome.members`."""
         try:
-            total, included = channel.sum(inputs, drop_after_upload=after_upload)
+            total, included = sum_updates(batch, latents, direction, members, after_upload)
         except NonFiniteGradientError as error:  # refused before any message: nothing released
             return None, str(error)
         outcome.members = frozenset(included) - set(after_upload)
@@ -290,20 +337,12 @@ class GeneratorDreamer:
             return None, "the released sum is not finite"
         return mean, ""
 
-    def _client_update(self, client: int, batch: int, latents: torch.Tensor, begin: np.ndarray,
+    def _client_update(self, client: int, batch: int, latents: torch.Tensor,
                        loss_fn: DreamObjective, direction: torch.Tensor | None, weight: float,
                        *, on_device: bool) -> np.ndarray | torch.Tensor:
-        """What client `client` uploads for `batch`: its adapted (G, z) minus `begin`, the
-        vector of the (G, z) it started from."""
-        def loss(x: torch.Tensor) -> torch.Tensor:
-            value = loss_fn(client, batch, x)
-            if direction is not None:  # the server entropy's first-order term, as in pixel mode
-                value = value - weight * (direction * x).sum()
-            return value
-
-        generator, z = adapt(self.meta, latents, loss, steps=self.settings.local_steps,
-                             lr=self.settings.lr)
-        update = generator_vector(generator, z) - begin
+        """What client `client` uploads for `batch` when its update is computed here."""
+        update = client_update(self.meta, latents, lambda x: loss_fn(client, batch, x),
+                               settings=self.settings, direction=direction, weight=weight)
         return torch.from_numpy(update).to(self.device) if on_device else update
 
     def _reptile(self, adapted: list[np.ndarray]) -> None:

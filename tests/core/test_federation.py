@@ -388,16 +388,16 @@ def test_a_run_with_compiled_local_training_and_distillation(tmp_path, monkeypat
 
 
 def test_a_model_that_distillation_breaks_in_the_last_round_is_an_error(tmp_path, monkeypatch):
-    from codream_secure import federation
+    from codream_secure import federation, member
 
-    real = federation.distill
+    real = member.distill
 
     def poisoned(model, *args, **kwargs):
         real(model, *args, **kwargs)
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
 
-    monkeypatch.setattr(federation, "distill", poisoned)
+    monkeypatch.setattr(member, "distill", poisoned)
     with pytest.raises(federation.ModelDivergedError,
                        match=r"client 0's model holds NaN or inf after round 1's distillation"):
         _run(tmp_path, "nan", rounds=1, baselines=())

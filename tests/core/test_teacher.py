@@ -169,7 +169,7 @@ def test_frozen_batchnorm_distillation_leaves_the_running_statistics_alone():
 
 def test_the_validation_gate_restores_a_client_whose_validation_accuracy_dropped(tmp_path,
                                                                                 monkeypatch):
-    from codream_secure import federation
+    from codream_secure import member
 
     def ruinous(model, *args, **kwargs):  # distillation that wrecks every model
         with torch.no_grad():
@@ -177,7 +177,7 @@ def test_the_validation_gate_restores_a_client_whose_validation_accuracy_dropped
                 p.mul_(-3.0)
         return {}
 
-    monkeypatch.setattr(federation, "distill", ruinous)
+    monkeypatch.setattr(member, "distill", ruinous)
     runs = {}
     for gate in ("validation", "off"):
         config_keys = {**TINY, "rounds": 1, "local_epochs": 0, "baselines": (), "kd_gate": gate,
