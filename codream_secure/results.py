@@ -13,7 +13,7 @@ class ClientData:
     """One client's private training tensors and the validation set it is selected on.
 
     The simulation gives every client the same global held-out validation set (see
-    simulation._split_clients); inputs are float32, labels int64.
+    simulation.split_clients); inputs are float32, labels int64.
     """
 
     x_train: torch.Tensor

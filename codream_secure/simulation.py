@@ -75,7 +75,7 @@ def resolve_masking(masking: str, aggregator: str, dp: str, device: torch.device
     return "device" if secagg and device.type == "cuda" else "host"
 
 
-def _load_data(section: DataConfig, seed: int) -> LoadedDataset:
+def load_run_data(section: DataConfig, seed: int) -> LoadedDataset:
     """The [data] section's data set, sampled down to its max_train / max_test."""
     return load_dataset(section.dataset, section.data_dir, max_train=section.max_train,
                         max_test=section.max_test, seed=seed,
@@ -83,7 +83,7 @@ def _load_data(section: DataConfig, seed: int) -> LoadedDataset:
                         if section.data_mean else None)
 
 
-def _split_clients(data: LoadedDataset, section: DataConfig, seed: int, device: torch.device
+def split_clients(data: LoadedDataset, section: DataConfig, seed: int, device: torch.device
                    ) -> tuple[list[ClientData], list[np.ndarray]]:
     """Hold out one stratified validation set, then partition the rest among the clients.
 
@@ -128,7 +128,7 @@ def _baselines(run: RunConfig, codream: CoDreamConfig, models: tuple[str, ...],
     return results
 
 
-def _versions() -> dict[str, str]:
+def software_versions() -> dict[str, str]:
     import cryptography
 
     return {"codream_secure": __version__, "python": platform.python_version(),
@@ -270,8 +270,8 @@ def prepare_simulation(config: SimulationConfig, *, resume: bool = False) -> Pre
     _use_threads(config.device)
     device = resolve_device(config.device.device)
     seed, codream, privacy = config.run.seed, config.codream, config.privacy
-    data = _load_data(config.data, seed)
-    clients, parts = _split_clients(data, config.data, seed, device)
+    data = load_run_data(config.data, seed)
+    clients, parts = split_clients(data, config.data, seed, device)
     x_test = torch.from_numpy(data.x_test).to(device)
     y_test = torch.from_numpy(data.y_test).to(device)
     # client k starts from the same weights here as in every baseline, so the comparison is fair
@@ -347,7 +347,7 @@ def run_prepared(run: PreparedRun, *, progress: Progress | None = None) -> Simul
     report = {
         "schema_version": 1,
         "config": config.to_dict(),
-        "versions": _versions(),
+        "versions": software_versions(),
         "seeds": {"seed": seed},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "device": str(device), "torch_threads": torch.get_num_threads()},

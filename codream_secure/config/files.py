@@ -32,12 +32,12 @@ def load_config(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"cannot read {name}: {error.strerror}") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{name} is larger than {MAX_CONFIG_BYTES:,} bytes; not a config")
-    values = _parse_json(raw, name) if path.suffix.lower() == ".json" else _parse_toml(raw, name)
+    values = _parse_json(raw, name) if path.suffix.lower() == ".json" else parse_toml(raw, name)
     check_tables(values, name)
     return values
 
 
-def _parse_toml(raw: bytes, name: str) -> dict[str, Any]:
+def parse_toml(raw: bytes, name: str) -> dict[str, Any]:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10

@@ -1,0 +1,60 @@
+"""Payloads and replies as Flower RecordDicts: scalars in a ConfigRecord, arrays in an
+ArrayRecord (which Flower chunks), and back."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from .payload import Payload, Reply, UndecodableReplyError
+
+__all__ = ["payload_from_content", "payload_to_content", "reply_from_content",
+           "reply_to_content"]
+
+_VALUES, _ARRAYS = "codream", "codream.arrays"
+_ACTION, _REFUSED = "action", "refused"
+
+
+def _content(values: dict, arrays: dict[str, np.ndarray]) -> RecordDict:
+    records: dict = {_VALUES: ConfigRecord(dict(values))}
+    if arrays:
+        records[_ARRAYS] = ArrayRecord(array_dict={
+            name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    return RecordDict(records)
+
+
+def _parts(content: RecordDict) -> tuple[dict, dict[str, np.ndarray]]:
+    try:
+        values = dict(content.config_records[_VALUES])
+        arrays = {name: array.numpy() for name, array in content.array_records[_ARRAYS].items()} \
+            if _ARRAYS in content.array_records else {}
+    except (KeyError, TypeError, ValueError) as error:
+        raise UndecodableReplyError(f"message without CoDream records ({error})") from None
+    return values, arrays
+
+
+def payload_to_content(payload: Payload) -> RecordDict:
+    """A request's RecordDict."""
+    return _content({_ACTION: payload.action, **payload.values}, payload.arrays)
+
+
+def payload_from_content(content: RecordDict) -> Payload:
+    """The request a RecordDict carries (UndecodableReplyError if it carries none)."""
+    values, arrays = _parts(content)
+    action = values.pop(_ACTION, None)
+    if not isinstance(action, str):
+        raise UndecodableReplyError("request without an action")
+    return Payload(action, values, arrays)
+
+
+def reply_to_content(reply: Reply) -> RecordDict:
+    """A reply's RecordDict."""
+    values = {**reply.values, _REFUSED: reply.refused} if reply.refused else dict(reply.values)
+    return _content(values, reply.arrays)
+
+
+def reply_from_content(content: RecordDict) -> Reply:
+    """The reply a RecordDict carries (UndecodableReplyError if it carries none)."""
+    values, arrays = _parts(content)
+    refused = values.pop(_REFUSED, "")
+    return Reply(values, arrays, refused if isinstance(refused, str) else repr(refused))
