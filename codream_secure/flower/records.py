@@ -15,8 +15,21 @@ _VALUES, _ARRAYS = "codream", "codream.arrays"
 _ACTION, _REFUSED = "action", "refused"
 
 
+_BYTES_PREFIX = "bytes:"
+LARGE_BYTES = 1 << 16  # a masked upload or a share request this big travels as an array
+
+
 def _content(values: dict, arrays: dict[str, np.ndarray]) -> RecordDict:
-    records: dict = {_VALUES: ConfigRecord(dict(values))}
+    """A ConfigRecord for the scalars; an ArrayRecord (chunked by Flower) for the arrays and
+    for byte strings of LARGE_BYTES or more, e.g. a protocol message carrying a masked vector."""
+    arrays = dict(arrays)
+    small = {}
+    for key, value in values.items():
+        if isinstance(value, bytes) and len(value) >= LARGE_BYTES:
+            arrays[_BYTES_PREFIX + key] = np.frombuffer(value, dtype=np.uint8)
+        else:
+            small[key] = value
+    records: dict = {_VALUES: ConfigRecord(small)}
     if arrays:
         records[_ARRAYS] = ArrayRecord(array_dict={
             name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
@@ -30,6 +43,11 @@ def _parts(content: RecordDict) -> tuple[dict, dict[str, np.ndarray]]:
             if _ARRAYS in content.array_records else {}
     except (KeyError, TypeError, ValueError) as error:
         raise UndecodableReplyError(f"message without CoDream records ({error})") from None
+    for key in [k for k in arrays if k.startswith(_BYTES_PREFIX)]:
+        data = arrays.pop(key)
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise UndecodableReplyError(f"{key!r} is not a byte string")
+        values[key[len(_BYTES_PREFIX):]] = data.tobytes()
     return values, arrays
 
 

@@ -102,3 +102,24 @@ def test_the_grid_link_waits_no_longer_than_its_deadline():
     assert answered.replies == {} and now[0] == pytest.approx(2.0)
     assert answered.missed == {0: "no reply before the 2 s deadline",
                                1: "no reply before the 2 s deadline"}
+
+
+def test_large_protocol_messages_travel_as_arrays_and_come_back_byte_for_byte():
+    import numpy as np
+
+    from codream_secure.flower.payload import Reply
+    from codream_secure.flower.records import (
+        LARGE_BYTES,
+        payload_from_content,
+        payload_to_content,
+        reply_from_content,
+        reply_to_content,
+    )
+
+    big, small = bytes(range(256)) * (LARGE_BYTES // 128), b"\x00tiny"
+    content = payload_to_content(Payload("secure", {"request": big, "purpose": "dream"},
+                                         {"meta": np.ones(3, np.float32)}))
+    assert "request" not in content.config_records["codream"]
+    assert payload_from_content(content).values["request"] == big
+    back = reply_from_content(reply_to_content(Reply({"reply": small, "other": big})))
+    assert back.values == {"reply": small, "other": big}
