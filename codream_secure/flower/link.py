@@ -43,19 +43,21 @@ class GridLink:
         self.bytes_up: dict[int, int] = {}
 
     def call(self, payloads: Mapping[int, Payload], *, deadline: float) -> Answered:
-        from flwr.app import Message
-
         from .records import payload_to_content, reply_from_content
 
         messages = {}
         for client, payload in payloads.items():
-            content = payload_to_content(payload)
-            messages[client] = Message(content, dst_node_id=self.nodes[client],
-                                       message_type=MESSAGE_TYPE, ttl=max(deadline, 1.0) + 60)
+            messages[client] = self.grid.create_message(
+                payload_to_content(payload), MESSAGE_TYPE, self.nodes[client], "codream",
+                ttl=max(deadline, 1.0) + 60)
             self.bytes_down[client] = self.bytes_down.get(client, 0) + _size(payload)
-        ids = dict(zip(list(self.grid.push_messages(messages.values())), messages, strict=True))
+        stored = set(self.grid.push_messages(list(messages.values())))
+        # the grid sets each message's id as it pushes it, and returns those it accepted
+        ids = {m.metadata.message_id: c for c, m in messages.items()
+               if m.metadata.message_id in stored}
         replies: dict[int, Reply] = {}
-        missed: dict[int, str] = {}
+        missed = {c: "the grid did not accept the request" for c in messages
+                  if c not in ids.values()}
         end = self._clock() + deadline
         pending = set(ids)
         while pending:

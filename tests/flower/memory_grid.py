@@ -47,7 +47,8 @@ class MemoryGrid(Grid):
         return None
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl)
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl,
+                       group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)

@@ -85,19 +85,20 @@ def test_a_node_serving_a_partition_of_another_run_is_refused(tmp_path):
 
 
 def test_the_grid_link_waits_no_longer_than_its_deadline():
-    class NeverAnswers:
+    class NeverAnswers(MemoryGrid):
         def push_messages(self, messages):
-            return [f"id{i}" for i, _ in enumerate(messages)]
+            ids = []
+            for i, message in enumerate(messages):
+                message.metadata.__dict__["_message_id"] = f"id{i}"
+                ids.append(f"id{i}")
+            return ids
 
         def pull_messages(self, ids):
             return []
 
     now = [0.0]
-    link = GridLink(NeverAnswers(), {0: 7, 1: 8}, poll=0.5, clock=lambda: now[0],
+    link = GridLink(NeverAnswers(client_app.app, 2, {}), {0: 101, 1: 102}, poll=0.5, clock=lambda: now[0],
                     sleep=lambda s: now.__setitem__(0, now[0] + s))
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     answered = link.call({0: Payload("hello"), 1: Payload("hello")}, deadline=2.0)
     assert answered.replies == {} and now[0] == pytest.approx(2.0)
     assert answered.missed == {0: "no reply before the 2 s deadline",
