@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -19,18 +19,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .errors import IntegrityError, ProtocolError
 from .secagg.client import SecAggClient
 from .secagg.server import SecAggServer
-from .session import Dropout, FaultPlan, Stage, StepOutcome, Traffic
-from .wire import message_type
+from .session import Dropout, FaultPlan, Stage, StepOutcome, Traffic, stage_index
+from .transport import Delivery, Missed, run_setup, run_step
 
-# request type code -> the stage a client answering it is in
-_REQUEST_STAGE = {
-    1: Stage.ADVERTISE, 3: Stage.ROSTER, 4: Stage.UPLOAD, 6: Stage.PAIRWISE,
-    10: Stage.CONSISTENCY, 8: Stage.SHARES,
-}
-_STAGE_ORDER = {stage: index for index, stage in enumerate(Stage)}
-
-
-_R = TypeVar("_R")
 _NONCE_BYTES, _TAG_BYTES = 12, 16  # AES-256-GCM framing of each link message
 
 
@@ -94,8 +85,10 @@ def _tampered(frame: _Frame) -> _Frame:
 class InProcessNetwork:
     """Runs a SecAgg session between in-process parties, with faults injected on the wire.
 
-    A client falls silent at the earliest point any dropout names for it, and once the network
-    has withheld one message from it, it is in `silenced` and stays silent for the session.
+    A transport (protocols.transport) for the drivers `run_setup` and `run_step`. A client
+    falls silent at the earliest point any dropout names for it, and once the network has
+    withheld one message from it, it is in `silenced` and stays silent for the session.
+    `missed` lists every request that got no usable reply, with the reason.
     """
 
     def __init__(self, server: SecAggServer, clients: Mapping[int, SecAggClient], *,
@@ -105,11 +98,12 @@ class InProcessNetwork:
         self.traffic = Traffic.zeros(server.graph.n)
         self.refusals: list[tuple[int, int, ProtocolError]] = []  # (step, client, error)
         self.late_arrivals: list[tuple[int, int, bytes]] = []  # what the server saw too late
+        self.missed: list[Missed] = []
         self.silenced: set[int] = set()
         self._links = {cid: _Link() for cid in self.clients}
         self._silent_from = self.faults.silent_from()
         self._leaving: dict[int, tuple[int, int]] = {}
-        self._step = 0
+        self._exchange_seconds = 0.0
 
     def add_dropouts(self, dropouts: Iterable[Dropout]) -> None:
         """Schedule more dropouts (for sessions whose failures are decided step by step)."""
@@ -126,67 +120,80 @@ class InProcessNetwork:
         """
         self._leaving = {c: Dropout(c, step, Stage.SHARES).point for c in clients}
 
-    def _silent(self, cid: int, stage: Stage) -> bool:
+    def _silent(self, cid: int, step: int, stage: Stage) -> bool:
         if cid in self.silenced:
             return True
         points = [p for p in (self._silent_from.get(cid), self._leaving.get(cid)) if p]
-        if points and (self._step, _STAGE_ORDER[stage]) >= min(points):
+        if points and (step, stage_index(stage)) >= min(points):
             self.silenced.add(cid)
             return True
         return False
 
-    def _server_call(self, fn: Callable[..., _R], *args: object) -> _R:
+    @contextmanager
+    def _server_clock(self) -> Iterator[None]:
+        """Time the drivers' calls into the server: all but what the exchanges took."""
+        start, exchanged = time.perf_counter(), self._exchange_seconds
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.traffic.server_seconds += elapsed - (self._exchange_seconds - exchanged)
+
+    def exchange(self, requests: Mapping[int, bytes], *, step: int, stage: Stage) -> Delivery:
+        """Deliver requests, collect the replies that arrive before the deadline."""
         start = time.perf_counter()
         try:
-            return fn(*args)
+            replies: dict[int, bytes] = {}
+            missed: list[Missed] = []
+            for cid, payload in requests.items():
+                reply = self._deliver(cid, payload, step, stage)
+                if isinstance(reply, Missed):
+                    missed.append(reply)
+                else:
+                    replies[cid] = reply
+            return Delivery(replies, tuple(missed))
         finally:
-            self.traffic.server_seconds += time.perf_counter() - start
+            self._exchange_seconds += time.perf_counter() - start
 
-    def _exchange(self, requests: Mapping[int, bytes]) -> dict[int, bytes]:
-        """Deliver requests, collect the replies that arrive before the deadline."""
-        replies: dict[int, bytes] = {}
-        for cid, payload in requests.items():
-            stage = _REQUEST_STAGE[message_type(payload)]
-            if cid not in self.clients or self._silent(cid, stage):
-                continue
-            self.traffic.bytes_down[cid] += len(payload)
-            start = time.perf_counter()
-            try:
-                reply = self.clients[cid].handle(payload)
-            except ProtocolError as error:
-                self.refusals.append((self._step, cid, error))
-                continue
-            finally:
-                self.traffic.client_seconds[cid] += time.perf_counter() - start
-            if reply is None:
-                continue
-            self.traffic.bytes_up[cid] += len(reply)
-            frame = self._links[cid].seal(reply)
-            if (self._step, cid, stage) in self.faults.tamper:
-                frame = _tampered(frame)
-            if stage is Stage.UPLOAD and (self._step, cid) in self.faults.late:
-                self.late_arrivals.append((self._step, cid, reply))
-                continue
-            try:
-                replies[cid] = self._links[cid].open(frame)
-            except IntegrityError as error:
-                self.refusals.append((self._step, cid, error))
-        return replies
+    def _deliver(self, cid: int, payload: bytes, step: int, stage: Stage) -> bytes | Missed:
+        """One request to one client: its authenticated reply (b"" if none is due), or why
+        none came."""
+        if cid not in self.clients:
+            return Missed(step, stage, cid, "no such client")
+        if self._silent(cid, step, stage):
+            return Missed(step, stage, cid, "no reply before the deadline (dropped out)")
+        self.traffic.bytes_down[cid] += len(payload)
+        start = time.perf_counter()
+        try:
+            reply = self.clients[cid].handle(payload)
+        except ProtocolError as error:
+            self.refusals.append((step, cid, error))
+            return Missed(step, stage, cid, f"error reply: {error}")
+        finally:
+            self.traffic.client_seconds[cid] += time.perf_counter() - start
+        if reply is None:
+            return b""
+        self.traffic.bytes_up[cid] += len(reply)
+        frame = self._links[cid].seal(reply)
+        if (step, cid, stage) in self.faults.tamper:
+            frame = _tampered(frame)
+        if stage is Stage.UPLOAD and (step, cid) in self.faults.late:
+            self.late_arrivals.append((step, cid, reply))
+            return Missed(step, stage, cid, "no reply before the deadline (arrived late)")
+        try:
+            return self._links[cid].open(frame)
+        except IntegrityError as error:
+            self.refusals.append((step, cid, error))
+            return Missed(step, stage, cid, f"unauthenticated reply: {error}")
 
     def setup(self) -> None:
         """Offer the session and run the key advertisement."""
-        offers = self._server_call(self.server.open_session)
-        rosters = self._server_call(self.server.receive, self._exchange(offers))
-        assert isinstance(rosters, dict)  # the key stage always answers with rosters
-        self._exchange(rosters)  # rosters need no reply
+        with self._server_clock():
+            run_setup(self.server, self, missed=self.missed)
 
     def step(self) -> StepOutcome:
         """Run one aggregation step to its outcome (or its TooFewSurvivorsError or
         ConsistencyAbortError)."""
-        self._step = self.server.last_step + 1
-        requests = self._server_call(self.server.open_step)
-        while True:
-            result = self._server_call(self.server.receive, self._exchange(requests))
-            if isinstance(result, StepOutcome):
-                return result
-            requests = result
+        with self._server_clock():
+            outcome, _ = run_step(self.server, self, missed=self.missed)
+        return outcome

@@ -19,7 +19,7 @@ from .errors import ParameterError
 
 __all__ = [
     "SETUP_STAGES", "AggregationSession", "Dropout", "FaultPlan", "RingNoise", "SecureSumResult",
-    "Stage", "StepOutcome", "Traffic",
+    "Stage", "StepOutcome", "Traffic", "stage_index",
 ]
 
 
@@ -36,6 +36,11 @@ class Stage(str, Enum):
 
 SETUP_STAGES = (Stage.ADVERTISE, Stage.ROSTER)  # the stages of step 0, and only of step 0
 _ORDER = {stage: index for index, stage in enumerate(Stage)}
+
+
+def stage_index(stage: Stage) -> int:
+    """The position of `stage` in a session's time order (ADVERTISE is 0, SHARES last)."""
+    return _ORDER[stage]
 
 
 def _as_stage(value: object, field_name: str) -> Stage:

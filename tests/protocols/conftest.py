@@ -65,14 +65,14 @@ def confirm(session_id: bytes, clients, step: int, members, dropped=frozenset())
 def tap_wire(network: InProcessNetwork) -> list[bytes]:
     """Every request and reply `network` carries from now on, in order (a test's wiretap)."""
     wire: list[bytes] = []
-    exchange = network._exchange
+    exchange = network.exchange
 
-    def tapped(requests):
-        replies = exchange(requests)
-        wire.extend([*requests.values(), *replies.values()])
-        return replies
+    def tapped(requests, **where):
+        delivery = exchange(requests, **where)
+        wire.extend([*requests.values(), *(r for r in delivery.replies.values() if r)])
+        return delivery
 
-    network._exchange = tapped
+    network.exchange = tapped
     return wire
 
 

@@ -124,13 +124,13 @@ def test_tokens_are_domain_separated_by_pair_order_step_and_session():
 
 def _message_types(network):
     seen = []
-    exchange = network._exchange
+    exchange = network.exchange
 
-    def recording(requests):
+    def recording(requests, **where):
         seen.extend(message_type(r) for r in requests.values())
-        return exchange(requests)
+        return exchange(requests, **where)
 
-    network._exchange = recording
+    network.exchange = recording
     return seen
 
 
