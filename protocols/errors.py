@@ -31,6 +31,11 @@ class ReplayError(StageError):
     """A message repeats or rewinds a step that was already processed."""
 
 
+class StateError(ProtocolError):
+    """A client's saved state does not restore: truncated, oversized, another version, or
+    inconsistent."""
+
+
 class IntegrityError(ProtocolError):
     """Authenticated decryption failed or a peer's data is inconsistent."""
 

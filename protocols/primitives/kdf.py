@@ -12,16 +12,20 @@ from protocols.errors import IntegrityError, MalformedMessageError, ParameterErr
 
 __all__ = [
     "DOMAIN",
+    "PRIVATE_KEY_BYTES",
     "PUBLIC_KEY_BYTES",
     "agree",
     "derive_key",
     "encode_info",
     "generate_keypair",
     "hkdf",
+    "private_key_bytes",
+    "private_key_from_bytes",
 ]
 
 DOMAIN = "codream-secure/v1"
 PUBLIC_KEY_BYTES = 32
+PRIVATE_KEY_BYTES = 32
 _HKDF_MAX_LENGTH = 255 * 32  # RFC 5869: L <= 255 * HashLen
 _U64 = struct.Struct(">Q")
 _TAG_BYTES, _TAG_STR, _TAG_INT = b"B", b"S", b"I"
@@ -31,6 +35,18 @@ def generate_keypair() -> tuple[X25519PrivateKey, bytes]:
     """Fresh X25519 key pair: the private key object and the raw 32-byte public key."""
     private_key = X25519PrivateKey.generate()
     return private_key, private_key.public_key().public_bytes_raw()
+
+
+def private_key_bytes(private_key: X25519PrivateKey) -> bytes:
+    """The raw 32-byte private key (for a client's saved state: a secret, stored as one)."""
+    return private_key.private_bytes_raw()
+
+
+def private_key_from_bytes(raw: bytes) -> X25519PrivateKey:
+    """The X25519 private key of 32 raw bytes (what private_key_bytes wrote)."""
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != PRIVATE_KEY_BYTES:
+        raise MalformedMessageError(f"an X25519 private key must be {PRIVATE_KEY_BYTES} raw bytes")
+    return X25519PrivateKey.from_private_bytes(bytes(raw))
 
 
 def agree(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:

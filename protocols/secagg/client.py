@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import cast
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ..codec import FixedPointCodec, Rounding
 from ..errors import (
@@ -18,6 +18,7 @@ from ..errors import (
     ProtocolError,
     ReplayError,
     StageError,
+    StateError,
     TooFewSurvivorsError,
 )
 from ..graph import NeighbourGraph, complete_graph, harary_graph
@@ -26,6 +27,7 @@ from ..primitives import envelope, kdf, prg, shamir
 from ..session import RingNoise
 from ..wire import message_type
 from . import keys
+from .client_state import DITHER_SECRET_BYTES, ClientStage, SavedClient, StepState
 from .limits import check_offer, session_sizes, sizes_before_offer
 from .messages import (
     THREAT_MODELS,
@@ -45,31 +47,6 @@ from .messages import (
 
 InputProvider = Callable[[int], np.ndarray]
 SELF_SEED_BYTES = 32  # a fresh AES-256-CTR key per client and step
-DITHER_SECRET_BYTES = 32  # client-local: the server cannot recompute a client's rounding
-
-
-class ClientStage(Enum):
-    """Where a client is in the session; each handler names the stages it accepts."""
-
-    NEW = "new"
-    ADVERTISED = "advertised"
-    READY = "ready"
-    UPLOADED = "uploaded"
-    PAIRWISE_REVEALED = "pairwise-revealed"
-    CONFIRMED = "confirmed"
-    SHARES_REVEALED = "shares-revealed"
-
-
-@dataclass
-class _StepState:
-    """What one client remembers about the current step (and only the current step)."""
-
-    step: int
-    active: frozenset[int]
-    dropped: set[int] = field(default_factory=set)
-    pair_revealed: set[int] = field(default_factory=set)
-    frozen: bool = False  # consistency tokens were issued: the dropped set may not grow
-    shares_revealed: bool = False
 
 
 def reduce_ring(vector: np.ndarray, ring_bits: int) -> np.ndarray:
@@ -141,11 +118,59 @@ class SecAggClient:
         self._seal_keys: dict[int, bytes] = {}
         self._open_keys: dict[int, bytes] = {}
         self._confirm_keys: dict[int, bytes] = {}
+        self._private_key: X25519PrivateKey | None = None  # from the offer to the roster only
+        self._own_public_key = b""
         self._last_step = 0
-        self._step: _StepState | None = None
+        self._step: StepState | None = None
 
     def __repr__(self) -> str:
         return f"SecAggClient(client_id={self.client_id}, stage={self.stage.value!r})"
+
+    # -- state between messages ---------------------------------------------------------------
+
+    def to_state(self) -> bytes:
+        """Everything this client needs to handle its next message, as versioned bytes
+        (protocols/secagg/client_state.py). They hold its secret keys: store them as one."""
+        private_key = self._private_key
+        return SavedClient(
+            self._threat_model, self.stage, self._dither_secret, self._rounding_seed,
+            self._offer, self._active, self._pair_keys, self._seal_keys, self._open_keys,
+            self._confirm_keys, self._last_step, self._step,
+            None if private_key is None else kdf.private_key_bytes(private_key),
+        ).encode()
+
+    @classmethod
+    def from_state(cls, data: bytes, input_provider: InputProvider, *,
+                   noise: RingNoise | None = None, masker: Masker | None = None,
+                   limits: OfferLimits | None = None) -> SecAggClient:
+        """The client `to_state` saved, with what is given anew each time (its inputs, noise,
+        masker and limits). Raises StateError, naming the problem, on bytes that do not restore
+        (including an offer outside `limits` or a session `noise` could wrap)."""
+        limits = limits or OfferLimits()
+        saved = SavedClient.decode(data, limits)
+        client = cls(input_provider, rounding_seed=saved.rounding_seed, noise=noise,
+                     masker=masker, threat_model=saved.threat_model, limits=limits)
+        try:
+            client._restore(saved)
+        except ProtocolError as error:
+            raise StateError(f"client state does not restore: {error}") from error
+        return client
+
+    def _restore(self, saved: SavedClient) -> None:
+        self._dither_secret = saved.dither_secret
+        if saved.offer is not None:
+            self._join(saved.offer)
+            strangers = set(saved.pair_keys) - self._neighbours
+            if strangers:
+                raise StateError(f"client state holds keys of non-neighbours {sorted(strangers)}")
+        if saved.private_key is not None:
+            self._private_key = kdf.private_key_from_bytes(saved.private_key)
+            self._own_public_key = self._private_key.public_key().public_bytes_raw()
+        self._active = saved.active
+        self._pair_keys, self._seal_keys = dict(saved.pair_keys), dict(saved.seal_keys)
+        self._open_keys, self._confirm_keys = dict(saved.open_keys), dict(saved.confirm_keys)
+        self._last_step, self._step = saved.last_step, saved.step
+        self.stage = saved.stage
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -186,6 +211,14 @@ class SecAggClient:
 
     def _on_offer(self, offer: SessionOffer) -> bytes:
         self._expect(ClientStage.NEW)
+        self._join(offer)
+        self._private_key, public_key = kdf.generate_keypair()
+        self._own_public_key = public_key
+        self.stage = ClientStage.ADVERTISED
+        return KeyAdvertisement(offer.session_id, offer.client_id, public_key).encode()
+
+    def _join(self, offer: SessionOffer) -> None:
+        """Check the offer against this client's limits and policy, and build what it sizes."""
         check_offer(self._limits, offer)  # before any graph or buffer is sized by the offer
         if self._threat_model == "active" and offer.threat_model != "active":
             raise PolicyViolationError(
@@ -204,10 +237,6 @@ class SecAggClient:
         self._sizes = session_sizes(n_clients=offer.n_clients, degree=offer.degree,
                                                vector_length=offer.vector_length,
                                                ring_bits=offer.ring_bits)
-        self._private_key, public_key = kdf.generate_keypair()
-        self._own_public_key = public_key
-        self.stage = ClientStage.ADVERTISED
-        return KeyAdvertisement(offer.session_id, offer.client_id, public_key).encode()
 
     def _on_roster(self, roster: Roster) -> None:
         self._expect(ClientStage.ADVERTISED)
@@ -225,6 +254,7 @@ class SecAggClient:
             raise IntegrityError("roster repeats a public key or contains this client's own key")
         self._require_holders(len(roster.public_keys), "key roster")
         sid = offer.session_id
+        assert self._private_key is not None  # drawn with the offer, kept until now
         for peer, public in roster.public_keys.items():
             secret = kdf.agree(self._private_key, public)
             self._pair_keys[peer] = keys.pair_master_key(secret, session_id=sid,
@@ -236,7 +266,7 @@ class SecAggClient:
             self._confirm_keys[peer] = keys.confirmation_key(secret, session_id=sid,
                                                              a=self.client_id, b=peer)
         self._active = frozenset(roster.public_keys)
-        del self._private_key  # no further key agreement in this session
+        self._private_key = None  # no further key agreement in this session
         self.stage = ClientStage.READY
         return None
 
@@ -308,7 +338,7 @@ class SecAggClient:
         }
         self._active = request.active
         self._last_step = request.step
-        self._step = _StepState(request.step, request.active)
+        self._step = StepState(request.step, request.active)
         self.stage = ClientStage.UPLOADED
         return MaskedInput(offer.session_id, self.client_id, request.step, masked,
                            envelopes).encode()
@@ -349,7 +379,7 @@ class SecAggClient:
         # bits nothing writes to it before the message encoding copies it.
         return masked if codec.ring_bits in (32, 64) else masked.copy()
 
-    def _current_step(self, step: int) -> _StepState:
+    def _current_step(self, step: int) -> StepState:
         state = self._step
         if state is None or step != state.step:
             current = None if state is None else state.step
