@@ -193,7 +193,7 @@ def _read_optional(r: Reader, limit: int, what: str) -> bytes | None:
         return None
     size = r.u32()
     if size > limit:
-        raise StateError(f"client state: a {what} of {size} bytes exceeds the limit {limit}")
+        raise StateError(f"client state: the {what} of {size} bytes exceeds the limit {limit}")
     return r.fixed(size)
 
 
