@@ -78,6 +78,7 @@ class SavedClient:
     private_key: bytes | None = field(repr=False)  # raw X25519, only in stage ADVERTISED
 
     def encode(self) -> bytes:
+        """The canonical bytes of this state (STATE_VERSION)."""
         if self.rounding_seed is not None and len(self.rounding_seed) > MAX_ROUNDING_SEED:
             raise ParameterError(f"a rounding seed of {len(self.rounding_seed)} bytes is "
                                  f"longer than a client state holds ({MAX_ROUNDING_SEED})")
@@ -193,7 +194,7 @@ def _read_optional(r: Reader, limit: int, what: str) -> bytes | None:
         return None
     size = r.u32()
     if size > limit:
-        raise StateError(f"client state: a {what} of {size} bytes exceeds the limit {limit}")
+        raise StateError(f"client state: the {what} of {size} bytes exceeds the limit {limit}")
     return r.fixed(size)
 
 
