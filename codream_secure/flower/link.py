@@ -50,7 +50,7 @@ class GridLink:
             messages[client] = self.grid.create_message(
                 payload_to_content(payload), MESSAGE_TYPE, self.nodes[client], "codream",
                 ttl=max(deadline, 1.0) + 60)
-            self.bytes_down[client] = self.bytes_down.get(client, 0) + _size(payload)
+            self.bytes_down[client] = self.bytes_down.get(client, 0) + payload_size(payload)
         stored = set(self.grid.push_messages(list(messages.values())))
         # the grid sets each message's id as it pushes it, and returns those it accepted
         ids = {m.metadata.message_id: c for c, m in messages.items()
@@ -75,7 +75,7 @@ class GridLink:
                 except UndecodableReplyError as error:
                     missed[client] = f"undecodable reply: {error}"
                     continue
-                self.bytes_up[client] = self.bytes_up.get(client, 0) + _size(reply)
+                self.bytes_up[client] = self.bytes_up.get(client, 0) + payload_size(reply)
                 replies[client] = reply
             if not pending or self._clock() >= end:
                 break
@@ -85,7 +85,7 @@ class GridLink:
         return Answered(replies, missed)
 
 
-def _size(item: Payload | Reply) -> int:
+def payload_size(item: Payload | Reply) -> int:
     """Bytes of a payload's or reply's arrays and byte strings (what dominates the wire)."""
     arrays = sum(a.nbytes for a in item.arrays.values())
     return arrays + sum(len(v) for v in item.values.values() if isinstance(v, bytes))

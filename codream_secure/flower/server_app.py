@@ -38,13 +38,15 @@ def discover_partitions(grid: Grid, clients: int, *, wait: float, deadline: floa
     link = GridLink(grid, {node: node for node in nodes})
     answered = link.call({node: Payload("hello") for node in nodes}, deadline=deadline)
     found: dict[int, int] = {}
+    for node, why in sorted(answered.missed.items()):
+        print(f"SuperNode {node} left out: {why}", flush=True)
     for node, reply in sorted(answered.replies.items()):
         try:
             if reply.refused:
                 raise UndecodableReplyError(reply.refused)
             partition = int(reply.value("partition", int))
         except UndecodableReplyError as error:
-            print(f"SuperNode {node} left out: {error}")
+            print(f"SuperNode {node} left out: {error}", flush=True)
             continue
         if partition in found:
             raise NodesError(f"SuperNodes {found[partition]} and {node} both serve "

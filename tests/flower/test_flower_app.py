@@ -97,8 +97,8 @@ def test_the_grid_link_waits_no_longer_than_its_deadline():
             return []
 
     now = [0.0]
-    link = GridLink(NeverAnswers(client_app.app, 2, {}), {0: 101, 1: 102}, poll=0.5, clock=lambda: now[0],
-                    sleep=lambda s: now.__setitem__(0, now[0] + s))
+    link = GridLink(NeverAnswers(client_app.app, 2, {}), {0: 101, 1: 102}, poll=0.5,
+                    clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
     answered = link.call({0: Payload("hello"), 1: Payload("hello")}, deadline=2.0)
     assert answered.replies == {} and now[0] == pytest.approx(2.0)
     assert answered.missed == {0: "no reply before the 2 s deadline",

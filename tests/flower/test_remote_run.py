@@ -8,11 +8,11 @@ import pytest
 
 from codream_secure.config import SimulationConfig
 from codream_secure.errors import ConfigError
+from codream_secure.flower.local_link import InProcessLink
 from codream_secure.flower.payload import Payload
 from codream_secure.flower.run import run_remote
 from codream_secure.flower.server_role import Deadlines, RemoteFederation
 from codream_secure.simulation import run_simulation
-from tests.flower.links import InProcessLink
 
 FAST = dict(max_train=240, max_test=120, clients=3, models=("smallcnn",),
             server_model="smallcnn", rounds=2, warmup_epochs=1, local_epochs=1, dream_batch=8,
