@@ -41,10 +41,13 @@ class GridLink:
         self._clock, self._sleep = clock, sleep
         self.bytes_down: dict[int, int] = {}
         self.bytes_up: dict[int, int] = {}
+        self.round_trips = 0
+        self.round_trip_seconds = 0.0  # wall time from the first push to the last reply
 
     def call(self, payloads: Mapping[int, Payload], *, deadline: float) -> Answered:
         from .records import payload_to_content, reply_from_content
 
+        began = self._clock()
         messages = {}
         for client, payload in payloads.items():
             messages[client] = self.grid.create_message(
@@ -82,6 +85,8 @@ class GridLink:
             self._sleep(self.poll)
         for message_id in pending:
             missed[ids[message_id]] = f"no reply before the {deadline:g} s deadline"
+        self.round_trips += 1
+        self.round_trip_seconds += self._clock() - began
         return Answered(replies, missed)
 
 

@@ -5,6 +5,7 @@ network."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -32,9 +33,15 @@ class InProcessLink:
     log: list[tuple[int, str, str]] = field(default_factory=list)  # (client, action, purpose)
     bytes_up: dict[int, int] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
+    round_trip_seconds: float = 0.0
+
+    @property
+    def round_trips(self) -> int:
+        return self.calls
 
     def call(self, payloads: Mapping[int, Payload], *, deadline: float) -> Answered:
         self.calls += 1
+        began = time.perf_counter()
         replies: dict[int, Reply] = {}
         missed: dict[int, str] = {}
         for client, payload in payloads.items():
@@ -50,4 +57,5 @@ class InProcessLink:
             state = self.states.setdefault(client, ClientState())
             replies[client] = reply = ClientRole(self.config, client, state).handle(payload)
             self.bytes_up[client] = self.bytes_up.get(client, 0) + payload_size(reply)
+        self.round_trip_seconds += time.perf_counter() - began
         return Answered(replies, missed)

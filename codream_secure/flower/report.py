@@ -67,6 +67,8 @@ def remote_outcome(fed: RemoteFederation, *, nodes: dict[int, int], started: dt.
                     "deadlines_seconds": {"protocol": fed.deadlines.protocol,
                                           "work": fed.deadlines.work},
                     "departures": fed.departures,
+                    "round_trips": getattr(fed.link, "round_trips", None),
+                    "round_trip_seconds": getattr(fed.link, "round_trip_seconds", None),
                     "survivors": sorted(fed.alive)},
         "timing": {"total_seconds": time.perf_counter() - clock,
                    "started": started.isoformat(), "finished": finished.isoformat(),
