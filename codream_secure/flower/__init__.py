@@ -1,0 +1,1 @@
+"""CoDream on Flower. Importing this package imports no flwr: the core runs without it."""
