@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from .certificates import NodeKeys, TlsFiles, make_node_keys
 
@@ -225,6 +226,7 @@ class LocalDeployment:
         self.startup_seconds: dict[str, float] = {}
         self.seen_pids: set[int] = set()
         self.seen_pgids: set[int] = set()
+        self.superlink: _Child | None = None
         self._children: list[_Child] = []
         self._nodes: list[_Node] = []
         self._runs = 0
@@ -294,17 +296,18 @@ class LocalDeployment:
             argv = [_executable("flower-superlink"), *security, "--host", _HOST,
                     "--port", str(self.port), "--disable-runtime-dependency-installation"]
             argv += ["--enable-supernode-auth"] if self.supernode_auth else []
-            self.superlink = self._spawn("superlink", argv, self.logs / "superlink.log")
+            superlink = self._spawn("superlink", argv, self.logs / "superlink.log")
             deadline = time.monotonic() + self.startup_timeout_s
-            while self.superlink.popen.poll() is None and not _listening(self.port):
+            while superlink.popen.poll() is None and not _listening(self.port):
                 if time.monotonic() > deadline:
-                    raise self.superlink.error(f"did not listen on port {self.port}")
+                    raise superlink.error(f"did not listen on port {self.port}")
                 time.sleep(0.2)
-            if self.superlink.popen.poll() is None:
+            if superlink.popen.poll() is None:
+                self.superlink = superlink
                 return
-            if not _port_taken(self.superlink):
-                raise self.superlink.error(f"exited with status {self.superlink.popen.returncode}")
-        raise self.superlink.error("found no free port in 3 tries")
+            if not _port_taken(superlink):
+                raise superlink.error(f"exited with status {superlink.popen.returncode}")
+        raise superlink.error("found no free port in 3 tries")
 
     def _write_connection(self) -> None:
         """The `flwr` CLI reads SuperLink connections from FLWR_HOME/config.toml."""
@@ -399,10 +402,14 @@ class LocalDeployment:
         with (self.logs / "flwr-cli.log").open("ab") as log:
             log.write(f"$ flwr {' '.join(args)}\n".encode())
             log.flush()
-            done = subprocess.run([_executable("flwr"), *args], stdout=subprocess.PIPE,
-                                  stderr=log, stdin=subprocess.DEVNULL, env=self._environment(),
-                                  cwd=self.folder, timeout=timeout_s, start_new_session=True,
-                                  check=False)
+            try:
+                done = subprocess.run([_executable("flwr"), *args], stdout=subprocess.PIPE,
+                                      stderr=log, stdin=subprocess.DEVNULL, cwd=self.folder,
+                                      env=self._environment(), timeout=timeout_s,
+                                      start_new_session=True, check=False)
+            except subprocess.TimeoutExpired as late:
+                raise DeploymentError(f"flwr {' '.join(args)} did not finish within "
+                                      f"{timeout_s} s (log {log.name})") from late
             log.write(done.stdout)
         if done.returncode:
             tail = "\n".join((self.logs / "flwr-cli.log").read_text().splitlines()[-25:])
@@ -410,23 +417,23 @@ class LocalDeployment:
                                   f"(log {self.logs / 'flwr-cli.log'}):\n{tail}")
         return done.stdout.decode(errors="replace")
 
-    def _flwr_json(self, *args: str) -> dict[str, object]:
+    def _flwr_json(self, *args: str) -> dict[str, Any]:
         text = self.flwr(*args, CONNECTION, "--format", "json")
         return dict(json.loads(text[text.index("{"):]))
 
     def register(self, public_key: Path) -> int:
         """Register a SuperNode's public key (`flwr supernode register`); the node id it gets."""
-        return int(str(self._flwr_json("supernode", "register", str(public_key))["node-id"]))
+        return int(self._flwr_json("supernode", "register", str(public_key))["node-id"])
 
     def online_node_ids(self) -> list[int]:
         """Node ids the SuperLink lists as online (`flwr supernode ls`)."""
         nodes = self._flwr_json("supernode", "ls")["nodes"]
-        return sorted(int(n["node-id"]) for n in nodes if n["status"] == "online")  # type: ignore[attr-defined]
+        return sorted(int(n["node-id"]) for n in nodes if n["status"] == "online")
 
     def run_status(self, run_id: int) -> str:
         """The run's status on the SuperLink, e.g. `finished:completed` (`flwr ls --run-id`)."""
         runs = self._flwr_json("ls", "--run-id", str(run_id))["runs"]
-        return str(runs[0]["status"])  # type: ignore[index]
+        return str(runs[0]["status"])
 
     def run(self, server_app: str, client_app: str, run_config: Mapping[str, Scalar] | None = None,
             *, timeout_s: float = 600.0, check: bool = True) -> RunResult:
@@ -435,6 +442,8 @@ class LocalDeployment:
         RunFailed (with `check`) when the run's status is not `finished:completed`;
         DeploymentError when `flwr run` fails, times out, or the SuperLink dies meanwhile.
         """
+        if self.superlink is None:
+            raise DeploymentError("start the deployment before running an app")
         self._runs += 1
         app = self.folder / "apps" / f"run-{self._runs}"
         app.mkdir(parents=True, exist_ok=True)
@@ -474,12 +483,16 @@ class LocalDeployment:
         return groups
 
     def _signal_groups(self, sig: int, children: Sequence[_Child], marker: bool = False) -> None:
-        for group in self._our_groups(children, marker):
+        for group in self._our_groups(children, marker) - {os.getpgrp()}:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, sig)
 
     def close(self) -> None:
-        """Stop every process: SIGTERM to each group, SIGKILL after `grace_s`, then a sweep."""
+        """Stop every process: SIGTERM to each group holding one, SIGKILL after `grace_s`.
+
+        A process counts as the deployment's if it was started here, descends from one that
+        was, or carries the marker (a descendant whose parent is gone still has it).
+        """
         if self._closed:
             return
         self._closed = True
