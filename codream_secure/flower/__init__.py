@@ -1,4 +1,5 @@
-"""CoDream on Flower: a ServerApp, a ClientApp and the transport between them.
+"""CoDream on Flower: a ServerApp, a ClientApp, the link between them and a local deployment.
 
-Importing this package does not import flwr; the app modules do (the `flower` extra).
+Importing this package imports no flwr (the core runs without it); the app modules do (the
+`flower` extra).
 """

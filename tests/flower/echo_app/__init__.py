@@ -1,0 +1,1 @@
+"""A tiny Flower app that tests the deployment machinery: every node answers with its partition."""
