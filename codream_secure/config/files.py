@@ -105,3 +105,34 @@ def build_config(file_values: dict[str, dict[str, Any]], overrides: dict[str, An
     check_tables(file_values, "config file")
     return SimulationConfig.from_dict(file_values).replace(
         **{key: value for key, value in overrides.items() if value is not None})
+
+
+def toml_string(text: str) -> str:
+    """Any text as a TOML basic string: quotes, backslashes and control characters escaped."""
+    escaped = "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F
+                      else "\\" + c if c in '"\\' else c for c in text)
+    return f'"{escaped}"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"a config value of type {type(value).__name__} has no TOML form")
+
+
+def config_toml(config: SimulationConfig) -> str:
+    """The config as the TOML tables `simulate --config` reads (keys that are None, i.e. unset,
+    are left out: they read back as their defaults)."""
+    lines = []
+    for table, keys in config.to_dict().items():
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()
+                  if value is not None]
+        lines.append("")
+    return "\n".join(lines)

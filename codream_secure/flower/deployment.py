@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ..config.files import toml_string
 from .certificates import NodeKeys, TlsFiles, make_node_keys
 
 MARKER = "CODREAM_FLOWER_DEPLOYMENT"
@@ -81,8 +82,9 @@ def app_pyproject(server_app: str, client_app: str, run_config: Mapping[str, Sca
              "", "[tool.flwr.app]", 'publisher = "codream-secure"', "",
              "[tool.flwr.app.components]", f"serverapp = {toml_value(server_app)}",
              f"clientapp = {toml_value(client_app)}", "", "[tool.flwr.app.config]"]
-    node_config_arg(run_config)  # the same key rules
-    lines += [f"{key} = {toml_value(value)}" for key, value in run_config.items()]
+    node_config_arg({key: 0 for key in run_config})  # the same key rules
+    lines += [f"{key} = {toml_string(value) if isinstance(value, str) else toml_value(value)}"
+              for key, value in run_config.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -128,3 +128,11 @@ def test_live_processes_finds_a_marked_process_until_it_dies():
     while live_processes("m-test") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not live_processes("m-test", pids=[sleeper.pid], pgids=[sleeper.pid])
+
+
+def test_a_whole_config_file_travels_in_the_apps_run_config():
+    import tomllib
+
+    text = '[codream]\ndream_mode = "generator"\n# a \'comment\' with a \\ backslash\n'
+    declared = tomllib.loads(app_pyproject("a:b", "c:d", {"config": text, "deadline-work": 2.5}))
+    assert declared["tool"]["flwr"]["app"]["config"] == {"config": text, "deadline-work": 2.5}
