@@ -141,6 +141,67 @@ def simulate(config_file: str | None, resume: bool, quiet: bool, **overrides: An
         _print_summary(outcome.report, Path(config.run.out), paths)
 
 
+@main.command("deploy-local", cls=rich_click.RichCommand, panels=option_panels(),
+              context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="TOML file with simulate's tables; flags given here override it.")
+@click.option("--supernodes", type=click.IntRange(min=2),
+              help="SuperNodes to start, one per client (sets [data] clients; default: its "
+                   "value).")
+@click.option("--deadline-protocol", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True,
+              help="Seconds the server waits for replies to a secure-aggregation stage "
+                   "(including a client's generator update); a SuperNode that misses it drops "
+                   "out. Keep it well under Flower's heartbeat window (about 60 s).")
+@click.option("--deadline-work", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True,
+              help="Seconds the server waits for local training, distillation and evaluation.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+              default=3600.0, show_default=True, help="Seconds the whole run may take.")
+@simulate_options
+def deploy_local(config_file: str | None, supernodes: int | None, deadline_protocol: float,
+                 deadline_work: float, timeout_s: float, **overrides: Any) -> None:
+    """Run CoDream-fast on a Flower deployment on this machine and write its report.
+
+    Starts a Flower SuperLink and one SuperNode per client on loopback (free ports, a private
+    FLWR_HOME, nothing downloaded), runs the project's ServerApp and ClientApp on them, writes
+    simulate's report folder into --out (CoDream only: baselines need every client's data in
+    one place) and stops every process it started, also on Ctrl-C or failure. Each SuperNode
+    loads only its own partition. Needs the `flower` extra: pip install -e ".[flower]".
+
+    Dreams come from a shared generator (dream_mode "generator", the default here): a few
+    round trips per dream batch, where pixel mode would need one per dream step. A SuperNode
+    that dies or misses a deadline drops out; the protocol recovers its masks and the run
+    goes on with the survivors. The same config and seed give simulate's rounds. To run on
+    several machines, see docs/flower.md.
+
+    \b
+    Examples:
+      codream-secure deploy-local --supernodes 3 --rounds 2 --out runs/flower
+      codream-secure deploy-local --config run.toml --aggregator secagg+ --out runs/flower
+    """
+    file_values = load_config(config_file) if config_file else {}
+    if "dream_mode" not in file_values.get("codream", {}) and overrides.get("dream_mode") is None:
+        overrides["dream_mode"] = "generator"
+    if "baselines" not in file_values.get("run", {}):
+        overrides["baselines"] = ()
+    if supernodes is not None:
+        if overrides.get("clients") not in (None, supernodes):
+            raise click.UsageError(f"--supernodes {supernodes} and --clients "
+                                   f"{overrides['clients']} disagree: one SuperNode serves "
+                                   "one client")
+        overrides["clients"] = supernodes
+    config = build_config(file_values, overrides)
+    from codream_secure.flower.local_run import deploy_local as run_deployment
+    from codream_secure.flower.server_role import Deadlines
+
+    out = run_deployment(config, deadlines=Deadlines(deadline_protocol, deadline_work),
+                         timeout_s=timeout_s, echo=click.echo)
+    from codream_secure.report import load_report
+
+    _print_summary(load_report(out), out, {p.name: p for p in sorted(out.glob("*.*"))})
+
+
 @main.command("report")
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report_command(out_dir: Path) -> None:

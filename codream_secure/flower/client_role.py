@@ -122,10 +122,16 @@ class ClientRole:
     def _on_train(self, request: Reply) -> Reply:
         self.member.train(int(request.value("round", int)), int(request.value("epochs", int)))
         self._save_model()
-        return self._scores() if request.values.get("evaluate") is True else Reply()
+        return self._scores(request) if request.values.get("evaluate") is True else Reply()
 
-    def _scores(self) -> Reply:
+    def _scores(self, request: Reply) -> Reply:
+        """Validation and test accuracy; then the next round's local training when the request
+        asks for it (the round order "distill-last" starts each round with it: one round trip
+        fewer)."""
         val, test = self.member.evaluate()
+        if "next_round" in request.values:
+            self.member.train(int(request.value("next_round", int)),
+                              int(request.value("next_epochs", int)))
         self._save_model()  # re-estimated BatchNorm statistics are part of the model
         return Reply({"val": val, "test": test})
 
@@ -153,7 +159,7 @@ class ClientRole:
                           kept=outcome.kept)
         if self.config.codream.round_order == "local-last":
             self.member.train(round_index, self.config.codream.local_epochs)
-        scores = self._scores()
+        scores = self._scores(request)
         return Reply({**values, **scores.values})
 
     def _on_plain(self, request: Reply) -> Reply:

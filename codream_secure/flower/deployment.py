@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from ..config.files import toml_string
+from ..errors import CoDreamError
 from .certificates import NodeKeys, TlsFiles, make_node_keys
 
 MARKER = "CODREAM_FLOWER_DEPLOYMENT"
@@ -38,7 +39,7 @@ _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(CoDreamError):
     """A deployment process failed; the message names it and ends with its log's tail."""
 
 

@@ -98,14 +98,20 @@ class RemoteChannel:
                                              m.stage.value, m.reason))
 
     def open(self, clients: Sequence[int], vector_length: int) -> None:
-        """A fresh session over `clients` (key setup included) for vectors of this length."""
-        self.clients, self.vector_length = sorted(clients), vector_length
+        """A session over `clients` for vectors of this length: the open one when it has exactly
+        these clients active and this length (key setups cost two round trips; every secret a
+        step reveals is specific to that step), else a fresh one, key setup included."""
         if self.aggregation.aggregator == "plain":
+            self.clients, self.vector_length = sorted(clients), vector_length
             return
-        n = len(self.clients)
-        if n < 2:
-            raise TooFewSurvivorsError(needed=2, remaining=n,
+        if len(clients) < 2:
+            raise TooFewSurvivorsError(needed=2, remaining=len(clients),
                                        context=f"the {self.purpose} session's key setup")
+        if self.server is not None and vector_length == self.vector_length and \
+                {self.clients[i] for i in self.server.active} == set(clients):
+            return
+        self.clients, self.vector_length = sorted(clients), vector_length
+        n = len(self.clients)
         plan = self.spec.plan(n, expected_dropout=self.aggregation.dropout_rate,
                               ring_bits=self.aggregation.ring_bits)
         codec = FixedPointCodec.for_clients(n, clip=self.clip, ring_bits=plan.ring_bits)

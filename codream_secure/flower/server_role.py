@@ -39,7 +39,7 @@ class Deadlines:
     """Seconds the server waits for replies: to a protocol stage (which includes computing a
     generator update) and to local work (training, distillation, evaluation)."""
 
-    protocol: float = 60.0
+    protocol: float = 30.0
     work: float = 600.0
 
     def __post_init__(self) -> None:
@@ -99,6 +99,7 @@ class RemoteFederation:
         self.buffer = DreamBuffer(self.s.buffer_size)
         self.last_dreams: torch.Tensor | None = None
         self.info: ClientInfo | None = None
+        self._trained_for = -1  # the round whose local training rode on an earlier request
         aggregation = config.aggregation
         self.grad_channel = RemoteChannel(aggregation, clip=self.s.generator_clip,
                                           purpose="dream", link=link,
@@ -189,13 +190,21 @@ class RemoteFederation:
     def warm_up(self) -> RoundRecord:
         """Local training before any collaboration, then evaluation: round 0."""
         start = time.perf_counter()
-        replies = self._call(0, "train", {c: Payload("train", {"round": 0, "epochs":
-                                                              self.s.warmup_epochs,
-                                                              "evaluate": True})
+        values = {"round": 0, "epochs": self.s.warmup_epochs, "evaluate": True,
+                  **self._next_training(0)}
+        replies = self._call(0, "train", {c: Payload("train", values)
                                           for c in sorted(self.alive)}, self.deadlines.work)
         self._scores(0, replies)
         self._require_clients(0)
         return self._record(0, {"local": time.perf_counter() - start}, [], [], "", {}, {})
+
+    def _next_training(self, round_index: int) -> dict:
+        """With round order "distill-last" round r + 1 starts with local training: it rides on
+        round r's last request, after the evaluation (what simulate does next anyway)."""
+        if self.s.round_order != "distill-last" or round_index >= self.s.rounds:
+            return {}
+        self._trained_for = round_index + 1
+        return {"next_round": round_index + 1, "next_epochs": self.s.local_epochs}
 
     def _record(self, round_index: int, seconds: dict, dropped: list[int], members: list[int],
                 note: str, teacher: dict, kd: dict, bytes_before: tuple | None = None
@@ -228,7 +237,7 @@ class RemoteFederation:
         before = self._traffic()
         alive_before = set(self.alive)
         self._require_clients(round_index)
-        if self.s.round_order == "distill-last":
+        if self.s.round_order == "distill-last" and self._trained_for != round_index:
             start = time.perf_counter()
             self._call(round_index, "train", {c: Payload("train", {
                 "round": round_index, "epochs": self.s.local_epochs, "evaluate": False})
@@ -315,12 +324,13 @@ class RemoteFederation:
             self.buffer.add(dreams, teacher)
             bx, by = self.buffer.tensors()
             arrays = {"buffer_x": bx.numpy(), "buffer_y": by.numpy()}
+        following = self._next_training(round_index)
         for client in sorted(self.alive):
             if learning and client in members:
-                payloads[client] = Payload("finish", {"round": round_index,
+                payloads[client] = Payload("finish", {"round": round_index, **following,
                                                       "fresh": int(dreams.shape[0])}, arrays)
             else:
-                payloads[client] = Payload("finish", {"round": round_index})
+                payloads[client] = Payload("finish", {"round": round_index, **following})
         replies = self._call(round_index, "finish", payloads, self.deadlines.work)
         if learning:
             distill_model(self.server_model, bx, by, seed=self.seed, round_index=round_index,

@@ -53,13 +53,15 @@ def test_a_secure_remote_run_matches_simulate_to_rounding(tmp_path, aggregator):
 
 
 def test_the_round_trips_are_a_few_per_dream_batch(tmp_path):
-    config = _config(tmp_path, aggregator="secagg", rounds=1)
+    config = _config(tmp_path, aggregator="secagg", rounds=3)
     link = InProcessLink(config)
     run_remote(config, link, nodes={0: 0, 1: 1, 2: 2})
     dream_calls = {(a, p) for _, a, p in link.log}
     assert ("secure", "dream") in dream_calls and ("secure", "labels") in dream_calls
-    # hello, warm-up, train, 2 setups (2 each), 2 batches x 3 stages + 1 label step x 3, finish
-    assert link.calls == 1 + 1 + 1 + 2 * 2 + 2 * 3 + 3 + 1
+    # hello, warm-up (with round 1's local training); the two sessions' key setups (2 round
+    # trips each) once; per round 2 batches x 3 stages, 1 label step x 3 and the finish (with
+    # the next round's local training)
+    assert link.calls == 2 + 2 * 2 + 3 * (2 * 3 + 3 + 1)
 
 
 def _silent(victim: int, *, after_calls: int) -> object:
