@@ -50,14 +50,17 @@ def _follow(log: Path, stop: threading.Event, echo: Callable[[str], None]) -> No
         lines = log.read_text(errors="replace").splitlines()
         for line in lines[seen:]:
             text = line.strip()
-            if text.startswith(("round ", "SuperNode ", "report written")):
+            if text.startswith(("warm-up:", "round ", "SuperNode ", "report written")):
                 echo(text)
         seen = len(lines)
 
 
 def deploy_local(config: SimulationConfig, *, deadlines: Deadlines | None = None,
-                 timeout_s: float = 3600.0, echo: Callable[[str], None] = print) -> Path:
+                 timeout_s: float = 3600.0, echo: Callable[[str], None] = print,
+                 on_start: Callable[[LocalDeployment], None] | None = None) -> Path:
     """Run `config` on a local Flower deployment; the folder holding its report.
+
+    `on_start` sees the deployment once every SuperNode has joined (a test kills one from it).
 
     Raises ConfigError for what the Flower app does not run, DeploymentError (naming the
     process and its log) when a process or the run fails. Every process started is stopped
@@ -86,6 +89,8 @@ def deploy_local(config: SimulationConfig, *, deadlines: Deadlines | None = None
         follower = threading.Thread(target=_follow, args=(deployment.logs / "flwr-run-1.log",
                                                           stop, echo), daemon=True)
         follower.start()
+        if on_start is not None:
+            on_start(deployment)
         try:
             deployment.run(SERVER_APP, CLIENT_APP, flower_run_config(config, deadlines),
                            timeout_s=timeout_s)

@@ -21,7 +21,9 @@ def run_remote(config: SimulationConfig, link: Link, *, nodes: dict[int, int],
     started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     fed = RemoteFederation(config, link, deadlines=deadlines, progress=progress)
     fed.connect()
-    fed.warm_up()
+    warm = fed.warm_up()
+    if progress:
+        progress.log(f"warm-up: mean client accuracy {sum(warm.test) / len(warm.test):.3f}")
     for round_index in range(1, config.codream.rounds + 1):
         record = fed.run_round(round_index)
         if progress:
