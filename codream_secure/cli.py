@@ -158,9 +158,13 @@ def simulate(config_file: str | None, resume: bool, quiet: bool, **overrides: An
               help="Seconds the server waits for local training, distillation and evaluation.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
               default=3600.0, show_default=True, help="Seconds the whole run may take.")
+@click.option("--simulation-runtime", is_flag=True,
+              help="Run the SuperNodes in Flower's simulation runtime (one Ray instance inside "
+                   "the SuperLink) instead of one process each; needs flwr[simulation].")
 @simulate_options
 def deploy_local(config_file: str | None, supernodes: int | None, deadline_protocol: float,
-                 deadline_work: float, timeout_s: float, **overrides: Any) -> None:
+                 deadline_work: float, timeout_s: float, simulation_runtime: bool,
+                 **overrides: Any) -> None:
     """Run CoDream-fast on a Flower deployment on this machine and write its report.
 
     Starts a Flower SuperLink and one SuperNode per client on loopback (free ports, a private
@@ -196,7 +200,8 @@ def deploy_local(config_file: str | None, supernodes: int | None, deadline_proto
     from codream_secure.flower.server_role import Deadlines
 
     out = run_deployment(config, deadlines=Deadlines(deadline_protocol, deadline_work),
-                         timeout_s=timeout_s, echo=click.echo)
+                         timeout_s=timeout_s, echo=click.echo,
+                         simulation=simulation_runtime)
     from codream_secure.report import load_report
 
     _print_summary(load_report(out), out, {p.name: p for p in sorted(out.glob("*.*"))})

@@ -206,19 +206,27 @@ class LocalDeployment:
     With `tls` every API speaks TLS and SuperNodes trust `tls.ca_certificate`; with
     `supernode_auth` the SuperLink admits only SuperNodes whose public key was registered
     (`register`), and the default SuperNodes get fresh keys registered before they start.
-    Leaving the block (normally, by an exception, Ctrl-C or SIGTERM) stops every process.
+    With `simulation` the SuperLink runs Flower's simulation runtime instead: its
+    `num_supernodes` virtual SuperNodes live in one Ray instance (the `flower` extra's
+    `flwr[simulation]`), and no SuperNode process is started. Leaving the block (normally, by
+    an exception, Ctrl-C or SIGTERM) stops every process.
     """
 
     def __init__(self, folder: Path, *, num_supernodes: int,
                  node_config: Mapping[str, Scalar] | None = None, tls: TlsFiles | None = None,
-                 supernode_auth: bool = False, python_path: Sequence[Path] = (),
+                 supernode_auth: bool = False, simulation: bool = False,
+                 python_path: Sequence[Path] = (),
                  log_dir: Path | None = None, startup_timeout_s: float = 90.0,
                  grace_s: float = 5.0) -> None:
         if supernode_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS: Flower 1.42 refuses it without")
         if num_supernodes < 0:
             raise ValueError(f"num_supernodes must be >= 0, got {num_supernodes}")
+        if simulation and (tls is not None or supernode_auth):
+            raise ValueError("the simulation runtime runs its SuperNodes inside the SuperLink: "
+                             "no TLS or SuperNode authentication to set up")
         self.folder, self.num_supernodes, self.tls = folder, num_supernodes, tls
+        self.simulation = simulation
         self.node_config, self.supernode_auth = dict(node_config or {}), supernode_auth
         self.python_path = python_path
         self.startup_timeout_s, self.grace_s = startup_timeout_s, grace_s
@@ -260,13 +268,13 @@ class LocalDeployment:
         self._start_superlink()
         self.startup_seconds["superlink listening"] = time.monotonic() - began
         self._write_connection()
-        for k in range(self.num_supernodes):
+        for k in range(0 if self.simulation else self.num_supernodes):
             keys = None
             if self.supernode_auth:
                 keys = make_node_keys(self.folder / "keys", f"supernode-{k}")
                 self.register(keys.public_key)
             self.add_supernode(k, keys=keys)
-        for k in range(self.num_supernodes):
+        for k in range(0 if self.simulation else self.num_supernodes):
             self.wait_until_joined(k)
         self.startup_seconds["supernodes joined"] = time.monotonic() - began
 
@@ -299,6 +307,7 @@ class LocalDeployment:
             argv = [_executable("flower-superlink"), *security, "--host", _HOST,
                     "--port", str(self.port), "--disable-runtime-dependency-installation"]
             argv += ["--enable-supernode-auth"] if self.supernode_auth else []
+            argv += ["--simulation"] if self.simulation else []
             superlink = self._spawn("superlink", argv, self.logs / "superlink.log")
             deadline = time.monotonic() + self.startup_timeout_s
             while superlink.popen.poll() is None and not _listening(self.port):
@@ -316,9 +325,14 @@ class LocalDeployment:
         """The `flwr` CLI reads SuperLink connections from FLWR_HOME/config.toml."""
         security = (f"root-certificates = {toml_value(str(self.tls.ca_certificate))}"
                     if self.tls else "insecure = true")
+        # the simulation runtime's virtual SuperNodes: one CPU each, in one Ray instance
+        simulated = (f"options.num-supernodes = {self.num_supernodes}\n"
+                     "options.backend.client-resources.num-cpus = 1\n"
+                     f"options.backend.init-args.num-cpus = {os.cpu_count() or 1}\n"
+                     if self.simulation else "")
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{_HOST}:{self.port}"\n{security}\n')
+            f'address = "{_HOST}:{self.port}"\n{security}\n{simulated}')
 
     def add_supernode(self, partition_id: int, *, keys: NodeKeys | None = None,
                       trust_ca: bool = True, max_wait_s: float | None = None,

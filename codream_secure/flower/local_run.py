@@ -57,10 +57,13 @@ def _follow(log: Path, stop: threading.Event, echo: Callable[[str], None]) -> No
 
 def deploy_local(config: SimulationConfig, *, deadlines: Deadlines | None = None,
                  timeout_s: float = 3600.0, echo: Callable[[str], None] = print,
-                 on_start: Callable[[LocalDeployment], None] | None = None) -> Path:
+                 on_start: Callable[[LocalDeployment], None] | None = None,
+                 simulation: bool = False) -> Path:
     """Run `config` on a local Flower deployment; the folder holding its report.
 
     `on_start` sees the deployment once every SuperNode has joined (a test kills one from it).
+    `simulation` runs Flower's simulation runtime (virtual SuperNodes in one Ray instance)
+    instead of one SuperNode process per client.
 
     Raises ConfigError for what the Flower app does not run, DeploymentError (naming the
     process and its log) when a process or the run fails. Every process started is stopped
@@ -82,10 +85,11 @@ def deploy_local(config: SimulationConfig, *, deadlines: Deadlines | None = None
     deadlines = deadlines or Deadlines()
     package_root = Path(codream_secure.__file__).resolve().parent.parent
     stop = threading.Event()
-    with LocalDeployment(work, num_supernodes=config.data.clients,
+    with LocalDeployment(work, num_supernodes=config.data.clients, simulation=simulation,
                          python_path=[package_root]) as deployment:
-        echo(f"SuperLink on 127.0.0.1:{deployment.port}, {config.data.clients} SuperNodes "
-             f"joined; logs in {deployment.logs}")
+        nodes = "simulated SuperNodes" if simulation else "SuperNodes joined"
+        echo(f"SuperLink on 127.0.0.1:{deployment.port}, {config.data.clients} {nodes}; logs "
+             f"in {deployment.logs}")
         follower = threading.Thread(target=_follow, args=(deployment.logs / "flwr-run-1.log",
                                                           stop, echo), daemon=True)
         follower.start()

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 TINY = {**FAST, "rounds": 1, "generator_batches": 1}
 
 
-def _deploy(tmp_path, on_start=None, **keys) -> tuple[dict, list[LocalDeployment]]:
+def _deploy(tmp_path, on_start=None, *, simulation=False, **keys
+            ) -> tuple[dict, list[LocalDeployment]]:
     seen: list[LocalDeployment] = []
 
     def started(deployment: LocalDeployment) -> None:
@@ -35,7 +36,7 @@ def _deploy(tmp_path, on_start=None, **keys) -> tuple[dict, list[LocalDeployment
 
     config = SimulationConfig.from_keys(**{**TINY, **keys, "out": str(tmp_path / "flower")})
     out = deploy_local(config, deadlines=Deadlines(protocol=20, work=120), echo=lambda _: None,
-                       on_start=started, timeout_s=900)
+                       on_start=started, timeout_s=900, simulation=simulation)
     return json.loads((out / "report.json").read_text()), seen
 
 
@@ -47,6 +48,24 @@ def test_a_deployment_on_loopback_gives_simulates_run(tmp_path):
     assert [r["codream"] for r in report["rounds"]] == [r["codream"] for r in local["rounds"]]
     assert report["final"]["codream"] == local["final"]["codream"]
     assert len(report["runtime"]["supernodes"]) == 3 and report["runtime"]["departures"] == []
+
+
+@pytest.mark.parametrize("aggregator", ["plain", "secagg"])
+def test_the_simulation_runtime_gives_simulates_run(tmp_path, aggregator):
+    pytest.importorskip("ray", reason="Flower's simulation runtime needs flwr[simulation]")
+    report, seen = _deploy(tmp_path, simulation=True, aggregator=aggregator, rounds=2)
+    assert_deployment_gone(seen[0])
+    local = run_simulation(SimulationConfig.from_keys(
+        **{**TINY, "aggregator": aggregator, "rounds": 2, "out": str(tmp_path / "local")})).report
+    remote_rounds = [r["codream"] for r in report["rounds"]]
+    local_rounds = [r["codream"] for r in local["rounds"]]
+    if aggregator == "plain":
+        assert remote_rounds == local_rounds
+    else:  # stochastic rounding differs from run to run; 120 test samples: a sample or two
+        for got, want in zip(remote_rounds, local_rounds, strict=True):
+            assert got["test"] == pytest.approx(want["test"], abs=0.03)
+            assert got["val"] == pytest.approx(want["val"], abs=0.03)
+    assert report["runtime"]["departures"] == []
 
 
 def test_a_supernode_killed_mid_run_drops_out_and_the_survivors_finish(tmp_path):
