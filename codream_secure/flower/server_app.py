@@ -3,6 +3,7 @@ writes simulate's report folder at [run] out on the machine that runs the Server
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def main(grid: Grid, context: Context) -> None:
     """Run CoDream-fast over the grid and write the report."""
     options = FlowerRunOptions.from_run_config(context.run_config)
     config = options.config
+    if config.run.baselines:  # they need every client's data in one place
+        print(f"[run] baselines {', '.join(config.run.baselines)} are not run on Flower; the "
+              "report has CoDream only", flush=True)
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, baselines=()))
     out = Path(config.run.out)
     check_output_folder(out, REPORT_FILES)
     nodes = discover_partitions(grid, config.data.clients, wait=options.wait_for_nodes,

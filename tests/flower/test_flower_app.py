@@ -124,3 +124,8 @@ def test_large_protocol_messages_travel_as_arrays_and_come_back_byte_for_byte():
     assert payload_from_content(content).values["request"] == big
     back = reply_from_content(reply_to_content(Reply({"reply": small, "other": big})))
     assert back.values == {"reply": small, "other": big}
+
+
+def test_baselines_in_the_config_are_left_out_of_a_flower_run_and_its_report(tmp_path):
+    report, _ = _run(tmp_path, aggregator="plain", rounds=1, baselines=("isolated",))
+    assert report["config"]["run"]["baselines"] == [] and set(report["final"]) == {"codream"}
