@@ -13,34 +13,43 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from ..config.files import toml_string
-from ..errors import CoDreamError
 from .certificates import NodeKeys, TlsFiles, make_node_keys
+from .processes import (
+    HOST,
+    MARKER,
+    Child,
+    DeploymentError,
+    Node,
+    descendants,
+    executable,
+    exit_on_sigterm,
+    free_port,
+    listening,
+    live_processes,
+    port_taken,
+    proc_stat,
+)
 
-MARKER = "CODREAM_FLOWER_DEPLOYMENT"
+__all__ = ["CONNECTION", "MARKER", "DeploymentError", "LocalDeployment", "RunFailed",
+           "RunResult", "app_pyproject", "live_processes", "node_config_arg", "toml_value"]
+
 CONNECTION = "codream-local"
 Scalar = str | int | float | bool
-_HOST = "127.0.0.1"
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
-
-
-class DeploymentError(CoDreamError):
-    """A deployment process failed; the message names it and ends with its log's tail."""
 
 
 class RunFailed(DeploymentError):
@@ -89,116 +98,6 @@ def app_pyproject(server_app: str, client_app: str, run_config: Mapping[str, Sca
     return "\n".join(lines) + "\n"
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgid) of a live process, or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    state, ppid, pgid = text[text.rindex(")") + 2:].split()[:3]
-    return state, int(ppid), int(pgid)
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def live_processes(marker: str = "", pids: Sequence[int] = (),
-                   pgids: Sequence[int] = ()) -> set[int]:
-    """Live (not zombie) processes carrying `marker`, listed in `pids`, or in a group of `pgids`."""
-    needle = f"{MARKER}={marker}\0".encode()
-    found = set()
-    for pid in _pids():
-        stat = _proc_stat(pid)
-        if stat is None or stat[0] == "Z" or pid == os.getpid():
-            continue
-        if pid in pids or stat[2] in pgids:
-            found.add(pid)
-        elif marker:
-            try:
-                if needle in Path(f"/proc/{pid}/environ").read_bytes():
-                    found.add(pid)
-            except OSError:
-                pass
-    return found
-
-
-def _descendants(roots: Sequence[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid in _pids():
-        if (stat := _proc_stat(pid)) is not None:
-            children.setdefault(stat[1], []).append(pid)
-    found, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((_HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection((_HOST, port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-class _Child:
-    """One started command in its own session, logging to a file."""
-
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str],
-                 cwd: Path) -> None:
-        self.name, self.log = name, log
-        with log.open("ab") as out:
-            self.popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-                                          start_new_session=True)
-
-    def tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            text = []
-        return "\n".join(text)
-
-    def error(self, what: str) -> DeploymentError:
-        return DeploymentError(f"{self.name} {what} (log {self.log}):\n{self.tail()}")
-
-
-def _executable(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    if found := shutil.which(name):
-        return found
-    raise DeploymentError(f"{name} not found beside {sys.executable}: "
-                          "install codream-secure[flower] (flwr 1.42)")
-
-
-@dataclass
-class _Node:
-    """A SuperNode: its current process and its command line for a given Runtime API port."""
-
-    child: _Child
-    argv_on: Callable[[int], list[str]]
-    restarts: int = 0
-
-
-def _port_taken(child: _Child) -> bool:
-    return "address already in use" in child.tail(60).lower()
-
-
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 class LocalDeployment:
     """A SuperLink and `num_supernodes` SuperNodes on loopback; a context manager.
 
@@ -237,9 +136,9 @@ class LocalDeployment:
         self.startup_seconds: dict[str, float] = {}
         self.seen_pids: set[int] = set()
         self.seen_pgids: set[int] = set()
-        self.superlink: _Child | None = None
-        self._children: list[_Child] = []
-        self._nodes: list[_Node] = []
+        self.superlink: Child | None = None
+        self._children: list[Child] = []
+        self._nodes: list[Node] = []
         self._runs = 0
         self._closed = False
         self._sigterm_installed = False
@@ -247,7 +146,7 @@ class LocalDeployment:
 
     def __enter__(self) -> LocalDeployment:
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, exit_on_sigterm)
             self._sigterm_installed = True
         try:
             self.start()
@@ -290,8 +189,8 @@ class LocalDeployment:
             env["PYTHONPATH"] = os.pathsep.join(paths)
         return env
 
-    def _spawn(self, name: str, argv: list[str], log: Path) -> _Child:
-        child = _Child(name, argv, log, self._environment(), self.folder)
+    def _spawn(self, name: str, argv: list[str], log: Path) -> Child:
+        child = Child(name, argv, log, self._environment(), self.folder)
         self._children.append(child)
         self.seen_pids.add(child.popen.pid)
         self.seen_pgids.add(child.popen.pid)
@@ -303,21 +202,21 @@ class LocalDeployment:
                      str(tls.server_key), "--ssl-ca-certfile", str(tls.ca_certificate)]
                     if tls else ["--insecure"])
         for _ in range(3):
-            self.port = _free_port()
-            argv = [_executable("flower-superlink"), *security, "--host", _HOST,
+            self.port = free_port()
+            argv = [executable("flower-superlink"), *security, "--host", HOST,
                     "--port", str(self.port), "--disable-runtime-dependency-installation"]
             argv += ["--enable-supernode-auth"] if self.supernode_auth else []
             argv += ["--simulation"] if self.simulation else []
             superlink = self._spawn("superlink", argv, self.logs / "superlink.log")
             deadline = time.monotonic() + self.startup_timeout_s
-            while superlink.popen.poll() is None and not _listening(self.port):
+            while superlink.popen.poll() is None and not listening(self.port):
                 if time.monotonic() > deadline:
                     raise superlink.error(f"did not listen on port {self.port}")
                 time.sleep(0.2)
             if superlink.popen.poll() is None:
                 self.superlink = superlink
                 return
-            if not _port_taken(superlink):
+            if not port_taken(superlink):
                 raise superlink.error(f"exited with status {superlink.popen.returncode}")
         raise superlink.error("found no free port in 3 tries")
 
@@ -332,7 +231,7 @@ class LocalDeployment:
                      if self.simulation else "")
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{_HOST}:{self.port}"\n{security}\n{simulated}')
+            f'address = "{HOST}:{self.port}"\n{security}\n{simulated}')
 
     def add_supernode(self, partition_id: int, *, keys: NodeKeys | None = None,
                       trust_ca: bool = True, max_wait_s: float | None = None,
@@ -344,8 +243,8 @@ class LocalDeployment:
         """
         config = {"partition-id": partition_id, "num-partitions": self.num_supernodes,
                   **self.node_config, **(extra_config or {})}
-        argv = [_executable("flower-supernode"), "--superlink", f"{_HOST}:{self.port}",
-                "--host", _HOST, "--node-config", node_config_arg(config)]
+        argv = [executable("flower-supernode"), "--superlink", f"{HOST}:{self.port}",
+                "--host", HOST, "--node-config", node_config_arg(config)]
         if self.tls is None:
             argv.append("--insecure")
         elif trust_ca:
@@ -360,16 +259,16 @@ class LocalDeployment:
             return [*argv, "--port", str(port)]
 
         log = self.logs / f"supernode-{index}.log"
-        self._nodes.append(_Node(self._spawn(f"supernode {index}", argv_on(_free_port()), log),
+        self._nodes.append(Node(self._spawn(f"supernode {index}", argv_on(free_port()), log),
                                  argv_on))
         return index
 
-    def _node(self, k: int) -> _Child:
+    def _node(self, k: int) -> Child:
         """SuperNode k, restarted on a fresh port (twice at most) if another process took it."""
         node = self._nodes[k]
-        if node.child.popen.poll() is not None and _port_taken(node.child) and node.restarts < 2:
+        if node.child.popen.poll() is not None and port_taken(node.child) and node.restarts < 2:
             node.restarts += 1
-            node.child = self._spawn(node.child.name, node.argv_on(_free_port()), node.child.log)
+            node.child = self._spawn(node.child.name, node.argv_on(free_port()), node.child.log)
         return node.child
 
     def supernode_log(self, k: int) -> str:
@@ -420,7 +319,7 @@ class LocalDeployment:
             log.write(f"$ flwr {' '.join(args)}\n".encode())
             log.flush()
             try:
-                done = subprocess.run([_executable("flwr"), *args], stdout=subprocess.PIPE,
+                done = subprocess.run([executable("flwr"), *args], stdout=subprocess.PIPE,
                                       stderr=log, stdin=subprocess.DEVNULL, cwd=self.folder,
                                       env=self._environment(), timeout=timeout_s,
                                       start_new_session=True, check=False)
@@ -466,7 +365,7 @@ class LocalDeployment:
         app.mkdir(parents=True, exist_ok=True)
         (app / "pyproject.toml").write_text(app_pyproject(server_app, client_app, run_config or {}))
         runner = self._spawn(f"flwr run {self._runs}",
-                             [_executable("flwr"), "run", str(app), CONNECTION, "--stream"],
+                             [executable("flwr"), "run", str(app), CONNECTION, "--stream"],
                              self.logs / f"flwr-run-{self._runs}.log")
         began = time.monotonic()
         while runner.popen.poll() is None:
@@ -489,17 +388,17 @@ class LocalDeployment:
 
     # -- stopping -------------------------------------------------------------------------
 
-    def _our_groups(self, children: Sequence[_Child], marker: bool) -> set[int]:
+    def _our_groups(self, children: Sequence[Child], marker: bool) -> set[int]:
         """Groups holding a live process of `children`, of their descendants, or the marker."""
         roots = [c.popen.pid for c in children if c.popen.poll() is None]
-        pids = set(roots) | _descendants(roots)
+        pids = set(roots) | descendants(roots)
         pids |= live_processes(self.marker) if marker else set()
-        groups = {stat[2] for pid in pids if (stat := _proc_stat(pid)) and stat[0] != "Z"}
+        groups = {stat[2] for pid in pids if (stat := proc_stat(pid)) and stat[0] != "Z"}
         self.seen_pids |= pids
         self.seen_pgids |= groups
         return groups
 
-    def _signal_groups(self, sig: int, children: Sequence[_Child], marker: bool = False) -> None:
+    def _signal_groups(self, sig: int, children: Sequence[Child], marker: bool = False) -> None:
         for group in self._our_groups(children, marker) - {os.getpgrp()}:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, sig)

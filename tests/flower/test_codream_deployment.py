@@ -35,7 +35,7 @@ def _deploy(tmp_path, on_start=None, *, simulation=False, **keys
             on_start(deployment)
 
     config = SimulationConfig.from_keys(**{**TINY, **keys, "out": str(tmp_path / "flower")})
-    out = deploy_local(config, deadlines=Deadlines(protocol=20, work=120), echo=lambda _: None,
+    out = deploy_local(config, deadlines=Deadlines(protocol=45, work=300), echo=lambda _: None,
                        on_start=started, timeout_s=900, simulation=simulation)
     return json.loads((out / "report.json").read_text()), seen
 
