@@ -35,7 +35,9 @@ def _deploy(tmp_path, on_start=None, *, simulation=False, **keys
             on_start(deployment)
 
     config = SimulationConfig.from_keys(**{**TINY, **keys, "out": str(tmp_path / "flower")})
-    out = deploy_local(config, deadlines=Deadlines(protocol=45, work=300), echo=lambda _: None,
+    # generous deadlines: CI runs two workers on 2 cores, and a missed one is a (false) dropout;
+    # a killed SuperNode is reported as an error reply after its heartbeats (about 60 s)
+    out = deploy_local(config, deadlines=Deadlines(protocol=120, work=600), echo=lambda _: None,
                        on_start=started, timeout_s=900, simulation=simulation)
     return json.loads((out / "report.json").read_text()), seen
 
@@ -50,21 +52,14 @@ def test_a_deployment_on_loopback_gives_simulates_run(tmp_path):
     assert len(report["runtime"]["supernodes"]) == 3 and report["runtime"]["departures"] == []
 
 
-@pytest.mark.parametrize("aggregator", ["plain", "secagg"])
-def test_the_simulation_runtime_gives_simulates_run(tmp_path, aggregator):
+def test_the_simulation_runtime_gives_simulates_run(tmp_path):
+    # with SecAgg the runs agree to rounding: tests/flower/test_flower_app.py checks that
     pytest.importorskip("ray", reason="Flower's simulation runtime needs flwr[simulation]")
-    report, seen = _deploy(tmp_path, simulation=True, aggregator=aggregator, rounds=2)
+    report, seen = _deploy(tmp_path, simulation=True, aggregator="plain", rounds=2)
     assert_deployment_gone(seen[0])
     local = run_simulation(SimulationConfig.from_keys(
-        **{**TINY, "aggregator": aggregator, "rounds": 2, "out": str(tmp_path / "local")})).report
-    remote_rounds = [r["codream"] for r in report["rounds"]]
-    local_rounds = [r["codream"] for r in local["rounds"]]
-    if aggregator == "plain":
-        assert remote_rounds == local_rounds
-    else:  # stochastic rounding differs from run to run; 120 test samples: a sample or two
-        for got, want in zip(remote_rounds, local_rounds, strict=True):
-            assert got["test"] == pytest.approx(want["test"], abs=0.03)
-            assert got["val"] == pytest.approx(want["val"], abs=0.03)
+        **{**TINY, "aggregator": "plain", "rounds": 2, "out": str(tmp_path / "local")})).report
+    assert [r["codream"] for r in report["rounds"]] == [r["codream"] for r in local["rounds"]]
     assert report["runtime"]["departures"] == []
 
 
@@ -83,7 +78,8 @@ def test_a_supernode_killed_mid_run_drops_out_and_the_survivors_finish(tmp_path)
     report, seen = _deploy(tmp_path, kill_after_warm_up, aggregator="secagg", clients=4)
     assert_deployment_gone(seen[0])
     departures = report["runtime"]["departures"]
-    assert [(d["client"], d["round"], d["purpose"]) for d in departures] == [(1, 1, "dream")]
+    assert [(d["client"], d["round"], d["purpose"]) for d in departures] == [(1, 1, "dream")], \
+        departures
     assert departures[0]["stage"] in ("advertise", "roster", "upload")
     assert "deadline" in departures[0]["reason"] or "error reply" in departures[0]["reason"]
     assert report["runtime"]["survivors"] == [0, 2, 3]
