@@ -8,6 +8,7 @@ import time
 from ..config import SimulationConfig
 from ..simulation import SimulationOutcome
 from .link import Link
+from .payload import Reply
 from .report import remote_outcome
 from .server_role import Deadlines, RemoteFederation
 
@@ -15,12 +16,14 @@ __all__ = ["run_remote"]
 
 
 def run_remote(config: SimulationConfig, link: Link, *, nodes: dict[int, int],
-               deadlines: Deadlines | None = None, progress=None) -> SimulationOutcome:
+               deadlines: Deadlines | None = None, progress=None,
+               hellos: dict[int, Reply] | None = None) -> SimulationOutcome:
     """Run every round with the clients behind `link` (`nodes`: client -> SuperNode id, for
-    the report) and return the report and the last dreams."""
+    the report; `hellos`: the clients' answers to a hello already sent) and return the report
+    and the last dreams."""
     started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     fed = RemoteFederation(config, link, deadlines=deadlines, progress=progress)
-    fed.connect()
+    fed.connect(hellos)
     warm = fed.warm_up()
     if progress:
         progress.log(f"warm-up: mean client accuracy {sum(warm.test) / len(warm.test):.3f}")

@@ -14,7 +14,7 @@ from ..errors import CoDreamError
 from ..out_folder import check_output_folder, make_output_folder
 from ..report import REPORT_FILES, write_report
 from .link import GridLink
-from .payload import Payload, UndecodableReplyError
+from .payload import Payload, Reply, UndecodableReplyError
 from .run import run_remote
 from .runconfig import FlowerRunOptions
 
@@ -28,9 +28,10 @@ class NodesError(CoDreamError):
 
 
 def discover_partitions(grid: Grid, clients: int, *, wait: float, deadline: float,
-                        poll: float = 0.5) -> dict[int, int]:
-    """partition id -> node id, from each connected SuperNode's answer to a hello; waits up to
-    `wait` seconds for `clients` SuperNodes. Partitions nobody serves are missing from it."""
+                        poll: float = 0.5) -> tuple[dict[int, int], dict[int, Reply]]:
+    """partition id -> node id, from each connected SuperNode's answer to a hello (also
+    returned, by partition); waits up to `wait` seconds for `clients` SuperNodes. Partitions
+    nobody serves are missing from both."""
     end = time.monotonic() + wait
     nodes = list(grid.get_node_ids())
     while len(nodes) < clients and time.monotonic() < end:
@@ -39,6 +40,7 @@ def discover_partitions(grid: Grid, clients: int, *, wait: float, deadline: floa
     link = GridLink(grid, {node: node for node in nodes})
     answered = link.call({node: Payload("hello") for node in nodes}, deadline=deadline)
     found: dict[int, int] = {}
+    hellos: dict[int, Reply] = {}
     for node, why in sorted(answered.missed.items()):
         print(f"SuperNode {node} left out: {why}", flush=True)
     for node, reply in sorted(answered.replies.items()):
@@ -52,11 +54,11 @@ def discover_partitions(grid: Grid, clients: int, *, wait: float, deadline: floa
         if partition in found:
             raise NodesError(f"SuperNodes {found[partition]} and {node} both serve "
                              f"partition-id {partition}")
-        found[partition] = node
+        found[partition], hellos[partition] = node, reply
     if len(found) < 2:
         raise NodesError(f"{len(found)} SuperNode(s) answered for this run's {clients} "
                          f"partitions within {wait:g} s; CoDream needs at least 2")
-    return found
+    return found, hellos
 
 
 @app.main()
@@ -70,11 +72,12 @@ def main(grid: Grid, context: Context) -> None:
         config = dataclasses.replace(config, run=dataclasses.replace(config.run, baselines=()))
     out = Path(config.run.out)
     check_output_folder(out, REPORT_FILES)
-    nodes = discover_partitions(grid, config.data.clients, wait=options.wait_for_nodes,
-                                deadline=options.deadlines.work)
+    nodes, hellos = discover_partitions(grid, config.data.clients,
+                                        wait=options.wait_for_nodes,
+                                        deadline=options.deadlines.work)
     link = GridLink(grid, nodes)
     outcome = run_remote(config, link, nodes=nodes, deadlines=options.deadlines,
-                         progress=_PrintProgress())
+                         progress=_PrintProgress(), hellos=hellos)
     make_output_folder(out)
     write_report(outcome, out)
     print(f"report written to {out}")

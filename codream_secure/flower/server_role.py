@@ -157,11 +157,17 @@ class RemoteFederation:
 
     # -- the run ------------------------------------------------------------------------------
 
-    def connect(self) -> None:
-        """Ask every client for its partition's facts; build the server's model and the
-        meta-generator from them."""
-        replies = self._call(0, "hello", {c: Payload("hello", {"client": c})
-                                          for c in sorted(self.alive)}, self.deadlines.work)
+    def connect(self, hellos: dict[int, Reply] | None = None) -> None:
+        """Ask every client for its partition's facts (or take the `hellos` they already
+        answered, by client); build the server's model and the meta-generator from them."""
+        if hellos is None:
+            replies = self._call(0, "hello", {c: Payload("hello", {"client": c})
+                                              for c in sorted(self.alive)}, self.deadlines.work)
+        else:
+            replies = {c: r for c, r in hellos.items() if c in self.alive}
+            for client in sorted(self.alive - set(replies)):
+                self._depart(0, Departure(client, "hello", None, "hello",
+                                          "no SuperNode answered for this partition"))
         infos = set()
         for client, reply in replies.items():
             try:

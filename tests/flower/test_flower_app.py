@@ -56,20 +56,23 @@ def test_secure_sums_keep_each_clients_protocol_state_in_its_context(tmp_path):
 _SILENT = "no reply before the 0.3 s deadline"
 
 
-# per node: 1-2 hellos, 3 warm-up, 4 local training, 5 key offer, 6 roster, 7 upload,
-# 8 consistency, 9 shares (the stages of the first dream sum), 12 the second batch's shares
-@pytest.mark.parametrize(("fate", "at_message", "reason"), [
-    ("silent", 5, _SILENT), ("silent", 6, _SILENT), ("silent", 7, _SILENT),
-    ("silent", 9, _SILENT), ("error", 8, "error reply: node unavailable"),
-    ("garbage", 12, "undecodable reply")])
-def test_a_node_that_fails_mid_run_is_a_protocol_dropout(tmp_path, fate, at_message, reason):
+# per node: 1 hello, 2 warm-up (with round 1's local training), 3 key offer, 4 roster, 5 upload,
+# 6 consistency, 7 shares (the stages of the first dream sum), 8 the second batch's upload,
+# 11-12 the soft-label session's offer and roster
+@pytest.mark.parametrize(("fate", "at_message", "reason", "stage"), [
+    ("silent", 3, _SILENT, "advertise"), ("silent", 4, _SILENT, "roster"),
+    ("silent", 5, _SILENT, "upload"), ("silent", 6, _SILENT, "consistency"),
+    ("silent", 7, _SILENT, "shares"), ("error", 8, "error reply: node unavailable", "upload"),
+    ("garbage", 12, "undecodable reply", "roster")])
+def test_a_node_that_fails_mid_run_is_a_protocol_dropout(tmp_path, fate, at_message, reason,
+                                                         stage):
     def fails(node, count):
         return fate if node == 103 and count >= at_message else None
 
     report, _ = _run(tmp_path, fails, aggregator="secagg", clients=4)
     departures = report["runtime"]["departures"]
     assert [d["client"] for d in departures] == [2]
-    assert reason in departures[0]["reason"]
+    assert reason in departures[0]["reason"] and departures[0]["stage"] == stage
     assert report["runtime"]["survivors"] == [0, 1, 3]
     assert report["rounds"][-1]["note"] == ""  # the survivors finished the run together
     assert 2 not in report["rounds"][-1]["included_in_dreams"]
