@@ -45,14 +45,16 @@ class GridLink:
         self.round_trip_seconds = 0.0  # wall time from the first push to the last reply
 
     def call(self, payloads: Mapping[int, Payload], *, deadline: float) -> Answered:
+        from flwr.app import Message
+
         from .records import payload_to_content, reply_from_content
 
         began = self._clock()
         messages = {}
         for client, payload in payloads.items():
-            messages[client] = self.grid.create_message(
-                payload_to_content(payload), MESSAGE_TYPE, self.nodes[client], "codream",
-                ttl=max(deadline, 1.0) + 60)
+            messages[client] = Message(payload_to_content(payload),
+                                       dst_node_id=self.nodes[client], message_type=MESSAGE_TYPE,
+                                       ttl=max(deadline, 1.0) + 60, group_id="codream")
             self.bytes_down[client] = self.bytes_down.get(client, 0) + payload_size(payload)
         stored = set(self.grid.push_messages(list(messages.values())))
         # the grid sets each message's id as it pushes it, and returns those it accepted

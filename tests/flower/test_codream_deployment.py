@@ -12,12 +12,13 @@ import pytest
 pytest.importorskip("flwr", reason="the Flower deployment tests need the `flower` extra")
 
 from codream_secure.config import SimulationConfig
-from codream_secure.flower.deployment import LocalDeployment
+from codream_secure.config.files import config_toml, toml_string
+from codream_secure.flower.deployment import CONNECTION, LocalDeployment
 from codream_secure.flower.local_run import deploy_local
 from codream_secure.flower.server_role import Deadlines
 from codream_secure.simulation import run_simulation
 
-from .conftest import assert_deployment_gone
+from .conftest import ROOT, assert_deployment_gone
 from .test_remote_run import FAST
 
 pytestmark = pytest.mark.slow
@@ -42,9 +43,19 @@ def _deploy(tmp_path, on_start=None, *, simulation=False, **keys
     return json.loads((out / "report.json").read_text()), seen
 
 
-def test_a_deployment_on_loopback_gives_simulates_run(tmp_path):
-    report, seen = _deploy(tmp_path, aggregator="plain")
-    assert_deployment_gone(seen[0])
+def test_flwr_run_of_the_project_on_a_loopback_deployment_gives_simulates_run(tmp_path):
+    # the project's own pyproject.toml declares the app: `flwr run <checkout> <connection>`
+    config = SimulationConfig.from_keys(**{**TINY, "aggregator": "plain",
+                                           "out": str(tmp_path / "flower")})
+    run_config = tmp_path / "run-config.toml"
+    run_config.write_text(f"config = {toml_string(config_toml(config))}\n"
+                          "deadline-protocol = 120.0\ndeadline-work = 600.0\n")
+    with LocalDeployment(tmp_path / "deployment", num_supernodes=3,
+                         python_path=[ROOT]) as deployment:
+        deployment.flwr("run", str(ROOT), CONNECTION, "--stream", "--run-config",
+                        str(run_config), timeout_s=900)
+    assert_deployment_gone(deployment)
+    report = json.loads((tmp_path / "flower" / "report.json").read_text())
     local = run_simulation(SimulationConfig.from_keys(
         **{**TINY, "aggregator": "plain", "out": str(tmp_path / "local")})).report
     assert [r["codream"] for r in report["rounds"]] == [r["codream"] for r in local["rounds"]]
