@@ -416,7 +416,9 @@ class LocalDeployment:
         if main:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            for sig, wait_s in ((signal.SIGTERM, self.grace_s), (signal.SIGKILL, 5.0)):
+            # a killed process can take seconds to go on a loaded machine (Ray's workers and
+            # shared-memory store among them): wait for it, returning as soon as all are gone
+            for sig, wait_s in ((signal.SIGTERM, self.grace_s), (signal.SIGKILL, 20.0)):
                 self._signal_groups(sig, self._children, marker=True)
                 deadline = time.monotonic() + wait_s
                 while self._our_groups(self._children, True) and time.monotonic() < deadline:
