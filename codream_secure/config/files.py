@@ -114,7 +114,8 @@ def toml_string(text: str) -> str:
     return f'"{escaped}"'
 
 
-def _toml_value(value: Any) -> str:
+def toml_literal(value: Any) -> str:
+    """A bool, number, string or list of them as a TOML value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -122,7 +123,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return toml_string(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
     raise ConfigError(f"a config value of type {type(value).__name__} has no TOML form")
 
 
@@ -132,7 +133,7 @@ def config_toml(config: SimulationConfig) -> str:
     lines = []
     for table, keys in config.to_dict().items():
         lines.append(f"[{table}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()
+        lines += [f"{key} = {toml_literal(value)}" for key, value in keys.items()
                   if value is not None]
         lines.append("")
     return "\n".join(lines)

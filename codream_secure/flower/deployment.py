@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ..config.files import toml_string
+from ..config.files import toml_literal
 from .certificates import NodeKeys, TlsFiles, make_node_keys
 from .processes import (
     HOST,
@@ -93,8 +93,7 @@ def app_pyproject(server_app: str, client_app: str, run_config: Mapping[str, Sca
              "[tool.flwr.app.components]", f"serverapp = {toml_value(server_app)}",
              f"clientapp = {toml_value(client_app)}", "", "[tool.flwr.app.config]"]
     node_config_arg({key: 0 for key in run_config})  # the same key rules
-    lines += [f"{key} = {toml_string(value) if isinstance(value, str) else toml_value(value)}"
-              for key, value in run_config.items()]
+    lines += [f"{key} = {toml_literal(value)}" for key, value in run_config.items()]
     return "\n".join(lines) + "\n"
 
 

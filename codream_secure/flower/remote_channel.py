@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocols.codec import FixedPointCodec
 from protocols.errors import ConsistencyAbortError, TooFewSurvivorsError
-from protocols.plan import mask_graph
 from protocols.secagg.server import SecAggServer
+from protocols.secagg.session import pairwise_server
 from protocols.session import Stage
 from protocols.transport import Delivery, Missed, run_setup, run_step
 
@@ -114,13 +113,11 @@ class RemoteChannel:
         n = len(self.clients)
         plan = self.spec.plan(n, expected_dropout=self.aggregation.dropout_rate,
                               ring_bits=self.aggregation.ring_bits)
-        codec = FixedPointCodec.for_clients(n, clip=self.clip, ring_bits=plan.ring_bits)
-        graph, threshold = mask_graph(n, sparse=self.spec.sparse_graph,
-                                      threshold=plan.threshold, degree=plan.degree,
-                                      expected_dropout=self.aggregation.dropout_rate)
-        self.server = SecAggServer(graph=graph, threshold=threshold, codec=codec,
-                                   vector_length=vector_length,
-                                   threat_model=self.aggregation.threat_model)
+        self.server = pairwise_server(n, vector_length, clip=self.clip,
+                                      sparse=self.spec.sparse_graph, threshold=plan.threshold,
+                                      degree=plan.degree, ring_bits=plan.ring_bits,
+                                      expected_dropout=self.aggregation.dropout_rate,
+                                      threat_model=self.aggregation.threat_model)
         self.transport = LinkTransport(self.link, self.clients, purpose=self.purpose,
                                        deadline=self.deadline)
         missed: list[Missed] = []

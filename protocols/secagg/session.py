@@ -23,7 +23,28 @@ from .client import InputProvider, Masker, SecAggClient
 from .limits import check_session
 from .server import SecAggServer, Unmasker
 
-__all__ = ["PairwiseMaskSession"]
+__all__ = ["PairwiseMaskSession", "pairwise_server"]
+
+
+def pairwise_server(n_clients: int, vector_length: int, *, clip: float, sparse: bool,
+                    threshold: int | None = None, degree: int | None = None,
+                    ring_bits: int = 32, scale_bits: int | None = None,
+                    rounding: Rounding = "stochastic", headroom: float = 0.0,
+                    prg: str = "aes-256-ctr", expected_dropout: float = 0.1,
+                    corrupt_rate: float = 0.05, unmasker: Unmasker | None = None,
+                    threat_model: str = "active", limits: OfferLimits | None = None
+                    ) -> SecAggServer:
+    """The server of a SecAgg/SecAgg+ session: its codec, neighbour graph and threshold, checked
+    against `limits` (what every client would refuse is refused here, naming the limit)."""
+    codec = FixedPointCodec.for_clients(n_clients, clip=clip, ring_bits=ring_bits,
+                                        scale_bits=scale_bits, rounding=rounding,
+                                        headroom=headroom, prg=prg)
+    graph, threshold = mask_graph(n_clients, sparse=sparse, threshold=threshold, degree=degree,
+                                  expected_dropout=expected_dropout, corrupt_rate=corrupt_rate)
+    check_session(limits or OfferLimits(), n_clients=n_clients, degree=graph.degree,
+                  threshold=threshold, vector_length=vector_length)
+    return SecAggServer(graph=graph, threshold=threshold, codec=codec,
+                        vector_length=vector_length, unmasker=unmasker, threat_model=threat_model)
 
 
 class PairwiseMaskSession:
@@ -51,21 +72,16 @@ class PairwiseMaskSession:
         n_clients = check_count("secure aggregation's number of clients", n_clients, low=2)
         vector_length = check_count("vector_length", vector_length)
         limits = limits or OfferLimits()
-        self.codec = FixedPointCodec.for_clients(
-            n_clients, clip=clip, ring_bits=ring_bits, scale_bits=scale_bits, rounding=rounding,
-            headroom=0.0 if noise is None else noise.headroom, prg=prg)
-        graph, threshold = mask_graph(n_clients, sparse=sparse, threshold=threshold,
-                                      degree=degree, expected_dropout=expected_dropout,
-                                      corrupt_rate=corrupt_rate)
-        # what every client would refuse is refused here, naming the limit
-        check_session(limits, n_clients=n_clients, degree=graph.degree, threshold=threshold,
-                      vector_length=vector_length)
+        self.server = pairwise_server(
+            n_clients, vector_length, clip=clip, sparse=sparse, threshold=threshold,
+            degree=degree, ring_bits=ring_bits, scale_bits=scale_bits, rounding=rounding,
+            headroom=0.0 if noise is None else noise.headroom, prg=prg,
+            expected_dropout=expected_dropout, corrupt_rate=corrupt_rate, unmasker=unmasker,
+            threat_model=threat_model, limits=limits)
+        self.codec = self.server.codec
         self.protocol, self.n_clients, self.vector_length = aggregator, n_clients, vector_length
         self._pending: dict[int, np.ndarray] = {}
         self._masked_elsewhere = frozenset(maskers or {})
-        self.server = SecAggServer(graph=graph, threshold=threshold, codec=self.codec,
-                                   vector_length=vector_length, unmasker=unmasker,
-                                   threat_model=threat_model)
         clients = {
             cid: SecAggClient(self._provider(cid), noise=noise, limits=limits,
                               masker=(maskers or {}).get(cid), threat_model=threat_model,
