@@ -17,7 +17,8 @@ from codream_secure.dreams import Precision, check_precision, model_mode
 from codream_secure.errors import ConfigError
 from codream_secure.train_step import BatchStep, FastPath
 
-__all__ = ["distill", "evaluate", "kd_loss", "recalibrate_batchnorm", "soft_labels", "train_local"]
+__all__ = ["distill", "evaluate", "frozen_batchnorm", "kd_loss", "recalibrate_batchnorm",
+           "soft_labels", "train_local"]
 
 TeacherKind = Literal["probs", "logits"]
 
@@ -60,9 +61,16 @@ def _autocast(device: torch.device, precision: Precision):
                           enabled=precision == "bf16")
 
 
+def frozen_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode (the caller restores modes afterwards)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def _fit(step: BatchStep, optimizer: torch.optim.Optimizer, x: torch.Tensor,
          targets: tuple[torch.Tensor, ...], constants: tuple, *, epochs: int,
-         generator: torch.Generator, frozen_batchnorm: bool = False
+         generator: torch.Generator, freeze_batchnorm: bool = False
          ) -> tuple[list[float], float, int]:
     """Shuffled mini-batch epochs of step(x_b, *targets_b, *constants): per-epoch mean losses,
     the last epoch's count share (accuracy or agreement) and the step count.
@@ -74,10 +82,8 @@ def _fit(step: BatchStep, optimizer: torch.optim.Optimizer, x: torch.Tensor,
     share = float("nan")
     steps = 0
     with model_mode(step.model, training=True):
-        if frozen_batchnorm:
-            for module in step.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        if freeze_batchnorm:
+            frozen_batchnorm(step.model)
         for _ in range(epochs):
             loss_sum = torch.zeros((), device=x.device)
             count = torch.zeros((), device=x.device, dtype=torch.long)
@@ -254,7 +260,7 @@ def distill(
         raise ConfigError(f"batchnorm must be 'batch' or 'frozen', got {batchnorm!r}")
     frozen = batchnorm == "frozen"
     losses, agreement, steps = _fit(step, opt, x, targets, (temperature, precision),
-                                    epochs=epochs, generator=generator, frozen_batchnorm=frozen)
+                                    epochs=epochs, generator=generator, freeze_batchnorm=frozen)
     return {
         "loss": losses[-1] if losses else float("nan"),
         "agreement": agreement,

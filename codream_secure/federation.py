@@ -41,6 +41,7 @@ from .member import (  # ModelDivergedError: re-exported, callers catch it from 
     check_finite,
     distill_model,
     kd_options,
+    trains_after_acquisition,
 )
 from .results import ClientData, MethodResult
 from .seeds import derived_seed, generator
@@ -338,9 +339,11 @@ class CoDreamFederation:
             return max(t.epsilon() for t in self.trainers)
         return None
 
-    def _train_locally(self, round_index: int, epochs: int) -> None:
+    def _train_locally(self, round_index: int, epochs: int,
+                       clients: Sequence[int] | None = None) -> None:
         for member in self.members:
-            member.train(round_index, epochs)
+            if clients is None or member.index in clients:
+                member.train(round_index, epochs)
 
     def warm_up(self) -> None:
         """Local training before any collaboration; recorded as round 0."""
@@ -582,14 +585,14 @@ class CoDreamFederation:
 
     def run_round(self, round_index: int, progress=None) -> RoundRecord:
         """One round in [codream] round_order: "local-last" (the official code's order:
-        dreams, soft labels, distillation, then local training) or "distill-last" (local
-        training first, so the round ends with the knowledge the dreams brought); then
+        dreams, soft labels, distillation, then local training), "distill-last" (local
+        training first, so the round ends with the knowledge the dreams brought) or "joint"
+        (dreams, soft labels, then local training that distils in every step); then
         evaluation."""
         seconds = {"local": 0.0, "dreams": 0.0, "aggregation": 0.0, "distill": 0.0}
         up0 = self.grad_channel.bytes_up + self.label_channel.bytes_up
         down0 = self._bytes_down()
-        local_last = self.s.round_order == "local-last"
-        if not local_last:
+        if self.s.round_order == "distill-last":
             start = time.perf_counter()
             self._train_locally(round_index, self.s.local_epochs)
             seconds["local"] = time.perf_counter() - start
@@ -620,9 +623,12 @@ class CoDreamFederation:
             start = time.perf_counter()
             kd = self._distill_members(round_index, sorted(members))
             seconds["distill"] = time.perf_counter() - start
-        if local_last:
+        acquired = set(members) if kd else set()
+        trainees = [k for k in range(self.n)
+                    if trains_after_acquisition(self.s, acquired=k in acquired)]
+        if trainees:
             start = time.perf_counter()
-            self._train_locally(round_index, self.s.local_epochs)
+            self._train_locally(round_index, self.s.local_epochs, trainees)
             seconds["local"] = time.perf_counter() - start
         val, test = self._evaluate()
         self.result.record(val, test)

@@ -19,6 +19,7 @@ from .config import CoDreamConfig
 from .distill import distill, evaluate, recalibrate_batchnorm, soft_labels, train_local
 from .dreams import DreamLossWeights, DreamTargets, dream_objective
 from .errors import CoDreamError
+from .joint_training import train_joint
 from .results import ClientData
 from .seeds import generator
 from .train_step import FastPath
@@ -26,7 +27,8 @@ from .train_step import FastPath
 if TYPE_CHECKING:  # opacus loads only for runs with DP
     from .sample_dp import SampleLevelTrainer
 
-__all__ = ["KDOutcome", "Member", "ModelDivergedError", "check_finite", "kd_options"]
+__all__ = ["KDOutcome", "Member", "ModelDivergedError", "check_finite", "kd_options",
+           "trains_after_acquisition"]
 
 
 class ModelDivergedError(CoDreamError, FloatingPointError):
@@ -47,6 +49,13 @@ def kd_options(codream: CoDreamConfig, precision: str, fast: FastPath | None) ->
                 batch_size=codream.batch_size, temperature=codream.kd_temperature,
                 teacher_kind=codream.soft_labels, precision=precision, fast=fast,
                 batchnorm=codream.distill_bn)
+
+
+def trains_after_acquisition(codream: CoDreamConfig, acquired: bool) -> bool:
+    """Whether a client trains locally at the end of its round: always in "local-last", and in
+    "joint" when it did not acquire (a joint round's local training is its acquisition)."""
+    return codream.round_order == "local-last" or (codream.round_order == "joint"
+                                                    and not acquired)
 
 
 def distill_model(model: nn.Module, bx: torch.Tensor, by: torch.Tensor, *, seed: int,
@@ -116,16 +125,32 @@ class Member:
 
     def acquire(self, round_index: int, bx: torch.Tensor, by: torch.Tensor,
                 options: dict[str, Any]) -> KDOutcome:
-        """Distil on the buffer (bx, by); with [codream] kd_gate "validation" keep the
+        """Distil on the buffer (bx, by), or in a "joint" round train on the private data
+        and the buffer together; with [codream] kd_gate "validation" keep the
         distilled weights only if validation accuracy did not drop."""
         val_before, test_before = self.evaluate()
         saved = copy.deepcopy(self.model.state_dict()) \
             if self.codream.kd_gate == "validation" else None
-        distill_model(self.model, bx, by, seed=self.seed, round_index=round_index,
-                      key=self.index, options=options)
+        if self.codream.round_order == "joint":
+            self._train_joint(round_index, bx, by, options)
+        else:
+            distill_model(self.model, bx, by, seed=self.seed, round_index=round_index,
+                          key=self.index, options=options)
         check_finite(self.model, f"client {self.index}'s model", round_index)
         val_after, test_after = self.evaluate()
         kept = saved is None or val_after >= val_before
         if not kept:
             self.model.load_state_dict(saved)
         return KDOutcome(val_before, test_before, val_after, test_after, kept)
+
+    def _train_joint(self, round_index: int, bx: torch.Tensor, by: torch.Tensor,
+                     options: dict[str, Any]) -> None:
+        """Local training with distillation on the buffer in every step (round_order "joint")."""
+        train_joint(self.model, self.data.x_train, self.data.y_train, bx, by,
+                    local_epochs=self.codream.local_epochs,
+                    distill_epochs=options["epochs"], lr=self.codream.local_lr,
+                    kd_weight=self.codream.kd_weight, batch_size=options["batch_size"],
+                    temperature=options["temperature"], teacher_kind=options["teacher_kind"],
+                    precision=options["precision"], fast=options["fast"],
+                    batchnorm=options["batchnorm"],
+                    generator=generator(self.seed, "joint", round_index, self.index))

@@ -16,7 +16,7 @@ DREAM_OBJECTIVES: tuple[str, ...] = ("entropy", "label")
 TEACHERS: tuple[str, ...] = ("uniform", "class-aware")
 DISTILL_BATCHNORM: tuple[str, ...] = ("batch", "frozen")
 KD_GATES: tuple[str, ...] = ("off", "validation")
-ROUND_ORDERS: tuple[str, ...] = ("distill-last", "local-last")
+ROUND_ORDERS: tuple[str, ...] = ("distill-last", "local-last", "joint")
 BN_STATISTICS: tuple[str, ...] = ("recalibrated", "running")
 DREAM_MODES: tuple[str, ...] = ("pixel", "generator")
 
@@ -55,6 +55,7 @@ class CoDreamConfig(Section):
     teacher: str = "uniform"
     distill_bn: str = "batch"
     kd_gate: str = "off"
+    kd_weight: float = 1.0  # round_order "joint": distillation's weight against cross-entropy
     # local training (also the baselines' training)
     warmup_epochs: int = 10
     local_epochs: int = 2
@@ -73,7 +74,7 @@ class CoDreamConfig(Section):
         for key in ("dream_lr", "distill_lr", "local_lr", "kd_temperature", "generator_lr",
                     "generator_clip"):
             check.real(key, getattr(self, key), low=0.0)
-        for key in ("adaptive_weight", "dream_pred_weight", "dream_bn_weight"):
+        for key in ("adaptive_weight", "dream_pred_weight", "dream_bn_weight", "kd_weight"):
             check.real(key, getattr(self, key), low=0.0, closed_low=True)
         check.real("generator_meta_lr", self.generator_meta_lr, low=0.0)
         if self.generator_meta_lr > 1.0:
@@ -91,4 +92,8 @@ class CoDreamConfig(Section):
         check.choice("distill_bn", self.distill_bn, DISTILL_BATCHNORM)
         check.choice("kd_gate", self.kd_gate, KD_GATES)
         check.choice("round_order", self.round_order, ROUND_ORDERS)
+        if self.kd_weight != 1.0 and self.round_order != "joint":
+            raise check.fail("kd_weight", f"weights distillation inside a joint round and has no "
+                                          f"effect with round_order = {self.round_order!r}; set "
+                                          "round_order = \"joint\" or leave kd_weight out")
         check.choice("bn_statistics", self.bn_statistics, BN_STATISTICS)

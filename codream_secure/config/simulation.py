@@ -50,6 +50,7 @@ class SimulationConfig:
         self._validate_dropout_clients()
         self._validate_teacher()
         self._validate_dream_mode()
+        self._validate_round_order()
 
     @classmethod
     def from_keys(cls, **keys: Any) -> SimulationConfig:
@@ -101,6 +102,13 @@ class SimulationConfig:
             raise check.fail("masking", "'device' is not built for client-level DP yet (its L2 "
                                         "clipping runs on the host); use masking = \"auto\" or "
                                         "\"host\"")
+
+    def _validate_round_order(self) -> None:
+        if self.codream.round_order == "joint" and self.privacy.dp == "sample":
+            raise Checks("codream").fail(
+                "round_order", "'joint' trains on the private data in steps that add a "
+                               "distillation term, outside DP-SGD; use round_order = "
+                               "\"distill-last\" or \"local-last\" with dp = \"sample\"")
 
     def _validate_dream_mode(self) -> None:
         if self.codream.dream_mode == "generator" and self.privacy.dp == "client":

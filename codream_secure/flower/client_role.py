@@ -24,7 +24,7 @@ from ..baselines import client_seed, load_flat_state, seeded_model
 from ..config import SimulationConfig
 from ..errors import CoDreamError, ConfigError
 from ..generator_dreams import GeneratorSettings, SlimGenerator, client_update
-from ..member import Member, kd_options
+from ..member import Member, kd_options, trains_after_acquisition
 from ..results import ClientData
 from ..simulation import load_run_data, split_clients
 from .payload import Payload, Reply, UndecodableReplyError
@@ -157,7 +157,7 @@ class ClientRole:
             values.update(val_before=outcome.val_before, test_before=outcome.test_before,
                           val_after=outcome.val_after, test_after=outcome.test_after,
                           kept=outcome.kept)
-        if self.config.codream.round_order == "local-last":
+        if trains_after_acquisition(self.config.codream, acquired="buffer_x" in request.arrays):
             self.member.train(round_index, self.config.codream.local_epochs)
         scores = self._scores(request)
         return Reply({**values, **scores.values})

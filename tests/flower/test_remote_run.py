@@ -29,8 +29,9 @@ def _accuracies(report: dict) -> list[tuple[list[float], list[float]]]:
     return [(r["codream"]["val"], r["codream"]["test"]) for r in report["rounds"]]
 
 
-def test_a_plain_remote_run_is_simulate_exactly(tmp_path):
-    config = _config(tmp_path, aggregator="plain")
+@pytest.mark.parametrize("round_order", ["distill-last", "local-last", "joint"])
+def test_a_plain_remote_run_is_simulate_exactly(tmp_path, round_order):
+    config = _config(tmp_path, aggregator="plain", round_order=round_order)
     local = run_simulation(config).report
     remote = run_remote(config, InProcessLink(config), nodes={0: 0, 1: 1, 2: 2}).report
     assert _accuracies(remote) == _accuracies(local)
