@@ -33,3 +33,18 @@ def test_a_tiny_table_has_every_method_the_secure_comparison_and_the_curves(tmp_
     for label in ("CoDream (4 architectures)", "isolated", "FedAvg (all smallcnn)",
                   "centralized", "| iid | heterogeneous |", "before distillation"):
         assert label in table, label
+
+
+@pytest.mark.slow
+def test_codream_only_skips_every_baseline(tmp_path):
+    make_idx_folder(tmp_path / "data", n_train=240, n_test=40)
+    out = tmp_path / "out"
+    result = run_script("fmnist_table", "--seeds", "0", "--partitions", "iid", "--variants",
+                        "homogeneous", "--aggregators", "secagg", "--codream-only",
+                        "--data-dir", str(tmp_path / "data"), "--max-train", "240",
+                        "--max-test", "40", "--rounds", "1", "--dream-steps", "2", "--out",
+                        str(out), timeout=600)
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((out / "runs.json").read_text())
+    assert [(r["variant"], r["aggregator"], set(r["final"])) for r in runs] == [
+        ("homogeneous", "secagg", {"codream"})]
