@@ -70,10 +70,14 @@ def test_a_killed_supernode_fails_the_run_and_the_error_shows_why(tmp_path, depl
     assert json.loads(result.read_text())["partitions"] == {str(survivor): 0}
 
 
+# The holder starts as a terminal's Python would: Ctrl-C raises KeyboardInterrupt. A test
+# runner's worker can pass on an ignored or blocked SIGINT, which a child inherits.
 HOLD = """
-import json, sys, time
+import json, signal, sys, time
 from pathlib import Path
 from codream_secure.flower.deployment import LocalDeployment
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 with LocalDeployment(Path(sys.argv[1]), num_supernodes=1) as deployment:
     print(json.dumps({"marker": deployment.marker, "pids": sorted(deployment.seen_pids),
                       "pgids": sorted(deployment.seen_pgids)}), flush=True)
