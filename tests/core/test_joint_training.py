@@ -159,7 +159,7 @@ def test_a_joint_run_trains_members_jointly_and_a_dropped_client_alone(tmp_path,
                                            "dropout_clients": (3,), "baselines": (),
                                            "out": str(tmp_path / "run")})
     report = run_simulation(config).report
-    rounds = [r for r in report["rounds"][1:]]
+    rounds = report["rounds"][1:]
     assert all(r["kd"]["clients"] == [0, 1, 2] for r in rounds)
     local_after_warmup = {(r, c) for kind, r, c in calls if kind == "local" and r > 0}
     assert local_after_warmup == {(r, 3) for r in range(1, len(rounds) + 1)}
