@@ -98,11 +98,17 @@ def simulate(config_file: str | None, resume: bool, quiet: bool, **overrides: An
     """Run one CoDream simulation, with baselines, and write its report.
 
     The data set is split among --clients clients (--partition, --alpha), each with its own
-    model (--models). After a warm-up of local training, every round: clients train locally;
-    the server draws a batch of random dreams and runs --dream-steps steps, each summing the
-    clients' dream gradients with --aggregator; the clients' soft labels on the final dreams
-    are summed the same way; clients and the server model distil from the dream buffer;
-    everyone is evaluated. Baselines run on the same split.
+    model (--models). After a warm-up of local training, every round the server draws a batch
+    of random dreams and runs --dream-steps steps, each summing the clients' dream gradients
+    with --aggregator (--dream-mode generator optimises a shared generator instead); the
+    clients' soft labels on the final dreams are summed the same way; the clients distil from
+    the dream buffer and train on their own data; everyone is evaluated. Baselines run on the
+    same split.
+
+    [codream] round_order sets how distillation and local training share a round: local
+    training, then distillation (distill-last, the default); distillation, then local training
+    (local-last); or both in every step (joint, which did best on Fashion-MNIST with label
+    skew). docs/learning-quality.md compares them.
 
     The flags below are the keys a run usually changes. Every other key (learning rates,
     clips, ring size, DP accounting, CUDA graphs, masking placement, threads, baselines...) is
@@ -110,8 +116,8 @@ def simulate(config_file: str | None, resume: bool, quiet: bool, **overrides: An
     them all, with their defaults.
 
     \b
-    Writes into --out, once the config, the data, the models and any --resume checkpoint
-    have passed every check (a refused run leaves --out as it was):
+    Writes into --out once the config, the data, the models and any --resume
+    checkpoint have passed every check (a refused run leaves --out as it was):
       report.json   every number of the run (schema: docs/report-schema.md)
       report.md     human summary: config, accuracy, aggregator error, per round
       accuracy.png  test accuracy per round, CoDream vs baselines
@@ -119,8 +125,8 @@ def simulate(config_file: str | None, resume: bool, quiet: bool, **overrides: An
 
     \b
     Examples:
-      codream-secure simulate --clients 6 --models smallcnn,resnet8,wrn16_1 --alpha 0.5
-      codream-secure simulate --config paper.toml --aggregator secagg+ --dropout-rate 0.1
+      codream-secure simulate --clients 6 --models smallcnn,resnet8 --alpha 0.5
+      codream-secure simulate --config paper.toml --aggregator secagg+
       codream-secure simulate --config runs/latest/report.json --out runs/again
     """
     config = build_config(load_config(config_file) if config_file else {}, overrides)

@@ -17,6 +17,7 @@ from codream_secure import __version__
 from codream_secure.cli import main
 from codream_secure.cli_options import FLAGS, MOVED, PANELS, flag
 from codream_secure.config import KEY_SECTION, SimulationConfig
+from codream_secure.config.codream import ROUND_ORDERS
 from codream_secure.errors import DataError
 from codream_secure.progress import NullProgress, RichProgress
 from codream_secure.report import pct
@@ -94,7 +95,8 @@ def test_help_groups_the_usual_flags_by_section() -> None:
     for key in MOVED:  # the expert keys live in the file and the docs, not in --help
         assert flag(key) not in result.output, key
     words = " ".join(result.output.replace("│", " ").split())  # the panels' lines rejoined
-    for text in ("[default: secagg]", "report.json", "docs/configuration.md"):
+    for text in ("[default: secagg]", "report.json", "docs/configuration.md", "round_order",
+                 *ROUND_ORDERS, "--dream-mode generator"):
         assert text in words, text
     # no timings or measured figures: no milliseconds, seconds, percentages or speed-ups
     figures = r"\d\s*(ms|s|%|x)\b|\bH100\b|\bpoints\b"
