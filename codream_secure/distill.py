@@ -6,7 +6,6 @@ torch.Generator passed in, so runs are bitwise reproducible on the CPU.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -15,33 +14,24 @@ from torch import nn
 
 from codream_secure.dreams import Precision, check_precision, model_mode
 from codream_secure.errors import ConfigError
+from codream_secure.kd import (
+    TeacherKind,
+    check_kind,
+    kd_from_log_probs,
+    kd_loss,
+    tempered_teacher_log_probs,
+)
 from codream_secure.train_step import BatchStep, FastPath
+from codream_secure.training_args import (
+    autocast,
+    check_batch_size,
+    check_epochs,
+    check_positive,
+    frozen_batchnorm,
+)
 
 __all__ = ["distill", "evaluate", "frozen_batchnorm", "kd_loss", "recalibrate_batchnorm",
            "soft_labels", "train_local"]
-
-TeacherKind = Literal["probs", "logits"]
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_epochs(epochs: int) -> None:
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ConfigError(f"epochs must be an integer >= 0, got {epochs!r}")
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in ("probs", "logits"):
-        raise ConfigError(f"kind must be 'probs' or 'logits', got {kind!r}")
-
 
 def _batches(n: int, batch_size: int, generator: torch.Generator,
              device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -53,19 +43,6 @@ def _batches(n: int, batch_size: int, generator: torch.Generator,
         sizes[-2:] = [sizes[-2] + 1]
     perm = torch.randperm(n, generator=generator, device=generator.device)
     return perm.to(device).split(sizes)
-
-
-def _autocast(device: torch.device, precision: Precision):
-    """bf16 autocast for the fast path; fp32 (the CPU default) autocasts nothing."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=precision == "bf16")
-
-
-def frozen_batchnorm(model: nn.Module) -> None:
-    """Put every BatchNorm layer in eval mode (the caller restores modes afterwards)."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
 
 
 def _fit(step: BatchStep, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -103,7 +80,7 @@ def _fit(step: BatchStep, optimizer: torch.optim.Optimizer, x: torch.Tensor,
 def _ce_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: Precision
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of one batch and its number of correct predictions."""
-    with _autocast(x.device, precision):
+    with autocast(x.device, precision):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y)
     return loss, (logits.detach().argmax(dim=1) == y).sum()
@@ -132,9 +109,9 @@ def train_local(
     Returns the last epoch's mean loss and running accuracy, the per-epoch losses and the step
     count.
     """
-    _check_epochs(epochs)
-    _check_batch_size(batch_size)
-    _check_positive("learning rate", lr)
+    check_epochs(epochs)
+    check_batch_size(batch_size)
+    check_positive("learning rate", lr)
     check_precision(precision)
     if x.shape[0] != y.shape[0] or y.dim() != 1 or x.shape[0] == 0:
         raise ConfigError(
@@ -153,59 +130,12 @@ def train_local(
     }
 
 
-def _tempered_teacher_log_probs(
-    teacher: torch.Tensor, temperature: float, teacher_kind: TeacherKind
-) -> torch.Tensor:
-    if teacher_kind == "logits":
-        return F.log_softmax(teacher / temperature, dim=1)
-    if torch.isnan(teacher).any():
-        raise ConfigError("teacher probabilities contain NaN")
-    # Decoded (fixed-point, noised) sums may dip below 0: clamp. A zero keeps exactly zero
-    # tempered mass; clamping it to a tiny float instead would give it tiny^(1/T) ~ 1% at T=20.
-    probs = teacher.clamp_min(0)
-    if (probs.sum(dim=1) <= 0).any():
-        raise ConfigError("every teacher probability row needs some positive mass")
-    return F.log_softmax(torch.log(probs) / temperature, dim=1)
-
-
-def _kd_from_log_probs(student_logits: torch.Tensor, log_p: torch.Tensor, temperature: float
-                       ) -> torch.Tensor:
-    log_q = F.log_softmax(student_logits / temperature, dim=1)
-    p = log_p.exp()
-    # Terms with p = 0 contribute 0 (0 * log 0 = 0); where() keeps -inf out of the sum.
-    pointwise = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(log_q))
-    return temperature**2 * pointwise.sum() / student_logits.shape[0]
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher: torch.Tensor,
-    *,
-    temperature: float = 20.0,
-    teacher_kind: TeacherKind,
-) -> torch.Tensor:
-    """T^2 * KL(p_T || softmax(student / T)), batch mean.
-
-    p_T = softmax(teacher / T) for logits; for probabilities p, p_T is proportional to p^(1/T),
-    i.e. softmax(log p / T), which equals the logits case when p = softmax(logits).
-    """
-    _check_positive("temperature", temperature)
-    _check_kind(teacher_kind)
-    if student_logits.shape != teacher.shape or student_logits.dim() != 2:
-        raise ConfigError(
-            f"student and teacher need equal N x classes shapes, got {tuple(student_logits.shape)} "
-            f"and {tuple(teacher.shape)}"
-        )
-    log_p = _tempered_teacher_log_probs(teacher.detach(), temperature, teacher_kind)
-    return _kd_from_log_probs(student_logits, log_p, temperature)
-
-
 def _kd_terms(model: nn.Module, x: torch.Tensor, log_p: torch.Tensor, classes: torch.Tensor,
               temperature: float, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
     """kd_loss of one batch against tempered teacher log-probabilities, and the argmax matches."""
-    with _autocast(x.device, precision):
+    with autocast(x.device, precision):
         logits = model(x)
-    loss = _kd_from_log_probs(logits.float(), log_p, temperature)
+    loss = kd_from_log_probs(logits.float(), log_p, temperature)
     return loss, (logits.detach().argmax(dim=1) == classes).sum()
 
 
@@ -237,11 +167,11 @@ def distill(
     Returns the last epoch's mean loss, the share of samples whose argmax matched the teacher's
     during that epoch, the per-epoch losses and the step count.
     """
-    _check_epochs(epochs)
-    _check_batch_size(batch_size)
-    _check_positive("learning rate", lr)
-    _check_positive("temperature", temperature)
-    _check_kind(teacher_kind)
+    check_epochs(epochs)
+    check_batch_size(batch_size)
+    check_positive("learning rate", lr)
+    check_positive("temperature", temperature)
+    check_kind(teacher_kind)
     check_precision(precision)
     if x.shape[0] != teacher.shape[0] or x.shape[0] == 0 or teacher.dim() != 2:
         raise ConfigError(
@@ -254,7 +184,7 @@ def distill(
         raise ConfigError(f"the model gives {classes} classes, the teacher {teacher.shape[1]}")
     step = BatchStep(_kd_terms, model, batch_size, fast)
     opt = step.optimizer(optimizer, lr, momentum, weight_decay)
-    log_p = _tempered_teacher_log_probs(teacher.detach(), temperature, teacher_kind)
+    log_p = tempered_teacher_log_probs(teacher.detach(), temperature, teacher_kind)
     targets = (log_p, teacher.argmax(dim=1))
     if batchnorm not in ("batch", "frozen"):
         raise ConfigError(f"batchnorm must be 'batch' or 'frozen', got {batchnorm!r}")
@@ -276,7 +206,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int 
     The statistics become the exact average over x's batches (momentum None), whatever they
     were before; weights are unchanged. A model without BatchNorm is left as it is.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
               and m.track_running_stats]
     if not layers or x.shape[0] == 0:
@@ -301,7 +231,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> float:
     """Top-1 accuracy in [0, 1], eval mode, no gradients."""
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ConfigError(f"need a non-empty labelled set, got {tuple(x.shape)}, {tuple(y.shape)}")
     correct = 0
@@ -317,8 +247,8 @@ def soft_labels(
     model: nn.Module, x: torch.Tensor, *, kind: TeacherKind, batch_size: int = 512
 ) -> torch.Tensor:
     """One client's logits or softmax probabilities on the dreams x (eval mode, float32)."""
-    _check_kind(kind)
-    _check_batch_size(batch_size)
+    check_kind(kind)
+    check_batch_size(batch_size)
     with model_mode(model, training=False):
         logits = torch.cat([model(chunk) for chunk in x.split(batch_size)])
     out = logits if kind == "logits" else F.softmax(logits, dim=1)

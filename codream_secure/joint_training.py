@@ -16,19 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codream_secure.distill import (
-    TeacherKind,
-    _autocast,
-    _check_batch_size,
-    _check_epochs,
-    _check_positive,
-    _kd_from_log_probs,
-    _tempered_teacher_log_probs,
-    frozen_batchnorm,
-)
 from codream_secure.dreams import Precision, check_precision, model_mode
 from codream_secure.errors import ConfigError
+from codream_secure.kd import TeacherKind, kd_from_log_probs, tempered_teacher_log_probs
 from codream_secure.train_step import BatchStep, FastPath
+from codream_secure.training_args import (
+    autocast,
+    check_batch_size,
+    check_epochs,
+    check_positive,
+    frozen_batchnorm,
+)
 
 __all__ = ["joint_steps", "train_joint"]
 
@@ -56,11 +54,11 @@ def _joint_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dreams: tor
                  precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on a private batch plus weighted KD on a dream batch, and the private
     batch's correct predictions. Two forward passes: BatchNorm normalises each batch alone."""
-    with _autocast(x.device, precision):
+    with autocast(x.device, precision):
         logits = model(x)
         dream_logits = model(dreams)
     ce = F.cross_entropy(logits.float(), y)
-    kd = _kd_from_log_probs(dream_logits.float(), log_p, temperature)
+    kd = kd_from_log_probs(dream_logits.float(), log_p, temperature)
     return ce + kd_weight * kd, (logits.detach().argmax(dim=1) == y).sum()
 
 
@@ -90,11 +88,11 @@ def train_joint(
     batchnorm, precision and fast as in distill. Returns the mean loss, the private batches'
     running accuracy and the step count.
     """
-    _check_epochs(local_epochs)
-    _check_epochs(distill_epochs)
-    _check_batch_size(batch_size)
-    _check_positive("learning rate", lr)
-    _check_positive("temperature", temperature)
+    check_epochs(local_epochs)
+    check_epochs(distill_epochs)
+    check_batch_size(batch_size)
+    check_positive("learning rate", lr)
+    check_positive("temperature", temperature)
     check_precision(precision)
     if not math.isfinite(kd_weight) or kd_weight < 0:
         raise ConfigError(f"kd_weight must be a finite number >= 0, got {kd_weight!r}")
@@ -111,7 +109,7 @@ def train_joint(
                         distill_epochs=distill_epochs, batch_size=batch_size)
     step = BatchStep(_joint_terms, model, min(batch_size, x.shape[0]), fast)
     optimizer = step.optimizer("sgd", lr, momentum, weight_decay)
-    log_p = _tempered_teacher_log_probs(teacher.detach(), temperature, teacher_kind)
+    log_p = tempered_teacher_log_probs(teacher.detach(), temperature, teacher_kind)
     x, dreams = step.inputs(x), step.inputs(dreams)
     private = _stream(x.shape[0], min(batch_size, x.shape[0]), steps, generator, x.device)
     dream_batches = _stream(dreams.shape[0], min(batch_size, dreams.shape[0]), steps,
