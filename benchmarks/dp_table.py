@@ -3,8 +3,8 @@
     python benchmarks/dp_table.py            # the README settings (reduced for 2 CPUs)
     python benchmarks/dp_table.py --epsilons 8 32 --sample-epsilons 8
 
-Same reduced budget as benchmarks/fmnist_table.py (3000 training images, 5 rounds, 40 dream steps,
-four architectures, IID), secagg. Client level: distributed Skellam noise, z calibrated to each
+A reduced budget for 2 CPUs (3000 training images, 5 rounds, 40 dream steps, four
+architectures, IID), secagg. Client level: distributed Skellam noise, z calibrated to each
 epsilon over all 205 releases. Sample level: DP-SGD local training at each epsilon. Writes
 table.md and runs.json into --out.
 """

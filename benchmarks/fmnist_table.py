@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--max-train", type=int, default=3000)
     parser.add_argument("--max-test", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dream-steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--dream-steps", type=int, default=25)
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each on one CPU thread (default 1: one run, "
                              "torch's threads)")
