@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/dream_modes.py --mode pixel
     OMP_NUM_THREADS=1 python benchmarks/dream_modes.py --mode generator --set generator_batches=2
 
-The settings are benchmarks/fmnist_table.py's reduced ones (3,000 train / 2,000 test images,
-Dirichlet 0.1, four architectures, warm-up 3, one local epoch) without baselines. For every
+Reduced Fashion-MNIST settings for 2 CPUs (3,000 train / 2,000 test images, Dirichlet 0.1,
+four architectures, 5 rounds, warm-up 3, one local epoch), without baselines. For every
 round it records the seconds of each phase and the teacher's confidence on its dreams: the mean
 over dreams of the largest class probability of the averaged soft labels. Appends one JSON line
 per run to --out/runs.jsonl.
