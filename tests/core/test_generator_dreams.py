@@ -14,6 +14,7 @@ from codream_secure import checkpoint
 from codream_secure.baselines import flatten_state
 from codream_secure.cli import main
 from codream_secure.config import SimulationConfig
+from codream_secure.config.codream import CoDreamConfig
 from codream_secure.dreams import DreamLossWeights, dream_objective
 from codream_secure.errors import ConfigError
 from codream_secure.federation import AggregationChannel, generator
@@ -26,6 +27,7 @@ from codream_secure.generator_dreams import (
     apply_update,
     batch_of_step,
     generator_vector,
+    render,
 )
 from codream_secure.models import build_model
 from codream_secure.simulation import run_simulation
@@ -126,6 +128,38 @@ def test_applying_one_clients_update_gives_back_its_generator(seed):
             assert not torch.equal(buffer, start.state_dict()[name])
     with pytest.raises(ConfigError, match="needs"):
         apply_update(start, latents, update[:-1])
+
+
+def _running_statistics_mask(net: torch.nn.Module) -> np.ndarray:
+    """Which entries of flatten_state(net) are BatchNorm running statistics."""
+    return np.concatenate([np.full(t.numel(), "running" in name)
+                           for name, t in net.state_dict().items() if t.is_floating_point()])
+
+
+def test_clipping_the_running_statistics_of_an_update_changes_no_dream():
+    """A secure sum clips the generator's running-statistics changes at generator_clip; the
+    dreams and the next batch's weight changes must not depend on them."""
+    defaults = CoDreamConfig()
+    model = _models(1)[0]
+    start = SlimGenerator(SHAPE, latent_dim=8, mean=(0.5,), std=(0.25,))
+    latents = torch.randn((6, 8), generator=generator(0, "latents", 1, 1))
+    loss = lambda x: dream_objective(model, x, DreamLossWeights())  # noqa: E731
+    update = generator_vector(*adapt(start, latents, loss, steps=defaults.generator_local_steps,
+                                     lr=defaults.generator_lr)) - generator_vector(start, latents)
+    mask = np.concatenate([_running_statistics_mask(start), np.zeros(latents.numel(), bool)])
+    clip = defaults.generator_clip
+    assert np.abs(update[mask]).max() > clip >= np.abs(update[~mask]).max()  # only they clip
+    clipped = np.where(mask, np.clip(update, -clip, clip), update)
+    (g_full, z_full), (g_clip, z_clip) = (apply_update(start, latents, u)
+                                          for u in (update, clipped))
+    assert torch.equal(render(g_full, z_full), render(g_clip, z_clip))
+    again = [generator_vector(*adapt(g, z, loss, steps=3, lr=defaults.generator_lr))
+             for g, z in ((g_full, z_full), (g_clip, z_clip))]
+    assert np.array_equal(again[0][~mask], again[1][~mask])
+    # the control: a change of the same size to one weight does change the dreams
+    nudged = update.copy()
+    nudged[np.flatnonzero(~mask)[0]] += np.abs(update - clipped).max()
+    assert not torch.equal(render(g_full, z_full), render(*apply_update(start, latents, nudged)))
 
 
 def test_the_reptile_step_moves_the_meta_generator_towards_the_mean_adapted_generator():
