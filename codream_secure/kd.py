@@ -17,7 +17,7 @@ TeacherKind = Literal["probs", "logits"]
 
 
 def check_kind(kind: str) -> None:
-    """What the teacher's rows are: probabilities or logits."""
+    """A teacher kind, 'probs' or 'logits', or ConfigError naming the value given."""
     if kind not in ("probs", "logits"):
         raise ConfigError(f"kind must be 'probs' or 'logits', got {kind!r}")
 
