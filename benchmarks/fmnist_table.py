@@ -62,7 +62,8 @@ def _run(args: argparse.Namespace, part: str, variant: str, seed: int, aggregato
     report = run_simulation(config).report
     return {"partition": part, "variant": variant, "seed": seed, "aggregator": aggregator,
             "final": {m: v["mean_accuracy"] for m, v in report["final"].items()},
-            "curves": _curves(report), "seconds": report["timing"]["total_seconds"]}
+            "curves": _curves(report), "seconds": report["timing"]["total_seconds"],
+            "baseline_seconds": report["timing"]["baseline_seconds"]}
 
 
 def _fmt(values: list[float]) -> str:

@@ -225,8 +225,11 @@ def render_markdown(report: dict, *, images: list[str] = ()) -> str:
     lines = ["# CoDream run report", ""]
     if timing:
         resumed = " (resumed from a checkpoint)" if timing.get("resumed") else ""
+        baselines = ", ".join(f"{name} {_sec(seconds)} s" for name, seconds
+                              in (timing.get("baseline_seconds") or {}).items())
+        of_which = f" (baselines: {baselines})" if baselines else ""
         lines += [f"Started {timing.get('started')}, finished {timing.get('finished')}, "
-                  f"{_sec(timing.get('total_seconds'))} s in total{resumed}.", ""]
+                  f"{_sec(timing.get('total_seconds'))} s in total{of_which}{resumed}.", ""]
     if report.get("command"):
         lines += [f"Command: `{report['command']}`", ""]
     lines += [f"{cfg.get('clients')} clients on `{data.get('name', cfg.get('dataset'))}`, "

@@ -112,7 +112,11 @@ def _validate_details(report: dict) -> None:
         _expect(isinstance(data.get(key, []), list), f"dataset.{key}", "a list", data.get(key))
     _expect(isinstance(data.get("input_shape") or [], list), "dataset.input_shape", "a list",
             data.get("input_shape"))
-    _optional_numbers(report.get("timing") or {}, ("total_seconds",), "timing")
+    timing = report.get("timing") or {}
+    _optional_numbers(timing, ("total_seconds",), "timing")
+    _optional_objects(timing, ("baseline_seconds",), "timing")
+    baseline_seconds = timing.get("baseline_seconds") or {}
+    _optional_numbers(baseline_seconds, tuple(baseline_seconds), "timing.baseline_seconds")
     privacy = report.get("privacy") or {}
     _optional_objects(privacy, ("accountant_state",), "privacy")
     clients = privacy.get("clients") or []

@@ -108,24 +108,30 @@ def split_clients(data: LoadedDataset, section: DataConfig, seed: int, device: t
 
 def _baselines(run: RunConfig, codream: CoDreamConfig, models: tuple[str, ...],
                clients: list[ClientData], data: LoadedDataset, x_test: torch.Tensor,
-               y_test: torch.Tensor, progress: Progress) -> dict[str, MethodResult]:
-    """The [run] baselines, trained as [codream]'s local training trains, on the same split."""
+               y_test: torch.Tensor, progress: Progress
+               ) -> tuple[dict[str, MethodResult], dict[str, float]]:
+    """The [run] baselines, trained as [codream]'s local training trains, on the same split,
+    and the seconds each took."""
     common = dict(input_shape=data.input_shape, num_classes=data.num_classes,
                   warmup_epochs=codream.warmup_epochs, rounds=codream.rounds,
                   local_epochs=codream.local_epochs, lr=codream.local_lr,
                   batch_size=codream.batch_size, seed=run.seed, progress=progress,
                   bn_statistics=codream.bn_statistics)
-    results = {}
-    if "isolated" in run.baselines:
-        results["isolated"] = run_isolated(clients, x_test, y_test, models=models, **common)
-    if "fedavg" in run.baselines:
-        if len(set(models)) == 1:
-            results["fedavg"] = run_fedavg(clients, x_test, y_test, model=models[0], **common)
-        else:
+    runners = {"isolated": lambda: run_isolated(clients, x_test, y_test, models=models, **common),
+               "fedavg": lambda: run_fedavg(clients, x_test, y_test, model=models[0], **common),
+               "centralized": lambda: run_centralized(clients, x_test, y_test, models=models,
+                                                      **common)}
+    results, seconds = {}, {}
+    for name, runner in runners.items():
+        if name not in run.baselines:
+            continue
+        if name == "fedavg" and len(set(models)) > 1:
             progress.log("fedavg skipped: it needs every client on the same architecture")
-    if "centralized" in run.baselines:
-        results["centralized"] = run_centralized(clients, x_test, y_test, models=models, **common)
-    return results
+            continue
+        start = time.perf_counter()
+        results[name] = runner()
+        seconds[name] = time.perf_counter() - start
+    return results, seconds
 
 
 def software_versions() -> dict[str, str]:
@@ -341,8 +347,8 @@ def run_prepared(run: PreparedRun, *, progress: Progress | None = None) -> Simul
         progress.advance(rounds_task)
         progress.log(f"round {r}: mean client accuracy {np.mean(record.test):.3f}")
     progress.done(rounds_task)
-    baselines = _baselines(config.run, codream, run.client_models, clients, data, fed.x_test,
-                           fed.y_test, progress)
+    baselines, baseline_seconds = _baselines(config.run, codream, run.client_models, clients,
+                                             data, fed.x_test, fed.y_test, progress)
     finished = dt.datetime.now(dt.timezone.utc)
     report = {
         "schema_version": 1,
@@ -364,6 +370,7 @@ def run_prepared(run: PreparedRun, *, progress: Progress | None = None) -> Simul
         "baseline_curves": {name: {"test": result.test, "val": result.val}
                             for name, result in baselines.items()},
         "timing": {"total_seconds": time.perf_counter() - run.clock,
+                   "baseline_seconds": baseline_seconds,
                    "started": run.started.isoformat(), "finished": finished.isoformat(),
                    "resumed": bool(run.resume)},
         "command": " ".join(sys.argv),

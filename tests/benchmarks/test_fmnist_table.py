@@ -26,6 +26,10 @@ def test_a_tiny_table_has_every_method_the_secure_comparison_and_the_curves(tmp_
     assert set(runs[0]["final"]) == {"codream", "isolated", "centralized"}
     assert set(runs[1]["final"]) == {"codream"}  # the secure rerun skips the baselines
     assert set(runs[2]["final"]) == {"codream", "fedavg"}
+    # each run says how much of its time went to its baselines
+    assert set(runs[0]["baseline_seconds"]) == {"isolated", "centralized"}
+    assert runs[1]["baseline_seconds"] == {}
+    assert 0 < sum(runs[0]["baseline_seconds"].values()) < runs[0]["seconds"]
     curves = runs[0]["curves"]
     assert curves["before_kd"][0] is None and curves["before_kd"][1] is not None
     assert len(curves["end"]) == 2

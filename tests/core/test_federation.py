@@ -160,6 +160,9 @@ def test_tiny_run_report_has_the_promised_fields(tmp_path):
     if measured["clipped_values"] == 0:
         bound = max(report["aggregator"]["error_bound_per_step"].values())
         assert measured["max_abs_error_vs_plain"] <= bound
+    timing = report["timing"]
+    assert list(timing["baseline_seconds"]) == ["isolated"]  # the one baseline that ran
+    assert 0 < timing["baseline_seconds"]["isolated"] < timing["total_seconds"]
     assert outcome.dreams.shape == (8, 1, 8, 8)
     json.dumps(report)  # serialisable as it stands
 

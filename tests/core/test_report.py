@@ -67,7 +67,9 @@ def synthetic_report(*, clients: int = 3, rounds: int = 3, aggregator: str = "se
         "final": {"codream": summary(1.0), "isolated": summary(0.8),
                   "centralized": summary(1.2)},
         "baseline_curves": {"isolated": {"test": [[0.4] * clients for _ in range(rounds)]}},
-        "timing": {"total_seconds": 12.5, "started": "2026-01-01T00:00:00+00:00",
+        "timing": {"total_seconds": 12.5, "baseline_seconds": {"isolated": 2.5,
+                                                              "centralized": 4.25},
+                   "started": "2026-01-01T00:00:00+00:00",
                    "finished": "2026-01-01T00:00:12+00:00"},
     }
 
@@ -108,6 +110,7 @@ def test_markdown_carries_the_numbers_of_the_json() -> None:
         assert pct(r["codream"]["mean_test"]) in row
         assert all(pct(t) in row for t in r["codream"]["test"])
         assert f"{sum(r['bytes_up']):,}" in row
+    assert "12.50 s in total (baselines: isolated 2.50 s, centralized 4.25 s)." in md
     assert "1.234e-07" in md and "3.21e-08" in md and "| steps compared | 321 |" in md
     assert "1x8x8" in md
     assert "| 1 | 401 |" in md  # client 1's shard size
